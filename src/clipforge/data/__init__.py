@@ -1,0 +1,1 @@
+"""Datasets: the embedded synthetic world, manifests, folders, shards and offline corpora."""

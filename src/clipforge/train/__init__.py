@@ -1,0 +1,1 @@
+"""Training: config, optimizer, learning-rate schedule, step and loop."""

@@ -32,3 +32,23 @@ def clip_loss(
     logits = logit_scale * image_features @ text_features.t()  # [B, B]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+# --- minimal objective selection (extended by the objectives work) ---
+from dataclasses import dataclass  # noqa: E402
+from typing import Literal  # noqa: E402
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: Literal["clip"] = "clip"
+    chunk_size: int | None = None
+
+    def validate(self, prefix: str = "") -> None:
+        pass
+
+
+def compute_loss(cfg: LossConfig, image_features: torch.Tensor, text_features: torch.Tensor,
+                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    loss = clip_loss(image_features, text_features, logit_scale, cfg.chunk_size)
+    return {"loss": loss, "clip": loss.detach()}

@@ -1,0 +1,312 @@
+"""The embedded default data: a procedural world of coloured shapes with captions.
+
+Every sample is a pure function of (seed, stream, index), so the data set is infinite, costs no disk and is
+identical on every machine. A set of (colour, shape) combinations is held out of training images entirely,
+so zero-shot evaluation can measure composition on combinations the model has never seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..config import ConfigError
+from ..transforms import normalize, to_tensor
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "green": (40, 170, 60),
+    "blue": (35, 75, 225),
+    "yellow": (245, 215, 40),
+    "purple": (140, 50, 185),
+    "orange": (250, 135, 20),
+    "white": (248, 248, 248),
+    "black": (12, 12, 12),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
+SIZES: dict[str, float] = {"small": 0.11, "large": 0.19}  # object radius as a fraction of the image side
+
+# Streams keep training, evaluation and caption-noise draws independent for the same index.
+STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
+
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{}.",
+    "a picture of {}.",
+    "an image of {}.",
+    "a photo of {}.",
+    "a drawing of {}.",
+    "a rendering of {}.",
+    "there is {}.",
+    "this image shows {}.",
+    "a scene with {}.",
+    "{} on a plain background.",
+    "a simple picture showing {}.",
+    "i can see {}.",
+    "a small image containing {}.",
+    "an illustration of {}.",
+)
+
+
+def default_heldout() -> tuple[str, ...]:
+    """One combination per colour and per shape (a permutation), so every word is still seen in training."""
+    colours = list(COLOURS)
+    return tuple(f"{colours[i]} {SHAPES[(3 * i + 1) % len(SHAPES)]}" for i in range(len(colours)))
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic world. `heldout` lists 'colour shape' combinations never drawn in training images."""
+
+    seed: int = 0
+    image_size: int = 64
+    max_objects: int = 3
+    object_count_weights: tuple[float, ...] = (0.4, 0.35, 0.25)
+    heldout: tuple[str, ...] = field(default_factory=default_heldout)
+    caption_noise: float = 0.0  # fraction of captions replaced by the caption of a random other image
+    omit_prob: float = 0.3  # probability that a caption leaves out some of the objects
+    attribute_prob: float = 0.5  # probability of naming an object's size, and separately its position
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        for name in ("caption_noise", "omit_prob", "attribute_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
+        if not 1 <= self.max_objects <= 3:
+            raise ConfigError(f"config key '{p}max_objects': expected 1 to 3, got {self.max_objects}")
+        if len(self.object_count_weights) < self.max_objects or any(w < 0 for w in self.object_count_weights):
+            raise ConfigError(
+                f"config key '{p}object_count_weights': expected {self.max_objects} non-negative weights"
+            )
+        if self.image_size < 16:
+            raise ConfigError(f"config key '{p}image_size': expected at least 16, got {self.image_size}")
+        for combo in self.heldout:
+            parse_combo(combo, f"{p}heldout")
+
+
+def parse_combo(text: str, key: str = "heldout") -> tuple[str, str]:
+    parts = text.split()
+    if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+        raise ConfigError(
+            f"config key '{key}': {text!r} is not 'colour shape' with colour in {list(COLOURS)} "
+            f"and shape in {list(SHAPES)}"
+        )
+    return parts[0], parts[1]
+
+
+def all_classnames() -> list[str]:
+    """Every 'colour shape' combination, the zero-shot label space (8 x 8 = 64 classes)."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    size: str
+    x: float  # centre, as a fraction of the image side
+    y: float
+    angle: float  # degrees
+
+    @property
+    def position(self) -> str:
+        horizontal = "left" if self.x < 0.38 else "right" if self.x > 0.62 else ""
+        vertical = "top" if self.y < 0.38 else "bottom" if self.y > 0.62 else ""
+        if horizontal and vertical:
+            return f"at the {vertical} {horizontal}"
+        if horizontal:
+            return f"on the {horizontal}"
+        if vertical:
+            return f"at the {vertical}"
+        return "in the middle"
+
+
+def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a unit shape around the origin, scaled and rotated."""
+    if shape == "square":
+        pts = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    elif shape == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
+    elif shape == "diamond":
+        pts = [(0.0, -1.0), (0.65, 0.0), (0.0, 1.0), (-0.65, 0.0)]
+    elif shape == "hexagon":
+        pts = [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]
+    elif shape == "star":
+        pts = [
+            ((1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
+             (1.0 if k % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + k * math.pi / 5))
+            for k in range(10)
+        ]
+    elif shape == "cross":
+        a, b = 0.32, 0.95
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    elif shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        xs = 16 * np.sin(ts) ** 3 / 17.0
+        ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)) / 17.0
+        pts = list(zip(xs.tolist(), (ys + 0.1).tolist()))
+    else:  # pragma: no cover - circles are drawn as ellipses
+        raise ValueError(shape)
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(radius * (x * c - y * s), radius * (x * s + y * c)) for x, y in pts]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A low-saturation background (plain, gradient, noise or stripes) so colour words stay unambiguous."""
+    grey = rng.uniform(70, 190)
+    tint = rng.uniform(-18, 18, size=3)
+    base = np.clip(grey + tint, 0, 255)  # [3]
+    kind = rng.integers(4)
+    yy, xx = np.mgrid[0:size, 0:size] / size  # [S, S] each
+    if kind == 1:  # linear gradient in a random direction
+        theta = rng.uniform(0, 2 * math.pi)
+        ramp = (np.cos(theta) * xx + np.sin(theta) * yy)[..., None]  # [S, S, 1]
+        img = base + rng.uniform(20, 50) * (ramp - 0.5)
+    elif kind == 2:  # smooth noise
+        coarse = rng.normal(0, 14, size=(size // 8, size // 8, 1))
+        img = base + np.kron(coarse, np.ones((8, 8, 1)))[:size, :size]
+    elif kind == 3:  # faint stripes
+        period = rng.uniform(6, 14)
+        img = base + 12 * np.sign(np.sin(2 * math.pi * (xx + yy * rng.uniform(-1, 1)) * size / period))[..., None]
+    else:
+        img = np.broadcast_to(base, (size, size, 3)).astype(np.float64)
+    img = img + rng.normal(0, 4, size=(size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)  # [S, S, 3]
+
+
+def render(objects: list[SceneObject], rng: np.random.Generator, size: int) -> Image.Image:
+    """Draw the objects at 2x resolution on a random background and downsample (anti-aliasing)."""
+    big = size * 2
+    canvas = Image.fromarray(_background(rng, big))
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        jitter = rng.integers(-14, 15, size=3)
+        colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[obj.colour], jitter))
+        radius = SIZES[obj.size] * big * rng.uniform(0.9, 1.1)
+        cx, cy = obj.x * big, obj.y * big
+        if obj.shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        else:
+            pts = _shape_points(obj.shape, radius, obj.angle)
+            draw.polygon([(cx + x, cy + y) for x, y in pts], fill=colour)
+    return canvas.reduce(2)
+
+
+class SyntheticWorld:
+    """Scenes, images and captions of the synthetic world, each a pure function of (stream, index)."""
+
+    def __init__(self, cfg: SyntheticConfig) -> None:
+        self.cfg = cfg
+        heldout = {parse_combo(c) for c in cfg.heldout}
+        self.heldout = sorted(heldout)
+        self.seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout]
+        self.classnames = all_classnames()
+
+    def _rng(self, stream: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, stream, index])
+
+    def _place(self, rng: np.random.Generator, sizes: list[str]) -> list[tuple[float, float]]:
+        """Centres for objects of the given sizes that do not overlap (rejection sampling)."""
+        centres: list[tuple[float, float]] = []
+        for size in sizes:
+            r = SIZES[size]
+            for _ in range(50):
+                x, y = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
+                if all(math.hypot(x - px, y - py) > r + pr + 0.04 for (px, py), pr in
+                       zip(centres, [SIZES[s] for s in sizes])):
+                    break
+            centres.append((float(x), float(y)))
+        return centres
+
+    def scene(self, stream: int, index: int, combos: list[tuple[str, str]] | None = None,
+              n_objects: int | None = None) -> tuple[list[SceneObject], np.random.Generator]:
+        rng = self._rng(stream, index)
+        pool = combos if combos is not None else self.seen
+        if n_objects is None:
+            weights = np.asarray(self.cfg.object_count_weights[: self.cfg.max_objects], dtype=np.float64)
+            n_objects = int(rng.choice(len(weights), p=weights / weights.sum())) + 1
+        sizes = [str(rng.choice(list(SIZES))) for _ in range(n_objects)]
+        centres = self._place(rng, sizes)
+        objects = []
+        for size, (x, y) in zip(sizes, centres):
+            colour, shape = pool[int(rng.integers(len(pool)))]
+            objects.append(SceneObject(colour, shape, size, x, y, float(rng.uniform(-12, 12))))
+        return objects, rng
+
+    def describe(self, objects: list[SceneObject], rng: np.random.Generator, complete: bool = False) -> str:
+        """A caption naming some or all objects, with optional size and position words."""
+        named = list(objects)
+        if not complete and len(named) > 1 and rng.random() < self.cfg.omit_prob:
+            keep = int(rng.integers(1, len(named)))
+            order = rng.permutation(len(named))[:keep]
+            named = [named[i] for i in sorted(order)]
+        phrases = []
+        for obj in named:
+            words = []
+            if rng.random() < self.cfg.attribute_prob:
+                words.append(obj.size)
+            words += [obj.colour, obj.shape]
+            phrase = " ".join(words)
+            phrase = ("an " if phrase[0] in "aeiou" else "a ") + phrase
+            if rng.random() < self.cfg.attribute_prob:
+                phrase += " " + obj.position
+            phrases.append(phrase)
+        if len(phrases) == 1:
+            body = phrases[0]
+        else:
+            body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+        return template.format(body)
+
+    def pair(self, stream: int, index: int, complete: bool = False) -> tuple[Image.Image, str]:
+        """(image, caption) number `index` of a stream; caption noise applies to the training stream only."""
+        objects, rng = self.scene(stream, index)
+        image = render(objects, rng, self.cfg.image_size)
+        caption = self.describe(objects, rng, complete=complete)
+        if stream == STREAM_TRAIN and self.cfg.caption_noise > 0:
+            noise_rng = self._rng(STREAM_NOISE, index)
+            if noise_rng.random() < self.cfg.caption_noise:
+                other = int(noise_rng.integers(2**62))
+                other_objects, other_rng = self.scene(STREAM_NOISE, other)
+                caption = self.describe(other_objects, other_rng)
+        return image, caption
+
+    def zeroshot_example(self, index: int, combos: list[tuple[str, str]]) -> tuple[Image.Image, int]:
+        """A single-object image of combination combos[index % len(combos)] and its class index."""
+        combo = combos[index % len(combos)]
+        objects, rng = self.scene(STREAM_ZEROSHOT, index, combos=[combo], n_objects=1)
+        return render(objects, rng, self.cfg.image_size), self.classnames.index(" ".join(combo))
+
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Map-style (image tensor [3, S, S], caption) pairs of one stream."""
+
+    def __init__(self, world: SyntheticWorld, stream: int = STREAM_TRAIN, length: int = 10**9,
+                 complete: bool = False) -> None:
+        self.world, self.stream, self.length, self.complete = world, stream, length, complete
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, caption = self.world.pair(self.stream, index, complete=self.complete)
+        return normalize(to_tensor(image)), caption
+
+
+class SyntheticZeroShot(torch.utils.data.Dataset):
+    """Single-object images labelled over all 64 colour x shape classes, for the given combinations."""
+
+    def __init__(self, world: SyntheticWorld, combos: list[tuple[str, str]], per_class: int) -> None:
+        self.world, self.combos, self.length = world, combos, per_class * len(combos)
+        self.classnames = world.classnames
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.world.zeroshot_example(index, self.combos)
+        return normalize(to_tensor(image)), label

@@ -1,0 +1,76 @@
+"""Zero-shot classification: class names x prompt templates -> classifier weights -> top-k accuracy."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+from .metrics import topk_accuracy
+
+
+def load_template_file(name: str) -> list[str]:
+    """Prompt templates (one per line, with `{}` for the class name) shipped in eval/templates/NAME.txt."""
+    root = resources.files("clipforge") / "eval" / "templates"
+    path = root / f"{name}.txt"
+    if not path.is_file():
+        known = sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+        raise ConfigError(f"unknown template set '{name}'; known: {', '.join(known)}")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    for t in templates:
+        if "{}" not in t:
+            raise ConfigError(f"template set '{name}': template {t!r} has no '{{}}' for the class name")
+    return templates
+
+
+@torch.no_grad()
+def build_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Zero-shot weights [D, C]: per class, the normalised mean of its normalised template embeddings.
+
+    This is the prompt ensemble of Radford et al. (2021), sec. 3.1.4; with one template it reduces to the
+    plain prompt embedding.
+    """
+    if len(classnames) == 0:
+        raise ConfigError("zero-shot classification needs at least one class name; the class list is empty")
+    if len(templates) == 0:
+        raise ConfigError("zero-shot classification needs at least one prompt template; the template list is empty")
+    texts = [t.format(c) for c in classnames for t in templates]
+    tokens = tokenizer(texts).to(device)  # [C*T, L]
+    features = []
+    for start in range(0, len(texts), 1024):
+        features.append(model.encode_text(tokens[start:start + 1024], normalize=True).float())
+    per_prompt = torch.cat(features).view(len(classnames), len(templates), -1)  # [C, T, D]
+    weights = F.normalize(per_prompt.mean(dim=1), dim=-1)  # [C, D]
+    return weights.t().contiguous()  # [D, C]
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
+                  device: str | torch.device = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised image features [N, D], labels [N]) of a (image, label) dataset."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, labels = [], []
+    for images, target in loader:
+        feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+        labels.append(torch.as_tensor(target))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def zeroshot_scores(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 accuracy and mean per-class recall of features [N, D] against weights [D, C]."""
+    logits = image_features @ classifier.to(image_features.dtype)  # [N, C]
+    acc = topk_accuracy(logits, labels, ks=(1, 5))
+    predictions = logits.argmax(dim=1)
+    present = labels.unique()
+    recalls = [(predictions[labels == c] == c).float().mean().item() for c in present]
+    return {"acc1": acc[1], "acc5": acc[5], "mean_per_class_recall": sum(recalls) / len(recalls)}

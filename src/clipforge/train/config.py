@@ -1,0 +1,133 @@
+"""The training configuration: frozen dataclasses loaded strictly from YAML plus `--key=value` overrides.
+
+The defaults are the demo run (`clipforge demo`), so `configs/demo.yaml` only restates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import ConfigError, apply_overrides, from_dict
+from ..data.synthetic import SyntheticConfig
+from ..losses import LossConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training pairs come from: the embedded synthetic world, a CSV/TSV manifest, or tar shards."""
+
+    source: Literal["synthetic", "manifest", "shards"] = "synthetic"
+    path: str | None = None  # manifest file or shard pattern
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    num_workers: int = 1
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError(f"config key '{p}path': required when {p}source is '{self.source}'")
+        if self.num_workers < 0:
+            raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.lr <= 0:
+            raise ConfigError(f"config key '{p}lr': expected a positive learning rate, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config key '{p}weight_decay': expected >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"config key '{p}{name}': expected a value in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key '{p}warmup_steps': expected >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"config key '{p}min_lr_ratio': expected a fraction in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"config key '{p}grad_clip': expected a positive norm or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on the synthetic world at the end of training (and every `every` steps if set)."""
+
+    zeroshot_per_class: int = 20  # images per colour x shape class
+    retrieval_pairs: int = 1000
+    templates: str = "synthetic"
+    every: int | None = None
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.zeroshot_per_class <= 0:
+            raise ConfigError(f"config key '{p}zeroshot_per_class': expected a positive integer")
+        if self.retrieval_pairs < 10:
+            raise ConfigError(f"config key '{p}retrieval_pairs': expected at least 10, got {self.retrieval_pairs}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "ViT-Tiny-8-64"
+    seed: int = 0
+    steps: int = 1200
+    batch_size: int = 256
+    precision: Literal["fp32", "bf16"] = "bf16"
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    fixed_temperature: float | None = None  # fixes exp(logit_scale) = 1 / T and does not learn it
+    output_dir: str = "runs"
+    run_name: str | None = None
+    log_every: int = 10
+    save_every: int | None = None
+    grad_checkpointing: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"config key 'steps': expected a positive integer, got {self.steps}")
+        if self.batch_size < 2:
+            raise ConfigError(f"config key 'batch_size': a contrastive batch needs at least 2 pairs, got {self.batch_size}")
+        if self.fixed_temperature is not None and not 0.0 < self.fixed_temperature <= 10.0:
+            raise ConfigError(
+                f"config key 'fixed_temperature': expected a temperature in (0, 10], got {self.fixed_temperature}"
+            )
+        if self.log_every <= 0:
+            raise ConfigError(f"config key 'log_every': expected a positive integer, got {self.log_every}")
+        if self.save_every is not None and self.save_every <= 0:
+            raise ConfigError(f"config key 'save_every': expected a positive integer or null, got {self.save_every}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"config key 'threads': expected a positive integer or null, got {self.threads}")
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply `--a.b=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data)

@@ -34,6 +34,7 @@ class TrainResult:
     steps: int
     train_seconds: float
     last_log: dict[str, Any]
+    model: CLIP | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -86,6 +87,18 @@ def train_step(model: CLIP, images: torch.Tensor, tokens: torch.Tensor, optimize
     return out
 
 
+def evaluate_during_training(model: CLIP, cfg: TrainConfig, tokenizer: Any) -> dict[str, float]:
+    """Synthetic-world metrics for a model mid-run (the model is put back in train mode)."""
+    from ..data.synthetic import SyntheticWorld  # noqa: PLC0415
+    from ..eval.synthetic import evaluate_synthetic  # noqa: PLC0415
+
+    if cfg.data.source != "synthetic":
+        return {}
+    world = SyntheticWorld(cfg.data.synthetic)
+    return evaluate_synthetic(model, tokenizer, world, cfg.eval.zeroshot_per_class, cfg.eval.retrieval_pairs,
+                              cfg.eval.templates)
+
+
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None) -> TrainResult:
     """Train a CLIP as `cfg` says; writes the run directory (config, log.jsonl, model.safetensors)."""
     if cfg.threads is not None:
@@ -115,7 +128,7 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None) ->
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 now = time.perf_counter()
                 last = {"step": step + 1, **parts, "lr": lr,
-                        "temperature": float(1.0 / model.logit_scale.exp()),
+                        "temperature": float(1.0 / model.logit_scale.detach().exp()),
                         "samples_per_s": window_samples / max(now - window_start, 1e-9),
                         "elapsed_s": now - start}
                 log.write(json.dumps(last) + "\n")
@@ -124,9 +137,15 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None) ->
                                 sps=f"{last['samples_per_s']:.0f}")
                 window_start, window_samples = now, 0
             bar.update(1)
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
+                metrics = evaluate_during_training(model, cfg, tokenizer)
+                log.write(json.dumps({"step": step + 1, "eval": metrics}) + "\n")
+                log.flush()
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                                           if k.endswith("top1") or k.endswith("r1")))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_model(model, run_dir / "model.safetensors", {"step": str(step + 1)})
     bar.close()
     train_seconds = time.perf_counter() - start
     save_model(model, run_dir / "model.safetensors", {"step": str(cfg.steps)})
-    return TrainResult(run_dir, cfg.steps, train_seconds, last)
+    return TrainResult(run_dir, cfg.steps, train_seconds, last, model)

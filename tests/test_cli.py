@@ -1,0 +1,81 @@
+"""The command line as a user calls it: train a few steps, evaluate, run a tiny demo, and clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from clipforge.cli import main
+
+TINY = ["--model=ViT-Micro-8-32", "--data.synthetic.image_size=32", "--batch_size=8", "--steps=3",
+        "--log_every=1", "--data.num_workers=0", "--precision=fp32", "--optim.warmup_steps=1"]
+
+
+def test_train_then_eval_zeroshot_and_retrieval(tmp_path, capsys):
+    summary = tmp_path / "train.json"
+    assert main(["train", "--no-progress", f"--output_dir={tmp_path}", "--run_name=r", "--output", str(summary),
+                 *TINY]) == 0
+    run = tmp_path / "r"
+    assert (run / "model.safetensors").is_file() and (run / "config.yaml").is_file()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert all(key in log[0] for key in ("loss", "lr", "temperature", "samples_per_s"))
+    assert json.loads(summary.read_text())["run_dir"] == str(run)
+
+    out = tmp_path / "zs.json"
+    assert main(["eval", "zeroshot", "--model", str(run), "--per-class", "1", "--output", str(out)]) == 0
+    zs = json.loads(out.read_text())
+    for split in ("seen", "heldout"):
+        for name in ("ensemble", "single_template"):
+            assert 0.0 <= zs[f"{split}/{name}/acc1"] <= zs[f"{split}/{name}/acc5"] <= 1.0
+    out = tmp_path / "ret.json"
+    assert main(["eval", "retrieval", "--model", str(run / "model.safetensors"), "--pairs", "20",
+                 "--output", str(out)]) == 0
+    ret = json.loads(out.read_text())
+    assert 0.0 <= ret["image_retrieval_recall@1"] <= ret["image_retrieval_recall@5"] <= 1.0
+
+
+def test_demo_writes_the_documented_keys(tmp_path):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--no-progress", "--output", str(out), f"--output_dir={tmp_path}", *TINY,
+                 "--eval.zeroshot_per_class=1", "--eval.retrieval_pairs=20"]) == 0
+    results = json.loads(out.read_text())
+    for key in ("zeroshot_seen_top1", "zeroshot_heldout_top1", "zeroshot_seen_top1_single_template",
+                "zeroshot_heldout_top1_single_template", "retrieval_i2t_r1", "retrieval_t2i_r1"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["train_seconds"] > 0
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    for name in ("a", "b"):
+        assert main(["train", "--no-progress", f"--output_dir={tmp_path}", f"--run_name={name}", *TINY]) == 0
+    logs = [(tmp_path / n / "log.jsonl").read_text() for n in ("a", "b")]
+    strip = [[{k: v for k, v in json.loads(l).items() if k not in ("samples_per_s", "elapsed_s")}
+              for l in log.splitlines()] for log in logs]
+    assert strip[0] == strip[1]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "--config", "missing.yaml"], "missing.yaml does not exist"),
+    (["train", "--batch_size=abc"], "'batch_size': expected an integer"),
+    (["eval", "zeroshot", "--model", "no/such/model.pt"], "no/such/model.pt"),
+    (["eval", "zeroshot", "--model", "ViT-Micro-8-32", "--dataset", "nowhere"], "unknown dataset 'nowhere'"),
+])
+def test_errors_are_one_clear_line(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_empty_class_list_is_a_clear_error(micro_model):
+    from clipforge import get_tokenizer
+    from clipforge.config import ConfigError
+    from clipforge.eval.zeroshot import build_classifier
+
+    with pytest.raises(ConfigError, match="class list is empty"):
+        build_classifier(micro_model, get_tokenizer("ViT-Micro-8-32"), [], ["a {}."])

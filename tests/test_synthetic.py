@@ -1,0 +1,94 @@
+"""The embedded synthetic world: determinism, held-out combinations, captions, options."""
+
+import numpy as np
+import pytest
+import torch
+
+from clipforge.config import ConfigError, from_dict
+from clipforge.data.synthetic import (
+    COLOURS, SHAPES, STREAM_EVAL, STREAM_TRAIN, SyntheticConfig, SyntheticPairs, SyntheticWorld,
+    SyntheticZeroShot, all_classnames, default_heldout,
+)
+
+
+def test_world_has_at_least_eight_colours_and_shapes():
+    assert len(COLOURS) >= 8 and len(SHAPES) >= 8
+    assert len(all_classnames()) == len(COLOURS) * len(SHAPES)
+
+
+def test_default_heldout_uses_each_colour_and_shape_once():
+    pairs = [c.split() for c in default_heldout()]
+    assert sorted(c for c, _ in pairs) == sorted(COLOURS)
+    assert sorted(s for _, s in pairs) == sorted(SHAPES)
+
+
+def test_pairs_are_a_pure_function_of_seed_and_index():
+    world = SyntheticWorld(SyntheticConfig(seed=3))
+    again = SyntheticWorld(SyntheticConfig(seed=3))
+    other = SyntheticWorld(SyntheticConfig(seed=4))
+    for i in (0, 17, 10**8):
+        (a_img, a_cap), (b_img, b_cap) = world.pair(STREAM_TRAIN, i), again.pair(STREAM_TRAIN, i)
+        assert a_cap == b_cap and np.array_equal(np.asarray(a_img), np.asarray(b_img))
+    assert [world.pair(STREAM_TRAIN, i)[1] for i in range(20)] != [other.pair(STREAM_TRAIN, i)[1] for i in range(20)]
+    assert world.pair(STREAM_TRAIN, 5)[1] != world.pair(STREAM_EVAL, 5)[1] or \
+        not np.array_equal(np.asarray(world.pair(STREAM_TRAIN, 5)[0]), np.asarray(world.pair(STREAM_EVAL, 5)[0]))
+
+
+def test_heldout_combinations_never_appear_in_training_scenes_or_captions():
+    cfg = SyntheticConfig()
+    world = SyntheticWorld(cfg)
+    heldout = set(cfg.heldout)
+    for i in range(2000):
+        objects, _ = world.scene(STREAM_TRAIN, i)
+        assert not {f"{o.colour} {o.shape}" for o in objects} & heldout
+        caption = world.pair(STREAM_TRAIN, i)[1]
+        for combo in heldout:
+            colour, shape = combo.split()
+            assert f"{colour} {shape}" not in caption
+
+
+def test_captions_name_objects_and_are_sometimes_incomplete():
+    world = SyntheticWorld(SyntheticConfig(omit_prob=0.5))
+    incomplete = 0
+    for i in range(500):
+        objects, rng = world.scene(STREAM_TRAIN, i)
+        caption = world.describe(objects, rng)
+        named = sum(f"{o.colour} {o.shape}" in caption for o in objects)
+        assert named >= 1
+        incomplete += named < len(objects)
+    assert incomplete > 50
+    complete_world = SyntheticWorld(SyntheticConfig(omit_prob=0.0))
+    for i in range(200):
+        objects, rng = complete_world.scene(STREAM_TRAIN, i)
+        caption = complete_world.describe(objects, rng)
+        assert all(f"{o.colour} {o.shape}" in caption for o in objects)
+
+
+def test_caption_noise_replaces_the_requested_fraction():
+    clean = SyntheticWorld(SyntheticConfig(caption_noise=0.0))
+    noisy = SyntheticWorld(SyntheticConfig(caption_noise=0.4))
+    changed = sum(clean.pair(STREAM_TRAIN, i)[1] != noisy.pair(STREAM_TRAIN, i)[1] for i in range(600))
+    assert 0.3 * 600 < changed < 0.5 * 600
+
+
+def test_zeroshot_set_labels_and_tensors():
+    world = SyntheticWorld(SyntheticConfig())
+    data = SyntheticZeroShot(world, world.heldout, per_class=2)
+    assert len(data) == 16
+    labels = {data[i][1] for i in range(len(data))}
+    assert labels == {world.classnames.index(" ".join(c)) for c in world.heldout}
+    image, _ = data[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    pairs = SyntheticPairs(world, length=4)
+    assert len(pairs) == 4 and isinstance(pairs[0][1], str)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("caption_noise", 1.5, "caption_noise"),
+    ("heldout", ["red dragon"], "heldout"),
+    ("max_objects", 5, "max_objects"),
+    ("colour", "red", "unknown config key 'colour'"),
+])
+def test_bad_synthetic_config_names_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(SyntheticConfig, {key: value})

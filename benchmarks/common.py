@@ -135,6 +135,19 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
     return best
 
 
+class PeakMeter:
+    """The best fp32 and bf16 matmul rates seen so far; measured several times during a run (between
+    phases), because on a shared machine a single measurement may fall in a busy moment."""
+
+    def __init__(self) -> None:
+        self.best = {"fp32": 0.0, "bf16": 0.0}
+
+    def measure(self) -> dict[str, float]:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            self.best[name] = max(self.best[name], matmul_peak(dtype))
+        return self.best
+
+
 def random_tokens(batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
     """Token rows shaped like the tokenizer's: start token, random words, end token, zero padding.
 
@@ -151,19 +164,27 @@ def random_tokens(batch: int, context: int, generator: torch.Generator) -> torch
     return tokens
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, calling them in turn (A B C A B C ...) so that a change of the
-    machine's load during the run affects all of them alike."""
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                     block: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, taking turns (A B A B ...) so that a change of the machine's load
+    during the run affects all of them alike.
+
+    With `block` > 1 each turn makes `block` calls in a row and the first is not counted: two models trained
+    in turn in one process evict each other's caches and allocator pools, a cost that a real run, which
+    trains one model, never pays. `repeats` counted calls are made of each function.
+    """
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    while any(len(t) < repeats for t in times.values()):
         for name, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            for call in range(block):
+                start = time.perf_counter()
+                fn()
+                if call > 0 or block == 1:
+                    times[name].append(time.perf_counter() - start)
+    return {name: t[:repeats] for name, t in times.items()}
 
 
 def median(values: list[float]) -> float:

@@ -71,7 +71,13 @@ def load_model(
     path = Path(path)
     checkpoint = read_checkpoint(path)
     cfg = resolve_config(checkpoint, expected, quick_gelu, str(path))
-    model = build_model(cfg)
+    if cfg.text_cfg.hf_model_path is None:
+        # Every tensor is about to be overwritten: allocate without running the random initialisation.
+        with torch.device("meta"):
+            model = build_model(cfg)
+        model = model.to_empty(device="cpu")
+    else:  # the Hugging Face encoder loads its own folder
+        model = build_model(cfg)
     load_weights(model, checkpoint.state_dict, str(path))
     return model.eval()
 
@@ -211,6 +217,7 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     unexpected = [k for k in state_dict if k not in own]
     # BatchNorm's step counter is bookkeeping that some exporters drop; everything else must be present.
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    missing_counters = [k for k in own if k not in state_dict and k.endswith("num_batches_tracked")]
     for problem, keys in (("unexpected tensor", unexpected), ("missing tensor", missing)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
@@ -221,6 +228,9 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
                 f"{where}: tensor '{key}' has shape {list(tensor.shape)}, the model expects {list(own[key].shape)}"
             )
     model.load_state_dict(state_dict, strict=False)
+    with torch.no_grad():
+        for key in missing_counters:
+            own[key].zero_()
 
 
 def _plain_state_dict(model: torch.nn.Module, layout: str, where: str) -> dict[str, torch.Tensor]:

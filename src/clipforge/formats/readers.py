@@ -58,12 +58,13 @@ def sniff(path: Path) -> str:
     return "pickle"
 
 
-def load_pickle(path: Path) -> Any:
-    """`torch.load(weights_only=True)`, with clear errors for refused and damaged files."""
+def load_pickle(path: Path, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)`, with clear errors for refused and damaged files. `mmap` (zip-format
+    files only) maps tensors from the file instead of reading them all into memory first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols; our errors say what matters
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Weights only load failed" in message:
@@ -116,4 +117,4 @@ def load_weights_file(path: Path) -> tuple[Any, dict[str, str], str]:
     if kind == "safetensors":
         tensors, metadata = load_safetensors(path)
         return tensors, metadata, kind
-    return load_pickle(path), {}, kind
+    return load_pickle(path, mmap=kind == "zip"), {}, kind

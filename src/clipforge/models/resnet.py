@@ -63,7 +63,8 @@ class AttentionPool2d(nn.Module):
         if width % heads:
             raise ValueError(f"attention pooling width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        nn.init.normal_(self.positional_embedding, std=width**-0.5)
         self.k_proj = nn.Linear(width, width)
         self.q_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)

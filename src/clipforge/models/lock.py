@@ -47,7 +47,16 @@ def text_groups(model: nn.Module) -> list[Group]:
     return [embeddings, *blocks, [model.ln_final, model.text_projection]]
 
 
-def _lock_groups(groups: list[Group], unlocked: int, freeze_bn_stats: bool, what: str) -> None:
+def _lock_module(module: nn.Module, freeze_bn_stats: bool) -> None:
+    if isinstance(module, _BatchNorm) and not freeze_bn_stats:
+        return  # frozen affine weights, but running statistics keep following the data
+    setattr(module, _LOCKED, True)
+    module.training = False  # this module only: each locked descendant is marked on its own
+
+
+def _lock_groups(
+    groups: list[Group], unlocked: int, freeze_bn_stats: bool, what: str, roots: list[nn.Module]
+) -> None:
     if not 0 <= unlocked <= len(groups):
         raise ValueError(f"{what}={unlocked}: this tower has {len(groups)} groups (0 keeps none trainable)")
     for group in groups[: len(groups) - unlocked]:
@@ -58,10 +67,13 @@ def _lock_groups(groups: list[Group], unlocked: int, freeze_bn_stats: bool, what
             for param in item.parameters():
                 param.requires_grad_(False)
             for module in item.modules():
-                if isinstance(module, _BatchNorm) and not freeze_bn_stats:
-                    continue  # frozen affine weights, but running statistics keep following the data
-                setattr(module, _LOCKED, True)
-                module.eval()
+                _lock_module(module, freeze_bn_stats)
+    # Containers (the tower itself, its block list) whose every parameter is now frozen are locked too.
+    for root in roots:
+        for module in root.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                _lock_module(module, freeze_bn_stats)
 
 
 def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
@@ -69,19 +81,21 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
 
     With `freeze_bn_stats`, BatchNorm layers in locked groups also stop updating their running statistics.
     """
-    _lock_groups(image_groups(model.visual), unlocked_groups, freeze_bn_stats, "unlocked_groups")
+    _lock_groups(image_groups(model.visual), unlocked_groups, freeze_bn_stats, "unlocked_groups", [model.visual])
 
 
 def lock_text_tower(model: nn.Module, unlocked_layers: int = 0) -> None:
     """Freeze the text tower except its last `unlocked_layers` groups (the head counts as one)."""
-    _lock_groups(text_groups(model), unlocked_layers, True, "unlocked_layers")
+    text = getattr(model, "text", None)
+    roots = [text] if isinstance(text, nn.Module) else [model.transformer]
+    _lock_groups(text_groups(model), unlocked_layers, True, "unlocked_layers", roots)
 
 
 def set_locked_eval(model: nn.Module) -> nn.Module:
     """Put every locked module back in eval mode; call after `model.train()`."""
     for module in model.modules():
         if getattr(module, _LOCKED, False):
-            module.eval()
+            module.training = False  # not .eval(): that would recurse into unlocked BatchNorms
     return model
 
 

@@ -70,7 +70,8 @@ def openai_reference(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
 def inputs(cfg: ModelConfig, images: int = 2, texts: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     t = cfg.text_cfg
-    return random_images(images, cfg.vision_cfg.image_size, seed=1), random_tokens(texts, t.context_length, t.vocab_size)
+    images_ = random_images(images, cfg.vision_cfg.image_size, seed=1)
+    return images_, random_tokens(texts, t.context_length, t.vocab_size)
 
 
 @torch.no_grad()

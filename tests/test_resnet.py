@@ -78,7 +78,8 @@ def test_resnet_configs_are_the_papers(name: str) -> None:
     layers, width, size, embed, text_width = PAPER_RESNETS[name]
     cfg = clipforge.get_model_config(name)
     v = cfg.vision_cfg
-    assert (v.layers, v.width, v.image_size, cfg.embed_dim, cfg.text_cfg.width) == (layers, width, size, embed, text_width)
+    found = (v.layers, v.width, v.image_size, cfg.embed_dim, cfg.text_cfg.width)
+    assert found == (layers, width, size, embed, text_width)
     assert v.num_heads == width * 32 // 64 and cfg.text_cfg.heads == text_width // 64 and cfg.quick_gelu
 
 

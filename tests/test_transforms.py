@@ -34,7 +34,7 @@ def _all_clipart() -> tuple[Path, ...]:
 def clipart_sample(count: int = 16) -> list[Path]:
     """`count` files spread evenly over the sorted collection (the same ones on every machine)."""
     if not CLIPART.is_dir():
-        pytest.fail(f"{CLIPART} not found: install the Debian package openclipart-png (apt-get install openclipart-png)")
+        pytest.fail(f"{CLIPART} not found: install the Debian package (apt-get install -y openclipart-png)")
     files = _all_clipart()
     step = max(1, len(files) // count)
     return list(files[::step][:count])

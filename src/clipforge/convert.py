@@ -70,7 +70,8 @@ def load_model(
 
     path = Path(path)
     checkpoint = read_checkpoint(path)
-    cfg = resolve_config(checkpoint, expected, quick_gelu, str(path))
+    where = f"{path} (read as {checkpoint.kind})"
+    cfg = resolve_config(checkpoint, expected, quick_gelu, where)
     if cfg.text_cfg.hf_model_path is None:
         # Every tensor is about to be overwritten: allocate without running the random initialisation.
         with torch.device("meta"):
@@ -78,7 +79,7 @@ def load_model(
         model = model.to_empty(device="cpu")
     else:  # the Hugging Face encoder loads its own folder
         model = build_model(cfg)
-    load_weights(model, checkpoint.state_dict, str(path))
+    load_weights(model, checkpoint.state_dict, where)
     return model.eval()
 
 

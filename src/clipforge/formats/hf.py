@@ -24,7 +24,10 @@ _BLOCK = {
     "mlp.c_proj": "mlp.fc2",
     "attn.out_proj": "self_attn.out_proj",
 }
-_TOWERS = {"transformer.resblocks.": "text_model.encoder.layers.", "visual.transformer.resblocks.": "vision_model.encoder.layers."}
+_TOWERS = {
+    "transformer.resblocks.": "text_model.encoder.layers.",
+    "visual.transformer.resblocks.": "vision_model.encoder.layers.",
+}
 # Whole-tensor renames (ours -> HF).
 _TOP = {
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
@@ -146,7 +149,9 @@ def config_from_hf(data: Mapping[str, Any], where: str) -> ModelConfig:
     vision = {**_VISION_DEFAULTS, **(data.get("vision_config") or {})}
     for prefix, section in (("text_config", text), ("vision_config", vision)):
         if abs(float(section["layer_norm_eps"]) - 1e-5) > 1e-12:
-            raise CheckpointFormatError(f"{where}: '{prefix}.layer_norm_eps' is {section['layer_norm_eps']}; 1e-5 is supported")
+            raise CheckpointFormatError(
+                f"{where}: '{prefix}.layer_norm_eps' is {section['layer_norm_eps']}; 1e-5 is supported"
+            )
     quick = _act(text["hidden_act"], where, "text_config.hidden_act")
     if _act(vision["hidden_act"], where, "vision_config.hidden_act") != quick:
         raise CheckpointFormatError(f"{where}: the text and vision towers use different activations")

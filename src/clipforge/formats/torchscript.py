@@ -129,7 +129,9 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-        data_pkl = next(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
+        data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
+        if data_pkl is None:
+            raise CheckpointFormatError(f"{path}: TorchScript archive without a top-level data.pkl")
         prefix = data_pkl.split("/", 1)[0]
         byteorder = f"{prefix}/byteorder"
         if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):

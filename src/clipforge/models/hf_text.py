@@ -64,9 +64,10 @@ class HFTextEncoder(nn.Module):
         folder = _require_folder(path)
         config = AutoConfig.from_pretrained(str(folder), **_offline_kwargs())
         if pretrained:
-            self.encoder = AutoModel.from_pretrained(str(folder), **_offline_kwargs())
+            encoder = AutoModel.from_pretrained(str(folder), **_offline_kwargs())
         else:
-            self.encoder = AutoModel.from_config(config)
+            encoder = AutoModel.from_config(config)
+        self.encoder = encoder.float()  # whatever the folder stores, compute in fp32 like the rest of clipforge
         if isinstance(getattr(self.encoder, "pooler", None), nn.Module):
             # BERT-style pooler heads are unused here; dropping them keeps every parameter in the graph.
             self.encoder.pooler = None

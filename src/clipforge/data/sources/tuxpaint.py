@@ -9,10 +9,12 @@ stamps translated into it (an untranslated stamp is left out rather than given E
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,7 @@ def rasterise(svg: Path, out: Path) -> None:
 
 def collect(dest: Path) -> tuple[list[Stamp], dict[str, int]]:
     """Every stamp with a caption file and a drawing; SVG-only drawings rasterised under `dest/images`."""
-    stamps, dropped = [], Counter()
+    stamps, dropped, to_rasterise = [], Counter(), []
     for txt in sorted(STAMPS_DIR.rglob("*.txt")):
         rel = txt.relative_to(STAMPS_DIR).with_suffix("").as_posix()
         png, svg = txt.with_suffix(".png"), txt.with_suffix(".svg")
@@ -80,11 +82,13 @@ def collect(dest: Path) -> tuple[list[Stamp], dict[str, int]]:
         elif svg.is_file():
             image = dest / "images" / f"{rel}.png"
             if not image.is_file():
-                rasterise(svg, image)
+                to_rasterise.append((svg, image))
         else:
             dropped["caption without a drawing"] += 1
             continue
         stamps.append(Stamp(rel, image, read_captions(txt)))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one rsvg-convert process per thread
+        list(pool.map(lambda job: rasterise(*job), to_rasterise))
     return stamps, dict(dropped)
 
 

@@ -90,15 +90,18 @@ def plot_recall_at_k(path: str | Path, metrics: Mapping[str, float], title: str 
     """Recall@k curves from a `retrieval_metrics` dict (`image_retrieval_recall@k`, `text_retrieval_recall@k`)."""
     figure = Figure(figsize=(5, 4))
     ax = figure.add_subplot()
-    drawn = 0
+    drawn, ks = 0, set()
     for prefix, label in (("image_retrieval_recall@", "text → image"), ("text_retrieval_recall@", "image → text")):
         points = sorted((int(key[len(prefix) :]), value) for key, value in metrics.items() if key.startswith(prefix))
         if points:
             ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=label)
             drawn += 1
+            ks.update(k for k, _ in points)
     if not drawn:
         raise ValueError("plot_recall_at_k: no image_retrieval_recall@k or text_retrieval_recall@k entries")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.minorticks_off()
     ax.set_ylim(0, 1)
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k")

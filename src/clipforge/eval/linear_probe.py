@@ -36,8 +36,13 @@ def fit_logistic(
     num_classes: int | None = None,
     max_iter: int = 1000,
     init: LogisticModel | None = None,
+    tol: float = 1e-4,
 ) -> LogisticModel:
-    """Multinomial logistic regression with inverse regularisation strength C (as scikit-learn's C)."""
+    """Multinomial logistic regression with inverse regularisation strength C (as scikit-learn's C).
+
+    Stops when every gradient entry is within `tol` (scikit-learn's default tol, on the same mean-scaled
+    objective) or after `max_iter` L-BFGS iterations (1,000 as in the CLIP paper).
+    """
     x = features.to(torch.float64)
     y = labels.long()
     n, dim = x.shape
@@ -51,8 +56,8 @@ def fit_logistic(
         [weight, bias],
         lr=1.0,
         max_iter=max_iter,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
+        tolerance_grad=tol,
+        tolerance_change=1e-9,
         history_size=20,
         line_search_fn="strong_wolfe",
     )

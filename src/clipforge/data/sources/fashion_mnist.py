@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..base import ClassificationDataset, DatasetError, Transform, hash_split
-from ..offline import INFO_FILE, ensure_debian_package, split_counts
+from ..offline import INFO_FILE, ensure_debian_package
 
 PACKAGE = "dataset-fashion-mnist"
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")

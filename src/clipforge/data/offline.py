@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,29 @@ def ensure_npm_package(spec: str, prefix: Path, probe: Path, install: bool) -> N
     _run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", spec], f"installing {spec}")
     if not probe.exists():
         raise DatasetError(f"installed {spec} but {probe} is still missing")
+
+
+def ensure_svg_rasteriser(install: bool) -> None:
+    """rsvg-convert (Debian librsvg2-bin), used to rasterise SVG drawings that have no usable PNG."""
+    if shutil.which("rsvg-convert") is None:
+        ensure_debian_package("librsvg2-bin", Path("/usr/bin/rsvg-convert"), install)
+
+
+def rasterise_svgs(jobs: list[tuple[Path, Path]], size: int) -> None:
+    """Render each (svg, png) pair with rsvg-convert, longest side `size`, aspect kept; one process per core."""
+
+    def render(job: tuple[Path, Path]) -> None:
+        svg, out = job
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        command = ["rsvg-convert", "-w", str(size), "-h", str(size), "-a", "-f", "png", "-o", str(tmp), str(svg)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not tmp.is_file():
+            raise DatasetError(f"{svg}: rsvg-convert failed ({result.stderr.strip()[:200]})")
+        tmp.replace(out)  # a half-written PNG never passes for a finished one
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(render, jobs))
 
 
 def split_counts(splits: list[str]) -> dict[str, int]:

@@ -4,9 +4,9 @@ Each PNG has an SVG twin whose RDF metadata holds the artist's title, descriptio
 built from that human text: the title (or, when the title is a collection's name shared by many drawings, the
 file name) with the keywords, and the description as a second caption when it says something else. The
 category label is a curated reading of the library's folders (`animals/birds` -> "bird"); drawings outside
-those folders stay in the caption set without a label. Left out: links (the same file filed twice), images
-over MAX_PIXELS, and the 1,375 procedurally generated stars (keyword "magick"): they differ only in
-parameters, so no caption could tell them apart.
+those folders stay in the caption set without a label. Left out: links (the same file filed twice) and the
+1,375 procedurally generated stars (keyword "magick"): they differ only in parameters, so no caption could
+tell them apart. The few huge PNGs (up to 623 megapixels) are rendered again from their SVG at a sane size.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 
 from ..base import DatasetError, hash_split
 from ..manifest import write_manifest
-from ..offline import ensure_debian_package, split_counts
+from ..offline import ensure_debian_package, ensure_svg_rasteriser, rasterise_svgs, split_counts
 
 PNG_PACKAGE, SVG_PACKAGE = "openclipart-png", "openclipart-svg"
 PNG_DIR, SVG_DIR = Path("/usr/share/openclipart/png"), Path("/usr/share/openclipart/svg")
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = 4_000_000  # larger PNGs (up to 623 megapixels here) are rendered again from their SVG
+RASTER_SIZE = 1024
 MIN_CLASS_SIZE = 10
 NS = {
     "dc": "http://purl.org/dc/elements/1.1/",
@@ -157,30 +158,35 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def collect(limit_pixels: int = MAX_PIXELS) -> tuple[list[Drawing], dict[str, int]]:
-    """The drawings kept, and counts of those left out by reason."""
+def collect(dest: Path, install: bool) -> tuple[list[Drawing], dict[str, int]]:
+    """The drawings kept, and counts of those left out by reason. A PNG over MAX_PIXELS is replaced by a
+    rendering of its SVG (longest side RASTER_SIZE) under `dest/images`: decoding it would cost seconds."""
     dropped = Counter()
-    drawings = []
+    drawings, to_render = [], []
     for png in sorted(PNG_DIR.rglob("*.png")):
         if png.is_symlink():
             dropped["link to a drawing filed elsewhere"] += 1
-            continue
-        width, height = png_size(png)
-        if width * height > limit_pixels:
-            dropped[f"over {limit_pixels} pixels"] += 1
             continue
         drawing = read_drawing(png)
         if "magick" in (k.lower() for k in drawing.keywords):
             dropped["generated star (keyword magick)"] += 1
             continue
+        width, height = png_size(png)
+        if width * height > MAX_PIXELS:
+            drawing.path = dest / "images" / f"{drawing.rel}.png"
+            if not drawing.path.is_file():
+                to_render.append((SVG_DIR / f"{drawing.rel}.svg", drawing.path))
         drawings.append(drawing)
+    if to_render:
+        ensure_svg_rasteriser(install)
+        rasterise_svgs(to_render, RASTER_SIZE)
     return drawings, dict(dropped)
 
 
 def prepare(dest: Path, install: bool = True) -> dict[str, Any]:
     ensure_debian_package(PNG_PACKAGE, PNG_DIR, install)
     ensure_debian_package(SVG_PACKAGE, SVG_DIR, install)
-    drawings, dropped = collect()
+    drawings, dropped = collect(dest, install)
     titles = Counter(d.title for d in drawings)
     descriptions = Counter(d.description for d in drawings)
     categories = Counter(category_of(d.rel) for d in drawings)
@@ -203,6 +209,7 @@ def prepare(dest: Path, install: bool = True) -> dict[str, Any]:
         "labelled_images": sum(categories[c] for c in classnames),
         "splits": split_counts(splits),
         "classnames": classnames,
+        "rendered_from_svg": sum(1 for d in drawings if d.path.is_relative_to(dest)),
         "left_out": dropped,
-        "source_bytes": sum(d.path.stat().st_size for d in drawings),
+        "source_bytes": sum(d.path.stat().st_size for d in drawings if d.path.is_relative_to(PNG_DIR)),
     }

@@ -9,22 +9,17 @@ stamps translated into it (an untranslated stamp is left out rather than given E
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..base import DatasetError, hash_split
 from ..manifest import write_manifest
-from ..offline import ensure_debian_package, split_counts
+from ..offline import ensure_debian_package, ensure_svg_rasteriser, rasterise_svgs, split_counts
 
 PACKAGE = "tuxpaint-stamps-default"
-RSVG_PACKAGE = "librsvg2-bin"
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 RASTER_SIZE = 400  # longest side of rasterised SVG stamps, as large as most PNG stamps
 MIN_CLASS_SIZE = 10
@@ -62,15 +57,6 @@ def read_captions(path: Path) -> dict[str, str]:
     return captions
 
 
-def rasterise(svg: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    size = str(RASTER_SIZE)
-    command = ["rsvg-convert", "-w", size, "-h", size, "-a", "-o", str(out), str(svg)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not out.is_file():
-        raise DatasetError(f"{svg}: rsvg-convert failed ({result.stderr.strip()[:200]})")
-
-
 def collect(dest: Path) -> tuple[list[Stamp], dict[str, int]]:
     """Every stamp with a caption file and a drawing; SVG-only drawings rasterised under `dest/images`."""
     stamps, dropped, to_rasterise = [], Counter(), []
@@ -87,15 +73,13 @@ def collect(dest: Path) -> tuple[list[Stamp], dict[str, int]]:
             dropped["caption without a drawing"] += 1
             continue
         stamps.append(Stamp(rel, image, read_captions(txt)))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one rsvg-convert process per thread
-        list(pool.map(lambda job: rasterise(*job), to_rasterise))
+    rasterise_svgs(to_rasterise, RASTER_SIZE)
     return stamps, dict(dropped)
 
 
 def prepare(dest: Path, install: bool = True) -> dict[str, Any]:
     ensure_debian_package(PACKAGE, STAMPS_DIR, install)
-    if shutil.which("rsvg-convert") is None:
-        ensure_debian_package(RSVG_PACKAGE, Path("/usr/bin/rsvg-convert"), install)
+    ensure_svg_rasteriser(install)
     stamps, dropped = collect(dest)
     categories = Counter(CATEGORIES.get(s.rel.split("/")[0]) for s in stamps)
     classnames = sorted(c for c, n in categories.items() if c is not None and n >= MIN_CLASS_SIZE)

@@ -130,3 +130,22 @@ def test_unprepared_dataset_tells_the_command(tmp_path: Path) -> None:
         get_dataset("emoji", "test", None, root=tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset 'imagenet'"):
         get_dataset("imagenet", "test", None, root=tmp_path)
+
+
+def test_missing_package_without_install_names_the_command(tmp_path: Path, monkeypatch) -> None:
+    from clipforge.data.sources import fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "SOURCE_DIR", tmp_path / "absent")
+    with pytest.raises(DatasetError, match="apt-get install -y dataset-fashion-mnist"):
+        prepare("fashion-mnist", root=tmp_path / "data", install=False)
+    assert not (tmp_path / "data" / "fashion-mnist" / "info.json").exists()  # a failed prepare is not prepared
+
+
+def test_data_root_follows_the_environment(tmp_path: Path, monkeypatch) -> None:
+    from clipforge.data.offline import data_root
+
+    monkeypatch.setenv("CLIPFORGE_DATA", str(tmp_path / "env-root"))
+    assert data_root() == tmp_path / "env-root"
+    assert data_root(tmp_path / "given") == tmp_path / "given"
+    monkeypatch.delenv("CLIPFORGE_DATA")
+    assert data_root() == Path.home() / ".cache" / "clipforge" / "data"

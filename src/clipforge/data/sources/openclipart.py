@@ -38,6 +38,7 @@ CATEGORIES = {
     "animals/birds": "bird", "animals/mammals": "mammal", "animals/bugs": "insect", "animals/fish": "fish",
     "animals/dinosaurs": "dinosaur", "food/fruit": "fruit", "food/desserts": "dessert",
     "food/beverages": "drink", "food/breads_and_carbs": "bread or pasta", "food/meats_and_eggs": "meat or egg",
+    "food/vegetables": "vegetable",
     "plants/flowers": "flower", "signs_and_symbols/flags": "flag", "signs_and_symbols/map_symbols": "map symbol",
     "signs_and_symbols/clocks": "clock", "signs_and_symbols/weather": "weather symbol",
     "signs_and_symbols/led": "seven-segment digit", "recreation/games/cards": "playing card",

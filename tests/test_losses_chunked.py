@@ -170,3 +170,32 @@ def test_bad_chunk_size_is_rejected(bad):
     fi, ft = _features(4)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_clip_loss(fi, ft, 1.0, bad)
+
+
+def _wide_range_features():
+    """Texts near e1; half the images near e1, half near -e1: at scale 100 their rows span 200 nats."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.zeros(16, 8)
+    base[:, 0] = 1.0
+    text = F.normalize(base + 0.05 * torch.randn(16, 8, generator=gen), dim=-1)
+    sign = torch.ones(16, 1)
+    sign[::2] = -1.0
+    image = F.normalize(sign * base + 0.05 * torch.randn(16, 8, generator=gen), dim=-1)
+    return image.requires_grad_(), text.requires_grad_()
+
+
+def test_tiles_with_a_wide_logit_range_stay_exact():
+    fi, ft = _wide_range_features()
+    scale = torch.tensor(100.0, requires_grad=True)
+    dense = _value_and_grads(_dense_clip, (fi, ft, scale))
+    _assert_close(_value_and_grads(lambda a, b, s: chunked_clip_loss(a, b, s, (4, 8)), (fi, ft, scale)), dense)
+
+
+def test_wide_range_needs_the_exact_fallback(monkeypatch):
+    """Negative control: with the one-shift path forced on every tile, the same inputs come out wrong."""
+    from clipforge import losses_chunked
+
+    fi, ft = _wide_range_features()
+    monkeypatch.setattr(losses_chunked, "_SHARED_SHIFT_RANGE", float("inf"))
+    value = chunked_clip_loss(fi, ft, 100.0, (4, 8))
+    assert not torch.isclose(value, _dense_clip(fi, ft, 100.0), rtol=1e-3)

@@ -252,6 +252,15 @@ class LossConfig:
     triplet_margin: float = 0.2
     chunk_size: int | None = None
 
+    @property
+    def uses_logit_scale(self) -> bool:
+        """Whether the objective reads the temperature; under DDP freeze the parameter when it does not."""
+        return self.name in ("clip", "siglip")
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        return self.name == "siglip"
+
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
         if self.name not in LOSS_NAMES:

@@ -69,23 +69,24 @@ def _tiled_backward(
     scale: float,
     tiles: tuple[int, int],
     weight_fn,
+    sum_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accumulate A = W @ cols and C = W^T @ rows over tiles, W = weight_fn(logits_tile, I, J) = dLoss/dlogits.
 
-    Returns (A [n, D], C [m, D], sum of W). With logits = scale * rows @ cols^T the gradients are
-    d rows = scale * A, d cols = scale * C and d scale = sum(rows * A) (= sum_ij W_ij <rows_i, cols_j>).
+    Returns (A [n, D], C [m, D], sum of W if `sum_weights` else 0). With logits = scale * rows @ cols^T the
+    gradients are d rows = scale * A, d cols = scale * C and d scale = sum(rows * A) (= sum_ij W_ij <rows_i, cols_j>).
     """
     rows, cols = ctx_tensors
     acc_rows = torch.zeros_like(rows)
     acc_cols = torch.zeros_like(cols)
     weight_sum = rows.new_zeros(())
-    scaled_rows = rows * scale
     for I, J in _tiles(rows.shape[0], cols.shape[0], *tiles):
-        logits = scaled_rows[I] @ cols[J].t()  # [cr, cc]
+        logits = torch.mm(rows[I], cols[J].t()).mul_(scale)  # [cr, cc], recomputed instead of stored
         weights = weight_fn(logits, I, J)
-        acc_rows[I] += weights @ cols[J]
-        acc_cols[J] += weights.t() @ rows[I]
-        weight_sum += weights.sum()
+        acc_rows[I].addmm_(weights, cols[J])  # row slices of a contiguous [n, D] are contiguous views
+        acc_cols[J].addmm_(weights.t(), rows[I])
+        if sum_weights:
+            weight_sum += weights.sum()
     return acc_rows, acc_cols, weight_sum
 
 
@@ -98,16 +99,44 @@ def _finish_grads(
     positive_weight: float,
     grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Add the positive-pair term (-positive_weight at each (i, offset+i)) and scale by the upstream gradient."""
+    """Add the positive-pair term (-positive_weight at each (i, offset+i)) and scale by the upstream gradient.
+
+    Works in place on the accumulators: at large B each [B, D] copy would be a visible share of the memory.
+    """
     acc_rows, acc_cols, weight_sum = acc
     n = rows.shape[0]
-    positives = cols[offset : offset + n]
-    acc_rows = acc_rows - positive_weight * positives
-    acc_cols[offset : offset + n] -= positive_weight * rows
+    acc_rows.add_(cols[offset : offset + n], alpha=-positive_weight)
+    acc_cols[offset : offset + n].add_(rows, alpha=-positive_weight)
     g = grad_out.to(rows.dtype)
-    d_scale = (rows * acc_rows).sum() * g
+    d_scale = torch.dot(rows.reshape(-1), acc_rows.reshape(-1)) * g  # Σ_ij W_ij <rows_i, cols_j>
     d_bias = (weight_sum - positive_weight * n) * g
-    return acc_rows * (scale * g), acc_cols * (scale * g), d_scale, d_bias
+    return acc_rows.mul_(scale * g), acc_cols.mul_(scale * g), d_scale, d_bias
+
+
+# A row's (column's) log-sum-exp may sit this far below the tile's maximum before the single shared shift
+# of _tile_logsumexp could lose fp32 accuracy: its terms stay normal numbers (exp(-87) is the fp32 limit), and
+# what underflows is below exp(-27) of the sum.
+_SHARED_SHIFT_RANGE = 60.0
+
+
+def _tile_logsumexp(
+    logits: torch.Tensor, with_cols: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Row (and column) log-sum-exps of one tile with a single exp pass shifted by the tile's maximum.
+
+    Two `torch.logsumexp` calls would take two exp passes and several temporaries; this overwrites `logits`.
+    Returns (None, None) when some row or column lies too far below the maximum for one shift to be exact.
+    """
+    top = logits.max()
+    if not torch.isfinite(top):
+        return None, None
+    expd = logits.sub_(top).exp_()  # [cr, cc], in place
+    row = expd.sum(dim=1).log_().add_(top)
+    col = expd.sum(dim=0).log_().add_(top) if with_cols else None
+    floor = float(top) - _SHARED_SHIFT_RANGE
+    if float(row.min()) < floor or (col is not None and float(col.min()) < floor):
+        return None, None
+    return row, col
 
 
 class _TiledCrossEntropy(torch.autograd.Function):
@@ -120,12 +149,15 @@ class _TiledCrossEntropy(torch.autograd.Function):
         n, m = rows32.shape[0], cols32.shape[0]
         row_lse = rows32.new_full((n,), float("-inf"))
         col_lse = cols32.new_full((m,), float("-inf"))
-        scaled_rows = rows32 * s
         for I, J in _tiles(n, m, *tiles):
-            logits = scaled_rows[I] @ cols32[J].t()  # [cr, cc]
-            row_lse[I] = torch.logaddexp(row_lse[I], torch.logsumexp(logits, dim=1))
+            tile_rows, tile_cols = _tile_logsumexp(torch.mm(rows32[I], cols32[J].t()).mul_(s), symmetric)
+            if tile_rows is None:  # rare: too wide a range for one shift, redo this tile exactly
+                logits = torch.mm(rows32[I], cols32[J].t()).mul_(s)  # [cr, cc]
+                tile_rows = torch.logsumexp(logits, dim=1)
+                tile_cols = torch.logsumexp(logits, dim=0) if symmetric else None
+            row_lse[I] = torch.logaddexp(row_lse[I], tile_rows)
             if symmetric:
-                col_lse[J] = torch.logaddexp(col_lse[J], torch.logsumexp(logits, dim=0))
+                col_lse[J] = torch.logaddexp(col_lse[J], tile_cols)
         positives = s * _positive_dots(rows32, cols32, offset)
         loss = row_lse.sum() - positives.sum()
         if symmetric:
@@ -168,10 +200,8 @@ class _TiledSigmoid(torch.autograd.Function):
         rows32, cols32 = _upcast(rows, cols)
         s, b = _scale_value(scale), _scale_value(bias)
         total = rows32.new_zeros(())
-        scaled_rows = rows32 * s
         for I, J in _tiles(rows32.shape[0], cols32.shape[0], *tiles):
-            logits = scaled_rows[I] @ cols32[J].t()  # [cr, cc]
-            logits += b
+            logits = torch.mm(rows32[I], cols32[J].t()).mul_(s).add_(b)  # [cr, cc]
             # Every pair as a negative: -log sigmoid(-x) = softplus(x); positives are corrected below.
             total += F.softplus(logits).sum()
         positive_logits = s * _positive_dots(rows32, cols32, offset) + b
@@ -191,7 +221,7 @@ class _TiledSigmoid(torch.autograd.Function):
         def weight_fn(logits: torch.Tensor, I: slice, J: slice) -> torch.Tensor:
             return logits.add_(b).sigmoid_()  # d softplus(x)/dx; the positives' -1 is added in _finish_grads
 
-        acc = _tiled_backward((rows, cols), s, tiles, weight_fn)
+        acc = _tiled_backward((rows, cols), s, tiles, weight_fn, sum_weights=True)
         d_rows, d_cols, d_scale, d_bias = _finish_grads(rows, cols, s, offset, acc, 1.0, grad_out)
         d_bias_out = None
         if ctx.bias_meta is not None and ctx.needs_input_grad[3]:

@@ -62,7 +62,8 @@ def assert_same_grads(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor
     assert ours.keys() == ref.keys()
     for name, r in ref.items():
         err = (ours[name] - r).abs().max().item()
-        assert err <= tol * r.abs().max().item() + 1e-12, f"{name}: max error {err:.3g} vs max |grad| {r.abs().max():.3g}"
+        scale = r.abs().max().item()
+        assert err <= tol * scale + 1e-12, f"{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
 
 
 def _loss_fn(cfg: LossConfig):

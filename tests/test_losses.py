@@ -79,7 +79,8 @@ def loop_triplet(fi, ft, margin):
 
 def loop_regularizer(fi, ft):
     # The documented identity: 1 - <f, g> = ½‖f - g‖² for unit vectors.
-    return sum(0.5 * sum((fi[i, k] - ft[i, k]) ** 2 for k in range(fi.shape[1])) for i in range(fi.shape[0])) / fi.shape[0]
+    batch, dim = fi.shape
+    return sum(0.5 * sum((fi[i, k] - ft[i, k]) ** 2 for k in range(dim)) for i in range(batch)) / batch
 
 
 def _assert_same(ours_fn, ref_fn, inputs, rtol=1e-9):
@@ -202,7 +203,8 @@ def test_strips_partitioning_the_rows_sum_to_the_global_loss(cfg):
     inputs = (fi, ft, scale, bias)
     ref = compute_loss(cfg, fi, ft, scale, bias)
     ref_grads = torch.autograd.grad(ref["loss"], inputs, allow_unused=True)
-    parts = [strip_loss_parts(cfg, Strip(fi[a:b], ft[a:b], fi, ft, a), 7, scale, bias) for a, b in [(0, 3), (3, 4), (4, 7)]]
+    bounds = [(0, 3), (3, 4), (4, 7)]
+    parts = [strip_loss_parts(cfg, Strip(fi[a:b], ft[a:b], fi, ft, a), 7, scale, bias) for a, b in bounds]
     for key in ref:
         assert torch.allclose(sum(p[key] for p in parts), ref[key], rtol=1e-10), key
     grads = torch.autograd.grad(sum(p["loss"] for p in parts), inputs, allow_unused=True)

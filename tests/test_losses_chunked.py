@@ -91,7 +91,8 @@ def test_directions_are_not_confused():
         def dense_one_way(r, c, s):
             return F.cross_entropy(s * r[6:13] @ c.t(), torch.arange(6, 13), reduction="sum")
 
-        _assert_close(_value_and_grads(one_way, (rows, cols, scale)), _value_and_grads(dense_one_way, (rows, cols, scale)))
+        inputs = (rows, cols, scale)
+        _assert_close(_value_and_grads(one_way, inputs), _value_and_grads(dense_one_way, inputs))
 
 
 def test_sigmoid_strip_with_offset():

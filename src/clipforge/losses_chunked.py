@@ -27,7 +27,8 @@ ChunkSize = int | tuple[int, int]
 def _chunk_pair(chunk_size: ChunkSize) -> tuple[int, int]:
     """(row tile, column tile) from an int (square tiles) or a pair (rectangular tiles)."""
     pair = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in pair):
+    valid = isinstance(pair, (tuple, list)) and len(pair) == 2
+    if not valid or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in pair):
         raise ValueError(f"chunk_size: expected a positive integer or a pair of them, got {chunk_size!r}")
     return pair[0], pair[1]
 
@@ -180,16 +181,8 @@ class _TiledCrossEntropy(torch.autograd.Function):
             return weights
 
         acc = _tiled_backward((rows, cols), s, tiles, weight_fn)
-        grads = _finish_grads(rows, cols, s, offset, acc, 2.0 if symmetric else 1.0, grad_out)
-        d_rows, d_cols, d_scale, _ = grads
-        return (
-            d_rows.to(rows_dtype),
-            d_cols.to(cols_dtype),
-            _scale_grad(ctx, d_scale),
-            None,
-            None,
-            None,
-        )
+        d_rows, d_cols, d_scale, _ = _finish_grads(rows, cols, s, offset, acc, 2.0 if symmetric else 1.0, grad_out)
+        return d_rows.to(rows_dtype), d_cols.to(cols_dtype), _scale_grad(ctx, d_scale), None, None, None
 
 
 class _TiledSigmoid(torch.autograd.Function):

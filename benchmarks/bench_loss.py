@@ -82,7 +82,7 @@ def _run_worker(mode: str, batch: int, args: argparse.Namespace) -> dict:
         sys.executable, __file__, "--worker", mode, "--batch", str(batch), "--dim", str(args.dim),
         "--chunk", str(args.chunk), "--repeats", str(args.repeats if batch <= 16384 else 1),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} at batch {batch} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -160,7 +160,7 @@ def test_parameters_closed_over_by_the_loss_get_their_gradient():
 def test_bad_arguments():
     model = _model()
     images, tokens = make_batch(4, seed=0)
-    encode = lambda im, tok: model(im, tok)[:2]  # noqa: E731
+    encode = lambda im, tok: model(im, tok)[:2]
     with pytest.raises(ValueError, match="chunk_size"):
         gradcache_backward(encode, _loss_fn(LossConfig()), (images, tokens), chunk_size=0)
     with pytest.raises(ValueError, match="different batch sizes"):

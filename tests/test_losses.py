@@ -124,7 +124,7 @@ def test_closed_forms_on_orthonormal_features():
     # S = I: each row has logit `scale` on the diagonal and 0 elsewhere.
     assert losses.clip_loss(eye, eye, scale).item() == pytest.approx(math.log(math.exp(scale) + batch - 1) - scale)
     assert losses.clip_loss(eye, derange, scale).item() == pytest.approx(math.log(math.exp(scale) + batch - 1))
-    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    softplus = lambda x: math.log1p(math.exp(x))
     expected = softplus(-(scale + bias)) + (batch - 1) * softplus(bias)
     assert losses.siglip_loss(eye, eye, scale, bias).item() == pytest.approx(expected)
     assert losses.square_loss(eye, eye).item() == 0.0
@@ -146,7 +146,7 @@ def _open_clip_loss_module():
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.submodule_search_locations is None:
         pytest.fail("open_clip_torch must be installed (--no-deps) for the reference tests")
-    path = Path(list(spec.submodule_search_locations)[0]) / "loss.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
     module_spec = importlib.util.spec_from_file_location("open_clip_loss_reference", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -52,9 +52,7 @@ def _env_int(name: str) -> int:
         raise RuntimeError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def init_distributed(
-    backend: str | None = None, device: str | None = None, timeout_s: float = 1800.0
-) -> DistInfo:
+def init_distributed(backend: str | None = None, device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
 
     Without WORLD_SIZE (or with 1) this is a single process and nothing is initialised. The backend defaults

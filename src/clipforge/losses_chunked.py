@@ -120,9 +120,7 @@ def _finish_grads(
 _SHARED_SHIFT_RANGE = 60.0
 
 
-def _tile_logsumexp(
-    logits: torch.Tensor, with_cols: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _tile_logsumexp(logits: torch.Tensor, with_cols: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Row (and column) log-sum-exps of one tile with a single exp pass shifted by the tile's maximum.
 
     Two `torch.logsumexp` calls would take two exp passes and several temporaries; this overwrites `logits`.

@@ -63,6 +63,10 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
             model.logit_scale.fill_(math.log(1.0 / cfg.fixed_temperature))
         model.logit_scale.requires_grad_(False)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if model.config.vision_cfg.is_resnet:
+        from ..models.resnet import use_channels_last  # noqa: PLC0415
+
+        use_channels_last(model.visual)
     return model
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
@@ -38,6 +37,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train.config import load_train_config  # noqa: PLC0415
     from .train.loop import train  # noqa: PLC0415
 
+    if args.init:
+        extra = [*extra, f"--finetune.init={args.init}"]
     cfg = load_train_config(args.config, extra)
     result = train(cfg, progress=not args.no_progress)
     print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a CLIP. Any --section.key=value argument overrides the config, "
                        "e.g. --steps=100 --optim.lr=5e-4 --data.synthetic.caption_noise=0.2")
     p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's")
+    p.add_argument("--init", help="start from this checkpoint (any format `clipforge.load_model` reads)")
     p.add_argument("--output", help="write a JSON summary to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)

@@ -15,6 +15,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, from_dict
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
+from .finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.steps <= 0:

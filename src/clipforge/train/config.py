@@ -72,6 +72,7 @@ class EvalConfig:
     retrieval_pairs: int = 1000
     templates: str = "synthetic"
     every: int | None = None
+    synonyms: bool = False  # also zero-shot with class names in words the captions never use
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""

@@ -103,7 +103,7 @@ def evaluate_during_training(model: CLIP, cfg: TrainConfig, tokenizer: Any) -> d
         return {}
     world = SyntheticWorld(cfg.data.synthetic)
     metrics = evaluate_synthetic(model, tokenizer, world, cfg.eval.zeroshot_per_class, cfg.eval.retrieval_pairs,
-                                 cfg.eval.templates)
+                                 cfg.eval.templates, synonyms=cfg.eval.synonyms)
     set_locked_eval(model)  # evaluation switched the whole model back to training mode
     return metrics
 

@@ -69,10 +69,11 @@ class SyntheticConfig:
     caption_noise: float = 0.0  # fraction of captions replaced by the caption of a random other image
     omit_prob: float = 0.25  # probability that a caption leaves out some of the objects
     attribute_prob: float = 0.3  # probability of naming an object's size, and separately its position
+    reorder_prob: float = 0.35  # probability of a shape-first phrase ("a circle in red")
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        for name in ("caption_noise", "omit_prob", "attribute_prob"):
+        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
@@ -261,7 +262,12 @@ class SyntheticWorld:
             words = []
             if rng.random() < self.cfg.attribute_prob:
                 words.append(obj.size)
-            words += [obj.colour, obj.shape]
+            # Shape-first phrases keep colour and shape words from always standing side by side, so the text
+            # tower learns them as separate attributes and composes unseen pairs.
+            if rng.random() < self.cfg.reorder_prob:
+                words += [obj.shape, "in", obj.colour]
+            else:
+                words += [obj.colour, obj.shape]
             phrase = " ".join(words)
             phrase = ("an " if phrase[0] in "aeiou" else "a ") + phrase
             if rng.random() < self.cfg.attribute_prob:

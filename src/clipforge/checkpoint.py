@@ -263,3 +263,18 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
         remove_checkpoint(path)
         removed.append(path)
     return removed
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete what interrupted writes and deletions left under `root` (hidden `.step-*` entries)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [c for c in root.iterdir() if c.name.startswith(".step-") and c.name.endswith((".tmp", ".deleting",
+                                                                                         ".replaced"))]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale

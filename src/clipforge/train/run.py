@@ -21,7 +21,7 @@ import yaml
 from torch.utils.data import Dataset, IterableDataset
 
 from ..checkpoint import (MANIFEST_NAME, atomic_write_text, latest_valid_checkpoint, list_checkpoints,
-                          remove_checkpoint, save_model, verify_checkpoint_dir)
+                          remove_checkpoint, remove_stale_temporaries, save_model, verify_checkpoint_dir)
 from ..config import ConfigError, to_dict
 from ..data.robust import CONVERTED_KINDS, SKIPPED_KINDS, BadDataTally
 from ..losses import compute_loss
@@ -293,6 +293,7 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Dataset | None) -> Run:
     resume = None
     if place.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir / "checkpoints")  # half-written checkpoints of a killed process
         resume = resolve_resume(cfg, run_dir / "checkpoints", say)
     resume = _broadcast(place, str(resume) if resume is not None else None)
     loaded = load_training_checkpoint(resume, verify=False) if resume is not None else None  # rank 0 verified it

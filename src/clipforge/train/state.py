@@ -84,7 +84,7 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> 
     """A JSON-able copy of `obj` with each tensor moved into `tensors` under its path and replaced by a
     reference; tuples, non-string dict keys and non-finite floats are tagged so `join_tensors` restores them."""
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        tensors[key] = obj.detach().to("cpu").contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):

@@ -146,3 +146,25 @@ class PairStream(IterableDataset):
             self.position["next"] += self.position["stride"]  # before yielding: the state is "after this item"
             image, caption = self.world.pair(STREAM_TRAIN, index)
             yield normalize(to_tensor(image)), caption
+
+
+class NoisyPairs(torch.utils.data.Dataset):
+    """Synthetic pairs plus noise drawn from the global Python, NumPy and torch generators (read in the main
+    process), so a run over it is only reproducible if those generators' states are saved and restored."""
+
+    def __init__(self, image_size: int = 32) -> None:
+        from clipforge.data.synthetic import SyntheticPairs
+
+        self.pairs = SyntheticPairs(SyntheticWorld(SyntheticConfig(image_size=image_size)), STREAM_TRAIN, 10**6)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        import random
+
+        import numpy as np
+
+        image, caption = self.pairs[index]
+        noise = 0.1 * torch.rand(()) + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return image + noise, caption

@@ -153,3 +153,15 @@ def test_impossible_runs_stop_before_any_work_naming_the_key(tmp_path, capsys, o
 def test_context_length_shorter_than_the_model_trains(tmp_path):
     result = train(tiny_config(tmp_path, "r", "--steps=2", "--data.context_length=8"), progress=False)
     assert torch.isfinite(torch.tensor(step_log(result.run_dir)[-1]["loss"]))
+
+
+def test_global_random_generators_are_restored(tmp_path):
+    from run_helpers import NoisyPairs
+
+    common = ["--steps=4", "--save_every=2"]
+    full = train(tiny_config(tmp_path, "full", *common), progress=False, dataset=NoisyPairs())
+    checkpoint = full.run_dir / "checkpoints" / "step-00000002"
+    resumed = train(tiny_config(tmp_path, "resumed", *common, f"--resume={checkpoint}"), progress=False,
+                    dataset=NoisyPairs())
+    assert_bitwise_equal(weights(full.run_dir), weights(resumed.run_dir))
+    assert step_log(resumed.run_dir)[-2:] == step_log(full.run_dir)[-2:]

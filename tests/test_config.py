@@ -51,3 +51,8 @@ def test_lr_schedule_hand_values():
     assert lr_at(55, 1.0, 100, 10) == pytest.approx(0.5)
     assert lr_at(100, 1.0, 100, 10, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(50, 2.0, 100, 0, schedule="constant") == 2.0
+
+
+def test_scientific_notation_override_is_a_number():
+    cfg = load_train_config(None, ["--optim.lr=2e-3"])
+    assert cfg.optim.lr == pytest.approx(0.002)

@@ -83,6 +83,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '2e-3' (no dot) as a string; the user means the number
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

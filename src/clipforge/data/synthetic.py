@@ -27,8 +27,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (248, 248, 248),
     "black": (12, 12, 12),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
-SIZES: dict[str, float] = {"small": 0.11, "large": 0.19}  # object radius as a fraction of the image side
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
+SIZES: dict[str, float] = {"small": 0.14, "large": 0.22}  # object radius as a fraction of the image side
 
 # Streams keep training, evaluation and caption-noise draws independent for the same index.
 STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
@@ -64,7 +64,7 @@ class SyntheticConfig:
     seed: int = 0
     image_size: int = 64
     max_objects: int = 3
-    object_count_weights: tuple[float, ...] = (0.4, 0.35, 0.25)
+    object_count_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
     heldout: tuple[str, ...] = field(default_factory=default_heldout)
     caption_noise: float = 0.0  # fraction of captions replaced by the caption of a random other image
     omit_prob: float = 0.3  # probability that a caption leaves out some of the objects
@@ -133,8 +133,6 @@ def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, 
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
     elif shape == "diamond":
         pts = [(0.0, -1.0), (0.65, 0.0), (0.0, 1.0), (-0.65, 0.0)]
-    elif shape == "hexagon":
-        pts = [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]
     elif shape == "star":
         pts = [
             ((1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
@@ -149,7 +147,7 @@ def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, 
         xs = 16 * np.sin(ts) ** 3 / 17.0
         ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)) / 17.0
         pts = list(zip(xs.tolist(), (ys + 0.1).tolist()))
-    else:  # pragma: no cover - circles are drawn as ellipses
+    else:  # pragma: no cover - circles and rings are drawn as ellipses
         raise ValueError(shape)
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     return [(radius * (x * c - y * s), radius * (x * s + y * c)) for x, y in pts]
@@ -188,8 +186,12 @@ def render(objects: list[SceneObject], rng: np.random.Generator, size: int) -> I
         colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[obj.colour], jitter))
         radius = SIZES[obj.size] * big * rng.uniform(0.9, 1.1)
         cx, cy = obj.x * big, obj.y * big
-        if obj.shape == "circle":
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        if obj.shape in ("circle", "ring"):
+            box = (cx - radius, cy - radius, cx + radius, cy + radius)
+            if obj.shape == "ring":
+                draw.ellipse(box, outline=colour, width=max(2, int(radius * 0.38)))
+            else:
+                draw.ellipse(box, fill=colour)
         else:
             pts = _shape_points(obj.shape, radius, obj.angle)
             draw.polygon([(cx + x, cy + y) for x, y in pts], fill=colour)
@@ -210,17 +212,18 @@ class SyntheticWorld:
         return np.random.default_rng([self.cfg.seed, stream, index])
 
     def _place(self, rng: np.random.Generator, sizes: list[str]) -> list[tuple[float, float]]:
-        """Centres for objects of the given sizes that do not overlap (rejection sampling)."""
-        centres: list[tuple[float, float]] = []
-        for size in sizes:
-            r = SIZES[size]
-            for _ in range(50):
+        """Centres for the objects that do not overlap; an object that does not fit is made small."""
+        placed: list[tuple[float, float, float]] = []  # (x, y, radius)
+        for k, size in enumerate(sizes):
+            for attempt in range(60):
+                if attempt == 30:
+                    sizes[k] = size = "small"
+                r = SIZES[size]
                 x, y = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
-                if all(math.hypot(x - px, y - py) > r + pr + 0.04 for (px, py), pr in
-                       zip(centres, [SIZES[s] for s in sizes])):
+                if all(math.hypot(x - px, y - py) > r + pr + 0.03 for px, py, pr in placed):
                     break
-            centres.append((float(x), float(y)))
-        return centres
+            placed.append((float(x), float(y), r))
+        return [(x, y) for x, y, _ in placed]
 
     def scene(self, stream: int, index: int, combos: list[tuple[str, str]] | None = None,
               n_objects: int | None = None) -> tuple[list[SceneObject], np.random.Generator]:

@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         extra = [*extra, f"--resume={args.resume}"]
     cfg = load_train_config(args.config, extra)
     result = train(cfg, progress=not args.no_progress)
+    if not result.is_main:  # other ranks of a distributed run: rank 0 reports
+        return result.exit_code
     if result.interrupted:
         print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
         return result.exit_code

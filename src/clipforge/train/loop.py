@@ -48,6 +48,7 @@ class TrainResult:
     resumed_from: Path | None = None
     bad_data: dict[str, int] = field(default_factory=dict)  # samples skipped or converted, by kind
     skipped_steps: int = 0  # non-finite steps whose update was skipped
+    is_main: bool = True  # rank 0 (the one that writes), or the only process
 
 
 def seed_everything(seed: int) -> None:

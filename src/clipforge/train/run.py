@@ -186,7 +186,7 @@ class Run:
         return TrainResult(self.run_dir, steps, time.perf_counter() - self.clock, last, self.core,
                            interrupted=interrupted, exit_code=exit_code, checkpoint=self.last_checkpoint,
                            resumed_from=self.resumed_from, bad_data=dict(self.tally.counts),
-                           skipped_steps=self.guard.total)
+                           skipped_steps=self.guard.total, is_main=self.place.is_main)
 
     def finish(self) -> None:
         """After the last step: the final model file, the data summary, and every rank done."""

@@ -154,25 +154,27 @@ def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, 
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A low-saturation background (plain, gradient, noise or stripes) so colour words stay unambiguous."""
+    """A smooth low-saturation background (plain, a gradient, or soft blotches) with a little pixel noise.
+
+    Backgrounds vary in brightness, tint and texture, but stay free of sharp edges and strong colours so that
+    the only shapes and colour words in a scene belong to the objects.
+    """
     grey = rng.uniform(70, 190)
     tint = rng.uniform(-18, 18, size=3)
     base = np.clip(grey + tint, 0, 255)  # [3]
-    kind = rng.integers(4)
+    kind = rng.integers(3)
     yy, xx = np.mgrid[0:size, 0:size] / size  # [S, S] each
     if kind == 1:  # linear gradient in a random direction
         theta = rng.uniform(0, 2 * math.pi)
         ramp = (np.cos(theta) * xx + np.sin(theta) * yy)[..., None]  # [S, S, 1]
         img = base + rng.uniform(20, 50) * (ramp - 0.5)
-    elif kind == 2:  # smooth noise
-        coarse = rng.normal(0, 14, size=(size // 8, size // 8, 1))
-        img = base + np.kron(coarse, np.ones((8, 8, 1)))[:size, :size]
-    elif kind == 3:  # faint stripes
-        period = rng.uniform(6, 14)
-        img = base + 12 * np.sign(np.sin(2 * math.pi * (xx + yy * rng.uniform(-1, 1)) * size / period))[..., None]
+    elif kind == 2:  # soft blotches: a coarse random grid upsampled smoothly
+        coarse = Image.fromarray(rng.uniform(0, 255, size=(4, 4)).astype(np.uint8))
+        smooth = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+        img = base + rng.uniform(10, 25) * (smooth[..., None] / 255.0 - 0.5)
     else:
         img = np.broadcast_to(base, (size, size, 3)).astype(np.float64)
-    img = img + rng.normal(0, 4, size=(size, size, 3))
+    img = img + rng.normal(0, 3, size=(size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)  # [S, S, 3]
 
 

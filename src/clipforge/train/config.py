@@ -5,6 +5,7 @@ The defaults are the demo run (`clipforge demo`), so `configs/demo.yaml` only re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +65,7 @@ class OptimConfig:
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.lr <= 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"config key '{p}lr': expected a positive learning rate, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"config key '{p}weight_decay': expected >= 0, got {self.weight_decay}")

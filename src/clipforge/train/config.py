@@ -39,11 +39,17 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"config key '{p}max_bad_fraction': expected a fraction in [0, 1], got {self.max_bad_fraction}")
+            raise ConfigError(
+                f"config key '{p}max_bad_fraction': expected a fraction in [0, 1], got {self.max_bad_fraction}"
+            )
         if self.bad_min_samples < 1:
-            raise ConfigError(f"config key '{p}bad_min_samples': expected a positive integer, got {self.bad_min_samples}")
+            raise ConfigError(
+                f"config key '{p}bad_min_samples': expected a positive integer, got {self.bad_min_samples}"
+            )
         if self.max_image_pixels < 1:
-            raise ConfigError(f"config key '{p}max_image_pixels': expected a positive integer, got {self.max_image_pixels}")
+            raise ConfigError(
+                f"config key '{p}max_image_pixels': expected a positive integer, got {self.max_image_pixels}"
+            )
         if self.context_length is not None and self.context_length < 2:
             raise ConfigError(
                 f"config key '{p}context_length': expected at least 2 (start and end tokens) or null, "
@@ -154,7 +160,9 @@ class TrainConfig:
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"config key 'threads': expected a positive integer or null, got {self.threads}")
         if self.keep_checkpoints < 1:
-            raise ConfigError(f"config key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
+            raise ConfigError(
+                f"config key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}"
+            )
         if self.max_nonfinite_steps < 1:
             raise ConfigError(
                 f"config key 'max_nonfinite_steps': expected a positive integer, got {self.max_nonfinite_steps}"

@@ -4,13 +4,16 @@ with the weights and per-step losses of one process on the whole batch; only ran
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
 import torch
 
+from clipforge.checkpoint import list_checkpoints, verify_checkpoint_dir
 from clipforge.train.loop import train
-from run_helpers import fork_call, step_log, tiny_config, wait_exit, weights
+from run_helpers import (events, fork_call, last_logged_step, step_log, tiny_config, wait_exit, wait_for_step,
+                         weights)
 
 WORLD = 2
 
@@ -21,18 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(cfg, world: int = WORLD) -> list[int]:
-    """Train `cfg` in `world` forked processes set up as torchrun would; their exit statuses."""
+def start_ranks(cfg, world: int = WORLD) -> list[int]:
+    """Train `cfg` in `world` forked processes set up as torchrun would; their pids."""
     port = free_port()
 
     def rank_main(rank: int) -> int:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-        train(cfg, progress=False)
-        return 0
+        return train(cfg, progress=False).exit_code
 
-    pids = [fork_call(lambda r=r: rank_main(r)) for r in range(world)]
-    return [wait_exit(pid, timeout=180) for pid in pids]
+    return [fork_call(lambda r=r: rank_main(r)) for r in range(world)]
+
+
+def run_ranks(cfg, world: int = WORLD) -> list[int]:
+    """The exit statuses of `cfg` trained by `world` ranks."""
+    return [wait_exit(pid, timeout=180) for pid in start_ranks(cfg, world)]
 
 
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
@@ -69,3 +75,16 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, world):
     statuses = run_ranks(tiny_config(tmp_path, "ddp", "--steps=1", "--batch_size=8"), world=world)
     assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 1 for s in statuses)
     assert not (tmp_path / "ddp" / "log.jsonl").exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # save_every=1: the stop falls on a regular save step, which must not be saved twice (or once per rank).
+    pids = start_ranks(tiny_config(tmp_path, "ddp", "--steps=100000", "--save_every=1", "--keep_checkpoints=1"))
+    wait_for_step(tmp_path / "ddp", 2, pids[0])
+    os.kill(pids[0], signal.SIGTERM)
+    statuses = [wait_exit(pid, timeout=60) for pid in pids]
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 143 for s in statuses), statuses
+    (stopped,) = events(tmp_path / "ddp", "stopped")
+    (step, path), = list_checkpoints(tmp_path / "ddp" / "checkpoints")
+    assert step == stopped["step"] == last_logged_step(tmp_path / "ddp")
+    verify_checkpoint_dir(path)

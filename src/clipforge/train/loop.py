@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_dir_name, prune_checkpoints, save_model
+from ..checkpoint import checkpoint_dir_name, prune_checkpoints
 from ..config import to_dict
 from ..data.robust import SKIPPED_KINDS, BadDataTally
 from ..factory import create_model
@@ -240,11 +240,13 @@ def run_steps(run: Any, stop: StopRequest, bar: tqdm) -> TrainResult:
         if reason:
             path = save_checkpoint(run, done)
             raise TrainingAborted(reason + (f"; checkpoint saved to {path}" if path else ""))
-        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+        # Every decision below is the same on all ranks (step numbers and the consensus), as the collectives
+        # inside save_checkpoint require.
+        saved = bool(cfg.save_every) and (done % cfg.save_every == 0 or done == cfg.steps)
+        if saved:
             save_checkpoint(run, done)
         if consensus.stop:
-            path = save_checkpoint(run, done) if run.last_checkpoint is None or \
-                run.last_checkpoint.name != checkpoint_dir_name(done) else run.last_checkpoint
+            path = run.last_checkpoint if saved else save_checkpoint(run, done)
             run.log.notice(f"stopped by {stop.received or 'a signal on another rank'} after step {done}; "
                            f"checkpoint {path}; continue with --resume=latest", step=done, event="stopped")
             return run.result(done, last, interrupted=stop.received or "SIGTERM", exit_code=stop.exit_code or 143)

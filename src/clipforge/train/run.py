@@ -204,6 +204,7 @@ class Run:
             barrier()
 
     def close(self) -> None:
+        self.batches = None  # shuts DataLoader workers down now rather than at garbage collection
         self.log.close()
         if self.place.owns_group:
             from ..dist import cleanup  # noqa: PLC0415

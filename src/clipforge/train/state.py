@@ -41,7 +41,6 @@ class TrainingState:
     counters: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
     version: dict[str, Any] = field(default_factory=dict)
-    scaler: dict[str, Any] | None = None
 
 
 # --- RNG states -------------------------------------------------------------------------------------------------
@@ -120,19 +119,30 @@ def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # --- Code version ------------------------------------------------------------------------------------------------
 
+def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, timeout=5, capture_output=True, text=True, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def code_version() -> dict[str, Any]:
-    """clipforge's version, the git commit of its source tree if it is a checkout, and torch's version."""
+    """clipforge's version, the git commit of its source checkout (and whether the package's files differ from
+    it) when it runs from one, and torch's version."""
     from .. import __version__  # noqa: PLC0415
 
-    commit = None
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, timeout=5,
-                             capture_output=True, text=True, check=False)
-        if out.returncode == 0:
-            commit = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"clipforge": __version__, "git_commit": commit, "torch": torch.__version__}
+    package = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"clipforge": __version__, "git_commit": None, "torch": torch.__version__}
+    top = _git(["rev-parse", "--show-toplevel"], package)
+    # Only our own checkout counts, not some repository the package happens to be installed inside.
+    if top is None or top.returncode != 0 or Path(top.stdout.strip(), "src", "clipforge").resolve() != package:
+        return out
+    commit = _git(["rev-parse", "HEAD"], package)
+    if commit is not None and commit.returncode == 0:
+        out["git_commit"] = commit.stdout.strip()
+        dirty = _git(["diff", "--quiet", "HEAD", "--", "."], package)
+        out["git_dirty"] = dirty is not None and dirty.returncode == 1
+    return out
 
 
 # --- Saving and loading ------------------------------------------------------------------------------------------

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import from_dict, to_dict
+from .config import to_dict
 from .models.config import ModelConfig
 
 FORMAT_TAG = "clipforge"
@@ -108,6 +107,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stored_config_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """The safetensors metadata that marks a clipforge model file and carries its architecture."""
+    return {"format": FORMAT_TAG, "model_config": json.dumps(to_dict(cfg))}
+
+
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous, unshared CPU tensors (safetensors refuses shared storage)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -118,37 +122,11 @@ def save_model(model: torch.nn.Module, path: str | Path, extra_metadata: dict[st
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError("save_model: the model has no clipforge ModelConfig in `.config`")
-    metadata = {"format": FORMAT_TAG, "model_config": json.dumps(to_dict(config))}
+    metadata = stored_config_metadata(config)
     metadata.update(extra_metadata or {})
     tensors = model_state_for_saving(model)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def is_clipforge_file(path: str | Path) -> bool:
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        return read_metadata(path).get("format") == FORMAT_TAG
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours
-        return False
-
-
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """(state_dict, ModelConfig) of a clipforge model file."""
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT_TAG or "model_config" not in metadata:
-            raise ValueError(f"{path}: not a clipforge model file (no clipforge metadata)")
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
-    cfg = from_dict(ModelConfig, json.loads(metadata["model_config"]))
-    return state, cfg
 
 
 # --- Training checkpoints: verified directories ---------------------------------------------------------------

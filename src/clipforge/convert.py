@@ -29,7 +29,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ConfigError, from_dict, to_dict
+from .checkpoint import FORMAT_TAG as CLIPFORGE_FORMAT
+from .config import ConfigError, from_dict
 from .formats import CheckpointFormatError
 from .formats import hf as hf_layout
 from .formats.infer import check_consistent, config_from_facts, flatten, shape_facts
@@ -39,7 +40,6 @@ from .models.config import ModelConfig
 
 __all__ = ["CheckpointFormatError", "load_model", "read_checkpoint", "export_hf", "export_openclip", "export_openai"]
 
-CLIPFORGE_FORMAT = "clipforge"
 # Non-weight entries some files carry: OpenAI's archives keep their sizes as tensors; masks and position ids
 # are recomputed by every implementation.
 _OPENAI_EXTRAS = {"input_resolution", "context_length", "vocab_size"}
@@ -272,9 +272,3 @@ def export_hf(model: CLIP, folder: str | Path) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
-
-
-def stored_config_metadata(cfg: ModelConfig) -> dict[str, str]:
-    """The safetensors metadata that marks clipforge's own model file (see `read_checkpoint`)."""
-    return {"format": CLIPFORGE_FORMAT, "model_config": json.dumps(to_dict(cfg))}
-

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, read_model_file, save_model, verify_checkpoint_dir, write_checkpoint_dir
+from ..checkpoint import CheckpointError, save_model, verify_checkpoint_dir, write_checkpoint_dir
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 
@@ -183,7 +183,7 @@ def load_training_checkpoint(path: str | Path, verify: bool = True) -> LoadedChe
         payload = json.loads((path / STATE_FILE).read_text())
         optimizer_state = join_tensors(payload.pop("optimizer"), load_file(str(path / OPTIMIZER_FILE)))
         state = TrainingState(**payload)
-        model_state, _ = read_model_file(path / MODEL_FILE)
+        model_state = load_file(str(path / MODEL_FILE))
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({exc})") from None
     return LoadedCheckpoint(path, model_state, optimizer_state, state)

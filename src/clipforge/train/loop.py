@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from .config import TrainConfig
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
 from .schedule import lr_at
 from .state import TrainingState, capture_rng_state, save_training_checkpoint
+
+if TYPE_CHECKING:
+    from .feed import TrainBatch
+    from .run import Run
 
 SHOWN_PER_KIND = 5  # bad samples printed per kind; all of them go to log.jsonl
 
@@ -134,7 +138,7 @@ def evaluate_during_training(model: CLIP, cfg: TrainConfig, tokenizer: Any) -> d
                               cfg.eval.templates)
 
 
-def guarded_step(run: Any, batch: Any, step: int, lr: float, stop_requested: bool) -> tuple[dict, StepConsensus]:
+def guarded_step(run: Run, batch: TrainBatch, step: int, lr: float, stop_requested: bool) -> tuple[dict, StepConsensus]:
     """`train_step`, except that the update is skipped on every rank when any rank's loss or gradient is not
     finite; the ranks also agree here on stopping and on the data counters (one all-reduce)."""
     cfg, optimizer = run.cfg, run.optimizer
@@ -158,7 +162,7 @@ def guarded_step(run: Any, batch: Any, step: int, lr: float, stop_requested: boo
     return out, consensus
 
 
-def save_checkpoint(run: Any, step: int) -> Path | None:
+def save_checkpoint(run: Run, step: int) -> Path | None:
     """Every rank contributes its RNG and data state; rank 0 writes the checkpoint and prunes old ones."""
     rng = run.gather(capture_rng_state())
     data = run.gather(run.data_position(step))
@@ -175,7 +179,7 @@ def save_checkpoint(run: Any, step: int) -> Path | None:
     return path
 
 
-def report_samples(run: Any, batch: Any, consensus: StepConsensus, step: int) -> None:
+def report_samples(run: Run, batch: TrainBatch, consensus: StepConsensus, step: int) -> None:
     """Add the step's data counters; log every skipped sample (and the first converted one of each kind)."""
     run.tally.add_vector(consensus.counts)
     if not any(consensus.counts[1:]):
@@ -192,7 +196,7 @@ def report_samples(run: Any, batch: Any, consensus: StepConsensus, step: int) ->
             run.log.notice(f"{what} sample ({kind}): {problem['path']} ({problem['detail']}){more}")
 
 
-def abort_reason(run: Any, consensus: StepConsensus, step: int) -> str | None:
+def abort_reason(run: Run, consensus: StepConsensus, step: int) -> str | None:
     if run.guard.record(consensus.nonfinite):
         return (f"stopped at step {step}: {run.guard.consecutive} non-finite (NaN/inf) steps in a row, each "
                 "skipped; lower optim.lr, check the data, or raise max_nonfinite_steps")
@@ -202,13 +206,13 @@ def abort_reason(run: Any, consensus: StepConsensus, step: int) -> str | None:
     return None
 
 
-def _log_entry(run: Any, step: int, parts: dict, lr: float, samples: int, window: float, start: float) -> dict:
+def _log_entry(run: Run, step: int, parts: dict, lr: float, samples: int, window: float, start: float) -> dict:
     now = time.perf_counter()
     return {"step": step, **parts, "lr": lr, "temperature": float(1.0 / run.core.logit_scale.detach().exp()),
             "samples_per_s": samples / max(now - window, 1e-9), "elapsed_s": now - start}
 
 
-def run_steps(run: Any, stop: StopRequest, bar: tqdm) -> TrainResult:
+def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
     """Steps run.start_step .. cfg.steps - 1; returns early (after saving) when a signal asks to stop."""
     cfg = run.cfg
     window_start, window_samples, last = time.perf_counter(), 0, {}

@@ -10,7 +10,8 @@ import torch
 from .checkpoint import atomic_write_text
 from .data.synthetic import SyntheticWorld
 from .eval.synthetic import evaluate_synthetic, with_article
-from .eval.zeroshot import build_classifier, load_template_file
+from .eval.templates import load_templates
+from .eval.zeroshot import build_classifier
 from .tokenizer import get_tokenizer
 from .train.config import TrainConfig, load_train_config
 from .train.loop import train
@@ -46,7 +47,7 @@ def show_examples(model: torch.nn.Module, cfg: TrainConfig, count: int = 6) -> l
     tokenizer = get_tokenizer(cfg.model)
     model.eval()
     classifier = build_classifier(model, tokenizer, [with_article(c) for c in world.classnames],
-                                  load_template_file(cfg.eval.templates))
+                                  load_templates(cfg.eval.templates))
     lines = []
     for i in range(count):
         combos = world.heldout if i % 2 else world.seen

@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 
 from ..data.synthetic import STREAM_EVAL, SyntheticPairs, SyntheticWorld, SyntheticZeroShot
-from .retrieval import retrieval_scores
-from .zeroshot import build_classifier, encode_images, load_template_file, zeroshot_scores
+from .metrics import retrieval_metrics
+from .templates import load_templates
+from .zeroshot import build_classifier, encode_images, zeroshot_scores
 
 
 def with_article(name: str) -> str:
@@ -36,7 +37,7 @@ def evaluate_synthetic(
     """The demo's metrics, as fractions in [0, 1]. Classification is always over all 64 classes."""
     was_training = model.training
     model.eval()
-    all_templates = load_template_file(templates)
+    all_templates = load_templates(templates)
     prompts = [with_article(c) for c in world.classnames]
     ensemble = build_classifier(model, tokenizer, prompts, all_templates, device)
     single = build_classifier(model, tokenizer, prompts, all_templates[:1], device)
@@ -52,7 +53,7 @@ def evaluate_synthetic(
         results[f"zeroshot_{split}_top5_single_template"] = one["acc5"]
     pairs = SyntheticPairs(world, STREAM_EVAL, length=retrieval_pairs, complete=True)
     image_features, text_features = encode_pairs(model, tokenizer, pairs, device=device)
-    scores = retrieval_scores(image_features, text_features, torch.arange(len(pairs)))
+    scores = retrieval_metrics(image_features, text_features, torch.arange(len(pairs)))
     for k in (1, 5, 10):
         results[f"retrieval_i2t_r{k}"] = scores[f"text_retrieval_recall@{k}"]
         results[f"retrieval_t2i_r{k}"] = scores[f"image_retrieval_recall@{k}"]

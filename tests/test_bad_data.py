@@ -179,3 +179,22 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tmp_path):
                                               r"data.max_bad_fraction=0.1.*checkpoint saved to") as info:
         train(cfg, progress=False, dataset=RobustPairs(pairs, TrainTransform(32)))
     assert "\n" not in str(info.value)
+
+
+def test_command_line_trains_on_a_manifest_with_bad_images(tmp_path, capsys):
+    from clipforge.cli import main
+    from clipforge.data.manifest import write_manifest
+    from clipforge.data.robust import manifest_pairs
+    from run_helpers import tiny_args
+
+    pairs = _dataset_with_bad_images(tmp_path, total=40, bad=2)
+    rows = [(str(p), c, "train") for p, c in pairs] + [(str(tmp_path / "val.png"), "a held-out caption", "val")]
+    write_manifest(tmp_path / "pairs.tsv", rows, with_label=False)
+    assert [(str(p), c) for p, c in manifest_pairs(tmp_path / "pairs.tsv")] == [(str(p), c) for p, c in pairs]
+
+    argv = ["train", "--no-progress", *tiny_args(tmp_path, "r", "--steps=5", "--data.source=manifest",
+                                                 f"--data.path={tmp_path / 'pairs.tsv'}")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "skipped unusable sample (missing): " + str(tmp_path / "missing.jpg") in err
+    assert "data: " in err and "converted: grayscale=" in err

@@ -110,12 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
     from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .data.base import DatasetError  # noqa: PLC0415
     from .data.robust import TooManyBadSamples  # noqa: PLC0415
     from .train.guard import TrainingAborted  # noqa: PLC0415
 
     try:
         return args.handler(args, extra)
-    except (ConfigError, UserError, FileNotFoundError, CheckpointError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, CheckpointError, DatasetError) as exc:
         message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
             f"file not found: {exc.filename}"
         print(f"clipforge: error: {message}", file=sys.stderr)

@@ -226,3 +226,21 @@ class BadDataTally:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reads, self.counts = int(state["reads"]), {k: int(v) for k, v in state["counts"].items()}
+
+
+def manifest_pairs(path: str | Path, split: str = "train") -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a CSV/TSV manifest (`data.manifest`), one per caption, for RobustPairs.
+
+    Image files are not checked here: a missing one is counted and skipped when it is read, like any other bad
+    sample. When the manifest has a split column, only the rows of `split` are used.
+    """
+    from .base import DatasetError  # noqa: PLC0415
+    from .manifest import read_manifest  # noqa: PLC0415
+
+    entries = read_manifest(path, check_files=False)
+    if any(e.split is not None for e in entries):
+        present = sorted({e.split for e in entries if e.split is not None})
+        entries = [e for e in entries if e.split == split]
+        if not entries:
+            raise DatasetError(f"{path}: no rows in split '{split}' (splits present: {', '.join(present)})")
+    return [(entry.image, caption) for entry in entries for caption in entry.captions]

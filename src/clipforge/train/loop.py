@@ -243,6 +243,7 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
         reason = abort_reason(run, consensus, done)
         if reason:
             path = save_checkpoint(run, done)
+            run.barrier()  # every rank leaves together, after the checkpoint exists
             raise TrainingAborted(reason + (f"; checkpoint saved to {path}" if path else ""))
         # Every decision below is the same on all ranks (step numbers and the consensus), as the collectives
         # inside save_checkpoint require.
@@ -251,6 +252,7 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
             save_checkpoint(run, done)
         if consensus.stop:
             path = run.last_checkpoint if saved else save_checkpoint(run, done)
+            run.barrier()
             run.log.notice(f"stopped by {stop.received or 'a signal on another rank'} after step {done}; "
                            f"checkpoint {path}; continue with --resume=latest", step=done, event="stopped")
             return run.result(done, last, interrupted=stop.received or "SIGTERM", exit_code=stop.exit_code or 143)

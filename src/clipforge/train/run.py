@@ -198,6 +198,9 @@ class Run:
             self.log.notice(f"data: {self.tally.reads} samples read; skipped: {skipped or 'none'}; converted: "
                             f"{converted or 'none'}", step=self.cfg.steps, event="bad_data_summary",
                             reads=self.tally.reads, counts=self.tally.counts)
+        self.barrier()
+
+    def barrier(self) -> None:
         if self.place.distributed:
             from ..dist import barrier  # noqa: PLC0415
 
@@ -206,6 +209,9 @@ class Run:
     def close(self) -> None:
         self.batches = None  # shuts DataLoader workers down now rather than at garbage collection
         self.log.close()
+        # The DDP wrapper goes before the process group it uses: its reducer torn down after the group (at
+        # garbage collection, once a peer has exited) can deadlock.
+        self.model = self.core
         if self.place.owns_group:
             from ..dist import cleanup  # noqa: PLC0415
 

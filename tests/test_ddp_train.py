@@ -8,7 +8,6 @@ import signal
 import socket
 
 import pytest
-import torch
 
 from clipforge.checkpoint import list_checkpoints, verify_checkpoint_dir
 from clipforge.train.loop import train

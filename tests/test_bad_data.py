@@ -198,3 +198,18 @@ def test_command_line_trains_on_a_manifest_with_bad_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped unusable sample (missing): " + str(tmp_path / "missing.jpg") in err
     assert "data: " in err and "converted: grayscale=" in err
+
+
+def test_a_data_set_of_only_bad_samples_fails_in_one_line_from_workers(tmp_path, capsys):
+    from clipforge.cli import main
+    from clipforge.data.manifest import write_manifest
+    from run_helpers import tiny_args
+
+    write_manifest(tmp_path / "pairs.tsv", [(str(tmp_path / f"gone{i}.png"), "lost", "train") for i in range(20)],
+                   with_label=False)
+    argv = ["train", "--no-progress", *tiny_args(tmp_path, "r", "--steps=2", "--data.source=manifest",
+                                                 f"--data.path={tmp_path / 'pairs.tsv'}", "--data.num_workers=1")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("clipforge: error: sample ") and "replacements are all unusable" in err[-1], err
+    assert "Traceback" not in "\n".join(err)

@@ -1,7 +1,10 @@
 """Feeding a run: each rank's share of each step's batch, and the data position a checkpoint must record.
 
 Map-style data (the synthetic world, file lists): the global batch of step s is a pure function of (seed, s)
-(`StepBatchSampler`); rank r of W takes rows [r*B/W, (r+1)*B/W) of it. The data position is the step.
+(`StepBatchSampler`); rank r of W takes rows [r*B/W, (r+1)*B/W) of it. The data position is the step. Any
+randomness inside an item must be a pure function of the item (its index or draw number, as in SyntheticPairs
+and data.robust.RobustPairs): the global generators of DataLoader worker processes are not saved, since a
+restarted worker cannot replay them.
 
 Streamed data (an IterableDataset such as tar shards) cannot be indexed by step, so it must be able to say
 where it is. The contract for such a dataset:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ..checkpoint import (MANIFEST_NAME, atomic_write_text, latest_valid_checkpoint, list_checkpoints,
                           remove_checkpoint, remove_stale_temporaries, save_model, verify_checkpoint_dir)
 from ..config import ConfigError, to_dict
-from ..data.robust import CONVERTED_KINDS, SKIPPED_KINDS, BadDataTally
+from ..data.robust import CONVERTED_KINDS, SKIPPED_KINDS, BadDataTally, TooManyBadSamples
 from ..losses import compute_loss
 from ..models.clip import CLIP
 from ..models.config import ModelConfig
@@ -166,7 +166,13 @@ class Run:
 
     def next_batch(self) -> TrainBatch:
         assert self.batches is not None
-        batch = next(self.batches)
+        try:
+            batch = next(self.batches)
+        except TooManyBadSamples as exc:
+            # From a worker process the message carries the worker's whole traceback: keep its last line.
+            last = str(exc).strip().splitlines()[-1]
+            prefix = f"{TooManyBadSamples.__module__}.{TooManyBadSamples.__name__}: "
+            raise TooManyBadSamples(last.removeprefix(prefix)) from None
         if self.stream is not None:
             self.stream.observe(batch.stream)
         return batch

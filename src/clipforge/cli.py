@@ -39,8 +39,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.init:
         extra = [*extra, f"--finetune.init={args.init}"]
+    if args.resume is not None:
+        extra = [*extra, f"--resume={args.resume}"]
     cfg = load_train_config(args.config, extra)
     result = train(cfg, progress=not args.no_progress)
+    if not result.is_main:  # other ranks of a distributed run: rank 0 reports
+        return result.exit_code
+    if result.interrupted:
+        print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
+        return result.exit_code
     print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
     _write_json(args.output, {"run_dir": str(result.run_dir), "train_seconds": result.train_seconds,
                               **{k: v for k, v in result.last_log.items()}})
@@ -90,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's")
     p.add_argument("--init", help="start from this checkpoint (any format `clipforge.load_model` reads)")
     p.add_argument("--output", help="write a JSON summary to this file")
+    p.add_argument("--resume", metavar="auto|latest|PATH",
+                   help="continue from a checkpoint: 'latest' of this run, 'auto' (latest if any, else start), "
+                   "or a checkpoint or run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
@@ -125,13 +135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .data.base import DatasetError  # noqa: PLC0415
+    from .data.robust import TooManyBadSamples  # noqa: PLC0415
+    from .train.guard import TrainingAborted  # noqa: PLC0415
+
     try:
         return args.handler(args, extra)
-    except (ConfigError, UserError, FileNotFoundError, CheckpointFormatError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, CheckpointFormatError, CheckpointError, DatasetError) as exc:
         message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
             f"file not found: {exc.filename}"
         print(f"clipforge: error: {message}", file=sys.stderr)
         return 2
+    except (TrainingAborted, TooManyBadSamples) as exc:
+        print(f"clipforge: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)
         return 130

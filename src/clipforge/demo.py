@@ -73,6 +73,8 @@ def run_demo(output: str | Path | None = None, overrides: list[str] | None = Non
     print(f"Training {cfg.model} on the embedded synthetic world: {cfg.steps} steps of {cfg.batch_size} pairs "
           f"({len(cfg.data.synthetic.heldout)} colour x shape combinations held out of training).")
     result = train(cfg, progress=progress)
+    if result.interrupted:  # a signal stopped training (a checkpoint was saved): no evaluation of half a run
+        raise KeyboardInterrupt
     assert result.model is not None
     world = SyntheticWorld(cfg.data.synthetic)
     metrics = evaluate_synthetic(result.model, get_tokenizer(cfg.model), world, cfg.eval.zeroshot_per_class,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
+from .formats import CheckpointFormatError
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, Handler] = {}
@@ -37,8 +37,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train.config import load_train_config  # noqa: PLC0415
     from .train.loop import train  # noqa: PLC0415
 
+    if args.init:
+        extra = [*extra, f"--finetune.init={args.init}"]
+    if args.resume is not None:
+        extra = [*extra, f"--resume={args.resume}"]
     cfg = load_train_config(args.config, extra)
     result = train(cfg, progress=not args.no_progress)
+    if not result.is_main:  # other ranks of a distributed run: rank 0 reports
+        return result.exit_code
+    if result.interrupted:
+        print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
+        return result.exit_code
     print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
     _write_json(args.output, {"run_dir": str(result.run_dir), "train_seconds": result.train_seconds,
                               **{k: v for k, v in result.last_log.items()}})
@@ -53,6 +62,20 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     results = run_eval(args.task, args.model, args.dataset, args)
     print(json.dumps(results, indent=2))
     _write_json(args.output, results)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import convert  # noqa: PLC0415
+    from .checkpoint import save_model  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    model = convert.load_model(args.model)
+    writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
+               "clipforge": save_model}
+    written = writers[args.to](model, args.output)
+    print(f"Wrote {args.to} format to {written}")
     return 0
 
 
@@ -72,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a CLIP. Any --section.key=value argument overrides the config, "
                        "e.g. --steps=100 --optim.lr=5e-4 --data.synthetic.caption_noise=0.2")
     p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's")
+    p.add_argument("--init", help="start from this checkpoint (any format `clipforge.load_model` reads)")
     p.add_argument("--output", help="write a JSON summary to this file")
+    p.add_argument("--resume", metavar="auto|latest|PATH",
+                   help="continue from a checkpoint: 'latest' of this run, 'auto' (latest if any, else start), "
+                   "or a checkpoint or run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
@@ -87,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=1000, help="synthetic pairs for retrieval")
     p.add_argument("--output", help="write the results as JSON to this file")
     p.set_defaults(handler=cmd_eval)
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
+                       description="Load any checkpoint clipforge reads and write it in another tool's format.")
+    p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+                   help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
+                   "clipforge: a self-describing .safetensors. The openai and openclip layouts store no "
+                   "architecture: read them back with create_model(NAME, pretrained=PATH)")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -99,13 +135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .data.base import DatasetError  # noqa: PLC0415
+    from .data.robust import TooManyBadSamples  # noqa: PLC0415
+    from .train.guard import TrainingAborted  # noqa: PLC0415
+
     try:
         return args.handler(args, extra)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, CheckpointFormatError, CheckpointError, DatasetError) as exc:
         message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
             f"file not found: {exc.filename}"
         print(f"clipforge: error: {message}", file=sys.stderr)
         return 2
+    except (TrainingAborted, TooManyBadSamples) as exc:
+        print(f"clipforge: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,16 @@ from .models.config import ModelConfig
 from .registry import get_model_config
 
 
+def build_model(cfg: ModelConfig) -> CLIP:
+    """A randomly initialised CLIP for `cfg`; with `text_cfg.hf_model_path`, its text tower is that local
+    Hugging Face encoder (pretrained weights) and the model a `models.hf_text.HFTextCLIP`."""
+    if cfg.text_cfg.hf_model_path is not None:
+        from .models.hf_text import HFTextCLIP  # noqa: PLC0415 - needs transformers, only for such configs
+
+        return HFTextCLIP(cfg)
+    return CLIP(cfg)
+
+
 def create_model(
     name: str | ModelConfig, pretrained: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> CLIP:
@@ -22,7 +32,7 @@ def create_model(
 
         model = load_model(pretrained, expected=cfg)
     else:
-        model = CLIP(cfg)
+        model = build_model(cfg)
     return model.to(device)
 
 

@@ -64,15 +64,16 @@ class SyntheticConfig:
     seed: int = 0
     image_size: int = 64
     max_objects: int = 3
-    object_count_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    object_count_weights: tuple[float, ...] = (0.6, 0.25, 0.15)
     heldout: tuple[str, ...] = field(default_factory=default_heldout)
     caption_noise: float = 0.0  # fraction of captions replaced by the caption of a random other image
-    omit_prob: float = 0.3  # probability that a caption leaves out some of the objects
-    attribute_prob: float = 0.5  # probability of naming an object's size, and separately its position
+    omit_prob: float = 0.25  # probability that a caption leaves out some of the objects
+    attribute_prob: float = 0.3  # probability of naming an object's size, and separately its position
+    reorder_prob: float = 0.35  # probability of a shape-first phrase ("a circle in red")
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        for name in ("caption_noise", "omit_prob", "attribute_prob"):
+        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
@@ -154,48 +155,57 @@ def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, 
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A low-saturation background (plain, gradient, noise or stripes) so colour words stay unambiguous."""
+    """A smooth low-saturation background (plain, a gradient, or soft blotches) with a little pixel noise.
+
+    Backgrounds vary in brightness, tint and texture, but stay free of sharp edges and strong colours so that
+    the only shapes and colour words in a scene belong to the objects.
+    """
     grey = rng.uniform(70, 190)
     tint = rng.uniform(-18, 18, size=3)
     base = np.clip(grey + tint, 0, 255)  # [3]
-    kind = rng.integers(4)
+    kind = rng.integers(3)
     yy, xx = np.mgrid[0:size, 0:size] / size  # [S, S] each
     if kind == 1:  # linear gradient in a random direction
         theta = rng.uniform(0, 2 * math.pi)
         ramp = (np.cos(theta) * xx + np.sin(theta) * yy)[..., None]  # [S, S, 1]
         img = base + rng.uniform(20, 50) * (ramp - 0.5)
-    elif kind == 2:  # smooth noise
-        coarse = rng.normal(0, 14, size=(size // 8, size // 8, 1))
-        img = base + np.kron(coarse, np.ones((8, 8, 1)))[:size, :size]
-    elif kind == 3:  # faint stripes
-        period = rng.uniform(6, 14)
-        img = base + 12 * np.sign(np.sin(2 * math.pi * (xx + yy * rng.uniform(-1, 1)) * size / period))[..., None]
+    elif kind == 2:  # soft blotches: a coarse random grid upsampled smoothly
+        coarse = Image.fromarray(rng.uniform(0, 255, size=(4, 4)).astype(np.uint8))
+        smooth = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+        img = base + rng.uniform(10, 25) * (smooth[..., None] / 255.0 - 0.5)
     else:
         img = np.broadcast_to(base, (size, size, 3)).astype(np.float64)
-    img = img + rng.normal(0, 4, size=(size, size, 3))
+    img = img + 3.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)  # [S, S, 3]
 
 
 def render(objects: list[SceneObject], rng: np.random.Generator, size: int) -> Image.Image:
-    """Draw the objects at 2x resolution on a random background and downsample (anti-aliasing)."""
+    """Draw the objects on a random background.
+
+    Each object's mask is drawn at twice the resolution and downsampled (anti-aliased edges), then the object's
+    colour is blended through it; the background itself is made at the output size, which keeps rendering
+    cheap next to a training step.
+    """
+    canvas = Image.fromarray(_background(rng, size))
     big = size * 2
-    canvas = Image.fromarray(_background(rng, big))
-    draw = ImageDraw.Draw(canvas)
     for obj in objects:
         jitter = rng.integers(-14, 15, size=3)
         colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[obj.colour], jitter))
         radius = SIZES[obj.size] * big * rng.uniform(0.9, 1.1)
         cx, cy = obj.x * big, obj.y * big
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
         if obj.shape in ("circle", "ring"):
             box = (cx - radius, cy - radius, cx + radius, cy + radius)
             if obj.shape == "ring":
-                draw.ellipse(box, outline=colour, width=max(2, int(radius * 0.38)))
+                draw.ellipse(box, outline=255, width=max(2, int(radius * 0.38)))
             else:
-                draw.ellipse(box, fill=colour)
+                draw.ellipse(box, fill=255)
         else:
             pts = _shape_points(obj.shape, radius, obj.angle)
-            draw.polygon([(cx + x, cy + y) for x, y in pts], fill=colour)
-    return canvas.reduce(2)
+            draw.polygon([(cx + x, cy + y) for x, y in pts], fill=255)
+        canvas.paste(colour, (0, 0, size, size), mask.reduce(2))
+    return canvas
 
 
 class SyntheticWorld:
@@ -252,7 +262,12 @@ class SyntheticWorld:
             words = []
             if rng.random() < self.cfg.attribute_prob:
                 words.append(obj.size)
-            words += [obj.colour, obj.shape]
+            # Shape-first phrases keep colour and shape words from always standing side by side, so the text
+            # tower learns them as separate attributes and composes unseen pairs.
+            if rng.random() < self.cfg.reorder_prob:
+                words += [obj.shape, "in", obj.colour]
+            else:
+                words += [obj.colour, obj.shape]
             phrase = " ".join(words)
             phrase = ("an " if phrase[0] in "aeiou" else "a ") + phrase
             if rng.random() < self.cfg.attribute_prob:

@@ -13,9 +13,10 @@ from ..config import ConfigError, from_dict
 from ..data.synthetic import STREAM_EVAL, SyntheticConfig, SyntheticPairs, SyntheticWorld, SyntheticZeroShot
 from ..registry import list_models
 from ..tokenizer import BPETokenizer
-from .retrieval import retrieval_scores
+from .metrics import retrieval_metrics
 from .synthetic import encode_pairs, with_article
-from .zeroshot import build_classifier, encode_images, load_template_file, zeroshot_scores
+from .templates import load_templates
+from .zeroshot import build_classifier, encode_images, zeroshot_scores
 
 
 def resolve_model(spec: str) -> tuple[torch.nn.Module, Path | None]:
@@ -54,7 +55,7 @@ def synthetic_config(run_dir: Path | None, config_path: str | None, image_size: 
 def run_synthetic(task: str, model: torch.nn.Module, world: SyntheticWorld, args: argparse.Namespace) -> dict:
     tokenizer = BPETokenizer(context_length=getattr(model, "context_length", 77))
     if task == "zeroshot":
-        templates = load_template_file(args.templates or "synthetic")
+        templates = load_templates(args.templates or "synthetic")
         prompts = [with_article(c) for c in world.classnames]
         results: dict[str, Any] = {"classnames": len(prompts), "templates": len(templates)}
         for name, tmpl in (("ensemble", templates), ("single_template", templates[:1])):
@@ -66,7 +67,7 @@ def run_synthetic(task: str, model: torch.nn.Module, world: SyntheticWorld, args
         return results
     pairs = SyntheticPairs(world, STREAM_EVAL, length=args.pairs, complete=True)
     image_features, text_features = encode_pairs(model, tokenizer, pairs)
-    return retrieval_scores(image_features, text_features, torch.arange(len(pairs)))
+    return retrieval_metrics(image_features, text_features, torch.arange(len(pairs)))
 
 
 def run_eval(task: str, model_spec: str, dataset: str, args: argparse.Namespace) -> dict:

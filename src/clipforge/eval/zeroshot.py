@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Callable, Sequence
 
 import torch
@@ -10,21 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from .metrics import topk_accuracy
-
-
-def load_template_file(name: str) -> list[str]:
-    """Prompt templates (one per line, with `{}` for the class name) shipped in eval/templates/NAME.txt."""
-    root = resources.files("clipforge") / "eval" / "templates"
-    path = root / f"{name}.txt"
-    if not path.is_file():
-        known = sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
-        raise ConfigError(f"unknown template set '{name}'; known: {', '.join(known)}")
-    templates = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    for t in templates:
-        if "{}" not in t:
-            raise ConfigError(f"template set '{name}': template {t!r} has no '{{}}' for the class name")
-    return templates
+from .metrics import classification_metrics
 
 
 @torch.no_grad()
@@ -67,10 +52,5 @@ def encode_images(model: torch.nn.Module, dataset: Dataset, batch_size: int = 25
 
 
 def zeroshot_scores(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict[str, float]:
-    """Top-1/top-5 accuracy and mean per-class recall of features [N, D] against weights [D, C]."""
-    logits = image_features @ classifier.to(image_features.dtype)  # [N, C]
-    acc = topk_accuracy(logits, labels, ks=(1, 5))
-    predictions = logits.argmax(dim=1)
-    present = labels.unique()
-    recalls = [(predictions[labels == c] == c).float().mean().item() for c in present]
-    return {"acc1": acc[1], "acc5": acc[5], "mean_per_class_recall": sum(recalls) / len(recalls)}
+    """acc1, acc5 and mean per-class recall of features [N, D] against zero-shot weights [D, C]."""
+    return classification_metrics(image_features @ classifier.to(image_features.dtype), labels)  # [N, C] logits

@@ -77,6 +77,12 @@ def build_train_dataset(cfg: TrainConfig, image_size: int) -> tuple[Dataset, boo
                 f"'{cfg.model}' input size {image_size}"
             )
         return SyntheticPairs(SyntheticWorld(data.synthetic), STREAM_TRAIN), False
+    if data.source == "manifest":
+        from ..data.robust import RobustPairs, manifest_pairs  # noqa: PLC0415
+        from ..transforms import TrainTransform  # noqa: PLC0415
+
+        pairs = manifest_pairs(data.path)
+        return RobustPairs(pairs, TrainTransform(image_size), data.max_image_pixels, seed=cfg.seed), True
     raise ConfigError(f"config key 'data.source': '{data.source}' is not available in this build")
 
 

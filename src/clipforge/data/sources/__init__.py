@@ -1,0 +1,1 @@
+"""One module per offline dataset: how to install, read and prepare it (see clipforge.data.offline)."""

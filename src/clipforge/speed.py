@@ -159,11 +159,14 @@ def uses_convolutions(model: nn.Module) -> bool:
 
 
 def channels_last(model: nn.Module) -> bool:
-    """Put a convolutional model in channels-last memory format (faster oneDNN/cuDNN convs); returns whether
-    it did. ViTs are left alone: their one patchify conv gains nothing. Feed images with `channels_last_input`."""
+    """Store a convolutional model's convolutions channels-last (NHWC; faster oneDNN/cuDNN kernels); returns
+    whether it did. ViTs are left alone: their one patchify conv gains nothing. The ResNet tower converts its
+    input itself; for other modules feed images through `channels_last_input`."""
     if not uses_convolutions(model):
         return False
-    model.to(memory_format=torch.channels_last)
+    from .models.resnet import use_channels_last  # noqa: PLC0415
+
+    use_channels_last(model)
     return True
 
 

@@ -53,7 +53,7 @@ def measure_single(paths: list[str], size: int) -> dict[str, float]:
     for i, path in enumerate(paths):
         with open(path, "rb") as handle:
             for ref in scan_shard(path, i):
-                ext, offset, length = ref.members[0]
+                _, offset, length = ref.members[0]
                 handle.seek(offset)
                 members.append(handle.read(length))
     transform = TrainTransform(size, scale=(0.9, 1.0), seed=0)

@@ -183,7 +183,7 @@ def test_compile_disabled_returns_the_model(micro_model):
 
 @pytest.mark.slow
 def test_compiled_model_matches_eager(micro_model, batch):
-    images, tokens = batch
+    images = batch[0]
     want = micro_model.encode_image(images)
     compiled = compile_model(micro_model.visual)
     with torch.no_grad():

@@ -1,10 +1,11 @@
 """Precision and execution-speed helpers: bf16 autocast, bf16 weights (inference, or training with fp32 master
 copies), channels-last for convolutional towers, `torch.compile`, and float32 matmul precision.
 
-What is fast on a CPU with AVX-512 bf16 (measured by `benchmarks/bench_train_step.py`): matmuls in bf16 run
-about 2x the fp32 rate; autocast and bf16 weights give the same matmul speed, and bf16 weights save autocast's
-per-step weight casts and halve the bytes of every elementwise op. Without native bf16 instructions bf16 is
-emulated and slower than fp32, so `resolve_precision` falls back to fp32 there.
+On a CPU with AVX-512 BF16 bf16 matmuls run at about twice the fp32 rate, and a training step is dominated by
+matmuls, so bf16 autocast (or bf16 weights) roughly halves it; see `benchmarks/bench_train_step.py` for the
+measured numbers. Without native bf16 instructions bf16 is emulated and slower than fp32, so
+`resolve_precision` falls back to fp32 there. The model's own CPU fast paths (explicit attention in bf16,
+LayerNorm on bf16 input without casts, no work on padding after the last end-of-text token) need no switch.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
 
 
 def bf16_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy-free bf16-weights model for embedding images and texts (see cast_matmul_weights)."""
+    """`model`, converted in place to bf16 matmul weights and put in eval mode, for embedding images and texts
+    (see cast_matmul_weights); deep-copy it first to keep the fp32 model."""
     return cast_matmul_weights(model, torch.bfloat16).eval()
 
 

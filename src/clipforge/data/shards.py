@@ -316,8 +316,8 @@ class ShardDataset(IterableDataset):
         files = _OpenShards(self.paths)
         try:
             while self.epochs is None or epoch < self.epochs:
-                for item, index in self._epoch_stream(files, slot, workers, epoch, index, log):
-                    self.position = (slot, epoch, index, log.skipped)
+                for item, emitted in self._epoch_stream(files, slot, workers, epoch, index, log):
+                    self.position = (slot, epoch, emitted, log.skipped)
                     yield item
                 epoch, index = epoch + 1, 0
         finally:

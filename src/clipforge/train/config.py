@@ -21,15 +21,21 @@ from ..losses import LossConfig
 class DataConfig:
     """Where training pairs come from: the embedded synthetic world, a CSV/TSV manifest, or tar shards."""
 
-    source: Literal["synthetic", "manifest", "shards"] = "synthetic"
+    source: Literal["synthetic", "manifest", "offline", "shards"] = "synthetic"
     path: str | None = None  # manifest file or shard pattern
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 1
+    split: str | None = None  # manifest: train on the rows of this split only (null: every row)
+    datasets: tuple[str, ...] = ()  # offline: prepared caption corpora whose train splits are used together
+    root: str | None = None  # offline: data root (null: $CLIPFORGE_DATA or ~/.cache/clipforge/data)
+    preload: bool = False  # manifest/offline: decode and shrink every image once, keep it in memory
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.source != "synthetic" and not self.path:
+        if self.source in ("manifest", "shards") and not self.path:
             raise ConfigError(f"config key '{p}path': required when {p}source is '{self.source}'")
+        if self.source == "offline" and not self.datasets:
+            raise ConfigError(f"config key '{p}datasets': list the offline datasets when {p}source is 'offline'")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
 

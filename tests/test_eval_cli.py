@@ -89,7 +89,8 @@ def write_manifest(folder: Path, rows: list[tuple[str, str, str, str]], colours:
     folder.mkdir(parents=True, exist_ok=True)
     for index, (name, colour) in enumerate(colours.items()):
         image = Image.new("RGB", (48, 40), colour)
-        image.paste(tuple(c // 3 for c in colour), (4 * (index % 8), 3 * (index // 8), 4 * (index % 8) + 16, 3 * (index // 8) + 16))
+        left, top = 4 * (index % 8), 3 * (index // 8)
+        image.paste(tuple(c // 3 for c in colour), (left, top, left + 16, top + 16))
         image.save(folder / f"{name}.png")
     path = folder / "pairs.csv"
     with path.open("w", newline="") as handle:
@@ -160,8 +161,12 @@ def test_margins_match_the_definition(manifest: Path, tmp_path: Path) -> None:
 
 def test_zeroshot_on_manifest_labels_and_plot(manifest: Path, tmp_path: Path) -> None:
     plot = tmp_path / "bars.png"
+    # retrieval first, into the same features cache: the captioned view of these images (all labelled) must
+    # not be mistaken for the labelled one
+    eval_json(tmp_path, "retrieval", "--model", MICRO, "--dataset", str(manifest))
     results = eval_json(tmp_path, "zeroshot", "--model", MICRO, "--dataset", str(manifest), "--templates",
                         "imagenet-simple", "--plot", str(plot))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
     assert results["classes"] == 2 and results["images"] == 12 and results["templates"] == 7
     assert results["acc5"] == 1.0  # two classes: the label is always among the top 5
     assert set(results["per_class_recall"]) == {"cold", "warm"}

@@ -53,7 +53,7 @@ def colour_of(tensor: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("preload", [False, True])
 def test_manifest_pairs_keep_each_caption_with_its_image(manifest: Path, tmp_path: Path, preload: bool) -> None:
-    cfg = load_train_config(None, [f"--data.source=manifest", f"--data.path={manifest}", "--data.split=train",
+    cfg = load_train_config(None, ["--data.source=manifest", f"--data.path={manifest}", "--data.split=train",
                                    f"--data.preload={str(preload).lower()}", "--model=ViT-Micro-8-32"])
     dataset, shuffle = build_train_dataset(cfg, 32)
     assert shuffle and len(dataset) == 6  # 5 train images, red with two captions

@@ -203,10 +203,16 @@ class CatalogSource:
         transform = ShiftedTransform(self.image_size, variant) if variant else EvalTransform(self.image_size)
         return get_dataset(self.spec, self._split(split), transform, root=self.opts.root, language=self.opts.language)
 
-    def _key(self, split: str, variant: str | None) -> str:
-        where = self.spec if self.spec in list_offline_datasets() else str(Path(self.spec).resolve())
-        split_name = self._split(split)
-        return f"{where}/{self.opts.language}/{split_name}/{variant or 'plain'}/{self.image_size}px/{self.opts.limit}"
+    def _key(self, view: str, split: str, variant: str | None) -> str:
+        """Names the images of a view exactly: the labelled view may hold fewer images than the captioned one,
+        and a re-prepared dataset or an edited manifest (a newer file) must never hit an old cache entry."""
+        if self.spec in list_offline_datasets():
+            where, stamp = self.spec, data_root(self.opts.root) / self.spec / "info.json"
+        else:
+            where, stamp = str(Path(self.spec).resolve()), Path(self.spec)
+        version = stamp.stat().st_mtime_ns if stamp.exists() else 0
+        return (f"{where}@{version}/{view}/{self.opts.language}/{self._split(split)}/{variant or 'plain'}/"
+                f"{self.image_size}px/{self.opts.limit}")
 
     def labelled(self, split: str, variant: str | None = None) -> LabelledImages:
         dataset = self._open(split, variant)
@@ -217,7 +223,7 @@ class CatalogSource:
             raise DatasetError(f"{self.name}: the class list is empty, so there is nothing to classify")
         templates = load_templates(self.opts.templates) if self.opts.templates else list(dataset.templates)
         limited, _ = _limited(dataset, self.opts.limit)
-        return LabelledImages(limited, classnames, classnames, templates, self._key(split, variant))
+        return LabelledImages(limited, classnames, classnames, templates, self._key("labelled", split, variant))
 
     def captioned(self, split: str) -> CaptionedImages:
         dataset = self._open(split, None)
@@ -230,7 +236,8 @@ class CatalogSource:
             captions = dataset.captions(index)
             texts.extend(captions)
             owner.extend([position] * len(captions))
-        return CaptionedImages(limited, texts, torch.tensor(owner, dtype=torch.long), self._key(split, None))
+        key = self._key("captioned", split, None)
+        return CaptionedImages(limited, texts, torch.tensor(owner, dtype=torch.long), key)
 
 
 def open_source(spec: str, image_size: int, opts: SourceOptions) -> SyntheticSource | CatalogSource:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
+from .formats import CheckpointFormatError
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, Handler] = {}
@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train.config import load_train_config  # noqa: PLC0415
     from .train.loop import train  # noqa: PLC0415
 
+    if args.init:
+        extra = [*extra, f"--finetune.init={args.init}"]
     cfg = load_train_config(args.config, extra)
     result = train(cfg, progress=not args.no_progress)
     print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
@@ -112,6 +114,20 @@ def data_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import convert  # noqa: PLC0415
+    from .checkpoint import save_model  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    model = convert.load_model(args.model)
+    writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
+               "clipforge": save_model}
+    written = writers[args.to](model, args.output)
+    print(f"Wrote {args.to} format to {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="Train, evaluate and use CLIP models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -128,12 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a CLIP. Any --section.key=value argument overrides the config, "
                        "e.g. --steps=100 --optim.lr=5e-4 --data.synthetic.caption_noise=0.2")
     p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's")
+    p.add_argument("--init", help="start from this checkpoint (any format `clipforge.load_model` reads)")
     p.add_argument("--output", help="write a JSON summary to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
     add_eval_parser(sub)
     add_data_parser(sub)
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
+                       description="Load any checkpoint clipforge reads and write it in another tool's format.")
+    p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+                   help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
+                   "clipforge: a self-describing .safetensors. The openai and openclip layouts store no "
+                   "architecture: read them back with create_model(NAME, pretrained=PATH)")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -205,7 +231,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 def is_user_error(exc: BaseException) -> bool:
     """A problem with the input (config, data, templates, a missing file): reported as one line."""
-    if isinstance(exc, (ConfigError, UserError, FileNotFoundError)):
+    if isinstance(exc, (ConfigError, UserError, FileNotFoundError, CheckpointFormatError)):
         return True
     # imported here: these modules pull in torch, which `clipforge --help` should not wait for
     from .data.base import DatasetError  # noqa: PLC0415

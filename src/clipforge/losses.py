@@ -1,54 +1,327 @@
 """Contrastive objectives as pure functions of L2-normalised features.
 
 `logit_scale` here is the multiplier exp(t) (as in open_clip's losses), not the model's log-space parameter.
+
+Every objective is a sum over the rows of the B x B similarity matrix S_ij = <f_i, g_j> (image i, text j),
+taken in both directions where the objective is symmetric. That lets one formula serve a whole batch and a
+distributed rank alike: a `Strip` is the rows [offset, offset + n) of the global matrix in both directions
+(local images against all texts, local texts against all images), and `strip_loss_parts` returns each part
+normalised by the *global* batch size, so summing it over a partition of the rows gives the global loss.
+`clipforge.dist` does the gathering; nothing here touches torch.distributed.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from .config import ConfigError
+from .losses_chunked import (
+    ChunkSize,
+    chunked_clip_loss,
+    hardest_negatives,
+    tiled_cross_entropy_sum,
+    tiled_sigmoid_sum,
+)
+
+LossName = Literal["clip", "square", "siglip", "triplet"]
+LOSS_NAMES: tuple[str, ...] = ("clip", "square", "siglip", "triplet")
+
+
+def _check_pair(fn: str, image_features: torch.Tensor, text_features: torch.Tensor, min_batch: int = 1) -> None:
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"{fn}: image features {tuple(image_features.shape)} and text features "
+            f"{tuple(text_features.shape)} must have the same shape [B, D]"
+        )
+    if image_features.shape[0] < min_batch:
+        raise ValueError(f"{fn}: needs a batch of at least {min_batch} pairs, got {image_features.shape[0]}")
+
+
+class Strip(NamedTuple):
+    """Rows [offset, offset + n) of the global similarity matrix, in both directions.
+
+    image_rows/text_rows [n, D] are this strip's own pairs; image_all/text_all [B, D] are every pair of the
+    global batch (for a single process, the same tensors as the rows and offset 0).
+    """
+
+    image_rows: torch.Tensor
+    text_rows: torch.Tensor
+    image_all: torch.Tensor
+    text_all: torch.Tensor
+    offset: int
+
+    @classmethod
+    def full(cls, image_features: torch.Tensor, text_features: torch.Tensor) -> Strip:
+        return cls(image_features, text_features, image_features, text_features, 0)
+
+    @property
+    def is_full(self) -> bool:
+        return self.image_rows is self.image_all and self.text_rows is self.text_all
+
+
+def _positive_dots(strip: Strip) -> torch.Tensor:
+    return (strip.image_rows * strip.text_rows).sum(dim=-1)  # [n]
+
+
+def _rows_cross_entropy_sum(
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | float, offset: int, chunk: ChunkSize | None
+) -> torch.Tensor:
+    """Σ_i CE(scale * rows_i @ cols^T, target offset + i)."""
+    if chunk is not None:
+        return tiled_cross_entropy_sum(rows, cols, scale, offset, chunk)
+    logits = scale * rows @ cols.t()  # [n, B]
+    labels = torch.arange(rows.shape[0], device=rows.device) + offset
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _clip_part(strip: Strip, batch: int, scale: torch.Tensor | float, chunk: ChunkSize | None) -> torch.Tensor:
+    if strip.is_full:
+        return clip_loss(strip.image_rows, strip.text_rows, scale, chunk)
+    i2t = _rows_cross_entropy_sum(strip.image_rows, strip.text_all, scale, strip.offset, chunk)
+    t2i = _rows_cross_entropy_sum(strip.text_rows, strip.image_all, scale, strip.offset, chunk)
+    return (i2t + t2i) / (2 * batch)
+
+
+def _siglip_part(
+    strip: Strip, batch: int, scale: torch.Tensor | float, bias: torch.Tensor | float, chunk: ChunkSize | None
+) -> torch.Tensor:
+    rows, cols, offset = strip.image_rows, strip.text_all, strip.offset
+    if chunk is not None:
+        return tiled_sigmoid_sum(rows, cols, scale, bias, offset, chunk) / batch
+    logits = scale * rows @ cols.t() + bias  # [n, B]
+    signs = -torch.ones_like(logits)  # z_ij: -1 for negatives, +1 at the positive (i, offset + i)
+    idx = torch.arange(rows.shape[0], device=rows.device)
+    signs[idx, idx + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / batch
+
+
+def _square_part(strip: Strip, batch: int) -> torch.Tensor:
+    positives = _positive_dots(strip)  # [n]
+    positive_term = (positives - 1.0).square().sum() / batch
+    if batch < 2:
+        return positive_term
+    # Σ_{i in strip, all j} S_ij^2 = <F_rows^T F_rows, G_all^T G_all>: two D x D Gram matrices instead of n x B.
+    gram_rows = strip.image_rows.t() @ strip.image_rows  # [D, D]
+    gram_cols = strip.text_all.t() @ strip.text_all  # [D, D]
+    negative_sum = (gram_rows * gram_cols).sum() - positives.square().sum()
+    return positive_term + negative_sum / (batch * (batch - 1))
+
+
+def strip_margins(strip: Strip, chunk: ChunkSize | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t [n], t2i [n]): <f_i, g_i> minus the hardest in-batch negative, for the strip's rows.
+
+    The hardest negative is found without a graph (tile by tile with `chunk`); the margin is then recomputed
+    with a graph from the chosen features, which gives the same gradient as differentiating the max.
+    """
+    positives = _positive_dots(strip)  # [n]
+    idx_i2t = hardest_negatives(strip.image_rows, strip.text_all, strip.offset, chunk)  # [n]
+    idx_t2i = hardest_negatives(strip.text_rows, strip.image_all, strip.offset, chunk)  # [n]
+    i2t = positives - (strip.image_rows * strip.text_all[idx_i2t]).sum(dim=-1)
+    t2i = positives - (strip.text_rows * strip.image_all[idx_t2i]).sum(dim=-1)
+    return i2t, t2i
+
+
+def _hinge_part(strip: Strip, batch: int, target: float, chunk: ChunkSize | None) -> torch.Tensor:
+    i2t, t2i = strip_margins(strip, chunk)
+    return (F.relu(target - i2t).sum() + F.relu(target - t2i).sum()) / (2 * batch)
 
 
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize | None = None,
 ) -> torch.Tensor:
     """Symmetric cross-entropy over the scaled cosine-similarity matrix (Radford et al. 2021).
 
     image_features, text_features: [B, D], L2-normalised, row i of each forming a positive pair.
-    Returns the mean of the image->text and text->image cross-entropies.
+    Returns the mean of the image->text and text->image cross-entropies. `chunk_size` (int, or (rows, cols))
+    selects the tiled path of `losses_chunked`, which never holds the B x B matrix and returns the same value
+    and gradients (in fp32).
     """
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"clip_loss: image features {tuple(image_features.shape)} and text features "
-            f"{tuple(text_features.shape)} must have the same shape [B, D]"
-        )
+    _check_pair("clip_loss", image_features, text_features)
     if chunk_size is not None:
-        from .losses_chunked import chunked_clip_loss  # noqa: PLC0415
-
         return chunked_clip_loss(image_features, text_features, logit_scale, chunk_size)
     logits = logit_scale * image_features @ text_features.t()  # [B, B]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-# --- minimal objective selection (extended by the objectives work) ---
-from dataclasses import dataclass  # noqa: E402
-from typing import Literal  # noqa: E402
+def margin_regularizer(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """R = mean_i (1 - <f_i, g_i>): the one-sided margin regularizer, without its weight λ.
+
+    Chen, Deng, Li & Gu (ICLR 2024) find that CLIP's zero-shot transfer depends on the margin by which a
+    positive pair's similarity exceeds the negatives', and propose adding to the contrastive loss a
+    regularizer that acts on positive pairs only ("one-sided": unlike the square loss it never pushes
+    negatives anywhere), pulling each image towards its own caption so the margin grows. For unit vectors
+    1 - <f, g> = ½‖f - g‖², so R is half the mean squared distance between positive pairs: it is zero only
+    when every pair coincides and its gradient never touches a negative pair. Weighted by `margin_lambda`
+    in `LossConfig`; `margin_hinge` is the variant that stops once a target margin is met.
+    """
+    _check_pair("margin_regularizer", image_features, text_features)
+    return (1.0 - (image_features * text_features).sum(dim=-1)).mean()
+
+
+def per_sample_margins(
+    image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: ChunkSize | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t [B], t2i [B]): <f_i, g_i> - max_{j≠i} <f_i, g_j> and <g_i, f_i> - max_{j≠i} <g_i, f_j>."""
+    _check_pair("per_sample_margins", image_features, text_features, min_batch=2)
+    return strip_margins(Strip.full(image_features, text_features), chunk_size)
+
+
+def margin_hinge(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    target: float,
+    chunk_size: ChunkSize | None = None,
+) -> torch.Tensor:
+    """Mean over pairs and both directions of relu(target - margin), margins as in `per_sample_margins`.
+
+    Only pairs whose positive similarity beats the hardest in-batch negative by less than `target` are
+    penalised; the gradient moves the positive pair and that one negative.
+    """
+    _check_pair("margin_hinge", image_features, text_features, min_batch=2)
+    batch = image_features.shape[0]
+    return _hinge_part(Strip.full(image_features, text_features), batch, float(target), chunk_size)
+
+
+def square_loss(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Regress similarities onto the identity: mean_i (S_ii - 1)² + mean_{i≠j} S_ij², with no temperature.
+
+    Normalisation: the diagonal term is a mean over the B positive pairs, the off-diagonal term a mean over
+    the B(B - 1) negative pairs, so both weigh the same whatever B (for B = 1 only the first exists). This is
+    the square-loss baseline that Chen et al. (ICLR 2024) contrast with CLIP's loss: it can be minimised
+    without separating positives from negatives by a margin, and fails at zero-shot transfer.
+    """
+    _check_pair("square_loss", image_features, text_features)
+    return _square_part(Strip.full(image_features, text_features), image_features.shape[0])
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    chunk_size: ChunkSize | None = None,
+) -> torch.Tensor:
+    """Pairwise sigmoid loss (Zhai et al. 2023): -(1/B) Σ_ij log σ(z_ij (scale S_ij + bias)).
+
+    z_ij = +1 on the diagonal and -1 elsewhere. The paper initialises t = log 10 (scale 10) and bias -10 so
+    that the many negatives start with a small loss; that is the model's business (ModelConfig
+    init_logit_scale / init_logit_bias), not this function's.
+    """
+    _check_pair("siglip_loss", image_features, text_features)
+    batch = image_features.shape[0]
+    return _siglip_part(Strip.full(image_features, text_features), batch, logit_scale, logit_bias, chunk_size)
+
+
+def triplet_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    margin: float,
+    chunk_size: ChunkSize | None = None,
+) -> torch.Tensor:
+    """Hinge on the hardest in-batch negative, both directions (VSE++, Faghri et al. 2018).
+
+    mean_i [relu(margin - S_ii + max_{j≠i} S_ij) + relu(margin - S_ii + max_{j≠i} S_ji)]: the two
+    directions are summed, as in VSE++, so this equals 2 * margin_hinge(target=margin).
+    """
+    _check_pair("triplet_loss", image_features, text_features, min_batch=2)
+    batch = image_features.shape[0]
+    return 2.0 * _hinge_part(Strip.full(image_features, text_features), batch, float(margin), chunk_size)
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: Literal["clip"] = "clip"
+    """Which objective to train with, plus the optional margin regularizer.
+
+    total = objective + margin_lambda * (margin_regularizer if margin_form == "mean"
+                                         else margin_hinge(target=margin_target))
+    """
+
+    name: LossName = "clip"
+    margin_lambda: float = 0.0
+    margin_form: Literal["mean", "hinge"] = "mean"
+    margin_target: float = 0.2
+    triplet_margin: float = 0.2
     chunk_size: int | None = None
 
+    @property
+    def uses_logit_scale(self) -> bool:
+        """Whether the objective reads the temperature; under DDP freeze the parameter when it does not."""
+        return self.name in ("clip", "siglip")
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        return self.name == "siglip"
+
     def validate(self, prefix: str = "") -> None:
-        pass
+        p = f"{prefix}." if prefix else ""
+        if self.name not in LOSS_NAMES:
+            raise ConfigError(f"config key '{p}name': expected one of {list(LOSS_NAMES)}, got {self.name!r}")
+        if self.margin_form not in ("mean", "hinge"):
+            raise ConfigError(f"config key '{p}margin_form': expected 'mean' or 'hinge', got {self.margin_form!r}")
+        if not (math.isfinite(self.margin_lambda) and self.margin_lambda >= 0.0):
+            raise ConfigError(f"config key '{p}margin_lambda': expected a finite number >= 0, got {self.margin_lambda}")
+        # Margins of unit vectors lie in [-2, 2]; outside it the hinge is always or never active.
+        if not -2.0 <= self.margin_target <= 2.0:
+            raise ConfigError(f"config key '{p}margin_target': expected a value in [-2, 2], got {self.margin_target}")
+        if not 0.0 <= self.triplet_margin <= 2.0:
+            raise ConfigError(f"config key '{p}triplet_margin': expected a value in [0, 2], got {self.triplet_margin}")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ConfigError(f"config key '{p}chunk_size': expected a positive integer or null, got {self.chunk_size}")
 
 
-def compute_loss(cfg: LossConfig, image_features: torch.Tensor, text_features: torch.Tensor,
-                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    loss = clip_loss(image_features, text_features, logit_scale, cfg.chunk_size)
-    return {"loss": loss, "clip": loss.detach()}
+def strip_loss_parts(
+    cfg: LossConfig,
+    strip: Strip,
+    batch_size: int,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The strip's share of every loss part, normalised by the global `batch_size`.
+
+    Summed over strips that partition the rows, each entry equals the single-process value on the global
+    batch. Keys: "loss" (the weighted total), the objective's name, and "margin" when margin_lambda > 0.
+    """
+    chunk = cfg.chunk_size
+    if cfg.name == "clip":
+        main = _clip_part(strip, batch_size, logit_scale, chunk)
+    elif cfg.name == "siglip":
+        if logit_bias is None:
+            raise ValueError("loss 'siglip' needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
+        main = _siglip_part(strip, batch_size, logit_scale, logit_bias, chunk)
+    elif cfg.name == "square":
+        main = _square_part(strip, batch_size)
+    else:
+        main = 2.0 * _hinge_part(strip, batch_size, cfg.triplet_margin, chunk)
+    parts = {cfg.name: main}
+    total = main
+    if cfg.margin_lambda > 0.0:
+        if cfg.margin_form == "mean":
+            margin = (1.0 - _positive_dots(strip)).sum() / batch_size
+        else:
+            margin = _hinge_part(strip, batch_size, cfg.margin_target, chunk)
+        parts["margin"] = margin
+        total = total + cfg.margin_lambda * margin
+    return {"loss": total, **parts}
+
+
+def compute_loss(
+    cfg: LossConfig,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
+) -> dict[str, torch.Tensor]:
+    """{"loss": total, "<objective>": value, ["margin": R]} for one batch of normalised features [B, D]."""
+    needs_negatives = cfg.name == "triplet" or (cfg.margin_lambda > 0 and cfg.margin_form == "hinge")
+    _check_pair(f"loss '{cfg.name}'", image_features, text_features, min_batch=2 if needs_negatives else 1)
+    strip = Strip.full(image_features, text_features)
+    return strip_loss_parts(cfg, strip, image_features.shape[0], logit_scale, logit_bias)

@@ -15,6 +15,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, from_dict
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
+from .finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class DataConfig:
     source: Literal["synthetic", "manifest", "offline", "shards"] = "synthetic"
     path: str | None = None  # manifest file or shard pattern
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    num_workers: int = 1
+    num_workers: int = 0  # synthetic rendering is cheap: inline beats a worker competing for 2 cores
     split: str | None = None  # manifest: train on the rows of this split only (null: every row)
     datasets: tuple[str, ...] = ()  # offline: prepared caption corpora whose train splits are used together
     root: str | None = None  # offline: data root (null: $CLIPFORGE_DATA or ~/.cache/clipforge/data)
@@ -88,10 +89,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "ViT-Tiny-8-64"
+    model: str = "RN-Tiny-64"
     seed: int = 0
     steps: int = 1200
-    batch_size: int = 256
+    batch_size: int = 128
     precision: Literal["fp32", "bf16"] = "bf16"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     fixed_temperature: float | None = None  # fixes exp(logit_scale) = 1 / T and does not learn it
@@ -104,6 +105,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.steps <= 0:

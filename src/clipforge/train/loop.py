@@ -21,9 +21,11 @@ from ..config import to_dict
 from ..factory import create_model
 from ..losses import compute_loss
 from ..models.clip import CLIP
+from ..models.lock import set_locked_eval
 from ..tokenizer import get_tokenizer
 from .config import TrainConfig
 from .data import build_train_dataset, build_train_loader
+from .finetune import apply_locks
 from .optim import build_optimizer
 from .schedule import lr_at
 
@@ -57,12 +59,17 @@ def autocast_context(precision: str, device: torch.device) -> Any:
 
 def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, device=device)
+    model = create_model(cfg.model, pretrained=cfg.finetune.init, device=device)
+    apply_locks(model, cfg.finetune)
     if cfg.fixed_temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / cfg.fixed_temperature))
         model.logit_scale.requires_grad_(False)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if model.config.vision_cfg.is_resnet:
+        from ..models.resnet import use_channels_last  # noqa: PLC0415
+
+        use_channels_last(model.visual)
     return model
 
 
@@ -95,8 +102,10 @@ def evaluate_during_training(model: CLIP, cfg: TrainConfig, tokenizer: Any) -> d
     if cfg.data.source != "synthetic":
         return {}
     world = SyntheticWorld(cfg.data.synthetic)
-    return evaluate_synthetic(model, tokenizer, world, cfg.eval.zeroshot_per_class, cfg.eval.retrieval_pairs,
-                              cfg.eval.templates)
+    metrics = evaluate_synthetic(model, tokenizer, world, cfg.eval.zeroshot_per_class, cfg.eval.retrieval_pairs,
+                                 cfg.eval.templates)
+    set_locked_eval(model)  # evaluation switched the whole model back to training mode
+    return metrics
 
 
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None) -> TrainResult:
@@ -115,6 +124,7 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None) ->
     log_path = run_dir / "log.jsonl"
     log_path.write_text("")
     model.train()
+    set_locked_eval(model)
     start = time.perf_counter()
     window_start, window_samples = start, 0
     last: dict[str, Any] = {}

@@ -16,23 +16,7 @@ from typing import Any
 
 import torch
 
-
-def batch_margins(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i2t [B], t2i [B]) margins of one batch; features [B, D], row i of each forming a pair, B >= 2."""
-    if image_features.shape != text_features.shape or image_features.dim() != 2:
-        raise ValueError(
-            f"batch_margins: image features {tuple(image_features.shape)} and text features "
-            f"{tuple(text_features.shape)} must have the same shape [B, D]"
-        )
-    if image_features.shape[0] < 2:
-        raise ValueError("batch_margins: a margin needs at least 2 pairs (one negative)")
-    similarity = image_features @ text_features.t()  # [B, B], rows: images, columns: texts
-    positives = similarity.diagonal()  # [B]
-    diagonal = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    negatives = similarity.masked_fill(diagonal, float("-inf"))  # [B, B]
-    i2t = positives - negatives.max(dim=1).values
-    t2i = positives - negatives.max(dim=0).values
-    return i2t, t2i
+from ..losses import per_sample_margins  # the definition the margin losses train with
 
 
 def margins_in_batches(
@@ -53,7 +37,7 @@ def margins_in_batches(
     order = order[: count - count % batch_size]
     i2t, t2i = [], []
     for batch in order.view(-1, batch_size):  # [batches, batch_size]
-        a, b = batch_margins(image_features[batch], text_features[batch])
+        a, b = per_sample_margins(image_features[batch], text_features[batch])  # [batch_size] each
         i2t.append(a)
         t2i.append(b)
     return torch.cat(i2t), torch.cat(t2i), order

@@ -206,6 +206,7 @@ def test_robustness_on_synthetic_variants_with_baselines(run_dir: Path, tmp_path
     (["eval", "zeroshot", "--model", MICRO, "--dataset", "nowhere"], "unknown dataset 'nowhere'"),
     (["eval", "robustness", "--model", MICRO, "--variants", "upside-down"], "'upside-down' is not a variant"),
     (["eval", "robustness", "--model", MICRO, "--per-class", "1", "--plot", "x.png"], "robustness has no figure"),
+    (["eval", "linear-probe", "--model", MICRO, "--plot", "x.png"], "give --shots too"),
     (["eval", "margins", "--model", MICRO, "--pairs", "10", "--batch-size", "32"], "fewer than one batch of 32"),
     (["eval", "zeroshot", "--model", MICRO, "--templates", "no-such-set"], "no template set 'no-such-set'"),
     (["eval", "zeroshot", "--model", "no/such/model.pt"], "no/such/model.pt"),

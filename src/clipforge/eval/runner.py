@@ -171,8 +171,6 @@ def task_linear_probe(ev: Evaluator) -> dict[str, Any]:
             stds = [out["kshot"][str(k)]["acc1_std"] for k in ev.opts.shots]
             plots.plot_zero_shot_vs_kshot(ev.opts.plot, zeroshot["acc1"], list(ev.opts.shots), means, stds,
                                           title=f"Zero-shot vs k-shot linear probe ({ev.source.name})")
-    elif ev.opts.plot:
-        raise ConfigError("--plot for linear-probe draws the k-shot curve: give --shots too")
     return out
 
 
@@ -201,8 +199,6 @@ def task_robustness(ev: Evaluator, dataset: str) -> dict[str, Any]:
         detail["variants"][variant].update(summary[variant])
     detail["average"] = summary["average"]
     detail["baselines"] = [b.name for b in baselines]
-    if ev.opts.plot:
-        raise ConfigError("--plot: robustness has no figure; its numbers are in the JSON")
     return detail
 
 
@@ -232,11 +228,22 @@ def task_margins(ev: Evaluator) -> dict[str, Any]:
             "per_sample": {"pair": order.tolist(), "i2t": i2t.tolist(), "t2i": t2i.tolist()}}
 
 
+def check_options(task: str, opts: EvalOptions) -> None:
+    """Options that cannot work for `task`, refused before any model or data is loaded."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    if opts.plot and task in ("robustness", "margins"):
+        raise ConfigError(f"--plot: {task} has no figure; its numbers are in the JSON")
+    if opts.plot and task == "linear-probe" and not opts.shots:
+        raise ConfigError("--plot for linear-probe draws the zero-shot vs k-shot curve: give --shots too")
+    if any(k < 1 for k in opts.shots) or opts.draws < 1:
+        raise ConfigError("--shots and --draws: expected positive integers")
+
+
 def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None = None) -> dict[str, Any]:
     """Run `task` for the model `model_spec` on `dataset`; returns the results dict written as JSON."""
     opts = opts or EvalOptions()
-    if task not in TASKS:
-        raise ConfigError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    check_options(task, opts)
     start = time.perf_counter()
     model, run_dir = resolve_model(model_spec)
     ev = Evaluator(model, model_spec, run_dir, dataset, opts)

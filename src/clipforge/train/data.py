@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -166,7 +167,8 @@ def build_train_dataset(cfg: TrainConfig, image_size: int) -> tuple[Dataset, boo
     if data.source in ("manifest", "offline"):
         preload = math.ceil(PRELOAD_MARGIN * image_size) if data.preload else None
         transform = TrainTransform(image_size, seed=cfg.seed)
-        return CaptionPairs(caption_datasets(cfg), transform, preload, threads=max(1, data.num_workers)), True
+        threads = min(4, os.cpu_count() or 1)  # a one-off decoding pass before training starts
+        return CaptionPairs(caption_datasets(cfg), transform, preload, threads), True
     raise ConfigError(f"config key 'data.source': '{data.source}' is not available in this build")
 
 

@@ -86,7 +86,12 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
         return data_prepare(args)
     if args.data_command == "list":
         return data_list(args)
-    raise UserError("clipforge data: expected a subcommand (prepare, list); see clipforge data --help")
+    if args.data_command == "shards":
+        from .data.writer import run_shards_command  # noqa: PLC0415
+
+        run_shards_command(args)
+        return 0
+    raise UserError("clipforge data: expected a subcommand (prepare, list, shards); see clipforge data --help")
 
 
 def data_prepare(args: argparse.Namespace) -> int:
@@ -235,8 +240,11 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     q = data_sub.add_parser("list", help="the offline datasets and whether they are prepared")
     q.add_argument("--root", help="data root (default: $CLIPFORGE_DATA or ~/.cache/clipforge/data)")
     q.add_argument("--output", help="write the list as JSON to this file")
-    # `clipforge data shards` (tar shards from a manifest or folder) plugs in here: add_shards_arguments(parser)
-    # and run_shards_command(args) of clipforge.data.writer.
+    q = data_sub.add_parser("shards", help="write WebDataset tar shards (img2dataset layout) from a manifest or folder",
+                            description="Write 00000.tar, 00001.tar, ... holding key.jpg/key.txt/key.json.")
+    from .data.writer import add_shards_arguments  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_shards_arguments(q)
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -165,3 +165,18 @@ def test_global_random_generators_are_restored(tmp_path):
                     dataset=NoisyPairs())
     assert_bitwise_equal(weights(full.run_dir), weights(resumed.run_dir))
     assert step_log(resumed.run_dir)[-2:] == step_log(full.run_dir)[-2:]
+
+
+def test_a_loader_that_keeps_its_own_position_resumes_exactly(tmp_path):
+    from run_helpers import PairLoader
+
+    common = ["--steps=6", "--save_every=3"]
+    full = train(tiny_config(tmp_path, "full", *common), progress=False, dataset=PairLoader())
+    checkpoint = full.run_dir / "checkpoints" / "step-00000003"
+    assert load_training_checkpoint(checkpoint).state.data == [{"kind": "loader", "step": 3, "state": {"next": 24}}]
+    resumed = train(tiny_config(tmp_path, "resumed", *common, f"--resume={checkpoint}"), progress=False,
+                    dataset=PairLoader())
+    assert_bitwise_equal(weights(full.run_dir), weights(resumed.run_dir))
+    assert step_log(resumed.run_dir)[-3:] == step_log(full.run_dir)[-3:]
+    with pytest.raises(ConfigError, match="the checkpoint holds a loader data position, but the data is now map"):
+        train(tiny_config(tmp_path, "again", *common, f"--resume={checkpoint}"), progress=False)

@@ -12,7 +12,13 @@ where it is. The contract for such a dataset:
     everything that fixes what it yields next (its shard list and offset, even the worker split), and
     `load_state_dict(state)` makes a fresh copy continue exactly from there;
   * it splits its shards between ranks (and DataLoader workers) itself, and is deterministic for a seed.
-The collate function runs in the worker that built the batch and attaches `(worker id, state_dict())`;
+A loader that keeps its own position (such as a tar-shard loader tracking every worker slot) can be given
+instead of a dataset: any object, not a torch Dataset, with `__iter__` yielding TrainBatch (collate with
+`BatchCollate`), `state_dict()` giving this rank's position after the last batch it handed out, and
+`load_state_dict(state)` continuing from one (`is_stateful_loader`).
+
+For a streamed dataset, the collate function runs in the worker that built the batch and attaches
+`(worker id, state_dict())`;
 `StreamPosition` keeps the state that came with the last batch consumed from each worker. DataLoader takes
 batches from its workers in turn (0, 1, ..., W-1, 0, ...), so on resume new worker j takes the saved state of
 the worker that was due (j + batches) % W: the interleaving, and so every batch, continues unchanged.
@@ -27,6 +33,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from ..config import ConfigError
 from .data import StepBatchSampler
+
+
+def is_stateful_loader(obj: object) -> bool:
+    """A batch source that saves and restores its own position (see the module docstring)."""
+    return not isinstance(obj, Dataset) and all(callable(getattr(obj, name, None))
+                                                for name in ("__iter__", "state_dict", "load_state_dict"))
 
 
 class TrainBatch(NamedTuple):

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..config import ConfigError
+from .config import TrainConfig
 from .data import StepBatchSampler
 
 
@@ -160,3 +161,20 @@ def build_loader(dataset: Dataset, batch_size: int, tokenizer: Callable, num_wor
     sampler = RankBatchSampler(steps, rank, world_size, getattr(dataset, "wants_draw_number", False))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=BatchCollate(tokenizer),
                       worker_init_fn=_WorkerStart() if num_workers > 0 else None, **workers)
+
+
+def build_shard_loader(cfg: TrainConfig, rank: int, world_size: int, tokenizer: Callable,
+                       image_size: int) -> Any:
+    """This rank's loader over the tar shards at `cfg.data.path` (`clipforge.data.shards`), which records
+    its own exact position; unreadable samples are skipped (and counted by the trainer)."""
+    from ..data.shards import ShardDataset, ShardError, ShardLoader  # noqa: PLC0415
+    from ..transforms import TrainTransform  # noqa: PLC0415
+
+    workers = cfg.data.num_workers
+    try:
+        dataset = ShardDataset(cfg.data.path, TrainTransform(image_size), rank=rank, world_size=world_size,
+                               seed=cfg.seed, on_error="skip")
+        return ShardLoader(dataset, cfg.batch_size // world_size, workers, collate_fn=BatchCollate(tokenizer),
+                           drop_last=True, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_WorkerStart())
+    except ShardError as exc:
+        raise ConfigError(f"config key 'data.path': {exc}") from None

@@ -31,7 +31,8 @@ from ..registry import get_model_config
 from ..tokenizer import BPETokenizer, get_tokenizer
 from .config import RESUME_MODES, TrainConfig
 from .data import build_train_dataset
-from .feed import StreamPosition, TrainBatch, build_loader, is_stateful_loader, stream_resume_plan
+from .feed import (StreamPosition, TrainBatch, build_loader, build_shard_loader, is_stateful_loader,
+                   stream_resume_plan)
 from .guard import NonFiniteGuard
 from .loop import TrainResult, prepare_model, run_directory
 from .optim import build_optimizer
@@ -152,6 +153,7 @@ class Run:
     batches: Iterator[TrainBatch] | None = None
     stream: StreamPosition | None = None
     loader: Any = None  # a stateful loader given instead of a dataset (feed.is_stateful_loader)
+    loader_skipped: int = 0  # samples the loader itself skipped (a shard loader's `skipped`), counted so far
     start_step: int = 0
     clock: float = 0.0  # perf_counter() at the (virtual) start of training, earlier runs included
     version: dict[str, Any] = field(default_factory=dict)
@@ -176,6 +178,11 @@ class Run:
             raise TooManyBadSamples(last.removeprefix(prefix)) from None
         if self.stream is not None:
             self.stream.observe(batch.stream)
+        skipped = getattr(self.loader, "skipped", 0)
+        if skipped > self.loader_skipped:  # the shard reader names them in its warnings; here they are counted
+            problem = {"kind": "unreadable", "path": "a tar-shard sample", "detail": "skipped by the shard reader"}
+            batch = batch._replace(problems=batch.problems + [problem] * (skipped - self.loader_skipped))
+            self.loader_skipped = skipped
         return batch
 
     def gather(self, obj: Any) -> list[Any]:
@@ -281,6 +288,7 @@ def _start_data(run: Run, dataset: Any, shuffle: bool, saved: dict[str, Any] | N
         if saved is not None:
             dataset.load_state_dict(saved["state"])
         run.loader, run.batches = dataset, iter(dataset)
+        run.loader_skipped = getattr(dataset, "skipped", 0)
         return
     states, discard = {}, 0
     if isinstance(dataset, IterableDataset):
@@ -334,10 +342,11 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
         run.log.notice(f"resuming from {loaded.path} at step {run.start_step}", step=run.start_step,
                        event="resumed", path=str(loaded.path))
     run.model, run.loss_fn = _wrap(cfg, core, place)
-    if dataset is None:
+    shuffle = True
+    if dataset is None and cfg.data.source == "shards":
+        dataset = build_shard_loader(cfg, place.rank, place.world_size, run.tokenizer, core.image_size)
+    elif dataset is None:
         dataset, shuffle = build_train_dataset(cfg, core.image_size)
-    else:
-        shuffle = True
     saved = loaded.state.data[min(place.rank, len(loaded.state.data) - 1)] if loaded else None
     _start_data(run, dataset, shuffle, saved)
     if loaded is not None:  # last: building the model and the DataLoader iterator draw from the generators

@@ -270,12 +270,11 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
     return run.result(cfg.steps, last)
 
 
-def train(cfg: TrainConfig, progress: bool = True, device: str | None = None,
-          dataset: torch.utils.data.Dataset | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None) -> TrainResult:
     """Train a CLIP as `cfg` says; writes the run directory (config, log.jsonl, checkpoints/, model.safetensors).
 
-    `dataset` replaces the data named by `cfg.data`: a map-style dataset of (image tensor, caption[, problems])
-    or a streamed one following `train.feed`'s contract. Under torchrun (WORLD_SIZE > 1) every rank trains on
+    `dataset` replaces the data named by `cfg.data`: a map-style dataset of (image tensor, caption[, problems]),
+    a streamed one, or a loader that keeps its own position, following `train.feed`'s contracts. Under torchrun (WORLD_SIZE > 1) every rank trains on
     its share of each global batch. SIGTERM/SIGINT save a checkpoint and return early with `interrupted` set.
     """
     from .run import setup_run  # noqa: PLC0415 - run imports this module

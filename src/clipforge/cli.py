@@ -56,6 +56,21 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
+    from .study import run_study  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
+    output_dir = args.output_dir or str(Path("studies") / Path(args.config).stem)
+    command = " ".join(["clipforge", "study", args.config, "--output-dir", output_dir, "--jobs", str(args.jobs)]
+                       + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
+    outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command)
+    _write_json(args.output, outcome.summary)
+    return 1 if outcome.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="Train, evaluate and use CLIP models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -87,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=1000, help="synthetic pairs for retrieval")
     p.add_argument("--output", help="write the results as JSON to this file")
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("study", help="train a grid of variants x seeds and report mean ± std of every metric",
+                       description="Train every (variant, seed) cell of a study file on the embedded data, "
+                       "evaluate each, and write results.md, results.json and figures. Finished cells are "
+                       "skipped, so rerunning an interrupted study resumes it.")
+    p.add_argument("config", help="study YAML (e.g. configs/study.yaml)")
+    p.add_argument("--output-dir", help="where cells, runs and results go (default: studies/<config name>)")
+    p.add_argument("--figures-dir", help="where the figures go (default: OUTPUT_DIR/figures)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--output", help="also write the results summary as JSON to this file")
+    p.set_defaults(handler=cmd_study)
     return parser
 
 

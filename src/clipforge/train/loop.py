@@ -7,7 +7,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..config import to_dict
 from ..factory import create_model
 from ..losses import compute_loss
 from ..models.clip import CLIP
+from ..registry import get_model_config
 from ..tokenizer import get_tokenizer
 from .config import TrainConfig
 from .data import build_train_dataset, build_train_loader
@@ -57,11 +58,18 @@ def autocast_context(precision: str, device: torch.device) -> Any:
 
 def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, device=device)
+    model_cfg = get_model_config(cfg.model)
+    if cfg.loss.uses_logit_bias and model_cfg.init_logit_bias is None:
+        # SigLIP's initialisation (Zhai et al. 2023): scale 10 and bias -10, so the B^2 - B negatives start
+        # with a small loss. Recorded in the model's config so the saved checkpoint reloads with its bias.
+        model_cfg = replace(model_cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    model = create_model(model_cfg, device=device)
     if cfg.fixed_temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / cfg.fixed_temperature))
         model.logit_scale.requires_grad_(False)
+    elif not cfg.loss.uses_logit_scale:
+        model.logit_scale.requires_grad_(False)  # never read by the loss: frozen so DDP sees no unused parameter
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
 

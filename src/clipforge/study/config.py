@@ -3,6 +3,7 @@
 A study file (YAML) has these top-level keys:
 
     seeds: [0, 1, 2]            # every variant is trained once per seed
+    order: variants             # run all seeds of a variant before the next (default), or `seeds`
     baseline: clip              # the variant id that paired differences are taken against
     model: {...} | NAME         # an architecture (inline, as in model_configs/*.json) or a registered name
     train: {...}                # the base `clipforge train` config of every cell (same keys)
@@ -29,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -97,6 +98,7 @@ class VariantSpec:
 class StudyFile:
     seeds: tuple[int, ...]
     variants: tuple[VariantSpec, ...]
+    order: Literal["variants", "seeds"] = "variants"
     baseline: str | None = None
     model: Any = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +150,7 @@ class Study:
     train: dict[str, Any]
     eval: CellEval
     inputs: dict[str, Any] = field(default_factory=dict)  # model, train and eval exactly as written
+    order: str = "variants"
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -234,7 +237,7 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
     inputs = {"model": raw.model, "train": dict(raw.train), "eval": data.get("eval") or {}}
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
-                  inputs)
+                  inputs, raw.order)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
         resolve_cell(study, v, raw.seeds[0], "model.json")
     return study
@@ -279,5 +282,14 @@ def resolve_cell(study: Study, variant: Variant, seed: int, model_path: str, out
 
 
 def expand_cells(study: Study, model_path: str, output_dir: str = "runs") -> list[Cell]:
-    """Every (variant, seed) cell, seed-major so that a partial study has whole seeds of every variant."""
-    return [resolve_cell(study, v, s, model_path, output_dir) for s in study.seeds for v in study.variants]
+    """Every (variant, seed) cell in run order.
+
+    order "variants": all seeds of the first variant, then the next, so a study stopped early has complete
+    mean ± std for the variants listed first (list them by priority). order "seeds": one seed of every
+    variant, then the next seed, so a partial study covers every variant with fewer seeds.
+    """
+    if study.order == "seeds":
+        pairs = [(v, s) for s in study.seeds for v in study.variants]
+    else:
+        pairs = [(v, s) for v in study.variants for s in study.seeds]
+    return [resolve_cell(study, v, s, model_path, output_dir) for v, s in pairs]

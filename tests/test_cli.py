@@ -79,3 +79,29 @@ def test_empty_class_list_is_a_clear_error(micro_model):
 
     with pytest.raises(ConfigError, match="class list is empty"):
         build_classifier(micro_model, get_tokenizer("ViT-Micro-8-32"), [], ["a {}."])
+
+
+def test_export_to_each_format_and_back(tmp_path):
+    import clipforge
+    from clipforge.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("ViT-Micro-8-32").eval()
+    source = save_model(model, tmp_path / "m.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    expected = model.encode_image(images)
+    for fmt, out in (("hf", tmp_path / "hf"), ("openclip", tmp_path / "oc.pt"), ("openai", tmp_path / "oa.pt"),
+                     ("clipforge", tmp_path / "cf.safetensors")):
+        assert main(["export", "--model", str(source), "--to", fmt, "--output", str(out)]) == 0
+        # The OpenAI and OpenCLIP layouts hold no architecture (heads, activation): name it when loading.
+        reloaded = clipforge.create_model("ViT-Micro-8-32", pretrained=out) if fmt in ("openai", "openclip") \
+            else clipforge.load_model(out)
+        assert torch.allclose(reloaded.encode_image(images), expected, atol=1e-5), fmt
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["export", "--model", str(bad), "--to", "hf", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.pt" in err, err

@@ -97,3 +97,17 @@ def test_vision_config_validation():
 
     with pytest.raises(ConfigError, match="patch_size"):
         from_dict(VisionConfig, {"image_size": 30, "patch_size": 8})
+
+
+def test_channels_last_resnet_gives_the_same_features():
+    from clipforge.models.resnet import use_channels_last
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("RN-Tiny-64").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model.encode_image(images)
+        use_channels_last(model.visual)
+        after = model.encode_image(images)
+    assert model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(before, after, atol=1e-5)

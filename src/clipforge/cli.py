@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
+from .formats import CheckpointFormatError
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, Handler] = {}
@@ -71,6 +72,20 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
     return 1 if outcome.failed else 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import convert  # noqa: PLC0415
+    from .checkpoint import save_model  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    model = convert.load_model(args.model)
+    writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
+               "clipforge": save_model}
+    written = writers[args.to](model, args.output)
+    print(f"Wrote {args.to} format to {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="Train, evaluate and use CLIP models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -114,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     p.add_argument("--output", help="also write the results summary as JSON to this file")
     p.set_defaults(handler=cmd_study)
+
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
+                       description="Load any checkpoint clipforge reads and write it in another tool's format.")
+    p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+                   help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
+                   "clipforge: a self-describing .safetensors. The openai and openclip layouts store no "
+                   "architecture: read them back with create_model(NAME, pretrained=PATH)")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -128,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
     try:
         return args.handler(args, extra)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, CheckpointFormatError) as exc:
         message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
             f"file not found: {exc.filename}"
         print(f"clipforge: error: {message}", file=sys.stderr)

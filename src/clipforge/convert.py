@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from .checkpoint import FORMAT_TAG as CLIPFORGE_FORMAT
+from .checkpoint import atomic_directory, atomic_write
 from .config import ConfigError, from_dict
 from .formats import CheckpointFormatError
 from .formats import hf as hf_layout
@@ -246,18 +247,16 @@ def _plain_state_dict(model: torch.nn.Module, layout: str, where: str) -> dict[s
 
 def export_openai(model: CLIP, path: str | Path) -> Path:
     """Write OpenAI's state-dict layout (`clip.model.build_model(torch.load(path))` reads it)."""
-    path = Path(path)
-    torch.save(_plain_state_dict(model, "OpenAI", str(path)), path)
-    return path
+    state = _plain_state_dict(model, "OpenAI", str(path))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def export_openclip(model: CLIP, path: str | Path) -> Path:
     """Write an OpenCLIP checkpoint (`{"state_dict": …}`, as its training script saves and
     `open_clip.load_checkpoint` reads). The activation is not part of this layout: OpenCLIP names it in the
     model config (`-quickgelu` architectures)."""
-    path = Path(path)
-    torch.save({"state_dict": _plain_state_dict(model, "OpenCLIP", str(path))}, path)
-    return path
+    payload = {"state_dict": _plain_state_dict(model, "OpenCLIP", str(path))}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def export_hf(model: CLIP, folder: str | Path) -> Path:
@@ -268,7 +267,7 @@ def export_hf(model: CLIP, folder: str | Path) -> Path:
     where = str(folder)
     config = hf_layout.config_to_hf(model.config, where)
     tensors = hf_layout.to_hf(_plain_state_dict(model, "Hugging Face", where), where)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_directory(folder) as tmp:  # a crash never leaves a half-written folder behind
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gzip
 import html
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -240,10 +240,18 @@ def tokenize(
     return _default_tokenizer().tokenize(texts, context_length, truncate)
 
 
-def get_tokenizer(name: str | None = None) -> BPETokenizer:
-    """The tokenizer for model `name` (its text context length), or the 77-token default when `name` is None."""
+def get_tokenizer(name: str | None = None) -> Callable[[str | Sequence[str]], torch.Tensor]:
+    """The tokenizer for model `name` (its text context length), or the 77-token default when `name` is None.
+
+    A model whose text tower is a Hugging Face encoder gets that encoder's own tokenizer.
+    """
     if name is None:
         return _default_tokenizer()
     from .registry import get_model_config  # deferred: the registry is only needed when a model is named
 
-    return BPETokenizer(context_length=get_model_config(name).text_cfg.context_length)
+    text_cfg = get_model_config(name).text_cfg
+    if text_cfg.hf_model_path is not None:
+        from .models.hf_text import HFTokenizer  # noqa: PLC0415 - pulls in transformers
+
+        return HFTokenizer(text_cfg.hf_model_path, text_cfg.context_length)
+    return BPETokenizer(context_length=text_cfg.context_length)

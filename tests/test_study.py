@@ -66,6 +66,10 @@ def test_sweeps_expand_to_the_cartesian_product_with_templated_ids():
     assert [c.id for c in cells[:3]] == ["clip--seed3", "clip--seed7", "r-mean-0.1--seed3"]  # variant-major
     by_seed = expand_cells(build_study({**data, "order": "seeds"}), "model.json")
     assert [c.seed for c in by_seed[:7]] == [3] * 7  # seed-major: a partial study has whole seeds
+    first = expand_cells(build_study({**data, "run_first": ["r-hinge-1.0", "clip"]}), "model.json")
+    assert [c.id for c in first[:5]] == ["r-hinge-1.0--seed3", "r-hinge-1.0--seed7", "clip--seed3", "clip--seed7",
+                                         "r-mean-0.1--seed3"]  # fmt: skip
+    assert sorted(c.id for c in first) == sorted(c.id for c in cells)
     cell = next(c for c in cells if c.id == "r-hinge-3.0--seed7")
     assert cell.train.loss.margin_form == "hinge" and cell.train.loss.margin_lambda == 3.0
     assert cell.train.seed == 7 and cell.train.data.synthetic.seed == 7
@@ -94,6 +98,7 @@ def test_fingerprint_follows_the_cell_not_its_paths():
         ({"variants": [{"id": "a", "sweep": {"batch_size": 8}}]}, "non-empty list"),
         ({"variants": [{"id": "a b"}]}, "file name"),
         ({"baseline": "nope"}, "'baseline'"),
+        ({"run_first": ["clip", "nope"]}, "'run_first'"),
         ({"seeds": []}, "'seeds'"),
         ({"variants": [{"id": "a", "set": {"data.synthetic.image_size": 64}}]}, "image size 32"),
         ({"eval": {"margin_pairs": 4, "margin_batch_size": 8}}, "margin_pairs"),
@@ -225,8 +230,8 @@ def test_prepare_model_sets_up_siglip_and_freezes_an_unused_temperature():
 
     base = [f"--model={ROOT / 'src/clipforge/model_configs/ViT-Micro-8-32.json'}"]
     siglip = prepare_model(load_train_config(None, base + ["--loss.name=siglip"]), torch.device("cpu"))
-    assert siglip.logit_bias is not None and float(siglip.logit_bias) == -10.0
-    assert float(siglip.logit_scale.exp()) == pytest.approx(10.0)
+    assert siglip.logit_bias is not None and float(siglip.logit_bias.detach()) == -10.0
+    assert float(siglip.logit_scale.detach().exp()) == pytest.approx(10.0)
     assert siglip.config.init_logit_bias == -10.0 and siglip.logit_scale.requires_grad
     assert "logit_bias" in dict(siglip.named_parameters())
     square = prepare_model(load_train_config(None, base + ["--loss.name=square"]), torch.device("cpu"))

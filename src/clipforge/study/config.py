@@ -4,6 +4,7 @@ A study file (YAML) has these top-level keys:
 
     seeds: [0, 1, 2]            # every variant is trained once per seed
     order: variants             # run all seeds of a variant before the next (default), or `seeds`
+    run_first: [clip, square]   # optional: these variants' cells run before the rest, in this order
     baseline: clip              # the variant id that paired differences are taken against
     model: {...} | NAME         # an architecture (inline, as in model_configs/*.json) or a registered name
     train: {...}                # the base `clipforge train` config of every cell (same keys)
@@ -99,6 +100,7 @@ class StudyFile:
     seeds: tuple[int, ...]
     variants: tuple[VariantSpec, ...]
     order: Literal["variants", "seeds"] = "variants"
+    run_first: tuple[str, ...] = ()
     baseline: str | None = None
     model: Any = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +153,7 @@ class Study:
     eval: CellEval
     inputs: dict[str, Any] = field(default_factory=dict)  # model, train and eval exactly as written
     order: str = "variants"
+    run_first: tuple[str, ...] = ()
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -233,11 +236,14 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
         if v.id in seen:
             raise ConfigError(f"{where} key 'variants': id {v.id!r} occurs twice (ids name the cells' files)")
         seen.add(v.id)
+    unknown = [v for v in raw.run_first if v not in seen]
+    if unknown:
+        raise ConfigError(f"{where} key 'run_first': {unknown[0]!r} is not a variant id; ids: {sorted(seen)}")
     if raw.baseline is not None and raw.baseline not in seen:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
     inputs = {"model": raw.model, "train": dict(raw.train), "eval": data.get("eval") or {}}
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
-                  inputs, raw.order)
+                  inputs, raw.order, raw.run_first)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
         resolve_cell(study, v, raw.seeds[0], "model.json")
     return study
@@ -286,10 +292,13 @@ def expand_cells(study: Study, model_path: str, output_dir: str = "runs") -> lis
 
     order "variants": all seeds of the first variant, then the next, so a study stopped early has complete
     mean ± std for the variants listed first (list them by priority). order "seeds": one seed of every
-    variant, then the next seed, so a partial study covers every variant with fewer seeds.
+    variant, then the next seed, so a partial study covers every variant with fewer seeds. Variants named
+    in `run_first` come before all others (tables keep the order of the file).
     """
+    first = [study.variant(v) for v in study.run_first]
+    rest = [v for v in study.variants if v.id not in study.run_first]
     if study.order == "seeds":
-        pairs = [(v, s) for s in study.seeds for v in study.variants]
+        pairs = [(v, s) for group in (first, rest) for s in study.seeds for v in group]
     else:
-        pairs = [(v, s) for v in study.variants for s in study.seeds]
+        pairs = [(v, s) for v in first + rest for s in study.seeds]
     return [resolve_cell(study, v, s, model_path, output_dir) for v, s in pairs]

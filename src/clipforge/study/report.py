@@ -115,12 +115,14 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
 
 
 def plot_group_metrics(path: Path, entries: Sequence[dict[str, Any]], title: str) -> Path:
-    """Grouped bars with std error bars: accuracies (left) and margins / positive similarity (right)."""
+    """Bars with std error bars per variant: accuracies, margins, and positive similarity (own scales)."""
     from ..eval.plots import _save  # noqa: PLC0415 - the shared PNG writer
 
-    figure = Figure(figsize=(max(8.0, 1.3 * len(entries) + 4), 4.6))
-    panels = ((figure.add_subplot(1, 2, 1), COLUMNS[:5], "accuracy (%)"),
-              (figure.add_subplot(1, 2, 2), COLUMNS[5:8], "cosine units"))  # fmt: skip
+    figure = Figure(figsize=(max(11.0, 1.6 * len(entries) + 6), 5.0))
+    grid = figure.add_gridspec(1, 5)
+    panels = ((figure.add_subplot(grid[0, :3]), COLUMNS[:5], "accuracy (%)"),
+              (figure.add_subplot(grid[0, 3]), COLUMNS[5:7], "mean margin"),
+              (figure.add_subplot(grid[0, 4]), COLUMNS[7:8], "mean positive similarity"))  # fmt: skip
     x = np.arange(len(entries))
     for ax, cols, ylabel in panels:
         width = 0.8 / len(cols)
@@ -129,12 +131,13 @@ def plot_group_metrics(path: Path, entries: Sequence[dict[str, Any]], title: str
             means = [s["mean"] * scale if s else math.nan for s in stats]
             stds = [s["std"] * scale if s else 0.0 for s in stats]
             ax.bar(x + (k - (len(cols) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=header)
-        ax.set_xticks(x, [e["name"] for e in entries], rotation=30, ha="right", fontsize="small")
+        ax.set_xticks(x, [e["name"] for e in entries], rotation=35, ha="right", fontsize="x-small")
         ax.set_ylabel(ylabel)
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="x-small")
-    figure.suptitle(title)
+        if len(cols) > 1:
+            ax.legend(fontsize="x-small", ncol=min(len(cols), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    figure.suptitle(f"{title} (mean ± std over seeds)", y=0.99)
     return _save(figure, path)
 
 

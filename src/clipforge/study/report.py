@@ -74,8 +74,11 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                     diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
                     entry["vs_baseline"][key] = {**mean_std(diffs), "values": diffs}
         variants.append(entry)
+    timed = [r for r in records.values() if "cpu_seconds" in r]
     return {"baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
-            "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds)}  # fmt: skip
+            "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds),
+            "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
+            "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
 
 
 def _cell(stat: dict[str, float] | None, scale: float, decimals: int, signed: bool = False) -> str:
@@ -89,6 +92,10 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
     """One results table per group (mean ± std over seeds) and one of paired differences vs the baseline."""
     lines = [f"Finished cells: {summary['cells_finished']} of {summary['cells_total']}. "
              "Each entry: mean ± sample standard deviation over seeds (n = seeds finished).", ""]  # fmt: skip
+    cpu = summary.get("cpu_seconds", {})
+    if cpu.get("cells"):
+        lines[-1:] = [f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on average "
+                      f"over the {cpu['cells']} cells that recorded it.", ""]  # fmt: skip
     header = "| variant | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS)
     variants = summary["variants"]

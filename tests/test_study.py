@@ -180,7 +180,8 @@ def test_cli_study_then_report_only(tmp_path, capsys):
     config = write_study(tmp_path, study_dict(variants=[TINY["variants"][0]]))
     out = tmp_path / "out"
     assert main(["study", str(config), "--output-dir", str(out), "--figures-dir", str(tmp_path / "fig")]) == 0
-    assert (tmp_path / "fig" / "study-objective.png").is_file()
+    assert (out / "results.md").is_file()
+    assert not (tmp_path / "fig" / "study-objective.png").exists()  # one variant: nothing to compare yet
     assert main(["study", str(config), "--output-dir", str(out), "--report-only", "--output",
                  str(tmp_path / "summary.json")]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())

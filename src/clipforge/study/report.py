@@ -162,8 +162,8 @@ def write_report(study: Study, cells: Sequence[Cell], output_dir: str | Path,
     written = []
     for group in groups:
         entries = [v for v in summary["variants"] if group in v["groups"] and v["seeds"]]
-        if not entries:
-            continue
+        if len(entries) < 2:
+            continue  # nothing to compare yet
         written.append(plot_group_metrics(figures / f"study-{group}.png", entries, f"Study: {group}"))
         reports = {}
         for v in entries:

@@ -24,7 +24,6 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write_text
@@ -75,14 +74,14 @@ def batch_margins(image_features: torch.Tensor, text_features: torch.Tensor, bat
 def bin_edges(series: str) -> np.ndarray:
     """The fixed histogram edges of a series ('i2t', 't2i' or 'positive')."""
     low, high = SIMILARITY_RANGE if series == "positive" else MARGIN_RANGE
-    return np.linspace(low, high, int(round((high - low) / BIN_WIDTH)) + 1)
+    return np.linspace(low, high, round((high - low) / BIN_WIDTH) + 1)
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
     v = values.double()
     out = {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "min": v.min().item(), "max": v.max().item()}
     for q, value in zip(QUANTILES, torch.quantile(v, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()):
-        out[f"q{int(round(100 * q)):02d}"] = value
+        out[f"q{round(100 * q):02d}"] = value
     return out
 
 
@@ -206,7 +205,8 @@ def plot_margin_overlay(
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for label, report in reports.items():
         _, density = _density(report, series)
-        line = left.stairs(density, bin_edges(series), label=f"{label} ({float(report[series]['mean']):.3f})")  # type: ignore[index]
+        mean = float(report[series]["mean"])  # type: ignore[index]
+        line = left.stairs(density, bin_edges(series), label=f"{label} ({mean:.3f})")
         _, density = _density(report, "positive")
         right.stairs(density, bin_edges("positive"), color=line.get_edgecolor(),
                      label=f"{label} ({float(report['positive']['mean']):.3f})")  # type: ignore[index]  # fmt: skip

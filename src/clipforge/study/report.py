@@ -34,7 +34,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (n - 1; 0 for a single value) of a list of numbers."""
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": int(len(arr))}
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
 def load_records(output_dir: str | Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
@@ -90,12 +90,12 @@ def _cell(stat: dict[str, float] | None, scale: float, decimals: int, signed: bo
 
 def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
     """One results table per group (mean ± std over seeds) and one of paired differences vs the baseline."""
-    lines = [f"Finished cells: {summary['cells_finished']} of {summary['cells_total']}. "
-             "Each entry: mean ± sample standard deviation over seeds (n = seeds finished).", ""]  # fmt: skip
+    lines = [(f"Finished cells: {summary['cells_finished']} of {summary['cells_total']}. "
+              "Each entry: mean ± sample standard deviation over seeds (n = seeds finished)."), ""]
     cpu = summary.get("cpu_seconds", {})
     if cpu.get("cells"):
-        lines[-1:] = [f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on average "
-                      f"over the {cpu['cells']} cells that recorded it.", ""]  # fmt: skip
+        lines[-1:] = [(f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on "
+                       f"average over the {cpu['cells']} cells that recorded it."), ""]
     header = "| variant | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS)
     variants = summary["variants"]

@@ -56,3 +56,12 @@ def test_lr_schedule_hand_values():
 def test_scientific_notation_override_is_a_number():
     cfg = load_train_config(None, ["--optim.lr=2e-3"])
     assert cfg.optim.lr == pytest.approx(0.002)
+
+
+def test_demo_config_file_restates_the_defaults():
+    from pathlib import Path
+
+    from clipforge.train.config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_train_config(path) == TrainConfig()

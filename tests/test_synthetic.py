@@ -44,7 +44,11 @@ def test_heldout_combinations_never_appear_in_training_scenes_or_captions():
         caption = world.pair(STREAM_TRAIN, i)[1]
         for combo in heldout:
             colour, shape = combo.split()
-            assert f"{colour} {shape}" not in caption
+            assert f"{colour} {shape}" not in caption and f"{shape} in {colour}" not in caption
+
+
+def names(obj, caption):
+    return f"{obj.colour} {obj.shape}" in caption or f"{obj.shape} in {obj.colour}" in caption
 
 
 def test_captions_name_objects_and_are_sometimes_incomplete():
@@ -53,7 +57,7 @@ def test_captions_name_objects_and_are_sometimes_incomplete():
     for i in range(500):
         objects, rng = world.scene(STREAM_TRAIN, i)
         caption = world.describe(objects, rng)
-        named = sum(f"{o.colour} {o.shape}" in caption for o in objects)
+        named = sum(names(o, caption) for o in objects)
         assert named >= 1
         incomplete += named < len(objects)
     assert incomplete > 50
@@ -61,7 +65,7 @@ def test_captions_name_objects_and_are_sometimes_incomplete():
     for i in range(200):
         objects, rng = complete_world.scene(STREAM_TRAIN, i)
         caption = complete_world.describe(objects, rng)
-        assert all(f"{o.colour} {o.shape}" in caption for o in objects)
+        assert all(names(o, caption) for o in objects)
 
 
 def test_caption_noise_replaces_the_requested_fraction():
@@ -92,3 +96,12 @@ def test_zeroshot_set_labels_and_tensors():
 def test_bad_synthetic_config_names_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(SyntheticConfig, {key: value})
+
+
+def test_some_phrases_are_shape_first():
+    world = SyntheticWorld(SyntheticConfig(reorder_prob=0.5))
+    captions = [world.pair(STREAM_TRAIN, i)[1] for i in range(200)]
+    shape_first = [f"{s} in {c}" for s in SHAPES for c in COLOURS]
+    assert any(p in c for c in captions for p in shape_first)
+    plain = [SyntheticWorld(SyntheticConfig(reorder_prob=0.0)).pair(STREAM_TRAIN, i)[1] for i in range(200)]
+    assert not any(p in c for c in plain for p in shape_first)

@@ -33,6 +33,10 @@ def results_table(metrics: dict[str, float]) -> str:
     lines = ["| metric | single template | template ensemble |", "|---|---:|---:|"]
     for label, single, ensemble in rows:
         lines.append(f"| {label} | {100 * metrics[single]:.1f}% | {100 * metrics[ensemble]:.1f}% |")
+    if "zeroshot_seen_top1_synonyms" in metrics:
+        lines.append(f"| zero-shot top-1 with synonym class names, seen / held-out | | "
+                     f"{100 * metrics['zeroshot_seen_top1_synonyms']:.1f}% / "
+                     f"{100 * metrics['zeroshot_heldout_top1_synonyms']:.1f}% |")
     lines += ["", "| retrieval (1000 held-out pairs) | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
     for label, key in (("image → text", "i2t"), ("text → image", "t2i")):
         cells = " | ".join(f"{100 * metrics[f'retrieval_{key}_r{k}']:.1f}%" for k in (1, 5, 10))
@@ -69,10 +73,12 @@ def run_demo(output: str | Path | None = None, overrides: list[str] | None = Non
     print(f"Training {cfg.model} on the embedded synthetic world: {cfg.steps} steps of {cfg.batch_size} pairs "
           f"({len(cfg.data.synthetic.heldout)} colour x shape combinations held out of training).")
     result = train(cfg, progress=progress)
+    if result.interrupted:  # a signal stopped training (a checkpoint was saved): no evaluation of half a run
+        raise KeyboardInterrupt
     assert result.model is not None
     world = SyntheticWorld(cfg.data.synthetic)
     metrics = evaluate_synthetic(result.model, get_tokenizer(cfg.model), world, cfg.eval.zeroshot_per_class,
-                                 cfg.eval.retrieval_pairs, cfg.eval.templates)
+                                 cfg.eval.retrieval_pairs, cfg.eval.templates, synonyms=cfg.eval.synonyms)
     metrics["train_seconds"] = result.train_seconds
     print(f"\nTrained in {result.train_seconds:.0f} s. Zero-shot over all 64 colour x shape classes:\n")
     print(results_table(metrics))

@@ -231,3 +231,21 @@ def distributed_siglip_loss(
     """`siglip_loss` of the global batch: this rank's rows against every gathered column."""
     cfg = LossConfig(name="siglip", chunk_size=chunk_size)
     return distributed_compute_loss(cfg, image_features, text_features, logit_scale, logit_bias)["loss"]
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` (any picklable value) on every rank; `obj` itself for a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` for a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

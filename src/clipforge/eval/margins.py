@@ -12,6 +12,10 @@ computed within each; a final incomplete batch is left out so every margin sees 
 The positive similarity <f_i, g_i> is reported separately: a term that only pulls positives together can raise
 it while the hardest negative rises too, and the margin shrinks.
 
+`margins_in_batches` (random batches, as training draws them; used by `clipforge eval margins`) and
+`batch_margins` (consecutive batches, plus the positive similarities; used by the study) share one
+computation, `losses.per_sample_margins`, the definition the margin losses train with.
+
 Distributions are stored as counts on fixed bins (margins on [-2, 2], similarities on [-1, 1]), so the
 histograms of several seeds add up exactly and overlays can be drawn from the JSON alone.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +36,6 @@ from ..losses import per_sample_margins
 MARGIN_RANGE = (-2.0, 2.0)  # margins of unit vectors
 SIMILARITY_RANGE = (-1.0, 1.0)
 BIN_WIDTH = 0.025
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SERIES = ("i2t", "t2i", "positive")  # the three distributions of a report
 
 
@@ -44,31 +47,71 @@ class MarginSample(NamedTuple):
     positive: torch.Tensor
 
 
+def _check(image_features: torch.Tensor, text_features: torch.Tensor, batch_size: int) -> None:
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            f"margins: image features {tuple(image_features.shape)} and text features "
+            f"{tuple(text_features.shape)} must have the same shape [N, D]"
+        )
+    if batch_size < 2:
+        raise ValueError(f"margins need batches of at least 2 pairs, got batch size {batch_size}")
+    if image_features.shape[0] < batch_size:
+        raise ValueError(
+            f"{image_features.shape[0]} pairs are fewer than one batch of {batch_size}; use a smaller --batch-size"
+        )
+
+
+def _margins_of(image_features: torch.Tensor, text_features: torch.Tensor, order: torch.Tensor,
+                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t, t2i) of the pairs `order` [M] (M a multiple of batch_size), cut into consecutive batches."""
+    i2t, t2i = [], []
+    for batch in order.view(-1, batch_size):  # [batches, batch_size]
+        a, b = per_sample_margins(image_features[batch].float(), text_features[batch].float())  # [batch_size] x2
+        i2t.append(a)
+        t2i.append(b)
+    return torch.cat(i2t), torch.cat(t2i)
+
+
+def margins_in_batches(
+    image_features: torch.Tensor, text_features: torch.Tensor, batch_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Margins of every pair within random batches of exactly `batch_size` pairs.
+
+    The N pairs are shuffled (seeded) and cut into N // batch_size batches, as training batches are; the
+    remainder (fewer than `batch_size` pairs) is left out, since a smaller batch has fewer negatives and its
+    margins would not be comparable. Returns (i2t [M], t2i [M], pair index [M]) with M = whole batches * size.
+    """
+    _check(image_features, text_features, batch_size)
+    count = image_features.shape[0]
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    order = order[: count - count % batch_size]
+    i2t, t2i = _margins_of(image_features, text_features, order, batch_size)
+    return i2t, t2i, order
+
+
 def batch_margins(image_features: torch.Tensor, text_features: torch.Tensor, batch_size: int) -> MarginSample:
     """Margins of every pair within consecutive batches of `batch_size` pairs, and positive similarities.
 
     Features [N, D] must be L2-normalised, row i of each forming a pair. Only the first
     floor(N / batch_size) * batch_size pairs are used (see module docstring).
     """
-    if image_features.ndim != 2 or image_features.shape != text_features.shape:
-        raise ValueError(
-            f"batch_margins: image features {tuple(image_features.shape)} and text features "
-            f"{tuple(text_features.shape)} must have the same shape [N, D]"
-        )
-    if batch_size < 2:
-        raise ValueError(f"batch_margins: a batch needs at least 2 pairs to have a negative, got {batch_size}")
-    batches = image_features.shape[0] // batch_size
-    if batches == 0:
-        raise ValueError(f"batch_margins: {image_features.shape[0]} pairs are fewer than one batch of {batch_size}")
-    i2t, t2i = [], []
-    for b in range(batches):
-        rows = slice(b * batch_size, (b + 1) * batch_size)
-        m_i2t, m_t2i = per_sample_margins(image_features[rows].float(), text_features[rows].float())
-        i2t.append(m_i2t)
-        t2i.append(m_t2i)
-    used = batches * batch_size
+    _check(image_features, text_features, batch_size)
+    used = image_features.shape[0] - image_features.shape[0] % batch_size
+    i2t, t2i = _margins_of(image_features, text_features, torch.arange(used), batch_size)
     positive = (image_features[:used].float() * text_features[:used].float()).sum(dim=-1)  # [N]
-    return MarginSample(torch.cat(i2t), torch.cat(t2i), positive)
+    return MarginSample(i2t, t2i, positive)
+
+
+def describe(values: torch.Tensor) -> dict[str, float]:
+    """Mean, spread, quantiles and the fraction of positive margins (pairs ranked first in their batch)."""
+    v = values.double()
+    quantiles = torch.quantile(v, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
+    out: dict[str, Any] = {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0,
+                           "min": v.min().item(), "max": v.max().item()}
+    for name, q in zip(("p05", "p25", "median", "p75", "p95"), quantiles.tolist()):
+        out[name] = q
+    out["positive_fraction"] = (v > 0).double().mean().item()
+    return out
 
 
 def bin_edges(series: str) -> np.ndarray:
@@ -77,25 +120,17 @@ def bin_edges(series: str) -> np.ndarray:
     return np.linspace(low, high, round((high - low) / BIN_WIDTH) + 1)
 
 
-def _summary(values: torch.Tensor) -> dict[str, float]:
-    v = values.double()
-    out = {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "min": v.min().item(), "max": v.max().item()}
-    for q, value in zip(QUANTILES, torch.quantile(v, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()):
-        out[f"q{round(100 * q):02d}"] = value
-    return out
-
-
 def margin_report(sample: MarginSample, batch_size: int) -> dict[str, object]:
     """JSON-ready summary of a sample: per series its statistics and its histogram counts on the fixed bins.
 
     For the margins, `frac_negative` is the share of pairs whose hardest negative beats the positive
-    (in-batch retrieval errors).
+    (in-batch retrieval errors); statistics as `describe`.
     """
     report: dict[str, object] = {"batch_size": batch_size, "pairs": int(sample.positive.numel()),
                                  "bin_width": BIN_WIDTH}  # fmt: skip
     for name in SERIES:
         values = getattr(sample, name)
-        stats = _summary(values)
+        stats = describe(values)
         if name != "positive":
             stats["frac_negative"] = (values < 0).double().mean().item()
         edges = bin_edges(name)
@@ -226,6 +261,6 @@ def plot_margin_overlay(
 
 
 __all__ = [
-    "MarginSample", "batch_margins", "margin_report", "merge_reports", "diagnose_margins", "bin_edges",
+    "MarginSample", "margins_in_batches", "describe", "batch_margins", "margin_report", "merge_reports", "diagnose_margins", "bin_edges",
     "plot_margin_histogram", "plot_margin_overlay",
 ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import torch
@@ -14,6 +15,18 @@ from .zeroshot import build_classifier, encode_images, zeroshot_scores
 
 def with_article(name: str) -> str:
     return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def synonym_classnames(classnames: list[str]) -> list[str]:
+    """'red circle' -> 'crimson disc': the same classes in words the captions never use."""
+    from importlib import resources  # noqa: PLC0415
+
+    table = json.loads((resources.files("clipforge") / "eval" / "synonyms" / "synthetic.json").read_text())
+    out = []
+    for name in classnames:
+        colour, shape = name.split()
+        out.append(f"{table['colours'][colour]} {table['shapes'][shape]}")
+    return out
 
 
 @torch.no_grad()
@@ -33,17 +46,28 @@ def encode_pairs(model: torch.nn.Module, tokenizer: Callable, dataset: Synthetic
 def evaluate_synthetic(
     model: torch.nn.Module, tokenizer: Callable, world: SyntheticWorld, per_class: int = 20,
     retrieval_pairs: int = 1000, templates: str = "synthetic", device: str | torch.device = "cpu",
+    synonyms: bool = False,
 ) -> dict[str, float]:
-    """The demo's metrics, as fractions in [0, 1]. Classification is always over all 64 classes."""
+    """The demo's metrics, as fractions in [0, 1]. Classification is always over all 64 classes.
+
+    With `synonyms`, also zero-shot top-1 with class names in words the captions never use
+    (`zeroshot_{seen,heldout}_top1_synonyms`).
+    """
     was_training = model.training
     model.eval()
     all_templates = load_templates(templates)
     prompts = [with_article(c) for c in world.classnames]
     ensemble = build_classifier(model, tokenizer, prompts, all_templates, device)
     single = build_classifier(model, tokenizer, prompts, all_templates[:1], device)
+    synonym = None
+    if synonyms:
+        synonym_prompts = [with_article(c) for c in synonym_classnames(world.classnames)]
+        synonym = build_classifier(model, tokenizer, synonym_prompts, all_templates, device)
     results: dict[str, float] = {}
     for split, combos in (("seen", world.seen), ("heldout", world.heldout)):
         features, labels = encode_images(model, SyntheticZeroShot(world, combos, per_class), device=device)
+        if synonym is not None:
+            results[f"zeroshot_{split}_top1_synonyms"] = zeroshot_scores(features, labels, synonym)["acc1"]
         ens = zeroshot_scores(features, labels, ensemble)
         one = zeroshot_scores(features, labels, single)
         results[f"zeroshot_{split}_top1"] = ens["acc1"]

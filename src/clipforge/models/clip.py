@@ -61,7 +61,8 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
+        """The compute dtype: that of the matmul weights (embeddings and norms may be kept in fp32)."""
+        return self.text_projection.dtype
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -81,11 +82,18 @@ class CLIP(nn.Module):
             raise ValueError(
                 f"text tokens have length {length}, above this model's context length {self.context_length}"
             )
-        x = self.token_embedding(tokens) + self.positional_embedding[:length].to(self.dtype)  # [B, L, W]
-        x = self.transformer(x, causal=True)
-        x = self.ln_final(x)
         # The end-of-text token has the highest id in the vocabulary, so argmax finds its position.
         eot = tokens.argmax(dim=-1)  # [B]
+        if tokens.device.type == "cpu" and tokens.shape[0] > 0 and not torch.compiler.is_compiling():
+            # Causal attention: no position sees the padding after the last end-of-text token of the batch,
+            # so dropping it leaves the features unchanged and saves most of the text tower on short
+            # captions. (Not on GPUs, where reading the length would stall the stream, nor when compiling.)
+            length = int(eot.max()) + 1
+            tokens = tokens[:, :length]  # [B, L']
+        x = self.token_embedding(tokens).to(self.dtype)  # [B, L, W]
+        x = x + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x, causal=True)
+        x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, W]
         features = x @ self.text_projection  # [B, D]
         return F.normalize(features, dim=-1) if normalize else features

@@ -159,10 +159,11 @@ class HFTextCLIP(CLIP):
         inner = getattr(self.visual, "transformer", None)
         if inner is not None:
             inner.grad_checkpointing = enable
-        if enable and hasattr(self.text.encoder, "gradient_checkpointing_enable"):
-            self.text.encoder.gradient_checkpointing_enable()
-        elif hasattr(self.text.encoder, "gradient_checkpointing_disable"):
-            self.text.encoder.gradient_checkpointing_disable()
+        encoder = self.text.encoder
+        if enable and hasattr(encoder, "gradient_checkpointing_enable"):
+            encoder.gradient_checkpointing_enable()
+        elif getattr(encoder, "is_gradient_checkpointing", False):
+            encoder.gradient_checkpointing_disable()
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """tokens [B, L] (padded with the tokenizer's pad id) -> features [B, D]."""

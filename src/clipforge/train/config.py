@@ -15,23 +15,53 @@ import yaml
 from ..config import ConfigError, apply_overrides, from_dict
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
+from .finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where training pairs come from: the embedded synthetic world, a CSV/TSV manifest, or tar shards."""
 
-    source: Literal["synthetic", "manifest", "shards"] = "synthetic"
+    source: Literal["synthetic", "manifest", "offline", "shards"] = "synthetic"
     path: str | None = None  # manifest file or shard pattern
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    num_workers: int = 1
+    num_workers: int = 0  # synthetic rendering is cheap: inline beats a worker competing for 2 cores
+    # Bad samples (unreadable/missing/bomb images, empty or non-UTF-8 captions) are skipped and counted; the run
+    # stops once they exceed this fraction of the samples read, checked after `bad_min_samples` reads.
+    max_bad_fraction: float = 0.1
+    bad_min_samples: int = 100
+    max_image_pixels: int = 89_478_485  # larger images are refused as decompression bombs (PIL's default)
+    context_length: int | None = None  # tokens per caption; None: the model's context length
+    split: str | None = None  # manifest: train on the rows of this split only (null: every row)
+    datasets: tuple[str, ...] = ()  # offline: prepared caption corpora whose train splits are used together
+    root: str | None = None  # offline: data root (null: $CLIPFORGE_DATA or ~/.cache/clipforge/data)
+    preload: bool = False  # manifest/offline: decode and shrink every image once, keep it in memory
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.source != "synthetic" and not self.path:
+        if self.source in ("manifest", "shards") and not self.path:
             raise ConfigError(f"config key '{p}path': required when {p}source is '{self.source}'")
+        if self.source == "offline" and not self.datasets:
+            raise ConfigError(f"config key '{p}datasets': list the offline datasets when {p}source is 'offline'")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(
+                f"config key '{p}max_bad_fraction': expected a fraction in [0, 1], got {self.max_bad_fraction}"
+            )
+        if self.bad_min_samples < 1:
+            raise ConfigError(
+                f"config key '{p}bad_min_samples': expected a positive integer, got {self.bad_min_samples}"
+            )
+        if self.max_image_pixels < 1:
+            raise ConfigError(
+                f"config key '{p}max_image_pixels': expected a positive integer, got {self.max_image_pixels}"
+            )
+        if self.context_length is not None and self.context_length < 2:
+            raise ConfigError(
+                f"config key '{p}context_length': expected at least 2 (start and end tokens) or null, "
+                f"got {self.context_length}"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,6 +101,7 @@ class EvalConfig:
     retrieval_pairs: int = 1000
     templates: str = "synthetic"
     every: int | None = None
+    synonyms: bool = False  # also zero-shot with class names in words the captions never use
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -81,11 +112,27 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests: `nan_steps` lists step numbers (1-based, as in log.jsonl) whose loss is NaN."""
+
+    nan_steps: tuple[int, ...] = ()
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        for step in self.nan_steps:
+            if step < 1:
+                raise ConfigError(f"config key '{p}nan_steps': step numbers start at 1, got {step}")
+
+
+RESUME_MODES = ("auto", "latest")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    model: str = "ViT-Tiny-8-64"
+    model: str = "RN-Tiny-64"
     seed: int = 0
     steps: int = 1200
-    batch_size: int = 256
+    batch_size: int = 128
     precision: Literal["fp32", "bf16"] = "bf16"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     fixed_temperature: float | None = None  # fixes exp(logit_scale) = 1 / T and does not learn it
@@ -98,6 +145,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Fault tolerance. resume: "auto" (continue from the run's latest checkpoint if there is one), "latest"
+    # (must exist), or a checkpoint / run directory path. Checkpoints are written every `save_every` steps.
+    resume: str | None = None
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf steps (each skipped) before the run saves and stops
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.steps <= 0:
@@ -114,6 +168,19 @@ class TrainConfig:
             raise ConfigError(f"config key 'save_every': expected a positive integer or null, got {self.save_every}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"config key 'threads': expected a positive integer or null, got {self.threads}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(
+                f"config key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}"
+            )
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(
+                f"config key 'max_nonfinite_steps': expected a positive integer, got {self.max_nonfinite_steps}"
+            )
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("config key 'resume': expected 'auto', 'latest', a checkpoint path or null, got ''")
+        late = [s for s in self.debug.nan_steps if s > self.steps]
+        if late:
+            raise ConfigError(f"config key 'debug.nan_steps': step {late[0]} is after the last step {self.steps}")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

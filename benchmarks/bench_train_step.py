@@ -1,0 +1,183 @@
+"""Training-step throughput of clipforge against Hugging Face transformers' CLIPModel, and CPU MFU.
+
+One step = forward of both towers, the symmetric CLIP loss on the normalised features, backward, and a fused
+AdamW step (the same optimizer for both; it is several times faster than the default for-each AdamW on
+CPU). The transformers model is built with the same architecture (widths, layers, heads, patch, context,
+vocabulary, activation) and loaded with the same weights; the script checks that both compute the same
+features in fp32 before timing. Precisions: fp32; bf16 autocast (both); bf16 weights with fp32 master
+weights (clipforge's `speed.MasterWeights`, compared with transformers under autocast). One phase per
+precision; within it the two implementations take turns of `--block` steps (the first of each turn, which
+pays for the other model having evicted caches and allocator pools, is not timed), so a change of load on a
+shared machine hits both alike. Medians are reported.
+
+MFU: model FLOPs per step (3x the forward: ViT-B-32 counted as 14.8 GFLOP per pair, other models by the
+analytic formula in `common.forward_flops`) divided by the step time, as a fraction of the best matmul rate
+measured in this process (square matmuls of 1024-3072, fp32 and bf16, before and after the steps).
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_train_step.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from typing import Callable
+
+import torch
+
+from common import (PeakMeter, build_hf_model, copy_weights_to_hf, machine_note, median, pair_forward_flops,
+                    random_tokens, time_interleaved)
+
+from clipforge import create_model, get_model_config
+from clipforge.losses import clip_loss
+from clipforge.speed import MasterWeights, autocast
+
+TARGETS = {"bf16_ratio": 1.3, "fp32_ratio": 1.0, "mfu_bf16": 0.65}
+
+
+def clipforge_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
+    """A closure running one training step of a clipforge CLIP in 'fp32', 'bf16' (autocast) or 'bf16-weights'."""
+    if precision == "bf16-weights":
+        mw = MasterWeights(model)
+        optimizer = torch.optim.AdamW(mw.master.parameters(), lr=1e-5, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step() -> None:
+        if precision == "bf16-weights":
+            mw.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            image_features, text_features, scale = model(images, tokens)
+        clip_loss(image_features.float(), text_features.float(), scale.float()).backward()
+        if precision == "bf16-weights":
+            mw.grads_to_master()
+        optimizer.step()
+        if precision == "bf16-weights":
+            mw.master_to_model()
+
+    return step
+
+
+def hf_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            out = model(input_ids=tokens, pixel_values=images)
+        scale = model.logit_scale.exp()
+        clip_loss(out.image_embeds.float(), out.text_embeds.float(), scale.float()).backward()
+        optimizer.step()
+
+    return step
+
+
+def check_same_model(model, hf, images, tokens) -> float:
+    """Largest |difference| of the normalised fp32 features of the two implementations on the batch."""
+    with torch.no_grad():
+        ours_i, ours_t, _ = model(images, tokens)
+        out = hf(input_ids=tokens, pixel_values=images)
+    return max((ours_i - out.image_embeds).abs().max().item(), (ours_t - out.text_embeds).abs().max().item())
+
+
+def bench_model(name: str, batch: int, steps: int, precisions: list[str], block: int, meter: PeakMeter) -> dict:
+    cfg = get_model_config(name)
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    hf = build_hf_model(cfg).train()
+    copy_weights_to_hf(model, hf)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, cfg.vision_cfg.image_size, cfg.vision_cfg.image_size, generator=gen)
+    tokens = random_tokens(batch, cfg.text_cfg.context_length, gen)
+    max_diff = check_same_model(model, hf, images, tokens)
+    if max_diff > 1e-4:
+        raise RuntimeError(f"{name}: clipforge and transformers features differ by {max_diff:.2e} in fp32")
+
+    # One phase per precision: clipforge and transformers interleaved, then freed (a ViT-B-32 with its AdamW
+    # state is 2.4 GB), so that at most two models train at once.
+    times: dict[str, list[float]] = {}
+    for precision in precisions:
+        theirs = "bf16" if precision == "bf16-weights" else precision
+        ours = copy.deepcopy(model)
+        runs = {f"clipforge {precision}": clipforge_step(ours, images, tokens, precision),
+                f"transformers {theirs}": hf_step(hf, images, tokens, theirs)}
+        phase = time_interleaved(runs, steps, warmup=1 if block == 1 else 0, block=block)
+        times[f"clipforge {precision}"] = phase[f"clipforge {precision}"]
+        times[f"transformers {theirs} (with {precision})"] = phase[f"transformers {theirs}"]
+        del runs, ours
+        hf.zero_grad(set_to_none=True)
+        meter.measure()
+    flops, source = pair_forward_flops(name, cfg)
+    return {"model": name, "batch": batch, "steps": steps, "flops_per_step": 3 * flops * batch,
+            "flops_source": source, "fp32_max_feature_diff": max_diff,
+            "seconds": {k: median(v) for k, v in times.items()}, "all_seconds": times}
+
+
+def report(result: dict, peaks: dict[str, float]) -> dict:
+    """Print samples/s, ratios against transformers and MFU; return them."""
+    name, batch, secs = result["model"], result["batch"], result["seconds"]
+    print(f"\n{name}, batch {batch}, median of {result['steps']} interleaved steps "
+          f"(features agree with transformers to {result['fp32_max_feature_diff']:.1e} in fp32)")
+    print(f"  FLOPs per step: 3 x forward = {result['flops_per_step'] / 1e9:.1f} GFLOP ({result['flops_source']})")
+    rows = {}
+    for run, seconds in secs.items():
+        precision = run.split()[1]
+        peak = peaks["fp32"] if precision == "fp32" else peaks["bf16"]
+        rate = result["flops_per_step"] / seconds
+        rows[run] = {"samples_per_s": batch / seconds, "step_s": seconds, "gflops": rate / 1e9,
+                     "mfu": rate / peak, "mfu_of_bf16_peak": rate / peaks["bf16"]}
+        print(f"  {run:40s} {batch / seconds:7.2f} samples/s  step {seconds:7.3f} s  {rate / 1e9:6.1f} GFLOP/s  "
+              f"MFU {rate / peak:6.1%} of {'fp32' if precision == 'fp32' else 'bf16'} peak"
+              f" ({rate / peaks['bf16']:.1%} of bf16)")
+    ratios = {}
+    for run in secs:
+        if run.startswith("clipforge"):
+            precision = run.split()[1]
+            theirs = "bf16" if precision == "bf16-weights" else precision
+            ratios[f"{precision} vs transformers {theirs}"] = (
+                secs[f"transformers {theirs} (with {precision})"] / secs[run])
+    for label, ratio in ratios.items():
+        print(f"  speed ratio clipforge {label}: {ratio:.2f}x")
+    if any(row["mfu"] > 1 for row in rows.values()):
+        print("  (MFU above 100%: the machine was busier while the peak was measured; rerun when it is quiet)")
+    return {**result, "rows": rows, "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="ViT-Tiny-8-64:64,ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16-weights")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--block", type=int, default=2,
+                        help="consecutive steps per turn, the first not timed (1: strict alternation, one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", metavar="FILE.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    precisions = args.precisions.split(",")
+    print(machine_note(args.threads))
+    meter = PeakMeter()
+    meter.measure()
+    results = []
+    for item in args.models.split(","):
+        name, _, batch = item.partition(":")
+        results.append(bench_model(name, int(batch or 16), args.steps, precisions, args.block, meter))
+    peaks = meter.measure()
+    print(f"matmul peak (best of 1024/2048/3072 x 3, measured before, between and after the phases): "
+          f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    reports = [report(r, peaks) for r in results]
+    print(f"\ntargets: bf16 >= {TARGETS['bf16_ratio']}x transformers, fp32 >= {TARGETS['fp32_ratio']}x, "
+          f"MFU >= {TARGETS['mfu_bf16']:.0%} of bf16 peak on ViT-B-32 at batch >= 16")
+    print(machine_note(args.threads))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"machine": machine_note(args.threads), "peaks": peaks, "results": reports}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Shared pieces of the speed benchmarks: the matching Hugging Face config, analytic FLOP counts, the
+machine's measured matmul peak, inputs, interleaved timing and the machine's load.
+
+The scripts run from the repository root with `PYTHONPATH=src:benchmarks` (see each script's docstring).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from clipforge.models.config import ModelConfig
+
+EOT_TOKEN = 49407
+SOT_TOKEN = 49406
+
+# Radford et al.'s count for ViT-B/32, which the benchmarks use as given: GFLOP per image-text pair forward.
+VIT_B_32_FORWARD_GFLOP = {"image": 8.8, "text": 6.0}
+
+
+def hf_clip_config(cfg: ModelConfig):  # -> transformers.CLIPConfig
+    """A transformers CLIPConfig with the same widths, depths, heads, patch, context, vocabulary and activation."""
+    from transformers import CLIPConfig  # noqa: PLC0415 - heavy, and only the benchmarks need it
+
+    v, t = cfg.vision_cfg, cfg.text_cfg
+    if v.is_resnet:
+        raise ValueError("transformers' CLIPModel has no ResNet image tower")
+    act = "quick_gelu" if cfg.quick_gelu else "gelu"
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                num_attention_heads=t.heads, num_hidden_layers=t.layers, max_position_embeddings=t.context_length,
+                hidden_act=act, layer_norm_eps=1e-5, eos_token_id=EOT_TOKEN, bos_token_id=SOT_TOKEN)
+    vision = dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_attention_heads=v.num_heads,
+                  num_hidden_layers=v.layers, image_size=v.image_size, patch_size=v.patch_size, hidden_act=act,
+                  layer_norm_eps=1e-5)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
+                      logit_scale_init_value=cfg.init_logit_scale)
+
+
+def build_hf_model(cfg: ModelConfig):  # -> transformers.CLIPModel
+    from transformers import CLIPModel  # noqa: PLC0415
+
+    return CLIPModel(hf_clip_config(cfg)).to(torch.float32)
+
+
+@torch.no_grad()
+def copy_weights_to_hf(model: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Load a clipforge CLIP's weights into the matching transformers CLIPModel (to check that they agree)."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {"logit_scale": sd["logit_scale"]}
+
+    def blocks(prefix: str, hf_prefix: str, layers: int) -> None:
+        for i in range(layers):
+            a, b = f"{prefix}resblocks.{i}.", f"{hf_prefix}encoder.layers.{i}."
+            for name, w in zip("qkv", sd[a + "attn.in_proj_weight"].chunk(3)):
+                out[b + f"self_attn.{name}_proj.weight"] = w
+            for name, w in zip("qkv", sd[a + "attn.in_proj_bias"].chunk(3)):
+                out[b + f"self_attn.{name}_proj.bias"] = w
+            pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+            for ours, theirs in pairs.items():
+                for kind in ("weight", "bias"):
+                    out[f"{b}{theirs}.{kind}"] = sd[f"{a}{ours}.{kind}"]
+
+    cfg = model.config
+    blocks("transformer.", "text_model.", cfg.text_cfg.layers)
+    blocks("visual.transformer.", "vision_model.", cfg.vision_cfg.layers)
+    out["text_model.embeddings.token_embedding.weight"] = sd["token_embedding.weight"]
+    out["text_model.embeddings.position_embedding.weight"] = sd["positional_embedding"]
+    out["vision_model.embeddings.patch_embedding.weight"] = sd["visual.conv1.weight"]
+    out["vision_model.embeddings.class_embedding"] = sd["visual.class_embedding"]
+    out["vision_model.embeddings.position_embedding.weight"] = sd["visual.positional_embedding"]
+    for ours, theirs in (("ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
+                         ("visual.ln_post", "vision_model.post_layernorm")):
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.{kind}"] = sd[f"{ours}.{kind}"]
+    out["text_projection.weight"] = sd["text_projection"].t()  # ours x @ P, theirs Linear: x @ W^T
+    out["visual_projection.weight"] = sd["visual.proj"].t()
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping to transformers: missing {missing}, unexpected {unexpected}")
+
+
+def transformer_flops(tokens: int, width: int, layers: int, mlp_hidden: int) -> int:
+    """Forward FLOPs (multiply-add = 2) of a pre-LN transformer on one sequence of `tokens`.
+
+    Per layer: q/k/v and output projections 2*L*W*(3W + W) = 8*L*W^2; MLP 2*2*L*W*H; attention scores and
+    the weighted sum of values 2*2*L^2*W (the full L x L, causal or not, as the usual convention).
+    """
+    per_layer = 8 * tokens * width**2 + 4 * tokens * width * mlp_hidden + 4 * tokens**2 * width
+    return layers * per_layer
+
+
+def forward_flops(cfg: ModelConfig) -> dict[str, int]:
+    """Analytic forward FLOPs per image-text pair: {'image': ..., 'text': ...} (ViT towers).
+
+    image = patch embedding 2 * G^2 * (3 * P^2) * W + transformer on G^2 + 1 tokens + projection 2 * W * D;
+    text = transformer on the context length + projection 2 * W * D (embedding lookups cost no FLOPs).
+    For ViT-B-32 this gives 8.82 + 5.96 GFLOP, the paper's 8.8 + 6.0.
+    """
+    v, t = cfg.vision_cfg, cfg.text_cfg
+    assert v.patch_size is not None
+    grid = v.image_size // v.patch_size
+    image = (2 * grid**2 * 3 * v.patch_size**2 * v.width
+             + transformer_flops(grid**2 + 1, v.width, v.layers, int(v.width * v.mlp_ratio))
+             + 2 * v.width * cfg.embed_dim)
+    text = (transformer_flops(t.context_length, t.width, t.layers, int(t.width * t.mlp_ratio))
+            + 2 * t.width * cfg.embed_dim)
+    return {"image": image, "text": text}
+
+
+def pair_forward_flops(name: str, cfg: ModelConfig) -> tuple[float, str]:
+    """(FLOPs per pair forward, where the count comes from): the paper's number for ViT-B-32, else analytic."""
+    if name == "ViT-B-32":
+        return sum(VIT_B_32_FORWARD_GFLOP.values()) * 1e9, "Radford et al. 2021: 8.8 + 6.0 GFLOP"
+    parts = forward_flops(cfg)
+    return float(sum(parts.values())), (
+        f"analytic: image {parts['image'] / 1e9:.3f} + text {parts['text'] / 1e9:.3f} GFLOP")
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 3) -> float:
+    """The best FLOP/s of square matmuls of the given sizes in `dtype` (on the current thread count)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up: primitive creation, page faults
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+class PeakMeter:
+    """The best fp32 and bf16 matmul rates seen so far; measured several times during a run (between
+    phases), because on a shared machine a single measurement may fall in a busy moment."""
+
+    def __init__(self) -> None:
+        self.best = {"fp32": 0.0, "bf16": 0.0}
+
+    def measure(self) -> dict[str, float]:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            self.best[name] = max(self.best[name], matmul_peak(dtype))
+        return self.best
+
+
+def random_tokens(batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
+    """Token rows shaped like the tokenizer's: start token, random words, end token, zero padding.
+
+    The first row fills the whole context, so every implementation computes all positions (clipforge drops
+    padding after the batch's last end-of-text token on CPU, which real, shorter captions benefit from).
+    """
+    tokens = torch.zeros(batch, context, dtype=torch.long)
+    lengths = torch.randint(3, context + 1, (batch,), generator=generator)
+    lengths[0] = context
+    for i, length in enumerate(lengths.tolist()):
+        tokens[i, 0] = SOT_TOKEN
+        tokens[i, 1 : length - 1] = torch.randint(1, 49000, (length - 2,), generator=generator)
+        tokens[i, length - 1] = EOT_TOKEN
+    return tokens
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                     block: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, taking turns (A B A B ...) so that a change of the machine's load
+    during the run affects all of them alike.
+
+    With `block` > 1 each turn makes `block` calls in a row and the first is not counted: two models trained
+    in turn in one process evict each other's caches and allocator pools, a cost that a real run, which
+    trains one model, never pays. `repeats` counted calls are made of each function.
+    """
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    while any(len(t) < repeats for t in times.values()):
+        for name, fn in steps.items():
+            for call in range(block):
+                start = time.perf_counter()
+                fn()
+                if call > 0 or block == 1:
+                    times[name].append(time.perf_counter() - start)
+    return {name: t[:repeats] for name, t in times.items()}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_note(threads: int) -> str:
+    load = os.getloadavg()
+    return (f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPUs, "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

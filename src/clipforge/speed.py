@@ -1,0 +1,180 @@
+"""Precision and execution-speed helpers: bf16 autocast, bf16 weights (inference, or training with fp32 master
+copies), channels-last for convolutional towers, `torch.compile`, and float32 matmul precision.
+
+What is fast on a CPU with AVX-512 bf16 (measured by `benchmarks/bench_train_step.py`): matmuls in bf16 run
+about 2x the fp32 rate; autocast and bf16 weights give the same matmul speed, and bf16 weights save autocast's
+per-step weight casts and halve the bytes of every elementwise op. Without native bf16 instructions bf16 is
+emulated and slower than fp32, so `resolve_precision` falls back to fp32 there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "bf16-weights")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags for native bf16 dot products
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags listed in /proc/cpuinfo (empty where the file does not exist, e.g. macOS)."""
+    if not os.path.exists(cpuinfo):
+        return set()
+    with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.startswith(("flags", "Features")):  # x86 / ARM spelling
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bf16 dot products natively (AVX-512 BF16 or AMX; ARM bf16)."""
+    flags = cpu_flags(cpuinfo)
+    return any(flag in flags for flag in CPU_BF16_FLAGS) or "bf16" in flags
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 is fast on `device`: native CPU instructions, or a CUDA GPU that supports it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_supports_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`precision`, or 'fp32' when it asks for bf16 on a device without fast bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and not bf16_supported(device):
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """bf16 autocast on `device` for precision 'bf16'; a no-op for 'fp32' and 'bf16-weights' (already bf16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_matmul_precision(mode: str = "highest") -> None:
+    """fp32 matmul precision: 'highest' (true fp32), 'high' (TF32 on GPUs), 'medium' (bf16 passes allowed)."""
+    if mode not in ("highest", "high", "medium"):
+        raise ValueError(f"matmul precision: expected 'highest', 'high' or 'medium', got {mode!r}")
+    torch.set_float32_matmul_precision(mode)
+
+
+def _is_matmul_parameter(module: nn.Module, name: str) -> bool:
+    """Weights and biases that feed matmuls or convolutions; norms, embeddings and the temperature are not."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return True
+    if name in ("in_proj_weight", "in_proj_bias"):
+        return True
+    return name in ("proj", "text_projection")
+
+
+def low_precision_parameters(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
+    """(owning module, name, parameter) of the parameters that bf16 weights put in bf16."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if _is_matmul_parameter(module, name):
+                yield module, name, param
+
+
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Put matmul/conv weights in `dtype` in place; LayerNorms, embeddings and logit_scale stay fp32.
+
+    The CLIP model computes in the dtype of its matmul weights (`model.dtype`), normalises in fp32 and casts
+    embeddings on use, so this is the bf16-weights inference model (the fastest on CPUs with AVX-512 bf16).
+    """
+    for _, _, param in low_precision_parameters(model):
+        param.data = param.data.to(dtype)
+    return model
+
+
+def bf16_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy-free bf16-weights model for embedding images and texts (see cast_matmul_weights)."""
+    return cast_matmul_weights(model, torch.bfloat16).eval()
+
+
+class MasterWeights:
+    """Mixed-precision training with bf16 compute weights and fp32 master weights (no autocast).
+
+    `model` computes in bf16; `master` is an fp32 module with the same parameter names, which the optimizer
+    updates and checkpoints save. Parameters that stay fp32 in the model (norms, embeddings, temperature) are
+    shared with `master`, so their gradients arrive there directly. One training step:
+
+        mw.zero_grad(); loss_of(mw.model(...)).backward(); mw.grads_to_master()
+        clip_grad_norm_(mw.master.parameters(), ...); optimizer.step()   # optimizer over mw.master
+        mw.master.clamp_logit_scale(); mw.master_to_model()
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model = model
+        self.master = copy.deepcopy(model)
+        self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+        master_modules = dict(self.master.named_modules())
+        for module_name, module in model.named_modules():
+            twin = master_modules[module_name]
+            for name, param in list(module.named_parameters(recurse=False)):
+                if _is_matmul_parameter(module, name):
+                    param.data = param.data.to(dtype)
+                    self.pairs.append((param, getattr(twin, name)))
+                else:
+                    setattr(twin, name, param)  # one fp32 tensor serves both
+
+    def zero_grad(self) -> None:
+        for param in list(self.model.parameters()) + list(self.master.parameters()):
+            param.grad = None
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        """Copy the bf16 gradients into fp32 master gradients (and free the bf16 ones)."""
+        for param, master in self.pairs:
+            if param.grad is None:
+                master.grad = None
+                continue
+            master.grad = param.grad.to(torch.float32)
+            param.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        """Round the updated fp32 master weights into the bf16 compute weights."""
+        for param, master in self.pairs:
+            param.copy_(master)
+
+
+def uses_convolutions(model: nn.Module) -> bool:
+    """True when the model has convolutions beyond a ViT's non-overlapping patch embedding (e.g. a ResNet)."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
+def channels_last(model: nn.Module) -> bool:
+    """Put a convolutional model in channels-last memory format (faster oneDNN/cuDNN convs); returns whether
+    it did. ViTs are left alone: their one patchify conv gains nothing. Feed images with `channels_last_input`."""
+    if not uses_convolutions(model):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def channels_last_input(images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] in channels-last memory layout (same shape and values)."""
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def compile_model(model: nn.Module, enabled: bool = True, mode: str | None = None,
+                  dynamic: bool = False) -> Callable:
+    """`torch.compile(model)` when enabled (one compilation per input shape; the first call is slow)."""
+    if not enabled:
+        return model
+    return torch.compile(model, mode=mode, dynamic=dynamic)

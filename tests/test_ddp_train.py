@@ -1,0 +1,89 @@
+"""Data-parallel training with real processes (gloo): two ranks, each on its half of every global batch, end
+with the weights and per-step losses of one process on the whole batch; only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+
+from clipforge.checkpoint import list_checkpoints, verify_checkpoint_dir
+from clipforge.train.loop import train
+from run_helpers import (events, fork_call, last_logged_step, step_log, tiny_config, wait_exit, wait_for_step,
+                         weights)
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ranks(cfg, world: int = WORLD) -> list[int]:
+    """Train `cfg` in `world` forked processes set up as torchrun would; their pids."""
+    port = free_port()
+
+    def rank_main(rank: int) -> int:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        return train(cfg, progress=False).exit_code
+
+    return [fork_call(lambda r=r: rank_main(r)) for r in range(world)]
+
+
+def run_ranks(cfg, world: int = WORLD) -> list[int]:
+    """The exit statuses of `cfg` trained by `world` ranks."""
+    return [wait_exit(pid, timeout=180) for pid in start_ranks(cfg, world)]
+
+
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    # Two steps: AdamW divides by sqrt(v) + eps, which turns float rounding of tiny gradients (rarely used token
+    # embeddings) into growing weight differences; after two steps they are still below 1e-5.
+    common = ["--steps=2", "--batch_size=8", "--save_every=2"]
+    single = train(tiny_config(tmp_path, "single", *common), progress=False)
+    statuses = run_ranks(tiny_config(tmp_path, "ddp", *common))
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
+
+    ddp_dir = tmp_path / "ddp"
+    a, b = weights(single.run_dir), weights(ddp_dir)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"largest weight difference {worst}"
+    one, two = step_log(single.run_dir), step_log(ddp_dir)
+    assert [e["step"] for e in two] == [1, 2]  # one line per step: only rank 0 logs
+    for x, y in zip(one, two):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * x["grad_norm"]
+        assert x["lr"] == y["lr"]
+
+
+def test_rank_state_is_saved_per_rank(tmp_path):
+    from clipforge.train.state import load_training_checkpoint
+
+    statuses = run_ranks(tiny_config(tmp_path, "ddp", "--steps=1", "--save_every=1"))
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
+    state = load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-00000001").state
+    assert state.world_size == WORLD and len(state.rng) == WORLD and len(state.data) == WORLD
+    assert state.data == [{"kind": "map", "step": 1}] * WORLD
+
+
+@pytest.mark.parametrize("world", [3])
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, world):
+    statuses = run_ranks(tiny_config(tmp_path, "ddp", "--steps=1", "--batch_size=8"), world=world)
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 1 for s in statuses)
+    assert not (tmp_path / "ddp" / "log.jsonl").exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # save_every=1: the stop falls on a regular save step, which must not be saved twice (or once per rank).
+    pids = start_ranks(tiny_config(tmp_path, "ddp", "--steps=100000", "--save_every=1", "--keep_checkpoints=1"))
+    wait_for_step(tmp_path / "ddp", 2, pids[0])
+    os.kill(pids[0], signal.SIGTERM)
+    statuses = [wait_exit(pid, timeout=60) for pid in pids]
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 143 for s in statuses), statuses
+    (stopped,) = events(tmp_path / "ddp", "stopped")
+    (step, path), = list_checkpoints(tmp_path / "ddp" / "checkpoints")
+    assert step == stopped["step"] == last_logged_step(tmp_path / "ddp")
+    verify_checkpoint_dir(path)

@@ -126,20 +126,23 @@ class Cell:
     train: TrainConfig
     model_config: dict[str, Any]
     eval: CellEval
-    inputs: dict[str, Any] = field(default_factory=dict)  # the study file's model, train and eval sections
 
     @property
     def id(self) -> str:
         return f"{self.variant.id}--seed{self.seed}"
 
     def fingerprint(self) -> str:
-        """A hash of what the study file says about this cell: architecture, base train config, overrides,
-        seed and evaluation, as written (see `Study.inputs`).
+        """A hash of everything configured about this cell: the resolved architecture, training config
+        (defaults included) and evaluation settings.
 
-        Defaults of the code are left out on purpose, so adding a config field elsewhere does not invalidate
-        finished cells; paths are left out, so a study directory can move.
+        Defaults are included on purpose: when the code's defaults change (say, the synthetic world's caption
+        statistics), finished cells no longer describe this configuration and are run again. Paths and the
+        thread count are left out, so a study directory can move and run with any --jobs.
         """
-        payload = {**self.inputs, "overrides": self.variant.overrides, "seed": self.seed}
+        train = to_dict(self.train)
+        for key in ("model", "output_dir", "run_name", "threads"):
+            train.pop(key, None)
+        payload = {"model": self.model_config, "train": train, "eval": to_dict(self.eval)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,7 +154,6 @@ class Study:
     model_config: dict[str, Any]
     train: dict[str, Any]
     eval: CellEval
-    inputs: dict[str, Any] = field(default_factory=dict)  # model, train and eval exactly as written
     order: str = "variants"
     run_first: tuple[str, ...] = ()
 
@@ -241,9 +243,8 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
         raise ConfigError(f"{where} key 'run_first': {unknown[0]!r} is not a variant id; ids: {sorted(seen)}")
     if raw.baseline is not None and raw.baseline not in seen:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
-    inputs = {"model": raw.model, "train": dict(raw.train), "eval": data.get("eval") or {}}
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
-                  inputs, raw.order, raw.run_first)
+                  raw.order, raw.run_first)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
         resolve_cell(study, v, raw.seeds[0], "model.json")
     return study
@@ -284,7 +285,7 @@ def resolve_cell(study: Study, variant: Variant, seed: int, model_path: str, out
             f"variant {variant.id!r}: data.synthetic.image_size {train.data.synthetic.image_size} differs from "
             f"the model's image size {image_size}"
         )
-    return Cell(variant, seed, train, study.model_config, study.eval, study.inputs)
+    return Cell(variant, seed, train, study.model_config, study.eval)
 
 
 def expand_cells(study: Study, model_path: str, output_dir: str = "runs") -> list[Cell]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
@@ -77,6 +78,21 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
     _write_json(args.output, results)
     return 0
+
+
+def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
+    from .study import run_study  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
+    output_dir = args.output_dir or str(Path("studies") / Path(args.config).stem)
+    command = " ".join(["clipforge", "study", args.config, "--output-dir", output_dir, "--jobs", str(args.jobs)]
+                       + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
+    outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command)
+    _write_json(args.output, outcome.summary)
+    return 1 if outcome.failed else 0
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -163,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a checkpoint or run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("study", help="train a grid of variants x seeds and report mean ± std of every metric",
+                       description="Train every (variant, seed) cell of a study file on the embedded data, "
+                       "evaluate each, and write results.md, results.json and figures. Finished cells are "
+                       "skipped, so rerunning an interrupted study resumes it.")
+    p.add_argument("config", help="study YAML (e.g. configs/study.yaml)")
+    p.add_argument("--output-dir", help="where cells, runs and results go (default: studies/<config name>)")
+    p.add_argument("--figures-dir", help="where the figures go (default: OUTPUT_DIR/figures)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--output", help="also write the results summary as JSON to this file")
+    p.set_defaults(handler=cmd_study)
 
     add_eval_parser(sub)
     add_data_parser(sub)

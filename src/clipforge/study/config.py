@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from ..config import ConfigError, from_dict, to_dict
+from ..config import ConfigError, from_dict, read_yaml_mapping, to_dict
 from ..models.config import ModelConfig
 from ..registry import get_model_config
 from ..train.config import TrainConfig
@@ -253,14 +252,7 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
 def load_study(path: str | Path) -> Study:
     """Read and validate a study YAML file (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"study file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"study file {path}: expected a mapping of keys at the top level")
+    data = read_yaml_mapping(path, "study file")
     try:
         return build_study(data)
     except ConfigError as exc:

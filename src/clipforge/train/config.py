@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from ..config import ConfigError, apply_overrides, from_dict
+from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
 from .finetune import FinetuneConfig
@@ -185,17 +184,6 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or the defaults when `path` is None), apply `--a.b=value` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
-        data = loaded or {}
+    data: dict[str, Any] = read_yaml_mapping(path, "config file") if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)

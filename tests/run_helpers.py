@@ -168,3 +168,28 @@ class NoisyPairs(torch.utils.data.Dataset):
         image, caption = self.pairs[index]
         noise = 0.1 * torch.rand(()) + 0.1 * random.random() + 0.1 * float(np.random.rand())
         return image + noise, caption
+
+
+class PairLoader:
+    """A loader that keeps its own position (clipforge.train.feed.is_stateful_loader), for tests: consecutive
+    synthetic pairs; its state is the number of pairs handed out."""
+
+    def __init__(self, model: str = "ViT-Micro-8-32", batch_size: int = 8, image_size: int = 32) -> None:
+        from clipforge.data.synthetic import SyntheticPairs
+        from clipforge.tokenizer import get_tokenizer
+        from clipforge.train.feed import BatchCollate
+
+        self.pairs = SyntheticPairs(SyntheticWorld(SyntheticConfig(image_size=image_size)), STREAM_TRAIN, 10**6)
+        self.collate, self.batch_size, self.next = BatchCollate(get_tokenizer(model)), batch_size, 0
+
+    def __iter__(self):
+        while True:
+            first = self.next
+            self.next += self.batch_size  # before handing the batch out: the state is "after this batch"
+            yield self.collate([self.pairs[i] for i in range(first, first + self.batch_size)])
+
+    def state_dict(self) -> dict:
+        return {"next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next = state["next"]

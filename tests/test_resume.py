@@ -165,3 +165,55 @@ def test_global_random_generators_are_restored(tmp_path):
                     dataset=NoisyPairs())
     assert_bitwise_equal(weights(full.run_dir), weights(resumed.run_dir))
     assert step_log(resumed.run_dir)[-2:] == step_log(full.run_dir)[-2:]
+
+
+def test_a_loader_that_keeps_its_own_position_resumes_exactly(tmp_path):
+    from run_helpers import PairLoader
+
+    common = ["--steps=6", "--save_every=3"]
+    full = train(tiny_config(tmp_path, "full", *common), progress=False, dataset=PairLoader())
+    checkpoint = full.run_dir / "checkpoints" / "step-00000003"
+    assert load_training_checkpoint(checkpoint).state.data == [{"kind": "loader", "step": 3, "state": {"next": 24}}]
+    resumed = train(tiny_config(tmp_path, "resumed", *common, f"--resume={checkpoint}"), progress=False,
+                    dataset=PairLoader())
+    assert_bitwise_equal(weights(full.run_dir), weights(resumed.run_dir))
+    assert step_log(resumed.run_dir)[-3:] == step_log(full.run_dir)[-3:]
+    with pytest.raises(ConfigError, match="the checkpoint holds a loader data position, but the data is now map"):
+        train(tiny_config(tmp_path, "again", *common, f"--resume={checkpoint}"), progress=False)
+
+
+def _write_shards_with_a_bad_sample_each(root, shards: int = 12, per_shard: int = 10):
+    """Tar shards of synthetic pairs; in each shard the first image's bytes are zeroed (undecodable)."""
+    import tarfile
+
+    from clipforge.data.shards import expand_shards
+    from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
+    from clipforge.data.writer import write_shards
+
+    world = SyntheticWorld(SyntheticConfig(image_size=32))
+    write_shards([world.pair(STREAM_TRAIN, i) for i in range(shards * per_shard)], root, samples_per_shard=per_shard)
+    for path in expand_shards(root):
+        with tarfile.open(path) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        with open(path, "r+b") as handle:
+            handle.seek(member.offset_data)
+            handle.write(b"\0" * member.size)
+
+
+def test_tar_shards_killed_and_resumed_are_bitwise_identical(tmp_path):
+    _write_shards_with_a_bad_sample_each(tmp_path / "shards")
+    common = ["--steps=10", "--save_every=2", "--data.source=shards", f"--data.path={tmp_path / 'shards'}",
+              "--data.num_workers=2"]
+    reference = train(tiny_config(tmp_path, "reference", *common), progress=False)
+    kills = sorted(random.sample(range(2, 8), 2))
+    print("kill steps:", kills)
+    argv = ["train", "--no-progress", *tiny_args(tmp_path, "killed", *common), "--resume=auto"]
+    _kill_and_resume(tmp_path, "killed", kills, lambda: fork_cli(argv))
+
+    killed = tmp_path / "killed"
+    assert_bitwise_equal(weights(reference.run_dir), weights(killed), f"kills at {kills}")
+    assert step_log(killed) == step_log(reference.run_dir), f"kills at {kills}"
+    assert reference.bad_data.get("unreadable", 0) >= 1  # the zeroed images were met, skipped and counted
+    assert events(killed, "bad_data_summary")[0]["counts"] == reference.bad_data
+    position = load_training_checkpoint(list_checkpoints(killed / "checkpoints")[-1][1]).state.data[0]
+    assert position["kind"] == "loader" and position["state"]["format"] == "clipforge.shards/1"

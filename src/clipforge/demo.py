@@ -63,7 +63,7 @@ def show_examples(model: torch.nn.Module, cfg: TrainConfig, count: int = 6) -> l
         top = probs.topk(3)
         guesses = ", ".join(f"{world.classnames[j]} {p:.0%}" for p, j in zip(top.values.tolist(), top.indices.tolist()))
         kind = "held-out" if i % 2 else "seen"
-        lines.append(f"  image of a {world.classnames[label]:<16} ({kind:>8}) -> {guesses}")
+        lines.append(f"  image of {with_article(world.classnames[label]):<19} ({kind:>8}) -> {guesses}")
     return lines
 
 

@@ -8,7 +8,7 @@ so zero-shot evaluation can measure composition on combinations the model has ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -179,23 +179,29 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)  # [S, S, 3]
 
 
-def render(objects: list[SceneObject], rng: np.random.Generator, size: int) -> Image.Image:
+def render(objects: list[SceneObject], rng: np.random.Generator, size: int, variant: str = "default") -> Image.Image:
     """Draw the objects on a random background.
 
     Each object's mask is drawn at twice the resolution and downsampled (anti-aliased edges), then the object's
     colour is blended through it; the background itself is made at the output size, which keeps rendering
-    cheap next to a training step.
+    cheap next to a training step. `variant` selects a shifted rendering for robustness evaluation (see
+    ZEROSHOT_VARIANTS); training images always use "default".
     """
-    canvas = Image.fromarray(_background(rng, size))
+    if variant not in ZEROSHOT_VARIANTS:
+        raise ConfigError(f"unknown synthetic variant '{variant}' (expected one of {', '.join(ZEROSHOT_VARIANTS)})")
+    canvas = Image.fromarray(_textured_background(rng, size) if variant == "backgrounds" else _background(rng, size))
     big = size * 2
+    radii = VARIANT_SIZES if variant == "sizes" else SIZES
     for obj in objects:
         jitter = rng.integers(-14, 15, size=3)
         colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[obj.colour], jitter))
-        radius = SIZES[obj.size] * big * rng.uniform(0.9, 1.1)
+        radius = radii[obj.size] * big * rng.uniform(0.9, 1.1)
         cx, cy = obj.x * big, obj.y * big
         mask = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(mask)
-        if obj.shape in ("circle", "ring"):
+        if variant == "outline":
+            _draw_outline(draw, obj, cx, cy, radius)
+        elif obj.shape in ("circle", "ring"):
             box = (cx - radius, cy - radius, cx + radius, cy + radius)
             if obj.shape == "ring":
                 draw.ellipse(box, outline=255, width=max(2, int(radius * 0.38)))
@@ -206,6 +212,53 @@ def render(objects: list[SceneObject], rng: np.random.Generator, size: int) -> I
             draw.polygon([(cx + x, cy + y) for x, y in pts], fill=255)
         canvas.paste(colour, (0, 0, size, size), mask.reduce(2))
     return canvas
+
+
+# --- Shifted renderings, for robustness evaluation only (training images never use them) ---------------------
+# "backgrounds": high-contrast grey textures (stripes, checks, speckle) instead of smooth backgrounds;
+# "outline": shapes drawn as thin outlines, not filled; "sizes": radii outside the two sizes seen in training.
+ZEROSHOT_VARIANTS: tuple[str, ...] = ("default", "backgrounds", "outline", "sizes")
+VARIANT_SIZES: dict[str, float] = {"small": 0.08, "large": 0.32}
+
+
+def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A grey, sharp-edged texture: stripes at a random angle, a checkerboard, or per-pixel speckle.
+
+    Grey only, so that the colour words of a scene still belong to its objects alone.
+    """
+    low, high = sorted(rng.uniform(40, 215, size=2))
+    high = max(high, low + 50)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)  # [S, S] each
+    kind = rng.integers(3)
+    if kind == 0:  # stripes
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(0.08, 0.2) * size
+        mask = np.floor((np.cos(theta) * xx + np.sin(theta) * yy) / (period / 2)) % 2
+    elif kind == 1:  # checkerboard
+        cell = rng.uniform(0.06, 0.16) * size
+        mask = (np.floor(xx / cell) + np.floor(yy / cell)) % 2
+    else:  # speckle: an independent grey level per pixel
+        mask = rng.random((size, size))
+    grey = low + (high - low) * mask  # [S, S]
+    return np.clip(np.repeat(grey[..., None], 3, axis=2), 0, 255).astype(np.uint8)  # [S, S, 3]
+
+
+def _draw_outline(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: float, radius: float) -> None:
+    """The object's contour as a thin line in its mask; a ring becomes its two edge circles."""
+    width = max(2, int(round(radius * 0.16)))
+    if obj.shape in ("circle", "ring"):
+        radii = (radius, radius * 0.62) if obj.shape == "ring" else (radius,)
+        for r in radii:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=255, width=width)
+        return
+    pts = [(cx + x, cy + y) for x, y in _shape_points(obj.shape, radius, obj.angle)]
+    draw.line(pts + pts[:1], fill=255, width=width, joint="curve")
+
+
+def _fit_inside(obj: SceneObject, radius: float) -> SceneObject:
+    """The object moved, if needed, so that a disc of `radius` (a fraction of the side) stays in the image."""
+    lo, hi = radius * 1.1 + 0.02, 1 - radius * 1.1 - 0.02
+    return replace(obj, x=float(np.clip(obj.x, lo, hi)), y=float(np.clip(obj.y, lo, hi)))
 
 
 class SyntheticWorld:
@@ -293,11 +346,17 @@ class SyntheticWorld:
                 caption = self.describe(other_objects, other_rng)
         return image, caption
 
-    def zeroshot_example(self, index: int, combos: list[tuple[str, str]]) -> tuple[Image.Image, int]:
-        """A single-object image of combination combos[index % len(combos)] and its class index."""
+    def zeroshot_example(self, index: int, combos: list[tuple[str, str]],
+                         variant: str = "default") -> tuple[Image.Image, int]:
+        """A single-object image of combination combos[index % len(combos)] and its class index.
+
+        A `variant` other than "default" draws the same scene shifted (see ZEROSHOT_VARIANTS).
+        """
         combo = combos[index % len(combos)]
         objects, rng = self.scene(STREAM_ZEROSHOT, index, combos=[combo], n_objects=1)
-        return render(objects, rng, self.cfg.image_size), self.classnames.index(" ".join(combo))
+        if variant == "sizes":
+            objects = [_fit_inside(obj, VARIANT_SIZES[obj.size]) for obj in objects]
+        return render(objects, rng, self.cfg.image_size, variant), self.classnames.index(" ".join(combo))
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
@@ -318,13 +377,22 @@ class SyntheticPairs(torch.utils.data.Dataset):
 class SyntheticZeroShot(torch.utils.data.Dataset):
     """Single-object images labelled over all 64 colour x shape classes, for the given combinations."""
 
-    def __init__(self, world: SyntheticWorld, combos: list[tuple[str, str]], per_class: int) -> None:
+    def __init__(self, world: SyntheticWorld, combos: list[tuple[str, str]], per_class: int,
+                 variant: str = "default", offset: int = 0) -> None:
+        """`offset` (a multiple of len(combos) keeps the classes balanced) starts at another range of scenes,
+        so that disjoint offsets give disjoint image sets, e.g. to train and test a linear probe."""
+        if variant not in ZEROSHOT_VARIANTS:
+            raise ConfigError(f"unknown synthetic variant '{variant}' (expected one of {', '.join(ZEROSHOT_VARIANTS)})")
         self.world, self.combos, self.length = world, combos, per_class * len(combos)
+        self.variant, self.offset = variant, offset
         self.classnames = world.classnames
 
     def __len__(self) -> int:
         return self.length
 
+    def label(self, index: int) -> int:
+        return self.world.classnames.index(" ".join(self.combos[(self.offset + index) % len(self.combos)]))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.world.zeroshot_example(index, self.combos)
+        image, label = self.world.zeroshot_example(self.offset + index, self.combos, self.variant)
         return normalize(to_tensor(image)), label

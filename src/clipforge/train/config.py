@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from ..config import ConfigError, apply_overrides, from_dict
+from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
 from .finetune import FinetuneConfig
@@ -22,7 +21,7 @@ from .finetune import FinetuneConfig
 class DataConfig:
     """Where training pairs come from: the embedded synthetic world, a CSV/TSV manifest, or tar shards."""
 
-    source: Literal["synthetic", "manifest", "shards"] = "synthetic"
+    source: Literal["synthetic", "manifest", "offline", "shards"] = "synthetic"
     path: str | None = None  # manifest file or shard pattern
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 0  # synthetic rendering is cheap: inline beats a worker competing for 2 cores
@@ -32,11 +31,17 @@ class DataConfig:
     bad_min_samples: int = 100
     max_image_pixels: int = 89_478_485  # larger images are refused as decompression bombs (PIL's default)
     context_length: int | None = None  # tokens per caption; None: the model's context length
+    split: str | None = None  # manifest: train on the rows of this split only (null: every row)
+    datasets: tuple[str, ...] = ()  # offline: prepared caption corpora whose train splits are used together
+    root: str | None = None  # offline: data root (null: $CLIPFORGE_DATA or ~/.cache/clipforge/data)
+    preload: bool = False  # manifest/offline: decode and shrink every image once, keep it in memory
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.source != "synthetic" and not self.path:
+        if self.source in ("manifest", "shards") and not self.path:
             raise ConfigError(f"config key '{p}path': required when {p}source is '{self.source}'")
+        if self.source == "offline" and not self.datasets:
+            raise ConfigError(f"config key '{p}datasets': list the offline datasets when {p}source is 'offline'")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -179,17 +184,6 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or the defaults when `path` is None), apply `--a.b=value` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
-        data = loaded or {}
+    data: dict[str, Any] = read_yaml_mapping(path, "config file") if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)

@@ -12,7 +12,13 @@ where it is. The contract for such a dataset:
     everything that fixes what it yields next (its shard list and offset, even the worker split), and
     `load_state_dict(state)` makes a fresh copy continue exactly from there;
   * it splits its shards between ranks (and DataLoader workers) itself, and is deterministic for a seed.
-The collate function runs in the worker that built the batch and attaches `(worker id, state_dict())`;
+A loader that keeps its own position (such as a tar-shard loader tracking every worker slot) can be given
+instead of a dataset: any object, not a torch Dataset, with `__iter__` yielding TrainBatch (collate with
+`BatchCollate`), `state_dict()` giving this rank's position after the last batch it handed out, and
+`load_state_dict(state)` continuing from one (`is_stateful_loader`).
+
+For a streamed dataset, the collate function runs in the worker that built the batch and attaches
+`(worker id, state_dict())`;
 `StreamPosition` keeps the state that came with the last batch consumed from each worker. DataLoader takes
 batches from its workers in turn (0, 1, ..., W-1, 0, ...), so on resume new worker j takes the saved state of
 the worker that was due (j + batches) % W: the interleaving, and so every batch, continues unchanged.
@@ -26,7 +32,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..config import ConfigError
+from .config import TrainConfig
 from .data import StepBatchSampler
+
+
+def is_stateful_loader(obj: object) -> bool:
+    """A batch source that saves and restores its own position (see the module docstring)."""
+    return not isinstance(obj, Dataset) and all(callable(getattr(obj, name, None))
+                                                for name in ("__iter__", "state_dict", "load_state_dict"))
 
 
 class TrainBatch(NamedTuple):
@@ -148,3 +161,20 @@ def build_loader(dataset: Dataset, batch_size: int, tokenizer: Callable, num_wor
     sampler = RankBatchSampler(steps, rank, world_size, getattr(dataset, "wants_draw_number", False))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=BatchCollate(tokenizer),
                       worker_init_fn=_WorkerStart() if num_workers > 0 else None, **workers)
+
+
+def build_shard_loader(cfg: TrainConfig, rank: int, world_size: int, tokenizer: Callable,
+                       image_size: int) -> Any:
+    """This rank's loader over the tar shards at `cfg.data.path` (`clipforge.data.shards`), which records
+    its own exact position; unreadable samples are skipped (and counted by the trainer)."""
+    from ..data.shards import ShardDataset, ShardError, ShardLoader  # noqa: PLC0415
+    from ..transforms import TrainTransform  # noqa: PLC0415
+
+    workers = cfg.data.num_workers
+    try:
+        dataset = ShardDataset(cfg.data.path, TrainTransform(image_size), rank=rank, world_size=world_size,
+                               seed=cfg.seed, on_error="skip")
+        return ShardLoader(dataset, cfg.batch_size // world_size, workers, collate_fn=BatchCollate(tokenizer),
+                           drop_last=True, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_WorkerStart())
+    except ShardError as exc:
+        raise ConfigError(f"config key 'data.path': {exc}") from None

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -78,10 +78,19 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.finetune.init, device=device)
     apply_locks(model, cfg.finetune)
+    if cfg.loss.uses_logit_bias and model.logit_bias is None:
+        # SigLIP's initialisation (Zhai et al. 2023): scale 10 and bias -10, so the B^2 - B negatives start
+        # with a small loss. Recorded in the model's config so a saved checkpoint reloads with its bias.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=model.logit_scale.device))
+        model.config = replace(model.config, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     if cfg.fixed_temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / cfg.fixed_temperature))
         model.logit_scale.requires_grad_(False)
+    elif not cfg.loss.uses_logit_scale:
+        model.logit_scale.requires_grad_(False)  # never read by the loss: frozen so DDP sees no unused parameter
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if model.config.vision_cfg.is_resnet:
         from ..models.resnet import use_channels_last  # noqa: PLC0415
@@ -270,12 +279,11 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
     return run.result(cfg.steps, last)
 
 
-def train(cfg: TrainConfig, progress: bool = True, device: str | None = None,
-          dataset: torch.utils.data.Dataset | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None) -> TrainResult:
     """Train a CLIP as `cfg` says; writes the run directory (config, log.jsonl, checkpoints/, model.safetensors).
 
-    `dataset` replaces the data named by `cfg.data`: a map-style dataset of (image tensor, caption[, problems])
-    or a streamed one following `train.feed`'s contract. Under torchrun (WORLD_SIZE > 1) every rank trains on
+    `dataset` replaces the data named by `cfg.data`: a map-style dataset of (image tensor, caption[, problems]),
+    a streamed one, or a loader that keeps its own position, following `train.feed`'s contracts. Under torchrun (WORLD_SIZE > 1) every rank trains on
     its share of each global batch. SIGTERM/SIGINT save a checkpoint and return early with `interrupted` set.
     """
     from .run import setup_run  # noqa: PLC0415 - run imports this module

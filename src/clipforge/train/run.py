@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import yaml
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
 from ..checkpoint import (MANIFEST_NAME, atomic_write_text, latest_valid_checkpoint, list_checkpoints,
                           remove_checkpoint, remove_stale_temporaries, save_model, verify_checkpoint_dir)
@@ -31,7 +31,8 @@ from ..registry import get_model_config
 from ..tokenizer import BPETokenizer, get_tokenizer
 from .config import RESUME_MODES, TrainConfig
 from .data import build_train_dataset
-from .feed import StreamPosition, TrainBatch, build_loader, stream_resume_plan
+from .feed import (StreamPosition, TrainBatch, build_loader, build_shard_loader, is_stateful_loader,
+                   stream_resume_plan)
 from .guard import NonFiniteGuard
 from .loop import TrainResult, prepare_model, run_directory
 from .optim import build_optimizer
@@ -131,7 +132,7 @@ def check_resumable(cfg: TrainConfig, loaded: LoadedCheckpoint, world_size: int)
         was, now = flatten_config(loaded.state.config).get(key), flatten_config(to_dict(cfg)).get(key)
         raise ConfigError(f"config key '{key}': {now!r} differs from {was!r} in checkpoint {loaded.path}; a resumed "
                           "run keeps its config")
-    if loaded.state.world_size != world_size and loaded.state.data[0].get("kind") == "stream":
+    if loaded.state.world_size != world_size and loaded.state.data[0].get("kind") in ("stream", "loader"):
         raise ConfigError(f"streamed data was read by {loaded.state.world_size} ranks in checkpoint "
                           f"{loaded.path}; resume it with the same number of ranks, not {world_size}")
 
@@ -151,6 +152,8 @@ class Run:
     log: RunLog
     batches: Iterator[TrainBatch] | None = None
     stream: StreamPosition | None = None
+    loader: Any = None  # a stateful loader given instead of a dataset (feed.is_stateful_loader)
+    loader_skipped: int = 0  # samples the loader itself skipped (a shard loader's `skipped`), counted so far
     start_step: int = 0
     clock: float = 0.0  # perf_counter() at the (virtual) start of training, earlier runs included
     version: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +178,11 @@ class Run:
             raise TooManyBadSamples(last.removeprefix(prefix)) from None
         if self.stream is not None:
             self.stream.observe(batch.stream)
+        skipped = getattr(self.loader, "skipped", 0)
+        if skipped > self.loader_skipped:  # the shard reader names them in its warnings; here they are counted
+            problem = {"kind": "unreadable", "path": "a tar-shard sample", "detail": "skipped by the shard reader"}
+            batch = batch._replace(problems=batch.problems + [problem] * (skipped - self.loader_skipped))
+            self.loader_skipped = skipped
         return batch
 
     def gather(self, obj: Any) -> list[Any]:
@@ -186,6 +194,8 @@ class Run:
         return all_gather_objects(obj)
 
     def data_position(self, step: int) -> dict[str, Any]:
+        if self.loader is not None:
+            return {"kind": "loader", "step": step, "state": self.loader.state_dict()}
         return self.stream.state_dict(step) if self.stream is not None else {"kind": "map", "step": step}
 
     def result(self, steps: int, last: dict, interrupted: str | None = None, exit_code: int = 0) -> TrainResult:
@@ -268,15 +278,23 @@ def _restore(run: Run, loaded: LoadedCheckpoint) -> None:
                 remove_checkpoint(path)
 
 
-def _start_data(run: Run, dataset: Dataset, shuffle: bool, saved: dict[str, Any] | None) -> None:
+def _start_data(run: Run, dataset: Any, shuffle: bool, saved: dict[str, Any] | None) -> None:
     cfg, place = run.cfg, run.place
+    kind = "loader" if is_stateful_loader(dataset) else "stream" if isinstance(dataset, IterableDataset) else "map"
+    if saved is not None and saved.get("kind") != kind:
+        raise ConfigError(f"config key 'resume': the checkpoint holds a {saved.get('kind')} data position, but the "
+                          f"data is now {kind}")
+    if kind == "loader":
+        if saved is not None:
+            dataset.load_state_dict(saved["state"])
+        run.loader, run.batches = dataset, iter(dataset)
+        run.loader_skipped = getattr(dataset, "skipped", 0)
+        return
     states, discard = {}, 0
     if isinstance(dataset, IterableDataset):
         if saved is not None:
             states, discard = stream_resume_plan(saved, cfg.data.num_workers)
         run.stream = StreamPosition(cfg.data.num_workers, states)
-    elif saved is not None and saved.get("kind") != "map":
-        raise ConfigError("config key 'resume': the checkpoint holds a streamed data position, the data is map-style")
     loader = build_loader(dataset, cfg.batch_size, run.tokenizer, cfg.data.num_workers, cfg.seed, cfg.steps,
                           run.start_step, place.rank, place.world_size, shuffle, states)
     run.batches = iter(loader)
@@ -284,7 +302,7 @@ def _start_data(run: Run, dataset: Dataset, shuffle: bool, saved: dict[str, Any]
         run.next_batch()
 
 
-def setup_run(cfg: TrainConfig, device: str | None, dataset: Dataset | None) -> Run:
+def setup_run(cfg: TrainConfig, device: str | None, dataset: Any = None) -> Run:
     """Check, place, resume and build everything a run needs, in an order that keeps resumption exact."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -299,7 +317,7 @@ def setup_run(cfg: TrainConfig, device: str | None, dataset: Dataset | None) -> 
         raise
 
 
-def _setup(cfg: TrainConfig, place: Placement, dataset: Dataset | None) -> Run:
+def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
     check_run(cfg, place.world_size, dataset is None)
     run_dir = run_directory(cfg)
     say = (lambda m: print(f"clipforge: {m}", file=sys.stderr)) if place.is_main else (lambda m: None)
@@ -324,10 +342,11 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Dataset | None) -> Run:
         run.log.notice(f"resuming from {loaded.path} at step {run.start_step}", step=run.start_step,
                        event="resumed", path=str(loaded.path))
     run.model, run.loss_fn = _wrap(cfg, core, place)
-    if dataset is None:
+    shuffle = True
+    if dataset is None and cfg.data.source == "shards":
+        dataset = build_shard_loader(cfg, place.rank, place.world_size, run.tokenizer, core.image_size)
+    elif dataset is None:
         dataset, shuffle = build_train_dataset(cfg, core.image_size)
-    else:
-        shuffle = True
     saved = loaded.state.data[min(place.rank, len(loaded.state.data) - 1)] if loaded else None
     _start_data(run, dataset, shuffle, saved)
     if loaded is not None:  # last: building the model and the DataLoader iterator draw from the generators

@@ -1,0 +1,182 @@
+"""A study's results: per-variant mean ± std over seeds, paired differences against the baseline, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..checkpoint import atomic_write_text
+from ..eval.margins import merge_reports, plot_margin_overlay
+from .config import Cell, Study
+
+# (key, column header, scale, decimals): accuracies are shown in percent.
+COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("zeroshot_seen_top1", "zero-shot seen %", 100.0, 1),
+    ("zeroshot_heldout_top1", "zero-shot held-out %", 100.0, 1),
+    ("retrieval_i2t_r1", "R@1 i→t %", 100.0, 1),
+    ("retrieval_t2i_r1", "R@1 t→i %", 100.0, 1),
+    ("probe_top1", "probe %", 100.0, 1),
+    ("margin_i2t", "margin i→t", 1.0, 3),
+    ("margin_t2i", "margin t→i", 1.0, 3),
+    ("positive_similarity", "pos. sim.", 1.0, 3),
+    ("temperature", "T (end)", 1.0, 3),
+)
+DIFF_KEYS = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "probe_top1", "margin_i2t",
+             "margin_t2i", "positive_similarity")  # fmt: skip
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of a list of numbers."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
+
+
+def load_records(output_dir: str | Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
+    """The finished cells' records (fingerprint matching the current config), by cell id."""
+    records = {}
+    for cell in cells:
+        path = Path(output_dir) / "cells" / f"{cell.id}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("fingerprint") == cell.fingerprint():
+                records[cell.id] = record
+    return records
+
+
+def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: each metric's mean ± std over its finished seeds, and paired differences vs the baseline."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {v.id: {} for v in study.variants}
+    for record in records.values():
+        if record["variant"] in by_variant:
+            by_variant[record["variant"]][int(record["seed"])] = record
+    base = by_variant.get(study.baseline or "", {})
+    variants = []
+    for v in study.variants:
+        runs = by_variant[v.id]
+        entry: dict[str, Any] = {"id": v.id, "name": v.name, "groups": list(v.groups), "overrides": v.overrides,
+                                 "seeds": sorted(runs), "metrics": {}, "vs_baseline": {}}  # fmt: skip
+        if runs:
+            keys = [k for k, *_ in COLUMNS] + ["train_seconds", "eval_seconds", "probe_C",
+                                               "margin_i2t_frac_negative", "margin_t2i_frac_negative"]
+            for key in keys:
+                values = [r["metrics"][key] for _, r in sorted(runs.items()) if key in r["metrics"]]
+                if values:
+                    entry["metrics"][key] = {**mean_std(values), "values": values}
+            paired = sorted(set(runs) & set(base))
+            if study.baseline and v.id != study.baseline and paired:
+                for key in DIFF_KEYS:
+                    diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
+                    entry["vs_baseline"][key] = {**mean_std(diffs), "values": diffs}
+        variants.append(entry)
+    timed = [r for r in records.values() if "cpu_seconds" in r]
+    return {"baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
+            "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds),
+            "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
+            "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
+
+
+def _cell(stat: dict[str, float] | None, scale: float, decimals: int, signed: bool = False) -> str:
+    if stat is None:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{stat['mean'] * scale:{sign}.{decimals}f} ± {stat['std'] * scale:.{decimals}f}"
+
+
+def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
+    """One results table per group (mean ± std over seeds) and one of paired differences vs the baseline."""
+    lines = [(f"Finished cells: {summary['cells_finished']} of {summary['cells_total']}. "
+              "Each entry: mean ± sample standard deviation over seeds (n = seeds finished)."), ""]
+    cpu = summary.get("cpu_seconds", {})
+    if cpu.get("cells"):
+        lines[-1:] = [(f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on "
+                       f"average over the {cpu['cells']} cells that recorded it."), ""]
+    header = "| variant | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
+    rule = "|---|---:|" + "---:|" * len(COLUMNS)
+    variants = summary["variants"]
+    for group in groups:
+        members = [v for v in variants if group in v["groups"]]
+        lines += [f"### {group}", "", header, rule]
+        for v in members:
+            cells = [_cell(v["metrics"].get(k), s, d) for k, _, s, d in COLUMNS]
+            lines.append(f"| {v['name']} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if summary["baseline"]:
+        base = next(v["name"] for v in variants if v["id"] == summary["baseline"])
+        lines += [f"### paired differences vs {base} (same seed; mean ± std of the per-seed difference)", ""]
+        diff_cols = [c for c in COLUMNS if c[0] in DIFF_KEYS]
+        lines += ["| variant | n | " + " | ".join(f"Δ {h}" for _, h, _, _ in diff_cols) + " |",
+                  "|---|---:|" + "---:|" * len(diff_cols)]  # fmt: skip
+        for v in variants:
+            if v["vs_baseline"]:
+                n = next(iter(v["vs_baseline"].values()))["n"]
+                cells = [_cell(v["vs_baseline"].get(k), s, d, signed=True) for k, _, s, d in diff_cols]
+                lines.append(f"| {v['name']} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_group_metrics(path: Path, entries: Sequence[dict[str, Any]], title: str) -> Path:
+    """Bars with std error bars per variant: accuracies, margins, and positive similarity (own scales)."""
+    from ..eval.plots import _save  # noqa: PLC0415 - the shared PNG writer
+
+    figure = Figure(figsize=(max(11.0, 1.6 * len(entries) + 6), 5.0))
+    grid = figure.add_gridspec(1, 5)
+    panels = ((figure.add_subplot(grid[0, :3]), COLUMNS[:5], "accuracy (%)"),
+              (figure.add_subplot(grid[0, 3]), COLUMNS[5:7], "mean margin"),
+              (figure.add_subplot(grid[0, 4]), COLUMNS[7:8], "mean positive similarity"))  # fmt: skip
+    x = np.arange(len(entries))
+    for ax, cols, ylabel in panels:
+        width = 0.8 / len(cols)
+        for k, (key, header, scale, _) in enumerate(cols):
+            stats = [e["metrics"].get(key) for e in entries]
+            means = [s["mean"] * scale if s else math.nan for s in stats]
+            stds = [s["std"] * scale if s else 0.0 for s in stats]
+            ax.bar(x + (k - (len(cols) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=header)
+        ax.set_xticks(x, [e["name"] for e in entries], rotation=35, ha="right", fontsize="x-small")
+        ax.set_ylabel(ylabel)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+        if len(cols) > 1:
+            ax.legend(fontsize="x-small", ncol=min(len(cols), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    figure.suptitle(f"{title} (mean ± std over seeds)", y=0.99)
+    return _save(figure, path)
+
+
+def write_report(study: Study, cells: Sequence[Cell], output_dir: str | Path,
+                 figures_dir: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+    """results.json, results.md and, per group, study-<group>.png and study-margins-<group>.png."""
+    output_dir = Path(output_dir)
+    figures = Path(figures_dir) if figures_dir is not None else output_dir / "figures"
+    records = load_records(output_dir, cells)
+    summary = summarise(study, records)
+    groups = study.groups() or ["all"]
+    if not study.groups():
+        for v in summary["variants"]:
+            v["groups"] = ["all"]
+    written = []
+    for group in groups:
+        entries = [v for v in summary["variants"] if group in v["groups"] and v["seeds"]]
+        if len(entries) < 2:
+            continue  # nothing to compare yet
+        written.append(plot_group_metrics(figures / f"study-{group}.png", entries, f"Study: {group}"))
+        reports = {}
+        for v in entries:
+            cell_reports = [records[f"{v['id']}--seed{s}"]["margins"] for s in v["seeds"]]
+            reports[f"{v['name']} (n={len(cell_reports)})"] = merge_reports(cell_reports)
+        written.append(plot_margin_overlay(figures / f"study-margins-{group}.png", reports,
+                                           f"Margin and positive similarity: {group} (seeds pooled)"))
+    summary["figures"] = [str(p) for p in written]
+    if command:
+        summary["command"] = command
+    atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1))
+    text = markdown_tables(summary, groups)
+    if command:
+        text = f"Reproduce with: `{command}`\n\n" + text
+    atomic_write_text(output_dir / "results.md", text + "\n")
+    return summary

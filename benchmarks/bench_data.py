@@ -6,8 +6,7 @@ img2dataset's resized output) into a temporary folder, then measures, in this pr
 - decode: tar member read and JPEG decode only;
 - train transform: decode + random resized crop to `--size` + normalise (`clipforge.transforms.TrainTransform`);
 - stream: the whole `ShardDataset` path (header scan, shuffle buffer, decode, augment);
-and, with `--workers N`, the trainer's loader (`train.feed.build_loader`) with N workers, tokenising in the
-collate (images/s in total).
+and, with `--workers N`, a `ShardLoader` with N workers and the tokenizer in the collate (images/s in total).
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_data.py --workers 2
 """
@@ -27,11 +26,11 @@ from PIL import Image
 
 from common import machine_note
 
-from clipforge.data.shards import ShardDataset, expand_shards, scan_shard
+from clipforge.data.shards import ShardDataset, ShardLoader, expand_shards, scan_shard
 from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
 from clipforge.data.writer import write_shards
 from clipforge.tokenizer import get_tokenizer
-from clipforge.train.feed import build_loader
+from clipforge.train.data import Collate
 from clipforge.transforms import TrainTransform
 
 
@@ -53,7 +52,7 @@ def measure_single(paths: list[str], size: int) -> dict[str, float]:
     for i, path in enumerate(paths):
         with open(path, "rb") as handle:
             for ref in scan_shard(path, i):
-                _, offset, length = ref.members[0]
+                ext, offset, length = ref.members[0]
                 handle.seek(offset)
                 members.append(handle.read(length))
     transform = TrainTransform(size, scale=(0.9, 1.0), seed=0)
@@ -77,14 +76,18 @@ def measure_single(paths: list[str], size: int) -> dict[str, float]:
             "ShardDataset stream": rate(stream, len(members))}
 
 
+def one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
 def measure_loader(paths: list[str], size: int, workers: int, batch: int, count: int) -> float:
-    """The trainer's loader (`train.feed.build_loader`): workers decode, augment and tokenise."""
     dataset = ShardDataset(paths, TrainTransform(size), seed=0, shuffle_buffer=256, epochs=1)
-    loader = build_loader(dataset, batch, get_tokenizer(), workers, seed=0, total_steps=10**9, start_step=0)
+    loader = ShardLoader(dataset, batch, num_workers=workers, collate_fn=Collate(get_tokenizer()),
+                         worker_init_fn=one_thread, prefetch_factor=4)
     start, seen = time.perf_counter(), 0
-    for batch_ in loader:
-        seen += batch_.images.shape[0]
-    assert seen >= count - workers * batch, (seen, count)  # the loader drops each worker's last partial batch
+    for images, _ in loader:
+        seen += images.shape[0]
+    assert seen == count, (seen, count)
     return seen / (time.perf_counter() - start)
 
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, value in results.items():
             print(f"  one worker, {label:28s} {value:8.1f} images/s")
         if args.workers > 0:
-            key = f"trainer loader, {args.workers} workers + tokenizer"
+            key = f"ShardLoader, {args.workers} workers + tokenizer"
             results[key] = measure_loader(paths, args.size, args.workers, args.batch, args.images)
             print(f"  {key:40s} {results[key]:8.1f} images/s ({results[key] / args.workers:.1f} per worker)")
     print(machine_note(1))

@@ -10,20 +10,18 @@ world has G = world_size * W slots, and every slot reads its own shards:
   so over one epoch every sample is read by exactly one slot;
 - `resample=True`: slot g draws n_shards // G shards with replacement from (seed, e, g), webdataset-style.
 A slot streams the samples of its epoch's shards through a shuffle buffer seeded by (seed, e, g), drained at
-the end of the epoch, then moves to epoch e + 1 (forever, or up to `epochs`). Decoding and the transform run
-in the worker. Random augmentations are reseeded per sample (see `_reseed`), so a resumed stream reproduces
-them too. Items are `(image, caption, problems)`: problems lists the samples skipped before this one and any
-colour-mode conversion, as `data.robust` reports them, so that the trainer counts bad data.
+the end of the epoch, then moves to epoch e + 1 (forever, or up to `epochs`). Decoding, the transform and the
+collate (e.g. tokenising) run in the worker. Random augmentations are reseeded per sample (see `_reseed`),
+so a resumed stream reproduces them too.
 
-Resume contract (the one `train.feed` states for streamed data). `state_dict()` of the dataset copy in a
-worker describes its stream after the last item it yielded: which slot it reads (the worker split), the epoch,
-the number of samples its shuffle buffer emitted in that epoch, the samples skipped. `load_state_dict(state)`
-makes a fresh copy (in any worker of an identical setup: same shards, seed, ranks and worker count) continue
-exactly there. `train.feed.BatchCollate` attaches the state to every batch from the worker that built it,
-`StreamPosition` keeps the last state per worker, and `stream_resume_plan` gives each new worker the state of
-the worker due next, so after resuming at a step boundary every batch is the one the uninterrupted run would
-have seen. A slot restores its shuffle buffer by replaying the epoch's shard headers (no image decoding) up
-to its position, and reads the buffered samples by seeking.
+Resume contract. Use `ShardLoader` (a DataLoader wrapper). Every batch comes from one slot, and the loader
+records, for the batches *handed to the caller* (not the ones prefetched by workers), each slot's position
+(epoch, samples emitted in that epoch, samples skipped) and which slot delivers next. After the training step
+that consumed batch s, `loader.state_dict()` is the exact position after batch s, on this rank. Save the
+states of all ranks with the checkpoint; on resume build the same dataset (same shards, seed, ranks, worker
+count, batch size), call `loader.load_state_dict(state_of_this_rank)` and iterate: the first batch is the one
+the uninterrupted run would have used for step s + 1. A slot restores its shuffle buffer by replaying the
+epoch's shard headers (no image decoding) up to its position, and reads the buffered samples by seeking.
 """
 
 from __future__ import annotations
@@ -35,27 +33,22 @@ import os
 import random
 import re
 import tarfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
-
-from .base import DatasetError
-from .robust import BadSample, Problem, clean_caption, convert_to_rgb
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-STATE_FORMAT = "clipforge.shards/2"
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit
+STATE_FORMAT = "clipforge.shards/1"
 
 
-class ShardError(DatasetError):
+class ShardError(ValueError):
     """A shard, or a sample in one, that cannot be read; the message names the file and the sample key."""
 
 
@@ -66,6 +59,16 @@ class SampleRef:
     shard: int
     key: str
     members: tuple[tuple[str, int, int], ...]
+
+
+class SamplePosition(NamedTuple):
+    """Stream position after a sample: its slot, epoch, samples emitted in the epoch, skipped so far, key."""
+
+    slot: int
+    epoch: int
+    index: int
+    skipped: int
+    key: str
 
 
 def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
@@ -130,29 +133,25 @@ def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
     return sum(1 for i, path in enumerate(expand_shards(shards)) for _ in scan_shard(path, i))
 
 
-def decode_sample(raw: dict[str, bytes], where: str,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, list[str], str | None]:
-    """Member bytes -> (RGB image, captions, colour conversion or None); BadSample naming `where` (shard:key)."""
-    if "txt" not in raw:
-        raise BadSample("empty_caption", where, "no .txt member")
-    captions = [clean_caption(line, where) for line in clean_caption(raw["txt"], where).splitlines() if line.strip()]
+def decode_sample(raw: dict[str, bytes], where: str) -> tuple[Image.Image, list[str]]:
+    """Member bytes -> (decoded PIL image, captions). `where` names the shard and key in errors."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
-        raise BadSample("missing", where, f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        raise ShardError(f"{where}: no image member (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    if "txt" not in raw:
+        raise ShardError(f"{where}: no .txt caption member")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit limit below decides
-            with Image.open(io.BytesIO(raw[ext])) as image:
-                if image.width * image.height > max_pixels:
-                    raise BadSample("decompression_bomb", where, f"{image.width}x{image.height} > {max_pixels}")
-                image.load()
-    except BadSample:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on malformed data; none may end a run
-        text = str(exc) or type(exc).__name__
-        raise BadSample("truncated" if "truncat" in text.lower() else "unreadable", where, f".{ext}: {text}") from None
-    rgb, converted = convert_to_rgb(image)
-    return rgb, captions, converted
+        captions = [line.strip() for line in raw["txt"].decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ShardError(f"{where}: caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not captions:
+        raise ShardError(f"{where}: empty caption")
+    try:
+        with Image.open(io.BytesIO(raw[ext])) as image:
+            image.load()
+            return image, captions
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ShardError(f"{where}: cannot decode .{ext} image ({exc})") from None
 
 
 def _seed(*parts: int) -> int:
@@ -182,7 +181,7 @@ class _OpenShards:
             handle.seek(offset)
             data = handle.read(size) if size >= 0 else b""
             if size < 0 or len(data) != size:
-                raise BadSample("truncated", f"{self.paths[ref.shard]}:{ref.key}", f"member .{ext} is cut short")
+                raise ShardError(f"{self.paths[ref.shard]}: sample '{ref.key}': member .{ext} is truncated")
             raw[ext] = data
         return raw
 
@@ -192,37 +191,12 @@ class _OpenShards:
         self.files.clear()
 
 
-@dataclass
-class _SkipLog:
-    """Samples skipped since the last item (handed to the next one) and in all since the stream began."""
-
-    pending: list[Problem]
-    skipped: int
-
-    def skip(self, problem: Problem) -> None:
-        logger.warning("skipping %s: %s (%s)", problem["path"], problem["kind"], problem["detail"])
-        self.pending.append(problem)
-        self.skipped += 1
-
-    def take(self) -> list[Problem]:
-        taken, self.pending = self.pending, []
-        return taken
-
-
-def _worker_slots() -> tuple[int, int]:
-    """(slots of this rank = DataLoader workers or 1, this worker's id or 0)."""
-    info = get_worker_info()
-    return (info.num_workers, info.id) if info is not None else (1, 0)
-
-
 class ShardDataset(IterableDataset):
-    """(image, caption, problems) samples streamed from tar shards; see the module docstring.
+    """(image, caption, SamplePosition) samples streamed from tar shards; see the module docstring.
 
-    `transform` maps the decoded RGB PIL image (e.g. `clipforge.transforms.TrainTransform`); `caption` is
-    'random' (one of the sample's captions, seeded) or 'first'. `rank` and `world_size` default to those of
-    the initialised torch.distributed group, if any. `on_error='skip'` leaves out unusable samples (and the
-    rest of a tar whose headers break), logging them and reporting them in the next item's problems;
-    'raise' stops with ShardError naming the shard and key.
+    `transform` maps the decoded PIL image (e.g. `clipforge.transforms.TrainTransform`); `caption` is 'random'
+    (one of the sample's captions, seeded) or 'first'; `on_error` is 'raise' or 'skip' (the sample, or the
+    rest of an unreadable tar, is left out, logged, and counted in `SamplePosition.skipped`).
     """
 
     def __init__(
@@ -230,22 +204,17 @@ class ShardDataset(IterableDataset):
         shards: str | Path | Sequence[str | Path],
         transform: Callable[[Image.Image], Any] | None = None,
         *,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         shuffle_shards: bool = True,
         resample: bool = False,
         epochs: int | None = None,
         caption: str = "random",
-        on_error: str = "skip",
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        on_error: str = "raise",
     ) -> None:
         self.paths = expand_shards(shards)
-        if rank is None or world_size is None:
-            joined = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if joined else 0
-            world_size = torch.distributed.get_world_size() if joined else 1
         if not 0 <= rank < world_size:
             raise ValueError(f"shards: rank {rank} is outside world size {world_size}")
         if caption not in ("random", "first"):
@@ -255,9 +224,8 @@ class ShardDataset(IterableDataset):
         self.transform, self.rank, self.world_size, self.seed = transform, rank, world_size, seed
         self.shuffle_buffer, self.shuffle_shards, self.resample = max(1, shuffle_buffer), shuffle_shards, resample
         self.epochs, self.caption, self.on_error = epochs, caption, on_error
-        self.max_image_pixels = max_image_pixels
-        self.resume: tuple[int, int, int, int] | None = None  # (slot, epoch, index, skipped) to start from
-        self.position: tuple[int, int, int, int] | None = None  # the same, after the last item yielded
+        self.resume: dict[int, tuple[int, int, int]] = {}  # local slot -> (epoch, index, skipped)
+        self.rotation = 0  # worker w serves local slot (w + rotation) % W
 
     def check_slots(self, num_workers: int) -> None:
         """Fail early when an epoch cannot give every slot of the world at least one shard."""
@@ -279,82 +247,54 @@ class ShardDataset(IterableDataset):
             random.Random(_seed(self.seed, epoch, 0)).shuffle(order)
         return order[slot::num_slots]
 
-    def _setup(self) -> dict[str, int]:
-        workers, _ = _worker_slots()
-        return {"rank": self.rank, "world_size": self.world_size, "num_workers": workers,
-                "num_shards": len(self.paths), "seed": self.seed}
-
-    def state_dict(self) -> dict[str, Any]:
-        """This copy's stream position after the last item it yielded (plain ints, JSON-serialisable)."""
-        workers, worker = _worker_slots()
-        slot, epoch, index, skipped = self.position or self.resume or (self.rank * workers + worker, 0, 0, 0)
-        return {"format": STATE_FORMAT, **self._setup(), "slot": slot, "epoch": epoch, "index": index,
-                "skipped": skipped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Make this copy continue from `state` (from `state_dict()` of a worker of an identical setup)."""
-        if state.get("format") != STATE_FORMAT:
-            raise ShardError(f"shard stream state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-        for key, value in self._setup().items():
-            if state.get(key) != value:
-                raise ShardError(
-                    f"shard stream state: '{key}' is {state.get(key)!r} in the checkpoint but {value!r} now; an "
-                    "exact resume needs the same shards, seed, ranks and DataLoader workers"
-                )
-        workers = max(1, state["num_workers"])
-        if not self.rank * workers <= state["slot"] < (self.rank + 1) * workers:
-            raise ShardError(f"shard stream state: slot {state['slot']} does not belong to rank {self.rank}")
-        self.resume = (int(state["slot"]), int(state["epoch"]), int(state["index"]), int(state["skipped"]))
-        self.position = None
-
-    def __iter__(self) -> Iterator[tuple[Any, str, list[Problem]]]:
-        workers, worker = _worker_slots()
+    def __iter__(self) -> Iterator[tuple[Any, str, SamplePosition]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         self.check_slots(workers)
-        slot, epoch, index, skipped = self.resume or (self.rank * workers + worker, 0, 0, 0)
-        self.position = (slot, epoch, index, skipped)
-        log = _SkipLog([], skipped)
+        local = (worker + self.rotation) % workers
+        slot = self.rank * workers + local
+        epoch, index, skipped = self.resume.get(local, (0, 0, 0))
+        counter = [skipped]  # samples (or shard tails) skipped by this slot since the stream began
         files = _OpenShards(self.paths)
         try:
             while self.epochs is None or epoch < self.epochs:
-                for item, emitted in self._epoch_stream(files, slot, workers, epoch, index, log):
-                    self.position = (slot, epoch, emitted, log.skipped)
-                    yield item
+                yield from self._epoch_stream(files, slot, workers * self.world_size, epoch, index, counter)
                 epoch, index = epoch + 1, 0
         finally:
             files.close()
 
-    def _refs(self, slot: int, num_slots: int, epoch: int, log: _SkipLog, live: list[bool]) -> Iterator[SampleRef]:
+    def _refs(self, slot: int, num_slots: int, epoch: int, counter: list[int], live: list[bool]) -> Iterator[SampleRef]:
         for shard in self.epoch_shards(epoch, slot, num_slots):
             try:
                 yield from scan_shard(self.paths[shard], shard)
             except ShardError as exc:
                 if self.on_error == "raise":
                     raise
-                if live[0]:  # a replay before the resume point met it already, and the state counted it
-                    log.skip({"kind": "truncated", "path": self.paths[shard], "detail": str(exc)})
+                if live[0]:  # counted once: a replay before the resume point already had it in the state
+                    counter[0] += 1
+                    logger.warning("skipping the rest of a shard: %s", exc)
 
-    def _epoch_stream(self, files: _OpenShards, slot: int, workers: int, epoch: int, start: int,
-                      log: _SkipLog) -> Iterator[tuple[tuple[Any, str, list[Problem]], int]]:
-        """(item, index) of one slot's epoch after position `start` (earlier samples are replayed unread);
-        `index` counts the samples the shuffle buffer emitted in the epoch, skipped ones included."""
+    def _epoch_stream(self, files: _OpenShards, slot: int, num_slots: int, epoch: int, start: int,
+                      counter: list[int]) -> Iterator[tuple[Any, str, SamplePosition]]:
+        """One epoch of one slot: buffer-shuffled samples after position `start` (earlier ones replayed unread)."""
         rng = random.Random(_seed(self.seed, epoch, slot, 2))
         live = [start == 0]  # False while replaying up to the resume point
         buffer: list[list[Any]] = []  # [ref, raw bytes or None]
         emitted = 0
 
-        def emit(entry: list[Any]) -> Iterator[tuple[tuple[Any, str, list[Problem]], int]]:
+        def emit(entry: list[Any]) -> Iterator[tuple[Any, str, SamplePosition]]:
             nonlocal emitted
             emitted += 1
             if emitted <= start:
                 live[0] = emitted == start
                 return
-            item = self._load(files, entry[0], entry[1], slot, epoch, emitted, log)
-            if item is not None:
-                yield item, emitted
+            ref, raw = entry
+            sample = self._load(files, ref, raw, slot, epoch, emitted, counter)
+            if sample is not None:
+                yield sample
 
-        for ref in self._refs(slot, workers * self.world_size, epoch, log, live):
-            readable = live[0] and all(size >= 0 for _, _, size in ref.members)
-            entry = [ref, files.read(ref) if readable else None]
+        for ref in self._refs(slot, num_slots, epoch, counter, live):
+            entry = [ref, files.read(ref) if live[0] and self._readable(ref) else None]
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(entry)
                 continue
@@ -365,24 +305,111 @@ class ShardDataset(IterableDataset):
         for entry in buffer:
             yield from emit(entry)
 
+    @staticmethod
+    def _readable(ref: SampleRef) -> bool:
+        return all(size >= 0 for _, _, size in ref.members)
+
     def _load(self, files: _OpenShards, ref: SampleRef, raw: dict[str, bytes] | None, slot: int, epoch: int,
-              index: int, log: _SkipLog) -> tuple[Any, str, list[Problem]] | None:
-        """Decode and transform one sample; None (the problem logged) when it is unusable and skipped."""
-        where = f"{self.paths[ref.shard]}:{ref.key}"
+              index: int, counter: list[int]) -> tuple[Any, str, SamplePosition] | None:
+        """Decode and transform one sample; None when it is corrupt and errors are skipped."""
+        where = f"{self.paths[ref.shard]}: sample '{ref.key}'"
         try:
-            image, captions, converted = decode_sample(raw if raw is not None else files.read(ref), where,
-                                                       self.max_image_pixels)
-        except BadSample as bad:
+            image, captions = decode_sample(raw if raw is not None else files.read(ref), where)
+        except ShardError as exc:
             if self.on_error == "raise":
-                raise ShardError(str(bad)) from None
-            log.skip(bad.record())
+                raise
+            counter[0] += 1
+            logger.warning("skipping a sample: %s", exc)
             return None
         sample_rng = random.Random(_seed(self.seed, epoch, slot, index, 3))
         caption = captions[sample_rng.randrange(len(captions))] if self.caption == "random" else captions[0]
         if self.transform is not None:
             _reseed(self.transform, sample_rng.getrandbits(63))
             image = self.transform(image)
-        problems = log.take()
-        if converted is not None:
-            problems.append({"kind": converted, "path": where, "detail": "converted"})
-        return image, caption, problems
+        return image, caption, SamplePosition(slot, epoch, index, counter[0], ref.key)
+
+
+class _PositionCollate:
+    """Collates (image, caption) with the inner collate and keeps the position of the batch's last sample."""
+
+    def __init__(self, inner: Callable[[list[tuple[Any, str]]], Any] | None) -> None:
+        self.inner = inner if inner is not None else torch.utils.data.default_collate
+
+    def __call__(self, items: list[tuple[Any, str, SamplePosition]]) -> tuple[Any, SamplePosition]:
+        return self.inner([(image, caption) for image, caption, _ in items]), items[-1][2]
+
+
+class ShardLoader:
+    """A DataLoader over a ShardDataset that knows the exact stream position of the batches it handed out.
+
+    Iterating again continues the stream where the last batch left it. `state_dict()` / `load_state_dict()`
+    follow the resume contract in the module docstring; `skipped` counts corrupt samples skipped so far.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batch_size: int,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[tuple[Any, str]]], Any] | None = None,
+        drop_last: bool = False,
+        prefetch_factor: int | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
+        persistent_workers: bool = False,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"shards: batch_size must be positive, got {batch_size}")
+        dataset.check_slots(num_workers)
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.loader_args = dict(collate_fn=_PositionCollate(collate_fn), drop_last=drop_last,
+                                worker_init_fn=worker_init_fn if num_workers > 0 else None,
+                                prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                                persistent_workers=persistent_workers and num_workers > 0)
+        self.slots = max(1, num_workers)
+        self.positions: dict[int, tuple[int, int, int]] = {}  # local slot -> (epoch, index, skipped)
+        self.next_slot = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.resume = dict(self.positions)
+        self.dataset.rotation = self.next_slot
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            **self.loader_args)
+        first_slot = self.dataset.rank * self.slots
+        for batch, pos in loader:
+            local = pos.slot - first_slot
+            self.positions[local] = (pos.epoch, pos.index, pos.skipped)
+            self.next_slot = (local + 1) % self.slots
+            yield batch
+
+    @property
+    def skipped(self) -> int:
+        return sum(skipped for _, _, skipped in self.positions.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stream position after the last batch handed out (plain ints, JSON-serialisable)."""
+        ds = self.dataset
+        return {
+            "format": STATE_FORMAT, "rank": ds.rank, "world_size": ds.world_size, "num_workers": self.num_workers,
+            "num_shards": len(ds.paths), "seed": ds.seed, "batch_size": self.batch_size,
+            "next_slot": self.next_slot,
+            "slots": {str(k): list(v) for k, v in sorted(self.positions.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (made by `state_dict()` on this rank of an identical setup)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ShardError(f"shard loader state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        ds = self.dataset
+        expected = {"rank": ds.rank, "world_size": ds.world_size, "num_workers": self.num_workers,
+                    "num_shards": len(ds.paths), "seed": ds.seed, "batch_size": self.batch_size}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ShardError(
+                    f"shard loader state: '{key}' is {state.get(key)!r} in the checkpoint but {value!r} now; "
+                    "an exact resume needs the same shards, seed, ranks, workers and batch size"
+                )
+        slots = {int(k): tuple(int(x) for x in v) for k, v in state["slots"].items()}
+        if any(not 0 <= k < self.slots or len(v) != 3 for k, v in slots.items()):
+            raise ShardError(f"shard loader state: 'slots' must map 0..{self.slots - 1} to [epoch, index, skipped]")
+        self.positions = slots  # type: ignore[assignment]
+        self.next_slot = int(state["next_slot"]) % self.slots

@@ -106,6 +106,8 @@ def bench_model(name: str, batch: int, steps: int, precisions: list[str], block:
         runs = {f"clipforge {precision}": clipforge_step(ours, images, tokens, precision),
                 f"transformers {theirs}": hf_step(hf, images, tokens, theirs)}
         phase = time_interleaved(runs, steps, warmup=1 if block == 1 else 0, block=block)
+        print(f"  {name} {precision}: " + ", ".join(
+            f"{k} {median(v):.3f} s/step ({' '.join(f'{t:.2f}' for t in v)})" for k, v in phase.items()), flush=True)
         times[f"clipforge {precision}"] = phase[f"clipforge {precision}"]
         times[f"transformers {theirs} (with {precision})"] = phase[f"transformers {theirs}"]
         del runs, ours

@@ -97,6 +97,27 @@ def test_writer_from_folder_command(image_folder, tmp_path):
     assert sorted(seen) == sorted(caption_of(i) for i in range(N_IMAGES))
 
 
+def test_writer_from_manifest_command_with_a_bad_image(image_folder, tmp_path):
+    from argparse import Namespace
+
+    from clipforge.data.manifest import write_manifest
+    from clipforge.data.writer import run_shards_command
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    rows = [(str(p), caption_of(int(p.stem[3:])), "train") for p in sorted(image_folder.rglob("*.png"))[:5]]
+    write_manifest(tmp_path / "m.tsv", rows + [(str(tmp_path / "broken.png"), "a broken file", "train")],
+                   with_label=False)
+    args = Namespace(source=str(tmp_path / "m.tsv"), out=str(tmp_path / "s"), per_shard=4, skip_bad=False)
+    with pytest.raises(ShardError, match=r"broken\.png: cannot be written to a shard"):
+        run_shards_command(args)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar"]  # the unfinished one is dropped
+    args.skip_bad, args.output = True, str(tmp_path / "summary.json")
+    result = run_shards_command(args)
+    assert result["samples"] == 5 and result["skipped"] == [str(tmp_path / "broken.png")]
+    assert json.loads((tmp_path / "summary.json").read_text())["samples"] == 5
+    assert sorted(collect(ShardDataset(tmp_path / "s", EvalTransform(8), epochs=1), 2, 0)) == sorted(r[1] for r in rows)
+
+
 def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(shard_dir):
     transform = EvalTransform(16)
     expected = {caption_of(i): transform(make_image(i)) for i in range(N_IMAGES)}

@@ -14,7 +14,8 @@ from torch import nn
 
 import clipforge
 from clipforge.losses import clip_loss
-from clipforge.models.layers import LayerNorm, attention, explicit_attention
+from clipforge.models.attention import attention, explicit_attention
+from clipforge.models.layers import LayerNorm
 from clipforge.speed import (MasterWeights, autocast, bf16_inference, channels_last, channels_last_input,
                              compile_model, cpu_supports_bf16, resolve_precision)
 
@@ -183,9 +184,56 @@ def test_compile_disabled_returns_the_model(micro_model):
 
 @pytest.mark.slow
 def test_compiled_model_matches_eager(micro_model, batch):
-    images, tokens = batch
+    images = batch[0]
     want = micro_model.encode_image(images)
     compiled = compile_model(micro_model.visual)
     with torch.no_grad():
         got = compiled(images)
     torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4)
+
+
+def _full_tower(blocks, x, causal):
+    """Every block on every token (the plain definition), for comparison with the pooled last block."""
+    for block in blocks:
+        x = block(x, causal=causal)
+    return x
+
+
+def test_pooled_last_block_equals_the_full_towers(micro_model, batch):
+    """encode_image/encode_text compute the last block at the pooled token only; the result must equal
+    running every block on every token and pooling afterwards."""
+    images, tokens = batch
+    m, v = micro_model, micro_model.visual
+    with torch.no_grad():
+        x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, G*G, W]
+        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
+        x = _full_tower(v.transformer.resblocks, v.ln_pre(x), causal=False)
+        want_image = v.ln_post(x[:, 0]) @ v.proj
+        garbage = tokens.clone()
+        garbage[0, int(tokens[0].argmax()) + 1:] = 4242  # after the end-of-text token: must not matter
+        t = _full_tower(m.transformer.resblocks, m.token_embedding(tokens) + m.positional_embedding, causal=True)
+        want_text = m.ln_final(t)[torch.arange(3), tokens.argmax(-1)] @ m.text_projection
+        torch.testing.assert_close(m.encode_image(images), want_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.encode_text(tokens), want_text, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.encode_text(garbage), want_text, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(micro_model, batch):
+    images, tokens = batch
+    grads = []
+    for enable in (False, True):
+        model = copy.deepcopy(micro_model).train()
+        model.set_grad_checkpointing(enable)
+        clip_loss(*model(images, tokens)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("size", [32, 37])  # 37: a remainder the convolution drops
+def test_patch_embedding_matmul_equals_the_strided_convolution(micro_model, size):
+    visual = micro_model.visual
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    want = F.conv2d(images.double(), visual.conv1.weight.double(), stride=visual.patch_size)  # [B, W, G, G]
+    got = visual.embed_patches(images)
+    torch.testing.assert_close(got.double(), want.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,11 @@
 """Precision and execution-speed helpers: bf16 autocast, bf16 weights (inference, or training with fp32 master
 copies), channels-last for convolutional towers, `torch.compile`, and float32 matmul precision.
 
-What is fast on a CPU with AVX-512 bf16 (measured by `benchmarks/bench_train_step.py`): matmuls in bf16 run
-about 2x the fp32 rate; autocast and bf16 weights give the same matmul speed, and bf16 weights save autocast's
-per-step weight casts and halve the bytes of every elementwise op. Without native bf16 instructions bf16 is
-emulated and slower than fp32, so `resolve_precision` falls back to fp32 there.
+On a CPU with AVX-512 BF16 bf16 matmuls run at about twice the fp32 rate, and a training step is dominated by
+matmuls, so bf16 autocast (or bf16 weights) roughly halves it; see `benchmarks/bench_train_step.py` for the
+measured numbers. Without native bf16 instructions bf16 is emulated and slower than fp32, so
+`resolve_precision` falls back to fp32 there. The model's own CPU fast paths (explicit attention in bf16,
+LayerNorm on bf16 input without casts, no work on padding after the last end-of-text token) need no switch.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
 
 
 def bf16_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy-free bf16-weights model for embedding images and texts (see cast_matmul_weights)."""
+    """`model`, converted in place to bf16 matmul weights and put in eval mode, for embedding images and texts
+    (see cast_matmul_weights); deep-copy it first to keep the fp32 model."""
     return cast_matmul_weights(model, torch.bfloat16).eval()
 
 
@@ -133,17 +135,24 @@ class MasterWeights:
                     setattr(twin, name, param)  # one fp32 tensor serves both
 
     def zero_grad(self) -> None:
-        for param in list(self.model.parameters()) + list(self.master.parameters()):
+        """Drop the model's gradients before a backward pass (master gradients are overwritten in place)."""
+        for param in self.model.parameters():
             param.grad = None
 
     @torch.no_grad()
     def grads_to_master(self) -> None:
-        """Copy the bf16 gradients into fp32 master gradients (and free the bf16 ones)."""
+        """Copy the bf16 gradients into fp32 master gradients (and free the bf16 ones).
+
+        The master gradients are buffers kept across steps: a fresh 4-byte-per-parameter allocation every step
+        costs more in page faults on CPU than the copy itself.
+        """
         for param, master in self.pairs:
             if param.grad is None:
                 master.grad = None
                 continue
-            master.grad = param.grad.to(torch.float32)
+            if master.grad is None:
+                master.grad = torch.empty_like(master)
+            master.grad.copy_(param.grad)
             param.grad = None
 
     @torch.no_grad()
@@ -159,11 +168,14 @@ def uses_convolutions(model: nn.Module) -> bool:
 
 
 def channels_last(model: nn.Module) -> bool:
-    """Put a convolutional model in channels-last memory format (faster oneDNN/cuDNN convs); returns whether
-    it did. ViTs are left alone: their one patchify conv gains nothing. Feed images with `channels_last_input`."""
+    """Store a convolutional model's convolutions channels-last (NHWC; faster oneDNN/cuDNN kernels); returns
+    whether it did. ViTs are left alone: their one patchify conv gains nothing. The ResNet tower converts its
+    input itself; for other modules feed images through `channels_last_input`."""
     if not uses_convolutions(model):
         return False
-    model.to(memory_format=torch.channels_last)
+    from .models.resnet import use_channels_last  # noqa: PLC0415
+
+    use_channels_last(model)
     return True
 
 

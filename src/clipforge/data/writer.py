@@ -102,6 +102,13 @@ class _ShardSink:
             self.written.append(self._path())
             self.tar = None
 
+    def abort(self) -> None:
+        """Drop the shard being written (after an error): only complete shards are ever published."""
+        if self.tar is not None:
+            self.tar.close()
+            self._path().with_suffix(".tar.tmp").unlink(missing_ok=True)
+            self.tar = None
+
 
 def write_shards(
     pairs: Iterable[tuple[ImageSource, str | Sequence[str]]],
@@ -147,8 +154,10 @@ def write_shards(
             _add_member(sink.tar, f"{key}.txt", "\n".join(captions).encode("utf-8"))
             _add_member(sink.tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
             summary.samples += 1
-    finally:
-        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
     summary.shards = sink.written
     return summary
 

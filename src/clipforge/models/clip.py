@@ -92,9 +92,8 @@ class CLIP(nn.Module):
             tokens = tokens[:, :length]  # [B, L']
         x = self.token_embedding(tokens).to(self.dtype)  # [B, L, W]
         x = x + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x, causal=True)
+        x = self.transformer(x, causal=True, positions=eot)  # [B, W], the end-of-text token of each row
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, W]
         features = x @ self.text_projection  # [B, D]
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -7,11 +7,14 @@ OpenAI's checkpoints so that their state dicts load one-to-one.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .attention import attention, attention_at
 
 
 class QuickGELU(nn.Module):
@@ -44,37 +47,6 @@ class LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-# Longest sequence for which bf16 attention on CPU is computed with explicit matmuls (see `attention`).
-CPU_EXPLICIT_ATTENTION_MAX_LEN = 256
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [+ causal mask]) v with the softmax in fp32; q, k, v [B, H, L, d] -> [B, H, L, d]."""
-    length = q.shape[-2]
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, L, L]
-    if causal:
-        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)  # [L, L]
-        scores = scores.masked_fill(future, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return weights @ v
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention over [B, H, L, d], choosing the faster kernel for the device and dtype.
-
-    On CPU in bf16 (weights or autocast) PyTorch's fused attention kernel is 1.5-4x slower, forward and
-    backward, than two batched matmuls and a softmax for CLIP's short sequences (50-257 tokens), so those use
-    `explicit_attention`; fp32 on CPU and every other device keep `F.scaled_dot_product_attention`.
-    """
-    if (
-        q.device.type == "cpu"
-        and q.shape[-2] <= CPU_EXPLICIT_ATTENTION_MAX_LEN
-        and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"))
-    ):
-        return explicit_attention(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
 class MultiheadAttention(nn.Module):
     """Self-attention with nn.MultiheadAttention's parameter layout (one fused q/k/v projection)."""
 
@@ -97,6 +69,17 @@ class MultiheadAttention(nn.Module):
         out = attention(q, k, v, causal)  # [B, H, L, W/H]
         out = out.transpose(1, 2).reshape(batch, length, width)  # [B, L, W]
         return self.out_proj(out)
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """forward(x)[b, positions[b]] for every row b -> [B, W], projecting queries only at those positions."""
+        batch, length, width = x.shape
+        head = width // self.heads
+        rows = torch.arange(batch, device=x.device)
+        query = F.linear(x[rows, positions], self.in_proj_weight[:width], self.in_proj_bias[:width])  # [B, W]
+        kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])  # [B, L, 2W]
+        k, v = kv.view(batch, length, 2, self.heads, head).permute(2, 0, 3, 1, 4)  # 2 x [B, H, L, W/H]
+        out = attention_at(query.view(batch, self.heads, 1, head), k, v, positions, causal)  # [B, H, 1, W/H]
+        return self.out_proj(out.reshape(batch, width))  # [B, W]
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -122,6 +105,17 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """forward(x)[b, positions[b]] -> [B, W]: keys and values from every token, the rest at one token."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = x[rows, positions] + self.attn.forward_at(self.ln_1(x), positions, causal)  # [B, W]
+        return y + self.mlp(self.ln_2(y))
+
+
+def _pooled_block(block: ResidualAttentionBlock, positions: torch.Tensor, x: torch.Tensor,
+                  causal: bool = False) -> torch.Tensor:
+    return block.forward_at(x, positions, causal)
+
 
 class Transformer(nn.Module):
     """A stack of residual attention blocks over batch-first sequences [B, L, W]."""
@@ -137,12 +131,17 @@ class Transformer(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, W] -> [B, L, W]; or, given `positions` [B], only the output at positions[b] of each row,
+        [B, W], for which the last block needs its query, attention output and MLP at that token alone
+        (a twelfth of a 12-layer tower's work, nearly all of it on tokens that pooling then drops)."""
+        for i, block in enumerate(self.resblocks):
+            last = positions is not None and i == len(self.resblocks) - 1
+            fn = partial(_pooled_block, block, positions) if last else block
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(fn, x, causal, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = fn(x, causal=causal)
         return x
 
     def init_weights(self) -> None:

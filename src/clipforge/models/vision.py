@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
@@ -10,7 +11,7 @@ from .layers import LayerNorm, Transformer
 
 
 class VisionTransformer(nn.Module):
-    """Patchify by strided conv, prepend a class token, add positions, ln_pre, blocks, ln_post(cls) @ proj."""
+    """Patchify (a stride-p p x p convolution), prepend a class token, add positions, ln_pre, blocks, ln_post(cls) @ proj."""
 
     def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool = False) -> None:
         super().__init__()
@@ -29,12 +30,23 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.transformer.init_weights()
 
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1(x) flattened to tokens, [B, 3, H, W] -> [B, G*G, W], computed as one matrix product over the
+        flattened patches with conv1's weights. Same result; but cuDNN runs this stride-p convolution with a
+        kernel that took 13% of a ViT-B-32 bf16 training step on an H100 (batch 512), where a GEMM takes a fraction."""
+        batch, channels, height, width = x.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p  # like the convolution, drop a remainder of fewer than p pixels
+        x = x[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p)  # [B, C, Gh, p, Gw, p]
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)  # [B, G*G, C*p*p]
+        return F.linear(x, self.conv1.weight.flatten(1))  # [B, G*G, W]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)  # [B, W, G, G]
-        x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
+        x = self.embed_patches(x)  # [B, G*G, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, G*G+1, W]
         x = self.ln_pre(x)
-        x = self.transformer(x)
-        x = self.ln_post(x[:, 0])  # [B, W]
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # [B]: the class token's position
+        x = self.transformer(x, positions=cls)  # [B, W]
+        x = self.ln_post(x)
         return x @ self.proj  # [B, D]

@@ -78,3 +78,12 @@ def test_cache_key_covers_preprocessing_and_size() -> None:
     assert a != cache_path("/c", "emoji/val", "abc", EvalTransform(32), 10)
     assert a != cache_path("/c", "emoji/test", "abd", EvalTransform(32), 10)
     assert a == cache_path("/c", "emoji/test", "abc", EvalTransform(32), 10)
+
+
+def test_inputs_go_to_the_device_of_the_model_unless_told():
+    from clipforge.eval.features import input_device
+
+    on_meta = torch.nn.Linear(2, 2, device="meta")  # stands in for a model on a GPU: not the CPU
+    assert input_device(on_meta) == torch.device("meta")
+    assert input_device(on_meta, "cpu") == torch.device("cpu")
+    assert input_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters: the CPU

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .data.synthetic import SyntheticWorld
+from .eval.features import input_device
 from .eval.synthetic import evaluate_synthetic, with_article
 from .eval.templates import load_templates
 from .eval.zeroshot import build_classifier
@@ -58,7 +59,8 @@ def show_examples(model: torch.nn.Module, cfg: TrainConfig, count: int = 6) -> l
         image, label = world.zeroshot_example(10_000 + 7 * i, combos)
         from .transforms import normalize, to_tensor  # noqa: PLC0415
 
-        features = model.encode_image(normalize(to_tensor(image))[None], normalize=True)
+        pixels = normalize(to_tensor(image))[None].to(input_device(model))  # [1, 3, S, S]
+        features = model.encode_image(pixels, normalize=True).float().cpu()
         probs = (100.0 * features @ classifier).softmax(dim=-1)[0]
         top = probs.topk(3)
         guesses = ", ".join(f"{world.classnames[j]} {p:.0%}" for p, j in zip(top.values.tolist(), top.indices.tolist()))

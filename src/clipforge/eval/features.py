@@ -34,19 +34,27 @@ def _images_and_targets(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torc
     return torch.stack([image for image, _ in batch]), [target for _, target in batch]
 
 
+def input_device(model: Any, device: str | torch.device | None = None) -> torch.device:
+    """Where a model's inputs go: `device` if given, else the device of the model's parameters."""
+    if device is not None:
+        return torch.device(device)
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def encode_images(
     model: Any,
     dataset: Dataset,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, list[Any]]:
     """L2-normalised image features [N, D] (float32, on CPU) and each item's target (label or captions)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_images_and_targets)
     features, targets = [], []
     for images, batch_targets in loader:
-        encoded = model.encode_image(images.to(device))  # [B, D]
+        encoded = model.encode_image(images.to(input_device(model, device)))  # [B, D]
         features.append(torch.nn.functional.normalize(encoded.float(), dim=-1).cpu())
         targets.extend(batch_targets)
     return torch.cat(features), targets
@@ -58,12 +66,12 @@ def encode_texts(
     tokenizer: Callable[[list[str]], torch.Tensor],
     texts: Sequence[str],
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """L2-normalised text features [T, D] (float32, on CPU)."""
     chunks = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [b, L]
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(input_device(model, device))  # [b, L]
         chunks.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(chunks)
 
@@ -82,7 +90,7 @@ def cached_image_features(
     dataset_key: str,
     cache_dir: str | Path | None,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Image features [N, D] and, for a classification dataset, labels [N]; read from the cache when present.

@@ -163,7 +163,7 @@ def diagnose_margins(
     batch_size: int,
     output_dir: str | Path | None = None,
     name: str = "margins",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, object]:
     """Encode a dataset of (image tensor, caption) pairs and report the margins within batches of `batch_size`.
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..data.synthetic import STREAM_EVAL, SyntheticPairs, SyntheticWorld, SyntheticZeroShot
+from .features import input_device
 from .metrics import retrieval_metrics
 from .templates import load_templates
 from .zeroshot import build_classifier, encode_images, zeroshot_scores
@@ -31,12 +32,12 @@ def synonym_classnames(classnames: list[str]) -> list[str]:
 
 @torch.no_grad()
 def encode_pairs(model: torch.nn.Module, tokenizer: Callable, dataset: SyntheticPairs, batch_size: int = 256,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                 device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images, texts = [], []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        batch = torch.stack([img for img, _ in items]).to(device)
-        tokens = tokenizer([cap for _, cap in items]).to(device)
+        batch = torch.stack([img for img, _ in items]).to(input_device(model, device))
+        tokens = tokenizer([cap for _, cap in items]).to(input_device(model, device))
         images.append(model.encode_image(batch, normalize=True).float().cpu())
         texts.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(images), torch.cat(texts)
@@ -45,7 +46,7 @@ def encode_pairs(model: torch.nn.Module, tokenizer: Callable, dataset: Synthetic
 @torch.no_grad()
 def evaluate_synthetic(
     model: torch.nn.Module, tokenizer: Callable, world: SyntheticWorld, per_class: int = 20,
-    retrieval_pairs: int = 1000, templates: str = "synthetic", device: str | torch.device = "cpu",
+    retrieval_pairs: int = 1000, templates: str = "synthetic", device: str | torch.device | None = None,
     synonyms: bool = False,
 ) -> dict[str, float]:
     """The demo's metrics, as fractions in [0, 1]. Classification is always over all 64 classes.

@@ -55,7 +55,10 @@ def plot_zero_shot_vs_kshot(
     ax.axhline(zero_shot, color="tab:red", linestyle="--", label=f"zero-shot ({zero_shot:.1%})")
     match = matching_shots(zero_shot, shots, means)
     if match is not None:
-        ax.axvline(match, color="grey", linestyle=":", label=f"probe matches zero-shot at k≈{match:.1f}")
+        fewest = min(shots)
+        label = (f"the {fewest}-shot probe already beats zero-shot" if match == fewest
+                 else f"probe matches zero-shot at k≈{match:.1f}")
+        ax.axvline(match, color="grey", linestyle=":", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(shots), [str(k) for k in shots])
     ax.set_xlabel("labelled examples per class")

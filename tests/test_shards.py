@@ -118,6 +118,24 @@ def test_writer_from_manifest_command_with_a_bad_image(image_folder, tmp_path):
     assert sorted(collect(ShardDataset(tmp_path / "s", EvalTransform(8), epochs=1), 2, 0)) == sorted(r[1] for r in rows)
 
 
+def test_writer_keeps_only_the_split_asked_for(image_folder, tmp_path):
+    from argparse import Namespace
+
+    from clipforge.data.manifest import write_manifest
+    from clipforge.data.writer import run_shards_command
+
+    images = sorted(image_folder.rglob("*.png"))[:6]
+    rows = [(str(p), caption_of(int(p.stem[3:])), "test" if i % 3 == 0 else "train") for i, p in enumerate(images)]
+    write_manifest(tmp_path / "m.tsv", rows, with_label=False)
+    args = Namespace(source=str(tmp_path / "m.tsv"), out=str(tmp_path / "s"), per_shard=4, split="train")
+    assert run_shards_command(args)["samples"] == 4
+    train = sorted(r[1] for r in rows if r[2] == "train")
+    assert sorted(collect(ShardDataset(tmp_path / "s", EvalTransform(8), epochs=1), 2, 0)) == train
+    args.split, args.out = "val", str(tmp_path / "v")
+    with pytest.raises(ShardError, match=r"--split val: no image of .*m\.tsv is in that split \(its splits: test, train\)"):
+        run_shards_command(args)
+
+
 def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(shard_dir):
     transform = EvalTransform(16)
     expected = {caption_of(i): transform(make_image(i)) for i in range(N_IMAGES)}

@@ -162,17 +162,27 @@ def write_shards(
     return summary
 
 
-def pairs_from_source(source: str | Path) -> list[tuple[Path, list[str]]]:
-    """(image path, captions) of a CSV/TSV manifest or of an image folder with sidecar .txt captions."""
+def pairs_from_source(source: str | Path, split: str | None = None) -> list[tuple[Path, list[str]]]:
+    """(image path, captions) of a CSV/TSV manifest (only the images of `split`, if given) or of an image
+    folder with sidecar .txt captions."""
     path = Path(source)
     if path.is_dir():
+        if split is not None:
+            raise ShardError(f"--split {split}: {source} is a folder, and only a manifest has splits")
         from .folder import scan_folder  # noqa: PLC0415 - only this command needs the folder reader
 
         return [(image, list(captions)) for image, captions in scan_folder(path)]
     if path.suffix.lower() in (".csv", ".tsv", ".tab"):
         from .manifest import read_manifest  # noqa: PLC0415
 
-        return [(entry.image, list(entry.captions)) for entry in read_manifest(path)]
+        entries = read_manifest(path)
+        if split is not None:
+            splits = sorted({e.split for e in entries if e.split is not None})
+            entries = [e for e in entries if e.split == split]
+            if not entries:
+                raise ShardError(f"--split {split}: no image of {source} is in that split "
+                                 f"(its splits: {', '.join(splits) if splits else 'none, no split column'})")
+        return [(entry.image, list(entry.captions)) for entry in entries]
     raise ShardError(f"{source}: expected a folder of images with .txt captions, or a .csv/.tsv manifest")
 
 
@@ -181,6 +191,7 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="MANIFEST_OR_FOLDER",
                         help="a CSV/TSV manifest (image, caption columns) or a folder of images with .txt captions")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for 00000.tar, 00001.tar, ...")
+    parser.add_argument("--split", metavar="NAME", help="only the images of this split of the manifest (e.g. train)")
     parser.add_argument("--per-shard", type=int, default=1000, metavar="N", help="samples per shard (1000)")
     parser.add_argument("--image-format", choices=("jpg", "keep"), default="jpg",
                         help="jpg: re-encode non-JPEG images as JPEG (default); keep: store PNG/WebP as they are")
@@ -190,7 +201,7 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_shards_command(args: argparse.Namespace) -> dict[str, Any]:
     """`clipforge data shards --from MANIFEST_OR_FOLDER --out DIR [--per-shard N]`; returns the summary."""
-    pairs = pairs_from_source(args.source)
+    pairs = pairs_from_source(args.source, getattr(args, "split", None))
     summary = write_shards(pairs, args.out, args.per_shard, image_format=getattr(args, "image_format", "jpg"),
                            on_error="skip" if getattr(args, "skip_bad", False) else "raise")
     result = summary.as_dict()

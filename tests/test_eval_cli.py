@@ -296,3 +296,18 @@ def test_real_classification_probe_and_robustness(data_root: Path, tmp_path: Pat
     assert "effective_robustness" not in rob["variants"]["blur"]  # no baselines, no fit
     code, err = run(capsys, "eval", "retrieval", *common)
     assert code == 2 and "has class labels but no captions" in err
+
+
+def test_eval_device_is_checked_before_any_work(monkeypatch):
+    from clipforge.config import ConfigError
+    from clipforge.eval.runner import eval_device
+
+    assert eval_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"--device gpu0: expected cpu, cuda or cuda:N"):
+        eval_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"--device cuda: CUDA is not available on this machine"):
+        eval_device("cuda")
+    assert eval_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device(None) == torch.device("cuda")

@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     opts = EvalOptions(source=source, split=args.split, shots=tuple(args.shots or ()), draws=args.draws,
                        variants=tuple(args.variants) if args.variants else None,
                        baselines=tuple(args.baseline or ()), batch_size=args.batch_size, seed=args.seed,
-                       cache_dir=cache, plot=args.plot, num_workers=args.workers)
+                       cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device)
     results = finite_or_none(run_eval(args.task, args.model, args.dataset, opts))
     shown = {k: v for k, v in results.items() if k not in ("per_sample", "per_class_recall", "val_scores")}
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
@@ -246,6 +246,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the features cache")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if CUDA is available, else the CPU)")
     g = p.add_argument_group("synthetic world")
     g.add_argument("--config", help="training config whose synthetic world to use (default: the run's)")
     g.add_argument("--per-class", type=int, default=20, help="images per class and split (default: 20)")

@@ -47,6 +47,7 @@ class EvalOptions:
     plot: str | None = None  # write this task's figure here (PNG)
     encode_batch: int = 128
     num_workers: int = 0
+    device: str | None = None  # where the model runs: "cpu", "cuda", "cuda:1"; None: a GPU if there is one
 
 
 def default_cache_dir() -> Path:
@@ -207,6 +208,7 @@ def baseline_point(spec: str, dataset: str, variants: tuple[str, ...], opts: Eva
     if spec.endswith(".json") and Path(spec).is_file():
         return load_point(spec)
     model, run_dir = resolve_model(spec)
+    model = model.to(eval_device(opts.device))
     sub = EvalOptions(**{**vars(opts), "plot": None})
     point, _ = robustness_point(Evaluator(model, spec, run_dir, dataset, sub), variants)
     return RobustnessPoint(point.acc_in, point.acc_shift, spec)
@@ -240,12 +242,26 @@ def check_options(task: str, opts: EvalOptions) -> None:
         raise ConfigError("--shots and --draws: expected positive integers")
 
 
+def eval_device(requested: str | None) -> torch.device:
+    """The device to evaluate on: the one asked for, else the first GPU when CUDA is available, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device {requested}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+    return device
+
+
 def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None = None) -> dict[str, Any]:
     """Run `task` for the model `model_spec` on `dataset`; returns the results dict written as JSON."""
     opts = opts or EvalOptions()
     check_options(task, opts)
     start = time.perf_counter()
     model, run_dir = resolve_model(model_spec)
+    model = model.to(eval_device(opts.device))  # inputs follow the model (eval.features.input_device)
     ev = Evaluator(model, model_spec, run_dir, dataset, opts)
     handlers: dict[str, Callable[[], dict[str, Any]]] = {
         "zeroshot": lambda: task_zeroshot(ev), "retrieval": lambda: task_retrieval(ev),

@@ -54,8 +54,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "clipforge" / "features"
 
 
-def resolve_model(spec: str) -> tuple[torch.nn.Module, Path | None]:
-    """(model in eval mode, run directory if any) from a run directory, a checkpoint file or an architecture."""
+def resolve_model(spec: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Path | None]:
+    """(model in eval mode, on `device` if given; run directory if any) from a run directory, a checkpoint
+    file or an architecture name. Evaluation inputs follow the model's device (`features.input_device`)."""
+    model, run_dir = _load_for_eval(spec)
+    return (model.to(device) if device is not None else model), run_dir
+
+
+def _load_for_eval(spec: str) -> tuple[torch.nn.Module, Path | None]:
     path = Path(spec)
     if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
         from ..convert import load_model  # noqa: PLC0415
@@ -207,8 +213,7 @@ def baseline_point(spec: str, dataset: str, variants: tuple[str, ...], opts: Eva
     """A baseline model's accuracies: read from a robustness results JSON, or measured now for a model."""
     if spec.endswith(".json") and Path(spec).is_file():
         return load_point(spec)
-    model, run_dir = resolve_model(spec)
-    model = model.to(eval_device(opts.device))
+    model, run_dir = resolve_model(spec, eval_device(opts.device))
     sub = EvalOptions(**{**vars(opts), "plot": None})
     point, _ = robustness_point(Evaluator(model, spec, run_dir, dataset, sub), variants)
     return RobustnessPoint(point.acc_in, point.acc_shift, spec)
@@ -259,9 +264,9 @@ def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None 
     """Run `task` for the model `model_spec` on `dataset`; returns the results dict written as JSON."""
     opts = opts or EvalOptions()
     check_options(task, opts)
+    device = eval_device(opts.device)  # a bad --device stops before the model is loaded
     start = time.perf_counter()
-    model, run_dir = resolve_model(model_spec)
-    model = model.to(eval_device(opts.device))  # inputs follow the model (eval.features.input_device)
+    model, run_dir = resolve_model(model_spec, device)
     ev = Evaluator(model, model_spec, run_dir, dataset, opts)
     handlers: dict[str, Callable[[], dict[str, Any]]] = {
         "zeroshot": lambda: task_zeroshot(ev), "retrieval": lambda: task_retrieval(ev),

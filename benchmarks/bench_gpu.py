@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 
 from bench_train_step import clipforge_step, hf_step
-from common import build_hf_model, copy_weights_to_hf, pair_forward_flops, random_tokens, time_interleaved
+from common import pair_forward_flops, random_images, random_tokens, time_interleaved, twin_models
 
-from clipforge import create_model, get_model_config
+from clipforge import create_model
 from clipforge.speed import compile_model
 
 
@@ -63,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = get_model_config(args.model)
-    torch.manual_seed(0)
-    ours = create_model(args.model).cuda().train()
-    hf = build_hf_model(cfg).cuda().train()
-    copy_weights_to_hf(ours, hf)
+    cfg, ours, hf = twin_models(args.model)
+    ours, hf = ours.cuda().train(), hf.cuda().train()
     gen = torch.Generator().manual_seed(0)
-    size = cfg.vision_cfg.image_size
-    images = torch.randn(args.batch, 3, size, size, generator=gen).cuda()
+    images = random_images(cfg, args.batch, gen).cuda()
     tokens = random_tokens(args.batch, cfg.text_cfg.context_length, gen).cuda()
     runs = {"clipforge bf16": synced(clipforge_step(ours, images, tokens, "bf16", "cuda")),
             "transformers bf16": synced(hf_step(hf, images, tokens, "bf16", "cuda"))}

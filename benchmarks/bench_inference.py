@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from common import build_hf_model, copy_weights_to_hf, machine_note, median, random_tokens, time_interleaved
+from common import machine_note, median, random_images, random_tokens, time_interleaved, twin_models
 
-from clipforge import create_model, get_model_config, get_tokenizer
+from clipforge import get_tokenizer
 from clipforge.data.synthetic import STREAM_EVAL, SyntheticConfig, SyntheticWorld
 from clipforge.speed import bf16_inference
 
@@ -33,14 +33,10 @@ def short_captions(count: int) -> list[str]:
 
 
 def build_calls(name: str, image_batch: int, text_batch: int) -> tuple[dict[str, Callable[[], None]], dict]:
-    cfg = get_model_config(name)
-    torch.manual_seed(0)
-    ours = create_model(name).eval()
-    hf = build_hf_model(cfg).eval()
-    copy_weights_to_hf(ours, hf)
+    cfg, ours, hf = twin_models(name)
+    ours, hf = ours.eval(), hf.eval()
     gen = torch.Generator().manual_seed(0)
-    size = cfg.vision_cfg.image_size
-    images = torch.randn(image_batch, 3, size, size, generator=gen)
+    images = random_images(cfg, image_batch, gen)
     full = random_tokens(text_batch, cfg.text_cfg.context_length, gen)
     short = get_tokenizer(name)(short_captions(text_batch))  # [N, 77]
     longest = int(short.argmax(dim=-1).max()) + 1

@@ -27,10 +27,9 @@ from typing import Callable
 
 import torch
 
-from common import (PeakMeter, build_hf_model, copy_weights_to_hf, machine_note, median, pair_forward_flops,
-                    random_tokens, time_interleaved)
+from common import (PeakMeter, machine_note, median, pair_forward_flops, random_images, random_tokens,
+                    time_interleaved, twin_models)
 
-from clipforge import create_model, get_model_config
 from clipforge.losses import clip_loss
 from clipforge.speed import MasterWeights, autocast
 
@@ -85,13 +84,10 @@ def check_same_model(model, hf, images, tokens) -> float:
 
 
 def bench_model(name: str, batch: int, steps: int, precisions: list[str], block: int, meter: PeakMeter) -> dict:
-    cfg = get_model_config(name)
-    torch.manual_seed(0)
-    model = create_model(name).train()
-    hf = build_hf_model(cfg).train()
-    copy_weights_to_hf(model, hf)
+    cfg, model, hf = twin_models(name)
+    model, hf = model.train(), hf.train()
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, cfg.vision_cfg.image_size, cfg.vision_cfg.image_size, generator=gen)
+    images = random_images(cfg, batch, gen)
     tokens = random_tokens(batch, cfg.text_cfg.context_length, gen)
     max_diff = check_same_model(model, hf, images, tokens)
     if max_diff > 1e-4:

@@ -148,6 +148,25 @@ class PeakMeter:
         return self.best
 
 
+def twin_models(name: str) -> tuple[ModelConfig, torch.nn.Module, torch.nn.Module]:
+    """(config, clipforge model `name` initialised under seed 0, transformers CLIPModel of the same
+    architecture holding the same weights); both on the CPU, modes left to the caller."""
+    from clipforge import create_model, get_model_config  # noqa: PLC0415
+
+    cfg = get_model_config(name)
+    torch.manual_seed(0)
+    ours = create_model(name)
+    hf = build_hf_model(cfg)
+    copy_weights_to_hf(ours, hf)
+    return cfg, ours, hf
+
+
+def random_images(cfg: ModelConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Normal noise of the model's input shape, [batch, 3, S, S]."""
+    size = cfg.vision_cfg.image_size
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
 def random_tokens(batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
     """Token rows shaped like the tokenizer's: start token, random words, end token, zero padding.
 

@@ -30,7 +30,7 @@ from clipforge.data.shards import ShardDataset, ShardLoader, expand_shards, scan
 from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
 from clipforge.data.writer import write_shards
 from clipforge.tokenizer import get_tokenizer
-from clipforge.train.data import Collate
+from clipforge.train.feed import BatchCollate
 from clipforge.transforms import TrainTransform
 
 
@@ -82,10 +82,10 @@ def one_thread(_: int) -> None:
 
 def measure_loader(paths: list[str], size: int, workers: int, batch: int, count: int) -> float:
     dataset = ShardDataset(paths, TrainTransform(size), seed=0, shuffle_buffer=256, epochs=1)
-    loader = ShardLoader(dataset, batch, num_workers=workers, collate_fn=Collate(get_tokenizer()),
+    loader = ShardLoader(dataset, batch, num_workers=workers, collate_fn=BatchCollate(get_tokenizer()),
                          worker_init_fn=one_thread, prefetch_factor=4)
     start, seen = time.perf_counter(), 0
-    for images, _ in loader:
+    for images, *_ in loader:  # TrainBatch(images, tokens, problems, stream)
         seen += images.shape[0]
     assert seen == count, (seen, count)
     return seen / (time.perf_counter() - start)

@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"clipforge bf16": synced(clipforge_step(ours, images, tokens, "bf16", "cuda")),
             "transformers bf16": synced(hf_step(hf, images, tokens, "bf16", "cuda"))}
     if args.compile:
-        compiled = compile_model(create_model(args.model).cuda().train())
-        runs["clipforge bf16 compiled"] = synced(clipforge_step(compiled, images, tokens, "bf16", "cuda"))
-    runs["clipforge bf16-weights"] = synced(clipforge_step(create_model(args.model).cuda().train(), images, tokens,
-                                                           "bf16-weights", "cuda"))
+        runs["clipforge bf16 compiled"] = synced(clipforge_step(create_model(args.model).cuda().train(), images,
+                                                                tokens, "compiled-bf16", "cuda"))
+    runs["clipforge bf16-master"] = synced(clipforge_step(create_model(args.model).cuda().train(), images, tokens,
+                                                          "bf16-master", "cuda"))
     start = time.perf_counter()
     times = time_interleaved(runs, args.steps, warmup=2)
     peak = gpu_matmul_peak()

@@ -1,12 +1,15 @@
-"""Training-step throughput of clipforge against Hugging Face transformers' CLIPModel, and CPU MFU.
+"""Training-step throughput of clipforge's trainer step against Hugging Face transformers' CLIPModel and
+open_clip's CLIP, and CPU MFU.
 
-One step = forward of both towers, the symmetric CLIP loss on the normalised features, backward, and a fused
+clipforge's step is `clipforge.train.step.train_step`, the function `clipforge train` runs, built by
+`build_stepper` in each mode: fp32, bf16 (autocast), bf16-master (bf16 weights, fp32 master weights) and
+compiled-<mode> (`compile: true`, torch.compile). One step = forward of both towers, the symmetric CLIP loss on the normalised features, backward, and a fused
 AdamW step (the same optimizer for both; it is several times faster than the default for-each AdamW on
 CPU). The transformers model is built with the same architecture (widths, layers, heads, patch, context,
 vocabulary, activation) and loaded with the same weights; the script checks that both compute the same
 features in fp32 before timing. Precisions: fp32; bf16 autocast (both); bf16 weights with fp32 master
 weights (clipforge's `speed.MasterWeights`, compared with transformers under autocast). One phase per
-precision; within it the two implementations take turns of `--block` steps (the first of each turn, which
+precision; within it the three implementations take turns of `--block` steps (the first of each turn, which
 pays for the other model having evicted caches and allocator pools, is not timed), so a change of load on a
 shared machine hits both alike. Medians are reported.
 
@@ -23,6 +26,7 @@ import argparse
 import copy
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,34 +35,30 @@ from common import (PeakMeter, machine_note, median, pair_forward_flops, random_
                     time_interleaved, twin_models)
 
 from clipforge.losses import clip_loss
-from clipforge.speed import MasterWeights, autocast
+from clipforge.speed import autocast
+from clipforge.train.config import OptimConfig, TrainConfig
+from clipforge.train.step import build_stepper, train_step
 
 TARGETS = {"bf16_ratio": 1.3, "fp32_ratio": 1.0, "mfu_bf16": 0.65}
 
 
 def clipforge_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
-    """A closure running one training step of a clipforge CLIP in 'fp32', 'bf16' (autocast) or 'bf16-weights'."""
-    if precision == "bf16-weights":
-        mw = MasterWeights(model)
-        optimizer = torch.optim.AdamW(mw.master.parameters(), lr=1e-5, fused=True)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    """A closure running the trainer's own step (`clipforge.train.step.train_step`, as `clipforge train` runs
+    it) on a clipforge CLIP; `precision` is fp32, bf16, bf16-master or compiled-<one of those>."""
+    compiled = precision.startswith("compiled-")
+    cfg = TrainConfig(precision=precision.removeprefix("compiled-"), compile=compiled,
+                      optim=OptimConfig(lr=1e-5, weight_decay=0.1, grad_clip=None))
+    stepper = build_stepper(cfg, model)
 
     def step() -> None:
-        if precision == "bf16-weights":
-            mw.zero_grad()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            image_features, text_features, scale = model(images, tokens)
-        clip_loss(image_features.float(), text_features.float(), scale.float()).backward()
-        if precision == "bf16-weights":
-            mw.grads_to_master()
-        optimizer.step()
-        if precision == "bf16-weights":
-            mw.master_to_model()
+        train_step(stepper, images, tokens, lr=1e-5)
 
     return step
+
+
+def their_precision(ours: str) -> str:
+    """transformers' counterpart: bf16 autocast for our bf16 modes, fp32 for fp32 (compiled or not)."""
+    return "fp32" if ours.removeprefix("compiled-") == "fp32" else "bf16"
 
 
 def hf_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
@@ -75,39 +75,70 @@ def hf_step(model, images, tokens, precision: str, device: str = "cpu") -> Calla
     return step
 
 
-def check_same_model(model, hf, images, tokens) -> float:
-    """Largest |difference| of the normalised fp32 features of the two implementations on the batch."""
+def openclip_twin(model):
+    """open_clip's own CLIP (model.py loaded by file path, as the tests do) holding `model`'s weights: the two
+    share OpenAI's state-dict names."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from clip_reference import openclip_clip  # noqa: PLC0415 - a test helper, benchmarks only
+
+    twin = openclip_clip(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.train()
+
+
+def openclip_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
+    """open_clip's training step as its trainer runs it: autocast, forward, CLIP loss, backward, fused AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            image_features, text_features, scale = model(images, tokens)
+        clip_loss(image_features.float(), text_features.float(), scale.float()).backward()
+        optimizer.step()
+
+    return step
+
+
+def check_same_model(model, hf, openclip, images, tokens) -> float:
+    """Largest |difference| of the normalised fp32 features of clipforge and the two references on the batch."""
     with torch.no_grad():
         ours_i, ours_t, _ = model(images, tokens)
         out = hf(input_ids=tokens, pixel_values=images)
-    return max((ours_i - out.image_embeds).abs().max().item(), (ours_t - out.text_embeds).abs().max().item())
+        oc_i, oc_t, _ = openclip(images, tokens)
+    return max((ours_i - out.image_embeds).abs().max().item(), (ours_t - out.text_embeds).abs().max().item(),
+               (ours_i - oc_i).abs().max().item(), (ours_t - oc_t).abs().max().item())
 
 
 def bench_model(name: str, batch: int, steps: int, precisions: list[str], block: int, meter: PeakMeter) -> dict:
     cfg, model, hf = twin_models(name)
     model, hf = model.train(), hf.train()
+    openclip = openclip_twin(model)
     gen = torch.Generator().manual_seed(0)
     images = random_images(cfg, batch, gen)
     tokens = random_tokens(batch, cfg.text_cfg.context_length, gen)
-    max_diff = check_same_model(model, hf, images, tokens)
+    max_diff = check_same_model(model, hf, openclip, images, tokens)
     if max_diff > 1e-4:
-        raise RuntimeError(f"{name}: clipforge and transformers features differ by {max_diff:.2e} in fp32")
+        raise RuntimeError(f"{name}: clipforge and the reference features differ by {max_diff:.2e} in fp32")
 
-    # One phase per precision: clipforge and transformers interleaved, then freed (a ViT-B-32 with its AdamW
-    # state is 2.4 GB), so that at most two models train at once.
+    # One phase per precision: clipforge, transformers and open_clip interleaved, then freed (a ViT-B-32 with
+    # its AdamW state is 2.4 GB).
     times: dict[str, list[float]] = {}
     for precision in precisions:
-        theirs = "bf16" if precision == "bf16-weights" else precision
+        theirs = their_precision(precision)
         ours = copy.deepcopy(model)
         runs = {f"clipforge {precision}": clipforge_step(ours, images, tokens, precision),
-                f"transformers {theirs}": hf_step(hf, images, tokens, theirs)}
+                f"transformers {theirs}": hf_step(hf, images, tokens, theirs),
+                f"open_clip {theirs}": openclip_step(openclip, images, tokens, theirs)}
         phase = time_interleaved(runs, steps, warmup=1 if block == 1 else 0, block=block)
         print(f"  {name} {precision}: " + ", ".join(
             f"{k} {median(v):.3f} s/step ({' '.join(f'{t:.2f}' for t in v)})" for k, v in phase.items()), flush=True)
         times[f"clipforge {precision}"] = phase[f"clipforge {precision}"]
-        times[f"transformers {theirs} (with {precision})"] = phase[f"transformers {theirs}"]
+        for ref in ("transformers", "open_clip"):
+            times[f"{ref} {theirs} (with {precision})"] = phase[f"{ref} {theirs}"]
         del runs, ours
         hf.zero_grad(set_to_none=True)
+        openclip.zero_grad(set_to_none=True)
         meter.measure()
     flops, source = pair_forward_flops(name, cfg)
     return {"model": name, "batch": batch, "steps": steps, "flops_per_step": 3 * flops * batch,
@@ -123,7 +154,7 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
     print(f"  FLOPs per step: 3 x forward = {result['flops_per_step'] / 1e9:.1f} GFLOP ({result['flops_source']})")
     rows = {}
     for run, seconds in secs.items():
-        precision = run.split()[1]
+        precision = run.split()[1].removeprefix("compiled-")
         peak = peaks["fp32"] if precision == "fp32" else peaks["bf16"]
         rate = result["flops_per_step"] / seconds
         rows[run] = {"samples_per_s": batch / seconds, "step_s": seconds, "gflops": rate / 1e9,
@@ -135,9 +166,9 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
     for run in secs:
         if run.startswith("clipforge"):
             precision = run.split()[1]
-            theirs = "bf16" if precision == "bf16-weights" else precision
-            ratios[f"{precision} vs transformers {theirs}"] = (
-                secs[f"transformers {theirs} (with {precision})"] / secs[run])
+            theirs = their_precision(precision)
+            for ref in ("transformers", "open_clip"):
+                ratios[f"{precision} vs {ref} {theirs}"] = secs[f"{ref} {theirs} (with {precision})"] / secs[run]
     for label, ratio in ratios.items():
         print(f"  speed ratio clipforge {label}: {ratio:.2f}x")
     if any(row["mfu"] > 1 for row in rows.values()):
@@ -148,7 +179,8 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ViT-Tiny-8-64:64,ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
-    parser.add_argument("--precisions", default="fp32,bf16,bf16-weights")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16-master,compiled-bf16",
+                        help="trainer modes: fp32, bf16, bf16-master, compiled-<mode> (torch.compile)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--block", type=int, default=2,
                         help="consecutive steps per turn, the first not timed (1: strict alternation, one warm-up)")

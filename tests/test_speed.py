@@ -59,7 +59,7 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(tmp_path):
 def test_precision_names():
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
-    with pytest.raises(ValueError, match="precision: expected one of fp32, bf16, bf16-weights, got 'fp16'"):
+    with pytest.raises(ValueError, match="precision: expected one of fp32, bf16, bf16-master, got 'fp16'"):
         resolve_precision("fp16", "cpu")
     with autocast("cpu", "fp32"):
         assert not torch.is_autocast_enabled("cpu")

@@ -6,13 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .config import ConfigError
 from .formats import CheckpointFormatError
-
-Handler = Callable[[argparse.Namespace, list[str]], int]
-COMMANDS: dict[str, Handler] = {}
 
 
 class UserError(Exception):

@@ -36,6 +36,7 @@ from .formats import CheckpointFormatError
 from .formats import hf as hf_layout
 from .formats.infer import check_consistent, config_from_facts, flatten, shape_facts
 from .formats.readers import load_weights_file, read_json
+from .models.build import build_model
 from .models.clip import CLIP
 from .models.config import ModelConfig
 
@@ -67,8 +68,6 @@ def load_model(
     CheckpointFormatError names the first key that differs. It also supplies what shapes cannot determine
     (attention heads, activation). `quick_gelu` overrides the activation for files without a stored config.
     """
-    from .factory import build_model  # noqa: PLC0415 - factory imports this module lazily too
-
     path = Path(path)
     checkpoint = read_checkpoint(path)
     where = f"{path} (read as {checkpoint.kind})"

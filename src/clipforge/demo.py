@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint import atomic_write_text
+from .config import ConfigError
 from .data.synthetic import SyntheticWorld
+from .eval.evaluators import Evaluator, run_evaluators
 from .eval.features import input_device
-from .eval.synthetic import evaluate_synthetic, with_article
+from .eval.synthetic import headline, with_article
 from .eval.templates import load_templates
 from .eval.zeroshot import build_classifier
-from .tokenizer import get_tokenizer
+from .tokenizer import tokenizer_for
 from .train.config import TrainConfig, load_train_config
 from .train.loop import train
 
-DEMO_KEYS = (
-    "zeroshot_seen_top1", "zeroshot_heldout_top1", "zeroshot_seen_top1_single_template",
-    "zeroshot_heldout_top1_single_template", "retrieval_i2t_r1", "retrieval_t2i_r1",
-)
-
-
-def results_table(metrics: dict[str, float]) -> str:
+def results_table(metrics: dict[str, Any]) -> str:
     """A Markdown table of the demo's headline numbers (percentages)."""
     rows = [
         ("zero-shot top-1, seen combinations", "zeroshot_seen_top1_single_template", "zeroshot_seen_top1"),
@@ -46,13 +43,12 @@ def results_table(metrics: dict[str, float]) -> str:
 
 
 @torch.no_grad()
-def show_examples(model: torch.nn.Module, cfg: TrainConfig, count: int = 6) -> list[str]:
+def show_examples(model: torch.nn.Module, tokenizer: Callable, cfg: TrainConfig, count: int = 6) -> list[str]:
     """Classify a few freshly generated images (half of them held-out combinations) by class name."""
     world = SyntheticWorld(cfg.data.synthetic)
-    tokenizer = get_tokenizer(cfg.model)
     model.eval()
     classifier = build_classifier(model, tokenizer, [with_article(c) for c in world.classnames],
-                                  load_templates(cfg.eval.templates))
+                                  load_templates("synthetic"))
     lines = []
     for i in range(count):
         combos = world.heldout if i % 2 else world.seen
@@ -69,23 +65,36 @@ def show_examples(model: torch.nn.Module, cfg: TrainConfig, count: int = 6) -> l
     return lines
 
 
+def check_demo_config(cfg: TrainConfig) -> None:
+    """The demo trains on the synthetic world and reports its zero-shot and retrieval evaluators."""
+    if cfg.data.source != "synthetic":
+        raise ConfigError(f"config key 'data.source': the demo trains on the synthetic world, not '{cfg.data.source}'")
+    names = {task.key for task in cfg.eval.tasks}
+    missing = [n for n in ("zeroshot/synthetic", "retrieval/synthetic") if n not in names]
+    if missing:
+        raise ConfigError(f"config key 'eval.tasks': the demo reports '{missing[0]}'; add that evaluator")
+
+
 def run_demo(output: str | Path | None = None, overrides: list[str] | None = None, progress: bool = True,
-             config: str | Path | None = None) -> dict[str, float]:
+             config: str | Path | None = None) -> dict[str, Any]:
     cfg = load_train_config(config, overrides or [])
+    check_demo_config(cfg)
     print(f"Training {cfg.model} on the embedded synthetic world: {cfg.steps} steps of {cfg.batch_size} pairs "
           f"({len(cfg.data.synthetic.heldout)} colour x shape combinations held out of training).")
     result = train(cfg, progress=progress)
     if result.interrupted:  # a signal stopped training (a checkpoint was saved): no evaluation of half a run
         raise KeyboardInterrupt
     assert result.model is not None
-    world = SyntheticWorld(cfg.data.synthetic)
-    metrics = evaluate_synthetic(result.model, get_tokenizer(cfg.model), world, cfg.eval.zeroshot_per_class,
-                                 cfg.eval.retrieval_pairs, cfg.eval.templates, synonyms=cfg.eval.synonyms)
+    tokenizer = tokenizer_for(result.model.config)  # as `clipforge eval` derives it from the saved model
+    evaluators = [Evaluator.from_task(task, run_dir=result.run_dir) for task in cfg.eval.tasks]
+    results = run_evaluators(evaluators, result.model, tokenizer)
+    metrics: dict[str, Any] = headline(results["zeroshot/synthetic"], results["retrieval/synthetic"])
+    metrics["evaluators"] = results  # what `clipforge eval zeroshot|retrieval --model RUN_DIR` reproduces
     metrics["train_seconds"] = result.train_seconds
     print(f"\nTrained in {result.train_seconds:.0f} s. Zero-shot over all 64 colour x shape classes:\n")
     print(results_table(metrics))
     print("\nZero-shot classification of new images, by reading the class names:")
-    print("\n".join(show_examples(result.model, cfg)))
+    print("\n".join(show_examples(result.model, tokenizer, cfg)))
     atomic_write_text(result.run_dir / "results.json", json.dumps(metrics, indent=2))
     if output is not None:
         atomic_write_text(output, json.dumps(metrics, indent=2))

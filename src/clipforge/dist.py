@@ -221,18 +221,6 @@ def distributed_clip_loss(
     return distributed_compute_loss(cfg, image_features, text_features, logit_scale)["loss"]
 
 
-def distributed_siglip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor | float,
-    logit_bias: torch.Tensor | float,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """`siglip_loss` of the global batch: this rank's rows against every gathered column."""
-    cfg = LossConfig(name="siglip", chunk_size=chunk_size)
-    return distributed_compute_loss(cfg, image_features, text_features, logit_scale, logit_bias)["loss"]
-
-
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank `src`'s `obj` (any picklable value) on every rank; `obj` itself for a single process."""
     if not is_distributed():

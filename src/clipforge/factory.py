@@ -1,4 +1,7 @@
-"""Building models by name, with their preprocessing and optional pretrained weights."""
+"""Building models by name, with their preprocessing and optional pretrained weights.
+
+Imports run one way: `models` (architectures) <- `convert` (files) <- `factory` (names).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,11 @@ from typing import Callable
 
 import torch
 
+from .convert import load_model
+from .models.build import build_model
 from .models.clip import CLIP
 from .models.config import ModelConfig
 from .registry import get_model_config
-
-
-def build_model(cfg: ModelConfig) -> CLIP:
-    """A randomly initialised CLIP for `cfg`; with `text_cfg.hf_model_path`, its text tower is that local
-    Hugging Face encoder (pretrained weights) and the model a `models.hf_text.HFTextCLIP`."""
-    if cfg.text_cfg.hf_model_path is not None:
-        from .models.hf_text import HFTextCLIP  # noqa: PLC0415 - needs transformers, only for such configs
-
-        return HFTextCLIP(cfg)
-    return CLIP(cfg)
 
 
 def create_model(
@@ -28,8 +23,6 @@ def create_model(
     """A CLIP with the architecture `name` (random init), or loaded from the local checkpoint `pretrained`."""
     cfg = name if isinstance(name, ModelConfig) else get_model_config(name)
     if pretrained is not None:
-        from .convert import load_model  # noqa: PLC0415
-
         model = load_model(pretrained, expected=cfg)
     else:
         model = build_model(cfg)

@@ -1,5 +1,6 @@
 """Precision and execution-speed helpers: bf16 autocast, bf16 weights (inference, or training with fp32 master
-copies), channels-last for convolutional towers, `torch.compile`, and float32 matmul precision.
+copies), channels-last for convolutional towers and `torch.compile`. The trainer's step (`train.step`) uses
+them as `precision: fp32 | bf16 | bf16-master`, `channels_last` and `compile` say.
 
 On a CPU with AVX-512 BF16 bf16 matmuls run at about twice the fp32 rate, and a training step is dominated by
 matmuls, so bf16 autocast (or bf16 weights) roughly halves it; see `benchmarks/bench_train_step.py` for the
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "bf16-weights")
+PRECISIONS = ("fp32", "bf16", "bf16-master")  # bf16-master: bf16 weights, fp32 master copies
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags for native bf16 dot products
 
 
@@ -59,19 +60,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
-    """bf16 autocast on `device` for precision 'bf16'; a no-op for 'fp32' and 'bf16-weights' (already bf16)."""
+    """bf16 autocast on `device` for precision 'bf16'; a no-op for 'fp32' and 'bf16-master' (already bf16)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def set_matmul_precision(mode: str = "highest") -> None:
-    """fp32 matmul precision: 'highest' (true fp32), 'high' (TF32 on GPUs), 'medium' (bf16 passes allowed)."""
-    if mode not in ("highest", "high", "medium"):
-        raise ValueError(f"matmul precision: expected 'highest', 'high' or 'medium', got {mode!r}")
-    torch.set_float32_matmul_precision(mode)
 
 
 def _is_matmul_parameter(module: nn.Module, name: str) -> bool:
@@ -112,8 +106,9 @@ class MasterWeights:
     """Mixed-precision training with bf16 compute weights and fp32 master weights (no autocast).
 
     `model` computes in bf16; `master` is an fp32 module with the same parameter names, which the optimizer
-    updates and checkpoints save. Parameters that stay fp32 in the model (norms, embeddings, temperature) are
-    shared with `master`, so their gradients arrive there directly. One training step:
+    updates and checkpoints save. Parameters that stay fp32 in the model (norms, embeddings, temperature) and
+    every buffer (BatchNorm running statistics) are shared with `master`, so their gradients and updates arrive
+    there directly. One training step:
 
         mw.zero_grad(); loss_of(mw.model(...)).backward(); mw.grads_to_master()
         clip_grad_norm_(mw.master.parameters(), ...); optimizer.step()   # optimizer over mw.master
@@ -133,6 +128,9 @@ class MasterWeights:
                     self.pairs.append((param, getattr(twin, name)))
                 else:
                     setattr(twin, name, param)  # one fp32 tensor serves both
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and name in twin._buffers:
+                    twin._buffers[name] = buffer  # statistics the bf16 model updates are the master's too
 
     def zero_grad(self) -> None:
         """Drop the model's gradients before a backward pass (master gradients are overwritten in place)."""

@@ -25,10 +25,14 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import regex
 import torch
+
+if TYPE_CHECKING:
+    from .models.config import ModelConfig
 
 DEFAULT_CONTEXT_LENGTH = 77
 SOT_TOKEN = "<start_of_text>"
@@ -240,18 +244,25 @@ def tokenize(
     return _default_tokenizer().tokenize(texts, context_length, truncate)
 
 
-def get_tokenizer(name: str | None = None) -> Callable[[str | Sequence[str]], torch.Tensor]:
-    """The tokenizer for model `name` (its text context length), or the 77-token default when `name` is None.
+def tokenizer_for(model_cfg: ModelConfig, context_length: int | None = None) -> Callable[[str | Sequence[str]], torch.Tensor]:
+    """The tokenizer a model with config `model_cfg` reads: its Hugging Face text tower's own tokenizer, or CLIP's
+    BPE; ids padded to `context_length` (default: the model's context length).
 
-    A model whose text tower is a Hugging Face encoder gets that encoder's own tokenizer.
+    The one place where a tokenizer is chosen: training, evaluation, the demo and the study all call it.
     """
-    if name is None:
-        return _default_tokenizer()
-    from .registry import get_model_config  # deferred: the registry is only needed when a model is named
-
-    text_cfg = get_model_config(name).text_cfg
+    text_cfg = model_cfg.text_cfg
+    length = text_cfg.context_length if context_length is None else context_length
     if text_cfg.hf_model_path is not None:
         from .models.hf_text import HFTokenizer  # noqa: PLC0415 - pulls in transformers
 
-        return HFTokenizer(text_cfg.hf_model_path, text_cfg.context_length)
-    return BPETokenizer(context_length=text_cfg.context_length)
+        return HFTokenizer(text_cfg.hf_model_path, length)
+    return BPETokenizer(context_length=length)
+
+
+def get_tokenizer(name: str | None = None) -> Callable[[str | Sequence[str]], torch.Tensor]:
+    """The tokenizer for model `name` (`tokenizer_for` its config), or the 77-token CLIP BPE when `name` is None."""
+    if name is None:
+        return _default_tokenizer()
+    from .registry import get_model_config  # noqa: PLC0415 - the registry is only needed when a model is named
+
+    return tokenizer_for(get_model_config(name))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from ..config import ConfigError, from_dict
 from ..data.base import CaptionDataset, DatasetError
@@ -30,7 +30,7 @@ from ..data.synthetic import (
 )
 from ..transforms import EvalTransform, normalize, to_tensor
 from .robustness import REAL_SHIFTS, ShiftedTransform
-from .synthetic import with_article
+from .synthetic import synonym_classnames, with_article
 from .templates import load_templates
 
 GREY_DATASETS = {"fashion-mnist"}  # a grayscale shift changes nothing on these
@@ -59,6 +59,7 @@ class LabelledImages:
     templates: list[str]
     key: str
     subsets: dict[str, list[int]] = field(default_factory=dict)  # groups of classes also reported alone
+    synonym_prompts: list[str] | None = None  # the same classes in words the captions never use (synthetic)
 
 
 @dataclass
@@ -139,18 +140,20 @@ class SyntheticSource:
         if split not in self.SPLIT_OFFSETS:
             raise ConfigError(f"--split: the synthetic world has splits {', '.join(self.SPLIT_OFFSETS)}, not '{split}'")
         world = self.world
-        combos = [(c, s) for c, s in (name.split() for name in world.classnames)]  # all 64, in label order
         offset = self.SPLIT_OFFSETS[split] * 64 * 15625  # 10^6
-        full = SyntheticZeroShot(world, combos, self.opts.per_class, variant or "default", offset)
+        # The seen combinations' images, then the held-out ones' (labels over all 64 classes either way).
+        full = ConcatDataset([SyntheticZeroShot(world, combos, self.opts.per_class, variant or "default", offset)
+                              for combos in (world.seen, world.heldout)])
         dataset, _ = _limited(full, self.opts.limit)
         heldout = {" ".join(c) for c in world.heldout}
         subsets = {"seen": [i for i, n in enumerate(world.classnames) if n not in heldout],
                    "heldout": [i for i, n in enumerate(world.classnames) if n in heldout]}
         templates = load_templates(self.opts.templates or "synthetic")
-        key = (f"synthetic-{world.cfg.seed}-{world.cfg.image_size}px/{split}/{variant or 'default'}/"
+        key = (f"synthetic-{world.cfg.seed}-{world.cfg.image_size}px/{split}/seen+heldout/{variant or 'default'}/"
                f"{self.opts.per_class}/{self.opts.limit}")
+        synonyms = [with_article(c) for c in synonym_classnames(world.classnames)]
         return LabelledImages(dataset, list(world.classnames), [with_article(c) for c in world.classnames],
-                              templates, key, subsets)
+                              templates, key, subsets, synonyms)
 
     def captioned(self, split: str) -> CaptionedImages:
         if split != "test":

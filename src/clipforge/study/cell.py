@@ -20,9 +20,11 @@ from ..data.synthetic import STREAM_EVAL, SyntheticPairs, SyntheticWorld, render
 from ..eval.linear_probe import fit_logistic, linear_probe
 from ..eval.margins import diagnose_margins
 from ..eval.metrics import classification_metrics
-from ..eval.synthetic import evaluate_synthetic
+from ..eval.evaluators import Evaluator, run_evaluators
+from ..eval.spec import EvalTask
+from ..eval.synthetic import headline
 from ..eval.zeroshot import encode_images
-from ..tokenizer import get_tokenizer
+from ..tokenizer import tokenizer_for
 from ..train.loop import train
 from ..transforms import normalize, to_tensor
 from .config import Cell, CellEval
@@ -74,9 +76,12 @@ def evaluate_cell(model: torch.nn.Module, cell: Cell, run_dir: Path) -> tuple[di
     model.eval()
     spec = cell.eval
     world = SyntheticWorld(cell.train.data.synthetic)
-    tokenizer = get_tokenizer(cell.train.model)
-    metrics = evaluate_synthetic(model, tokenizer, world, spec.zeroshot_per_class, spec.retrieval_pairs,
-                                 cell.train.eval.templates)  # fmt: skip
+    tokenizer = tokenizer_for(model.config)
+    tasks = (EvalTask("zeroshot", per_class=spec.zeroshot_per_class, templates="synthetic"),
+             EvalTask("retrieval", pairs=spec.retrieval_pairs))  # the demo's evaluators, on the cell's world
+    results = run_evaluators([Evaluator.from_task(t, run_dir=run_dir) for t in tasks], model, tokenizer)
+    metrics = headline(results["zeroshot/synthetic"], results["retrieval/synthetic"])
+    model.eval()
     metrics.update(probe_accuracy(model, world, spec))
     pairs = SyntheticPairs(world, STREAM_EVAL, length=spec.margin_pairs, complete=True)
     margins = diagnose_margins(model, tokenizer, pairs, spec.margin_batch_size, run_dir, "margins")

@@ -47,7 +47,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 class CellEval:
     """What every cell measures after training (all on the synthetic world of the cell's seed).
 
-    zeroshot_per_class / retrieval_pairs: as `eval.synthetic.evaluate_synthetic`.
+    zeroshot_per_class / retrieval_pairs: `per_class` / `pairs` of the synthetic zeroshot / retrieval evaluators.
     margin_pairs, margin_batch_size: held-out pairs (complete captions) whose margins are computed within
     consecutive batches of this fixed size, the same for every variant whatever its training batch.
     probe_*: linear probe on frozen image features of single-object images, 64 colour x shape classes;

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
 from ..data.synthetic import SyntheticConfig
+from ..eval.spec import SYNTHETIC_TASKS, EvalTask
 from ..losses import LossConfig
 from .finetune import FinetuneConfig
 
@@ -94,20 +95,29 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation on the synthetic world at the end of training (and every `every` steps if set)."""
+    """Evaluators run during training, every `every` steps and after the last step (rank 0), with the same code
+    and data as `clipforge eval`; `clipforge demo` runs them once after training."""
 
-    zeroshot_per_class: int = 20  # images per colour x shape class
-    retrieval_pairs: int = 1000
-    templates: str = "synthetic"
     every: int | None = None
-    synonyms: bool = False  # also zero-shot with class names in words the captions never use
+    tasks: tuple[EvalTask, ...] = SYNTHETIC_TASKS
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.zeroshot_per_class <= 0:
-            raise ConfigError(f"config key '{p}zeroshot_per_class': expected a positive integer")
-        if self.retrieval_pairs < 10:
-            raise ConfigError(f"config key '{p}retrieval_pairs': expected at least 10, got {self.retrieval_pairs}")
+        if self.every is not None and self.every <= 0:
+            raise ConfigError(f"config key '{p}every': expected a positive number of steps or null, got {self.every}")
+        keys = [t.key for t in self.tasks]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated:
+            raise ConfigError(f"config key '{p}tasks': two entries are named '{repeated}'; give one a `name`")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where metrics go besides log.jsonl: TensorBoard event files in the run directory, Weights & Biases."""
+
+    tensorboard: bool | None = None  # null: event files when TensorBoard is installed (the [log] extra); true: required
+    wandb: bool = False  # needs `pip install wandb` (not a clipforge dependency)
+    wandb_project: str = "clipforge"
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,12 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1200
     batch_size: int = 128
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # fp32; bf16 autocast; bf16-master: bf16 weights computing without autocast, fp32 master weights updated
+    # by the optimizer and saved in checkpoints
+    precision: Literal["fp32", "bf16", "bf16-master"] = "bf16"
+    accum_chunk: int | None = None  # exact contrastive accumulation: embed each rank's batch this many at a time
+    compile: bool = False  # torch.compile the model (CPU: needs a C++ compiler; the first steps compile)
+    channels_last: bool = True  # NHWC convolutions for convolutional towers (ResNet)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     fixed_temperature: float | None = None  # fixes exp(logit_scale) = 1 / T and does not learn it
     output_dir: str = "runs"
@@ -144,6 +159,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Fault tolerance. resume: "auto" (continue from the run's latest checkpoint if there is one), "latest"
     # (must exist), or a checkpoint / run directory path. Checkpoints are written every `save_every` steps.
@@ -165,6 +181,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'log_every': expected a positive integer, got {self.log_every}")
         if self.save_every is not None and self.save_every <= 0:
             raise ConfigError(f"config key 'save_every': expected a positive integer or null, got {self.save_every}")
+        if self.accum_chunk is not None and self.accum_chunk < 1:
+            raise ConfigError(f"config key 'accum_chunk': expected a positive number of pairs or null, "
+                              f"got {self.accum_chunk}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"config key 'threads': expected a positive integer or null, got {self.threads}")
         if self.keep_checkpoints < 1:

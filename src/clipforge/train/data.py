@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..config import ConfigError
 from ..data.base import CaptionDataset, open_image
@@ -63,22 +63,6 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step)
-
-
-class Collate:
-    """(image tensor, caption) items -> (images [B, 3, H, W], tokens [B, L]); tokenises in the worker."""
-
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([image for image, _ in items])
-        tokens = self.tokenizer([caption for _, caption in items])
-        return images, tokens
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding/rendering is single-threaded; leave the cores to the model
 
 
 class CaptionPairs(Dataset):
@@ -176,18 +160,3 @@ def build_train_dataset(cfg: TrainConfig, image_size: int) -> tuple[Dataset, boo
         threads = min(4, os.cpu_count() or 1)  # a one-off decoding pass before training starts
         return CaptionPairs(caption_datasets(cfg), transform, preload, threads), True
     raise ConfigError(f"config key 'data.source': '{data.source}' is not available in this build")
-
-
-def build_train_loader(cfg: TrainConfig, dataset: Dataset, shuffle: bool, tokenizer: Callable,
-                       start_step: int = 0) -> DataLoader:
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.steps, start_step, shuffle)
-    workers = cfg.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=Collate(tokenizer),
-        num_workers=workers,
-        worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )

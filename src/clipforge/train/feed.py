@@ -26,12 +26,14 @@ the worker that was due (j + batches) % W: the interleaving, and so every batch,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..config import ConfigError
+from ..data.robust import TooManyBadSamples
 from .config import TrainConfig
 from .data import StepBatchSampler
 
@@ -144,23 +146,95 @@ def stream_resume_plan(saved: dict[str, Any], num_workers: int) -> tuple[dict[in
     return {j: workers[(j + saved["batches"]) % slots] for j in range(slots)}, 0
 
 
-def build_loader(dataset: Dataset, batch_size: int, tokenizer: Callable, num_workers: int, seed: int,
-                 total_steps: int, start_step: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, stream_states: dict[int, Any] | None = None) -> DataLoader:
-    """This rank's DataLoader from `start_step`: a step sampler over map-style data, or the stream itself."""
-    local = batch_size // world_size
-    workers = dict(num_workers=num_workers, prefetch_factor=4 if num_workers > 0 else None,
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How this rank reads a map-style or streamed dataset."""
+
+    batch_size: int  # the global batch; each rank reads batch_size // world_size rows of it
+    total_steps: int
+    seed: int = 0
+    num_workers: int = 0
+    start_step: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+
+
+def build_loader(dataset: Dataset, tokenizer: Callable, spec: LoaderSpec,
+                 stream_states: dict[int, Any] | None = None) -> DataLoader:
+    """This rank's DataLoader from `spec.start_step`: a step sampler over map-style data, or the stream itself."""
+    local = spec.batch_size // spec.world_size
+    workers = dict(num_workers=spec.num_workers, prefetch_factor=4 if spec.num_workers > 0 else None,
                    persistent_workers=False)
     if isinstance(dataset, IterableDataset):
         states = stream_states or {}
-        if num_workers == 0 and 0 in states:
+        if spec.num_workers == 0 and 0 in states:
             dataset.load_state_dict(states[0])
         return DataLoader(dataset, batch_size=local, drop_last=True, collate_fn=BatchCollate(tokenizer, dataset),
-                          worker_init_fn=_WorkerStart(states) if num_workers > 0 else None, **workers)
-    steps = StepBatchSampler(len(dataset), batch_size, seed, total_steps, start_step, shuffle)
-    sampler = RankBatchSampler(steps, rank, world_size, getattr(dataset, "wants_draw_number", False))
+                          worker_init_fn=_WorkerStart(states) if spec.num_workers > 0 else None, **workers)
+    steps = StepBatchSampler(len(dataset), spec.batch_size, spec.seed, spec.total_steps, spec.start_step,
+                             spec.shuffle)
+    sampler = RankBatchSampler(steps, spec.rank, spec.world_size, getattr(dataset, "wants_draw_number", False))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=BatchCollate(tokenizer),
-                      worker_init_fn=_WorkerStart() if num_workers > 0 else None, **workers)
+                      worker_init_fn=_WorkerStart() if spec.num_workers > 0 else None, **workers)
+
+
+class DataFeed:
+    """This rank's batches and the position a checkpoint records: map-style (the step), a stream (per-worker
+    states) or a stateful loader (its own state)."""
+
+    def __init__(self, batches: Iterator[TrainBatch], stream: StreamPosition | None = None,
+                 loader: Any = None) -> None:
+        self.batches: Iterator[TrainBatch] | None = batches
+        self.stream, self.loader = stream, loader
+        self.loader_skipped = getattr(loader, "skipped", 0)  # samples the loader itself skipped, counted so far
+
+    def next_batch(self) -> TrainBatch:
+        assert self.batches is not None
+        try:
+            batch = next(self.batches)
+        except TooManyBadSamples as exc:
+            # From a worker process the message carries the worker's whole traceback: keep its last line.
+            last = str(exc).strip().splitlines()[-1]
+            prefix = f"{TooManyBadSamples.__module__}.{TooManyBadSamples.__name__}: "
+            raise TooManyBadSamples(last.removeprefix(prefix)) from None
+        if self.stream is not None:
+            self.stream.observe(batch.stream)
+        skipped = getattr(self.loader, "skipped", 0)
+        if skipped > self.loader_skipped:  # the shard reader names them in its warnings; here they are counted
+            problem = {"kind": "unreadable", "path": "a tar-shard sample", "detail": "skipped by the shard reader"}
+            batch = batch._replace(problems=batch.problems + [problem] * (skipped - self.loader_skipped))
+            self.loader_skipped = skipped
+        return batch
+
+    def position(self, step: int) -> dict[str, Any]:
+        if self.loader is not None:
+            return {"kind": "loader", "step": step, "state": self.loader.state_dict()}
+        return self.stream.state_dict(step) if self.stream is not None else {"kind": "map", "step": step}
+
+    def close(self) -> None:
+        self.batches = None  # shuts DataLoader workers down now rather than at garbage collection
+
+
+def start_feed(dataset: Any, tokenizer: Callable, spec: LoaderSpec, saved: dict[str, Any] | None) -> DataFeed:
+    """The feed of `dataset` from `spec.start_step`, continuing the checkpoint's data position `saved`."""
+    kind = "loader" if is_stateful_loader(dataset) else "stream" if isinstance(dataset, IterableDataset) else "map"
+    if saved is not None and saved.get("kind") != kind:
+        raise ConfigError(f"config key 'resume': the checkpoint holds a {saved.get('kind')} data position, but the "
+                          f"data is now {kind}")
+    if kind == "loader":
+        if saved is not None:
+            dataset.load_state_dict(saved["state"])
+        return DataFeed(iter(dataset), loader=dataset)
+    states, discard, stream = {}, 0, None
+    if isinstance(dataset, IterableDataset):
+        if saved is not None:
+            states, discard = stream_resume_plan(saved, spec.num_workers)
+        stream = StreamPosition(spec.num_workers, states)
+    feed = DataFeed(iter(build_loader(dataset, tokenizer, spec, states)), stream)
+    for _ in range(discard):
+        feed.next_batch()
+    return feed
 
 
 def build_shard_loader(cfg: TrainConfig, rank: int, world_size: int, tokenizer: Callable,

@@ -13,7 +13,9 @@ By the chain rule the parameter gradients are those of one full-batch pass whose
 the same order. Parameters used by the loss itself (logit_scale, logit_bias) are given to the loss as
 detached copies and receive their gradient in the last chunk's backward, so that DDP, which synchronises
 gradients only during a backward that follows its own forward, averages them with everything else.
-Caveat: BatchNorm running statistics are updated by both passes.
+BatchNorm: each chunk normalises with its own batch statistics (as each rank does under DDP), so the gradient
+is that of the chunked forward; the running statistics are updated once per sample, by the first pass (those
+of `stats_module`'s BatchNorm layers are put back after the replay).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 LossOutput = dict[str, torch.Tensor] | torch.Tensor
 
@@ -37,6 +41,20 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
+
+
+class _BatchNormStats:
+    """The running statistics of the BatchNorm layers in training mode, to put back after a replay."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training] if module is not None else []
+        self.saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None}) for m in layers]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, buffers in self.saved:
+                for name, value in buffers.items():
+                    getattr(layer, name).copy_(value)
 
 
 def _chunks(inputs: Sequence[torch.Tensor], chunk_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -69,6 +87,7 @@ def gradcache_backward(
     chunk_size: int,
     loss_params: Sequence[torch.Tensor] = (),
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    stats_module: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate into `.grad` the exact full-batch gradient of `loss_fn(*encode(*inputs), *loss_params)`.
 
@@ -80,6 +99,8 @@ def gradcache_backward(
         detached copies and the parameters get their gradient with the last chunk.
     no_sync: for DDP, `model.no_sync`: every chunk but the last runs inside it, so gradients are averaged
         once, after the last chunk.
+    stats_module: the model `encode` runs; its BatchNorm running statistics are left as the first pass set
+        them, so that each sample updates them once.
     Returns the loss entries, detached. The RNG is left as after one pass over the chunks.
     """
     chunks = _chunks(inputs, chunk_size)
@@ -90,6 +111,7 @@ def gradcache_backward(
             states.append(_RngState(cuda_devices))
             cached.append(_as_tuple(encode(*chunk)))
     after_first_pass = _RngState(cuda_devices)
+    statistics = _BatchNormStats(stats_module)
 
     # [B, ...] per embedding, leaves of a small graph that only holds the loss.
     reps = [torch.cat([c[k] for c in cached]).requires_grad_() for k in range(len(cached[0]))]
@@ -113,4 +135,5 @@ def gradcache_backward(
                 )
             surrogate.backward()
     after_first_pass.restore()
+    statistics.restore()
     return {key: value.detach() for key, value in out.items()}

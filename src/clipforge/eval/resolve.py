@@ -1,0 +1,55 @@
+"""The model an evaluation reads (run directory, checkpoint or architecture name), its device and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError
+from ..registry import list_models
+from ..tokenizer import tokenizer_for
+
+
+def resolve_model(spec: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Path | None]:
+    """(model in eval mode, on `device` if given; run directory if any) from a run directory, a checkpoint
+    file or an architecture name. Evaluation inputs follow the model's device (`features.input_device`)."""
+    model, run_dir = _load_for_eval(spec)
+    return (model.to(device) if device is not None else model), run_dir
+
+
+def _load_for_eval(spec: str) -> tuple[torch.nn.Module, Path | None]:
+    from ..factory import create_model, load_model  # noqa: PLC0415 - heavy, and only once a model is asked for
+
+    path = Path(spec)
+    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
+        return load_model(path / "model.safetensors").eval(), path
+    if path.exists():
+        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+        return load_model(path).eval(), run_dir
+    if spec in list_models():
+        torch.manual_seed(0)  # a reproducible random initialisation: the floor any training must beat
+        return create_model(spec).eval(), None
+    raise FileNotFoundError(spec)
+
+
+def model_tokenizer(model: torch.nn.Module, spec: str = "the model") -> Callable:
+    """The tokenizer of a loaded model, derived from its config (`tokenizer.tokenizer_for`)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(f"model {spec}: it carries no model config to derive its tokenizer from")
+    return tokenizer_for(config)
+
+
+def eval_device(requested: str | None) -> torch.device:
+    """The device to evaluate on: the one asked for, else the first GPU when CUDA is available, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device {requested}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+    return device

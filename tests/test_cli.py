@@ -35,15 +35,37 @@ def test_train_then_eval_zeroshot_and_retrieval(tmp_path, capsys):
     assert 0.0 <= ret["image_retrieval_recall@1"] <= ret["image_retrieval_recall@5"] <= 1.0
 
 
-def test_demo_writes_the_documented_keys(tmp_path):
+def test_demo_numbers_are_reproduced_exactly_by_clipforge_eval(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "--no-progress", "--output", str(out), f"--output_dir={tmp_path}", *TINY,
-                 "--eval.zeroshot_per_class=1", "--eval.retrieval_pairs=20"]) == 0
+    tasks = "--eval.tasks=[{task: zeroshot, per_class: 2}, {task: retrieval, pairs: 20}]"
+    assert main(["demo", "--no-progress", "--output", str(out), f"--output_dir={tmp_path}", "--run_name=demo",
+                 *TINY, tasks]) == 0
+    printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     for key in ("zeroshot_seen_top1", "zeroshot_heldout_top1", "zeroshot_seen_top1_single_template",
                 "zeroshot_heldout_top1_single_template", "retrieval_i2t_r1", "retrieval_t2i_r1"):
         assert 0.0 <= results[key] <= 1.0
     assert results["train_seconds"] > 0
+
+    # The same model, read back from its run directory by `clipforge eval`, gives the same numbers, exactly.
+    run = tmp_path / "demo"
+    zs_file, ret_file = tmp_path / "zs.json", tmp_path / "ret.json"
+    assert main(["eval", "zeroshot", "--model", str(run), "--per-class", "2", "--no-cache", "--output",
+                 str(zs_file)]) == 0
+    assert main(["eval", "retrieval", "--model", str(run), "--pairs", "20", "--no-cache", "--output",
+                 str(ret_file)]) == 0
+    header = ("task", "model", "dataset", "split", "seconds")
+    zs = {k: v for k, v in json.loads(zs_file.read_text()).items() if k not in header}
+    ret = {k: v for k, v in json.loads(ret_file.read_text()).items() if k not in header}
+    assert zs == results["evaluators"]["zeroshot/synthetic"]
+    assert ret == results["evaluators"]["retrieval/synthetic"]
+    assert results["zeroshot_heldout_top1"] == zs["subsets"]["heldout"]["acc1"]
+    assert results["zeroshot_seen_top1_single_template"] == zs["single_template"]["subsets"]["seen"]["acc1"]
+    assert results["retrieval_t2i_r1"] == ret["image_retrieval_recall@1"]
+    seen, heldout = zs["subsets"]["seen"], zs["subsets"]["heldout"]
+    assert (f"| zero-shot top-1, held-out combinations | {100 * zs['single_template']['subsets']['heldout']['acc1']:.1f}%"
+            f" | {100 * heldout['acc1']:.1f}% |") in printed
+    assert f"| zero-shot top-5, seen combinations | " in printed and f"{100 * seen['acc5']:.1f}% |" in printed
 
 
 def test_same_seed_gives_the_same_run(tmp_path):

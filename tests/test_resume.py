@@ -138,7 +138,7 @@ def test_resumed_config_must_match_and_fresh_runs_keep_checkpoints(tmp_path):
     ("--model=ViT-Nope", "unknown model 'ViT-Nope'"),
 ])
 def test_impossible_runs_stop_before_any_work_naming_the_key(tmp_path, capsys, override, match):
-    from clipforge.train.run import check_run
+    from clipforge.train.setup import check_run
 
     if match is None:
         with pytest.raises(ConfigError, match="'batch_size': the global batch 9 is not divisible by the world size 2"):

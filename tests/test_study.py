@@ -227,7 +227,7 @@ def test_summary_means_stds_and_paired_differences():
 
 def test_prepare_model_sets_up_siglip_and_freezes_an_unused_temperature():
     from clipforge.train.config import load_train_config
-    from clipforge.train.loop import prepare_model
+    from clipforge.train.setup import prepare_model
 
     base = [f"--model={ROOT / 'src/clipforge/model_configs/ViT-Micro-8-32.json'}"]
     siglip = prepare_model(load_train_config(None, base + ["--loss.name=siglip"]), torch.device("cpu"))

@@ -29,7 +29,7 @@ from .optim import build_optimizer
 
 
 class Features(NamedTuple):
-    """What the loss reads: normalised features [b, D] (fp32) and the logit multiplier (and bias)."""
+    """What the loss reads: normalised features [b, D] (at least fp32) and the logit multiplier (and bias)."""
 
     image: torch.Tensor
     text: torch.Tensor
@@ -93,8 +93,13 @@ class StepOutput(NamedTuple):
     skipped: bool  # the update was not applied
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """bf16 (or fp16) features in fp32 for the loss; fp32 and fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _bias(core: CLIP) -> torch.Tensor | None:
-    return None if core.logit_bias is None else core.logit_bias.float()
+    return None if core.logit_bias is None else _wide(core.logit_bias)
 
 
 def _accumulate(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, loss: LossFn) -> dict[str, torch.Tensor]:
@@ -104,11 +109,11 @@ def _accumulate(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, loss: Lo
     def encode(im: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(im.device, s.precision):
             image, text, _ = s.model(im, tok)
-        return image.float(), text.float()
+        return _wide(image), _wide(text)
 
     def chunk_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
                    bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return loss(Features(image, text, log_scale.exp(), None if bias is None else bias.float()))
+        return loss(Features(image, text, log_scale.exp(), None if bias is None else _wide(bias)))
 
     assert s.accum_chunk is not None
     return gradcache_backward(encode, chunk_loss, (images, tokens), s.accum_chunk, params, s.no_sync,
@@ -130,7 +135,7 @@ def forward_backward(s: Stepper, images: torch.Tensor, tokens: torch.Tensor,
         return _accumulate(s, images, tokens, loss)
     with autocast(images.device, s.precision):
         image, text, scale = s.model(images, tokens)
-    parts = loss(Features(image.float(), text.float(), scale.float(), _bias(s.core)))
+    parts = loss(Features(_wide(image), _wide(text), _wide(scale), _bias(s.core)))
     parts["loss"].backward()
     return {k: v.detach() for k, v in parts.items()}
 

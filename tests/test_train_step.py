@@ -1,0 +1,117 @@
+"""The trainer's one step in its modes: exact contrastive accumulation (one process and 2 gloo ranks) against a
+float64 run of the whole batch in one piece, BatchNorm statistics updated once per sample, bf16 weights with
+fp32 master weights, hooks that stop a run, and exact resume of such a run."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from clipforge.train.data import build_train_dataset
+from clipforge.train.feed import LoaderSpec, build_loader
+from clipforge.train.loop import train
+from clipforge.train.schedule import lr_at
+from clipforge.train.setup import prepare_model
+from clipforge.train.step import build_stepper, forward_backward, train_step
+from clipforge.tokenizer import tokenizer_for
+from clipforge.registry import get_model_config
+from run_helpers import assert_bitwise_equal, tiny_config, weights
+from test_ddp_train import run_ranks
+
+STEPS = 3
+CONSTANT = ["--optim.schedule=constant", "--optim.warmup_steps=0", "--optim.lr=1e-3", f"--steps={STEPS}",
+            "--batch_size=8"]
+
+
+def float64_reference(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(initial, final) weights of `cfg`'s run computed in float64 with the whole batch in one piece: the
+    trainer's own batches, schedule and step, on a float64 copy of its initial model."""
+    model = prepare_model(cfg, torch.device("cpu")).double()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    stepper = build_stepper(replace(cfg, accum_chunk=None), model)
+    dataset, shuffle = build_train_dataset(cfg, model.image_size)
+    spec = LoaderSpec(cfg.batch_size, cfg.steps, cfg.seed, shuffle=shuffle)
+    for step, batch in enumerate(build_loader(dataset, tokenizer_for(model.config), spec)):
+        lr = lr_at(step, cfg.optim.lr, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
+        train_step(stepper, batch.images.double(), batch.tokens, lr)
+    return start, model.state_dict()
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights (float64), over the floating-point tensors."""
+    return sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in b if b[k].is_floating_point()) ** 0.5
+
+
+def assert_as_exact_as_one_piece(run: dict, one_piece: dict, start: dict, exact: dict) -> None:
+    """`run` is as close to the float64 result as the fp32 run of the batch in one piece is: accumulation adds
+    no error beyond fp32 rounding (whose size the one-piece run measures on this machine)."""
+    moved = distance(exact, start)  # how far training moved the weights
+    floor = distance(one_piece, exact)  # fp32 rounding, amplified by AdamW's normalisation
+    assert floor < 1e-2 * moved, f"fp32 one-piece run {floor:.3g} away from float64 (weights moved {moved:.3g})"
+    error = distance(run, exact)
+    assert error <= 3 * floor + 1e-6 * moved, f"{error:.3g} from float64, the one-piece fp32 run {floor:.3g}"
+
+
+def test_accumulation_gives_the_weights_of_the_whole_batch_in_one_piece(tmp_path):
+    one = train(tiny_config(tmp_path, "one", *CONSTANT), progress=False)
+    acc = train(tiny_config(tmp_path, "acc", *CONSTANT, "--accum_chunk=3"), progress=False)  # chunks 3, 3, 2
+    start, exact = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
+    assert_as_exact_as_one_piece(weights(acc.run_dir), weights(one.run_dir), start, exact)
+
+
+def test_accumulation_over_two_gloo_ranks_equals_one_piece(tmp_path):
+    one = train(tiny_config(tmp_path, "one", *CONSTANT), progress=False)
+    statuses = run_ranks(tiny_config(tmp_path, "ddp", *CONSTANT, "--accum_chunk=2"))  # 4 rows a rank, chunks 2, 2
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
+    start, exact = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
+    assert_as_exact_as_one_piece(weights(tmp_path / "ddp"), weights(one.run_dir), start, exact)
+
+
+def test_batchnorm_statistics_are_updated_once_per_sample(tmp_path):
+    cfg = tiny_config(tmp_path, "bn", "--model=RN-Tiny-64",
+                      "--data.synthetic.image_size=64", "--accum_chunk=4")
+    model = prepare_model(cfg, torch.device("cpu"))
+    reference = copy.deepcopy(model)
+    stepper = build_stepper(cfg, model)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 64, 64, generator=gen)
+    tokens = tokenizer_for(get_model_config("RN-Tiny-64"))(["a red circle"] * 8)
+    forward_backward(stepper, images, tokens)
+    with torch.no_grad():  # each chunk seen once, in training mode: the statistics a single pass leaves
+        reference(images[:4], tokens[:4])
+        reference(images[4:], tokens[4:])
+    layers = [(a, b) for a, b in zip(model.modules(), reference.modules()) if isinstance(a, _BatchNorm)]
+    assert layers
+    for ours, ref in layers:
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_master_trains_fp32_masters_and_saves_them(tmp_path):
+    result = train(tiny_config(tmp_path, "bf16m", *CONSTANT, "--precision=bf16-master"), progress=False)
+    saved = weights(result.run_dir)
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    fp32 = weights(train(tiny_config(tmp_path, "fp32", *CONSTANT), progress=False).run_dir)
+    start, _ = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
+    # bf16 compute changes the gradients by about 2^-8 relative: the same training, not the same rounding
+    assert distance(saved, fp32) < 0.1 * distance(fp32, start)
+    assert saved.keys() == fp32.keys()
+
+
+def test_a_hook_stops_the_run_and_it_resumes_exactly(tmp_path):
+    modes = ["--precision=bf16-master", "--accum_chunk=3", "--steps=4"]
+    whole = train(tiny_config(tmp_path, "whole", *CONSTANT, *modes), progress=False)
+
+    def stop_at_two(ctx, progress, step):
+        return "test hook" if step == 2 else None
+
+    cut = train(tiny_config(tmp_path, "cut", *CONSTANT, *modes), progress=False, hooks=[stop_at_two])
+    assert cut.stopped_early == "test hook" and cut.steps == 2 and cut.checkpoint is not None
+    resumed = train(tiny_config(tmp_path, "cut", *CONSTANT, *modes, "--resume=latest"), progress=False)
+    assert resumed.steps == 4
+    assert_bitwise_equal(weights(whole.run_dir), weights(resumed.run_dir), "resumed bf16-master + accumulation")

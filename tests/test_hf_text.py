@@ -156,3 +156,38 @@ def test_clipforge_file_round_trip(model: HFTextCLIP, minilm: Path, tmp_path: Pa
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a local Hugging Face model folder"):
         HFTokenizer(tmp_path, 8)
+
+
+def test_evaluation_reads_a_hf_text_tower_with_its_own_tokenizer(minilm: Path) -> None:
+    """`clipforge eval` on a model with a MiniLM text tower tokenizes with MiniLM's WordPiece vocabulary (CLIP's
+    BPE ids, e.g. 49406, are outside its 30,522 entries), exactly as transformers' own tokenizer does."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from clipforge.eval.runner import EvalOptions, run_eval
+    from clipforge.eval.tasks import SourceOptions, open_source
+    from clipforge.tokenizer import tokenizer_for
+
+    name = "RN-Tiny-64-MiniLM"
+    reference = AutoTokenizer.from_pretrained(str(minilm), local_files_only=True)
+    texts = ["a photo of a red circle.", "a drawing of a blue star."]
+    want = reference(texts, padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
+    assert torch.equal(tokenizer_for(clipforge.get_model_config(name))(texts), want["input_ids"])
+
+    opts = EvalOptions(source=SourceOptions(per_class=1), cache_dir=None, device="cpu")
+    result = run_eval("zeroshot", name, "synthetic", opts)
+    # By hand: the same random-init model (run_eval seeds 0), transformers' tokenizer, the prompt ensemble.
+    torch.manual_seed(0)
+    model = clipforge.create_model(name).eval()
+    data = open_source("synthetic", model.image_size, SourceOptions(per_class=1)).labelled("test")
+    with torch.no_grad():
+        images = torch.stack([data.dataset[i][0] for i in range(len(data.dataset))])
+        labels = torch.tensor([data.dataset[i][1] for i in range(len(data.dataset))])
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        prompts = [t.format(c) for c in data.prompts for t in data.templates]
+        ids = reference(prompts, padding="max_length", truncation=True, max_length=CONTEXT,
+                        return_tensors="pt")["input_ids"]
+        text = F.normalize(model.encode_text(ids), dim=-1).view(len(data.prompts), len(data.templates), -1)
+        classifier = F.normalize(text.mean(dim=1), dim=-1)  # [C, D]
+    accuracy = ((image_features @ classifier.t()).argmax(dim=1) == labels).float().mean().item()
+    assert result["images"] == 64 and result["acc1"] == pytest.approx(accuracy, abs=1e-9)

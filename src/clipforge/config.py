@@ -73,6 +73,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
         return from_dict(tp, value, prefix=key)
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """`value` as bool, int, float, str or another plain type `tp`, or ConfigError naming `key`."""
     if tp is bool:
         if isinstance(value, bool):
             return value

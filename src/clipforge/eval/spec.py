@@ -59,4 +59,4 @@ class EvalTask:
 
 # What `clipforge demo` and a config without an `eval.tasks` list measure: the synthetic world's zero-shot
 # (seen and held-out combinations) and retrieval on 1,000 held-out pairs.
-SYNTHETIC_TASKS = (EvalTask("zeroshot"), EvalTask("retrieval"))
+SYNTHETIC_TASKS = (EvalTask("zeroshot", templates="synthetic"), EvalTask("retrieval"))

@@ -8,6 +8,7 @@ import copy
 import os
 from dataclasses import replace
 
+import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -115,3 +116,47 @@ def test_a_hook_stops_the_run_and_it_resumes_exactly(tmp_path):
     resumed = train(tiny_config(tmp_path, "cut", *CONSTANT, *modes, "--resume=latest"), progress=False)
     assert resumed.steps == 4
     assert_bitwise_equal(weights(whole.run_dir), weights(resumed.run_dir), "resumed bf16-master + accumulation")
+
+
+def test_tensorboard_gets_the_logged_numbers_and_evaluations(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tasks = "--eval.tasks=[{task: zeroshot, per_class: 1}, {task: retrieval, pairs: 20}]"
+    result = train(tiny_config(tmp_path, "tb", *CONSTANT, "--eval.every=2", "--log.tensorboard=true", tasks),
+                   progress=False)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/temperature", "train/samples_per_s", "train/grad_norm"} <= tags
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    losses = {e["step"]: e["loss"] for e in log if "loss" in e}
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(losses, rel=1e-6)
+    evals = {e["step"]: e["eval"] for e in log if "eval" in e}
+    assert sorted(evals) == [2, 3]  # every 2 steps and after the last
+    board = {e.step: e.value for e in events.Scalars("eval/retrieval/synthetic/image_retrieval_recall@1")}
+    assert board == pytest.approx({s: v["retrieval/synthetic"]["image_retrieval_recall@1"] for s, v in evals.items()})
+    assert "eval/zeroshot/synthetic/subsets/heldout/acc1" in tags
+    assert result.metrics == evals[3]
+
+
+def test_wandb_asked_for_but_not_installed_is_one_clear_line(tmp_path, capsys):
+    import importlib.util
+
+    from clipforge.cli import main
+    from run_helpers import tiny_args
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the run would log to it")
+    assert main(["train", "--no-progress", *tiny_args(tmp_path, "w", "--steps=1", "--log.wandb=true")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "clipforge: error: config key 'log.wandb': Weights & Biases is not installed (pip install wandb)")
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels: minutes on a small CPU
+def test_compiled_step_trains_like_the_eager_one(tmp_path):
+    eager = train(tiny_config(tmp_path, "eager", *CONSTANT), progress=False)
+    compiled = train(tiny_config(tmp_path, "compiled", *CONSTANT, "--compile=true"), progress=False)
+    start, exact = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
+    assert_as_exact_as_one_piece(weights(compiled.run_dir), weights(eager.run_dir), start, exact)

@@ -69,7 +69,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     opts = EvalOptions(source=source, split=args.split, shots=tuple(args.shots or ()), draws=args.draws,
                        variants=tuple(args.variants) if args.variants else None,
                        baselines=tuple(args.baseline or ()), batch_size=args.batch_size, seed=args.seed,
-                       cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device)
+                       cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device,
+                       synonyms=args.synonyms)
     results = finite_or_none(run_eval(args.task, args.model, args.dataset, opts))
     shown = {k: v for k, v in results.items() if k not in ("per_sample", "per_class_recall", "val_scores")}
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
@@ -249,6 +250,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--per-class", type=int, default=20, help="images per class and split (default: 20)")
     g.add_argument("--pairs", type=int, default=1000, help="image-caption pairs for retrieval and margins")
     g.add_argument("--captions-per-image", type=int, default=1, help="captions per retrieval image (default: 1)")
+    g.add_argument("--synonyms", action="store_true",
+                   help="zeroshot: also with class names in words the captions never use ('crimson disc')")
     p.set_defaults(handler=cmd_eval)
 
 

@@ -34,6 +34,8 @@ def check_options(task: str, opts: EvalOptions) -> None:
         raise ConfigError(f"--plot: {task} has no figure; its numbers are in the JSON")
     if opts.plot and task == "linear-probe" and not opts.shots:
         raise ConfigError("--plot for linear-probe draws the zero-shot vs k-shot curve: give --shots too")
+    if opts.synonyms and task != "zeroshot":
+        raise ConfigError(f"--synonyms: only for zeroshot, not {task}")
     if any(k < 1 for k in opts.shots) or opts.draws < 1:
         raise ConfigError("--shots and --draws: expected positive integers")
 

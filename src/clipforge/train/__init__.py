@@ -1,1 +1,2 @@
-"""Training: config, optimizer, learning-rate schedule, step and loop."""
+"""Training, one way: `setup` (model, data, resume; the frozen `RunContext`) -> `step` (the one training step:
+precision, accumulation, compile) -> `loop` (schedule, logging, evaluation hooks, checkpoints; `train`)."""

@@ -7,6 +7,7 @@ the number `clipforge eval TASK --model RUN_DIR/checkpoints/step-N` gives for th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
@@ -34,7 +35,9 @@ class EvalHook:
         from ..eval.evaluators import Evaluator  # noqa: PLC0415 - pulls in the evaluation data code
 
         self.every, self.last, self.bar = ctx.cfg.eval.every, ctx.cfg.steps, bar
-        self.evaluators = [Evaluator.from_task(task, run_dir=ctx.run_dir) for task in ctx.cfg.eval.tasks]
+        root = ctx.cfg.data.root  # offline corpora: where the training data is, unless an entry says otherwise
+        tasks = [replace(t, root=root) if t.root is None and root else t for t in ctx.cfg.eval.tasks]
+        self.evaluators = [Evaluator.from_task(task, run_dir=ctx.run_dir) for task in tasks]
         # the model's own tokenizer at its full context, as `clipforge eval` derives it from a checkpoint
         self.tokenizer = tokenizer_for(ctx.core.config)
 

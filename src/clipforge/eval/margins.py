@@ -29,9 +29,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write_text
 from ..losses import per_sample_margins
+from .features import input_device
 
 MARGIN_RANGE = (-2.0, 2.0)  # margins of unit vectors
 SIMILARITY_RANGE = (-1.0, 1.0)
@@ -156,6 +158,20 @@ def merge_reports(reports: Sequence[Mapping[str, object]]) -> dict[str, object]:
     return merged
 
 
+@torch.no_grad()
+def encode_pairs(model: torch.nn.Module, tokenizer: Callable, pairs: Dataset, batch_size: int = 256,
+                 device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (image, text) features [N, D] x2 (fp32, CPU) of an (image tensor, caption) dataset."""
+    images, texts = [], []
+    for start in range(0, len(pairs), batch_size):  # type: ignore[arg-type]
+        items = [pairs[i] for i in range(start, min(len(pairs), start + batch_size))]  # type: ignore[arg-type]
+        batch = torch.stack([img for img, _ in items]).to(input_device(model, device))  # [b, 3, H, W]
+        tokens = tokenizer([cap for _, cap in items]).to(input_device(model, device))  # [b, L]
+        images.append(model.encode_image(batch, normalize=True).float().cpu())
+        texts.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(images), torch.cat(texts)
+
+
 def diagnose_margins(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -169,8 +185,6 @@ def diagnose_margins(
 
     With `output_dir`, writes `<name>.json` (the report) and `<name>.png` (its histograms).
     """
-    from .synthetic import encode_pairs  # noqa: PLC0415 - works for any (image tensor, caption) dataset
-
     image_features, text_features = encode_pairs(model, tokenizer, pairs, device=device)  # [N, D] x2
     report = margin_report(batch_margins(image_features, text_features, batch_size), batch_size)
     if output_dir is not None:

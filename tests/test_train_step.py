@@ -113,6 +113,7 @@ def test_a_hook_stops_the_run_and_it_resumes_exactly(tmp_path):
 
     cut = train(tiny_config(tmp_path, "cut", *CONSTANT, *modes), progress=False, hooks=[stop_at_two])
     assert cut.stopped_early == "test hook" and cut.steps == 2 and cut.checkpoint is not None
+    assert_bitwise_equal(weights(cut.run_dir), weights(cut.checkpoint), "the final model of a stopped run")
     resumed = train(tiny_config(tmp_path, "cut", *CONSTANT, *modes, "--resume=latest"), progress=False)
     assert resumed.steps == 4
     assert_bitwise_equal(weights(whole.run_dir), weights(resumed.run_dir), "resumed bf16-master + accumulation")

@@ -6,8 +6,8 @@ Around the arithmetic, the loop keeps the run alive: a complete, verified checkp
 skipped non-finite steps, and data-parallel training over the ranks started by torchrun. Setting up a run
 (placement, resumption, model, step, data) is `train.setup`; the step's arithmetic is `train.step`.
 
-Hooks run after every step on every rank: `hook(ctx, progress, step) -> None | str`; a string stops the run
-there (after a checkpoint) with that reason, and must then be the same on every rank.
+Hooks run after every step on every rank: `hook(ctx, progress, step) -> None | str`; a string ends the run
+there with that reason (a checkpoint and the final model are written), and must be the same on every rank.
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, da
     try:
         with StopRequest() as stop:
             result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *hooks))
-        if result.interrupted is None and result.stopped_early is None:
-            finish(ctx, state)
+        if result.interrupted is None:  # finished, or stopped early by a hook: the final model is written
+            finish(ctx, state, result.steps)
         return result
     finally:
         bar.close()

@@ -240,16 +240,16 @@ class Progress:
     last_eval: dict[str, Any] = field(default_factory=dict)  # {evaluator name: metrics} (rank 0)
 
 
-def finish(ctx: RunContext, progress: Progress) -> None:
-    """After the last step: the final model file, the data summary, and every rank done."""
+def finish(ctx: RunContext, progress: Progress, steps: int) -> None:
+    """After the last step (`steps`): the final model file, the data summary, and every rank done."""
     cfg, tally = ctx.cfg, progress.tally
     if ctx.place.is_main:
-        save_model(ctx.core, ctx.run_dir / "model.safetensors", {"step": str(cfg.steps)})
+        save_model(ctx.core, ctx.run_dir / "model.safetensors", {"step": str(steps)})
     if tally.counts:
         skipped = ", ".join(f"{k}={tally.counts[k]}" for k in SKIPPED_KINDS if k in tally.counts)
         converted = ", ".join(f"{k}={tally.counts[k]}" for k in CONVERTED_KINDS if k in tally.counts)
         ctx.log.notice(f"data: {tally.reads} samples read; skipped: {skipped or 'none'}; converted: "
-                       f"{converted or 'none'}", step=cfg.steps, event="bad_data_summary",
+                       f"{converted or 'none'}", step=steps, event="bad_data_summary",
                        reads=tally.reads, counts=tally.counts)
     ctx.barrier()
 

@@ -35,6 +35,8 @@ class Features(NamedTuple):
     text: torch.Tensor
     logit_scale: torch.Tensor  # exp(model.logit_scale)
     logit_bias: torch.Tensor | None
+    images: torch.Tensor | None = None  # the batch they embed ([b, 3, H, W], [b, L]), for loss terms that
+    tokens: torch.Tensor | None = None  # read it too (e.g. a teacher's features)
 
 
 LossFn = Callable[[Features], dict[str, torch.Tensor]]
@@ -113,7 +115,7 @@ def _accumulate(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, loss: Lo
 
     def chunk_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
                    bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return loss(Features(image, text, log_scale.exp(), None if bias is None else _wide(bias)))
+        return loss(Features(image, text, log_scale.exp(), None if bias is None else _wide(bias), images, tokens))
 
     assert s.accum_chunk is not None
     return gradcache_backward(encode, chunk_loss, (images, tokens), s.accum_chunk, params, s.no_sync,
@@ -135,7 +137,7 @@ def forward_backward(s: Stepper, images: torch.Tensor, tokens: torch.Tensor,
         return _accumulate(s, images, tokens, loss)
     with autocast(images.device, s.precision):
         image, text, scale = s.model(images, tokens)
-    parts = loss(Features(_wide(image), _wide(text), _wide(scale), _bias(s.core)))
+    parts = loss(Features(_wide(image), _wide(text), _wide(scale), _bias(s.core), images, tokens))
     parts["loss"].backward()
     return {k: v.detach() for k, v in parts.items()}
 

@@ -46,12 +46,13 @@ def entries_until(path: Path, step: int) -> list[str]:
 
 
 def scalar_items(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
-    """(tag, value) for every finite number in nested `values`, tags joined by '/'; lists are left out."""
+    """(tag, value) for every finite float in nested `values`, tags joined by '/'; counts (ints) and lists are
+    left out."""
     for key, value in values.items():
         tag = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, dict):
             yield from scalar_items(value, tag)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif isinstance(value, float) and math.isfinite(value):
             yield tag, float(value)
 
 

@@ -35,7 +35,7 @@ from .feed import (StreamPosition, TrainBatch, build_loader, build_shard_loader,
                    stream_resume_plan)
 from .guard import NonFiniteGuard
 from .loop import TrainResult, prepare_model, run_directory
-from .optim import build_optimizer
+from .optim import build_optimizer, match_parameter_layouts
 from .runlog import RunLog
 from .state import LoadedCheckpoint, code_version, config_differences, load_training_checkpoint, restore_rng_state
 
@@ -269,6 +269,7 @@ def _restore(run: Run, loaded: LoadedCheckpoint) -> None:
     state = loaded.state
     run.core.load_state_dict(loaded.model_state)
     run.optimizer.load_state_dict(loaded.optimizer_state)
+    match_parameter_layouts(run.optimizer)
     run.tally.load_state_dict(state.counters["bad_data"])
     run.guard.load_state_dict(state.counters["nonfinite"])
     run.start_step, run.resumed_from = state.step, loaded.path

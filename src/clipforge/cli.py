@@ -61,6 +61,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    check_eval_arguments(args)
     if args.threads:
         import torch  # noqa: PLC0415
 
@@ -78,6 +79,40 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
     _write_json(args.output, results)
     return 0
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Numbers that must be positive (or non-negative) and a cache folder that can be written, before any work."""
+    from .train.config import check_threads  # noqa: PLC0415
+
+    check_threads(args.threads, "--threads")
+    for option, value, least in (("--per-class", args.per_class, 1), ("--pairs", args.pairs, 1),
+                                 ("--captions-per-image", args.captions_per_image, 1), ("--draws", args.draws, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                                 ("--workers", args.workers, 0), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{option}: expected an integer >= {least}, got {value}")
+    if args.cache_dir and not args.no_cache:
+        writable_folder(args.cache_dir, "--cache-dir", "or pass --no-cache")
+
+
+def writable_folder(path: str, option: str, hint: str = "") -> None:
+    """UserError unless `path` is (or can be made) a folder in which files can be created."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write there ({exc.strerror or exc}){'; ' + hint if hint else ''}"
+                        ) from None
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file the system would not read or write (permissions, a full disk, a file in the way)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot use{where}: {exc.strerror or exc}"
 
 
 def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
@@ -283,9 +318,10 @@ def is_user_error(exc: BaseException) -> bool:
     # imported here: these modules pull in torch, which `clipforge --help` should not wait for
     from .checkpoint import CheckpointError  # noqa: PLC0415
     from .data.base import DatasetError  # noqa: PLC0415
+    from .data.shards import ShardError  # noqa: PLC0415
     from .eval.templates import TemplateError  # noqa: PLC0415
 
-    return isinstance(exc, (DatasetError, TemplateError, CheckpointError))
+    return isinstance(exc, (DatasetError, ShardError, TemplateError, CheckpointError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,12 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clipforge: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else is re-raised
-        if not is_user_error(exc):
-            raise
-        message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
-            f"file not found: {exc.filename}"
-        print(f"clipforge: error: {message}", file=sys.stderr)
-        return 2
+        if is_user_error(exc):
+            message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
+                f"file not found: {exc.filename}"
+            print(f"clipforge: error: {message}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):  # a full disk, a read-only folder, a file in the way: the system said no
+            print(f"clipforge: error: {os_error_line(exc)}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """Writing image-caption pairs as WebDataset tar shards in img2dataset's layout.
 
 `00000.tar, 00001.tar, ...` in `out_dir`, each holding up to `samples_per_shard` samples as `KEY.jpg`,
-`KEY.txt` (the captions, one per line) and `KEY.json` (key, captions, source, width, height). Keys are the
+`KEY.txt` (the captions, one per line) and `KEY.json` (key, captions, source, width, height), plus
+`00000_stats.json` with the shard's sample count. Keys are the
 shard number followed by the sample number in the shard (`000000000`, `000000001`, ...), as img2dataset does.
 Each tar is written to a temporary name and renamed when complete, with fixed member metadata, so the same
 pairs always give byte-identical shards. `clipforge.data.shards.ShardDataset` reads them back.
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..transforms import to_rgb
-from .shards import ShardError
+from .shards import ShardError, stats_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class _ShardSink:
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
+            # img2dataset's stats file: readers learn how many samples a truncated copy of this shard lost
+            stats, tmp = stats_path(self._path()), self._path().with_suffix(".stats.tmp")
+            tmp.write_text(json.dumps({"count": self.count, "successes": self.count}) + "\n")
+            os.replace(tmp, stats)
             os.replace(self._path().with_suffix(".tar.tmp"), self._path())
             self.written.append(self._path())
             self.tar = None
@@ -224,6 +229,7 @@ def run_shards_command(args: argparse.Namespace) -> dict[str, Any]:
                            on_error="skip" if getattr(args, "skip_bad", False) else "raise")
     for stale in set(old) - set(summary.shards):  # old shards beyond the new set's last number
         stale.unlink()
+        stats_path(stale).unlink(missing_ok=True)
     result = summary.as_dict()
     print(f"wrote {summary.samples} samples in {len(summary.shards)} shards to {args.out}"
           + (f"; replaced {len(old)} old shards" if old else "")

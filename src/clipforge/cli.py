@@ -111,8 +111,7 @@ def writable_folder(path: str, option: str, hint: str = "") -> None:
 
 def os_error_line(exc: OSError) -> str:
     """One line for a file the system would not read or write (permissions, a full disk, a file in the way)."""
-    where = f" {exc.filename}" if exc.filename else ""
-    return f"cannot use{where}: {exc.strerror or exc}"
+    return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
 
 
 def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:

@@ -58,7 +58,8 @@ def in_child(workdir: Path, argv: list[str], unprivileged: bool = False, max_fil
     to it as to any user (it reaches files through `workdir`, whose parents nobody may not read).
     `max_file_bytes`: no file may grow past this size (RLIMIT_FSIZE), as on a full disk.
     """
-    import clipforge.eval.runner  # noqa: F401 - imported before the fork: user nobody cannot read root's caches
+    # imported before the fork: user nobody cannot read root's caches (matplotlib's font list, for one)
+    import clipforge.eval.runner
     import clipforge.train.loop  # noqa: F401
 
     err_path = workdir / "child-stderr.txt"
@@ -106,7 +107,7 @@ def test_more_threads_than_cpus_is_one_line_not_a_crash(tmp_path, command):
     # from taking pytest with it
     argv = (["train", "--no-progress", *tiny_args(tmp_path, "r", *TWO_STEPS), "--threads=100000"]
             if command == "train" else ["eval", "zeroshot", "--model", "ViT-Micro-8-32", "--threads", "100000"])
-    done = subprocess.run([sys.executable, "-m", "clipforge", *argv], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-m", "clipforge", *argv], capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     one_error_line(done.returncode, done.stderr, "threads", "100000", f"1 to {os.cpu_count()}")
     assert not (tmp_path / "r").exists()
@@ -130,8 +131,8 @@ def test_a_bad_config_file_names_itself_and_the_problem(tmp_path, capsys, conten
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("--data.synthetic.object_count_weights=[0,0,0]", "'data.synthetic.object_count_weights': expected 3 "
-                                                      "non-negative weights, not all zero"),
+    ("--data.synthetic.object_count_weights=[0,0,0]",
+     "'data.synthetic.object_count_weights': expected 3 non-negative weights, not all zero"),
     ("--seed=-1", "'seed': expected an integer in [0, 2**32), got -1"),
     ("--data.synthetic.seed=-1", "'data.synthetic.seed'"),
     ("--run_name=../escaped", "'run_name': expected one folder name inside output_dir, got '../escaped'"),

@@ -117,10 +117,11 @@ def resolve_config(
         if expected is not None:
             check_consistent(_comparable(cfg), _comparable(expected), where, "the named architecture")
         return cfg
+    facts = shape_facts(checkpoint.state_dict, where)  # a malformed file is reported as such first
     if expected is None:
         raise _ambiguous(where)
     if expected.text_cfg.hf_model_path is None:
-        check_consistent(shape_facts(checkpoint.state_dict, where), flatten(expected), where, "the named architecture")
+        check_consistent(facts, flatten(expected), where, "the named architecture")
     return expected if quick_gelu is None else dataclasses.replace(expected, quick_gelu=quick_gelu)
 
 

@@ -60,18 +60,20 @@ def sniff(path: Path) -> str:
 
 
 def _check_entry_sizes(entries: list[zipfile.ZipInfo], path: Path) -> None:
-    """Refuse, from the zip directory alone and before anything is read, an archive whose entries unpack to
-    more bytes than the file holds: torch writes its zips uncompressed, so a larger entry is a decompression
-    bomb or a lie, and reading it would allocate that much memory first."""
+    """Refuse, from the zip directory alone and before anything is read, an archive whose entries unpack to far
+    more bytes than the file holds. torch stores tensors uncompressed (only TorchScript's small code and debug
+    entries are deflated), so an entry larger than the file, or entries adding up to more than twice it, are a
+    decompression bomb or a corrupt directory; reading them would allocate that much memory first."""
     size = path.stat().st_size
+    limit = 2 * size + (1 << 20)
     total = 0
     for entry in entries:
         total += entry.file_size
-        if entry.file_size > size or total > size:
+        if entry.file_size > size or total > limit:
             raise CheckpointFormatError(
-                f"{path}: zip entry '{entry.filename}' unpacks to {entry.file_size} bytes (entries so far: {total}) "
-                f"in a file of {size} bytes; a torch or TorchScript archive stores its entries uncompressed, so "
-                "this is refused before reading (a decompression bomb or a corrupt directory)"
+                f"{path}: zip entry '{entry.filename}' unpacks to {entry.file_size} bytes (all entries so far: "
+                f"{total}) in a file of {size} bytes; refused before reading (torch archives store tensors "
+                "uncompressed, so this is a decompression bomb or a corrupt zip directory)"
             )
 
 

@@ -5,8 +5,9 @@ Two eval pipelines, named by `PreprocessConfig.mode`:
 - `clipforge`: RGB first (transparency composited on white, palette images expanded to true colour) -> resize
   the shorter side to `size` (bicubic) -> centre crop -> [0, 1] -> normalise with CLIP's mean and std.
 - `openai`: OpenAI's and OpenCLIP's order, reproduced exactly: resize the image as stored (PIL then resizes
-  palette images nearest-neighbour in palette space and RGBA with premultiplied alpha) -> centre crop ->
-  `convert("RGB")` (alpha dropped: transparent pixels keep their stored colour) -> [0, 1] -> normalise.
+  palette images nearest-neighbour in palette space, and RGBA with premultiplied alpha, so fully transparent
+  pixels turn black) -> centre crop -> `convert("RGB")` (alpha dropped: where no resize happened, transparent
+  pixels show whatever colour they store) -> [0, 1] -> normalise.
 
 The two agree on opaque RGB files. Train: a random resized crop after the `clipforge` RGB conversion.
 """

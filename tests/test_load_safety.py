@@ -202,3 +202,16 @@ def test_cli_names_the_architecture_of_a_bare_file(tmp_path: Path, capsys) -> No
     assert main(["export", "--model", str(tmp_path / "bare.pt"), "--to", "clipforge", "--output", str(out),
                  "--arch", "ViT-Micro-8-32", "--gelu"]) == 0
     assert load_model(out).config == clipforge.get_model_config("ViT-Micro-8-32")  # GELU is its own activation
+
+
+def test_export_openai_note_on_the_command_line(tmp_path: Path, capsys) -> None:
+    from clipforge.checkpoint import save_model
+
+    save_model(clipforge.create_model("RN-Tiny-64"), tmp_path / "m.safetensors")
+    out = tmp_path / "oa.pt"
+    assert main(["export", "--model", str(tmp_path / "m.safetensors"), "--to", "openai", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"Architecture and preprocessing in {out}.json" in captured.out
+    note = captured.err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("clipforge: note: ") and "8 image attention heads" in note[0]
+    assert load_model(out).config.vision_cfg.num_heads == 8

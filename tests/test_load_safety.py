@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -114,22 +116,46 @@ def test_text_tower_folder_needs_the_callers_permission(tmp_path: Path) -> None:
     assert main(["export", "--model", str(path), "--to", "clipforge", "--output", str(tmp_path / "o")]) == 2
 
 
+class _RepeatedZeros:
+    """A deflater for blocks of 16 MiB of zeros that deflates only the first: after a full flush the compressor
+    starts afresh, so every further block deflates to the same bytes (2 GiB written in about a second)."""
+
+    def __init__(self) -> None:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate, as zip entries hold it
+        self.block = compressor.compress(bytes(1 << 24)) + compressor.flush(zlib.Z_FULL_FLUSH)
+        self.end = compressor.flush(zlib.Z_FINISH)
+
+    def compress(self, data: bytes) -> bytes:
+        assert len(data) == 1 << 24 and not data.strip(b"\0")
+        return self.block
+
+    def flush(self) -> bytes:
+        return self.end
+
+
 def _torchscript_zip_bomb(path: Path) -> None:
     """~2 MB on disk, one entry that inflates to 2 GiB (deflated zeros), in TorchScript's layout."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("m/data.pkl", b"\x80\x02}q\x00.")
         archive.writestr("m/code/__torch__/m.py", "")
         archive.writestr("m/version", "3\n")
-        block = bytes(1 << 24)
-        with archive.open("m/data/0", "w", force_zip64=True) as entry:
-            for _ in range(128):  # 128 x 16 MiB
-                entry.write(block)
+        info = zipfile.ZipInfo("m/data/0")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zeros = bytes(1 << 24)
+        with mock.patch.object(zipfile, "_get_compressor", lambda *_: _RepeatedZeros()):
+            with archive.open(info, "w", force_zip64=True) as entry:
+                for _ in range(128):  # 128 x 16 MiB; zipfile computes the CRC of the real bytes
+                    entry.write(zeros)
 
 
 def test_zip_bomb_is_refused_before_allocating(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.pt"
     _torchscript_zip_bomb(bomb)
     assert bomb.stat().st_size < 4 << 20
+    with zipfile.ZipFile(bomb) as archive:  # a real bomb: the entry inflates to what its directory says
+        assert archive.getinfo("m/data/0").file_size == 1 << 31
+        with archive.open("m/data/0") as entry:
+            assert entry.read(1 << 26) == bytes(1 << 26)
     src = Path(clipforge.__file__).resolve().parents[1]
     script = textwrap.dedent(f"""
         import resource, sys

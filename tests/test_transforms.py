@@ -204,7 +204,8 @@ def test_preprocess_config_round_trips_and_names_bad_values() -> None:
 
     cfg = PreprocessConfig("openai", 64)
     assert PreprocessConfig.from_dict(cfg.to_dict(), "x") == cfg
-    assert PreprocessConfig.from_dict(cfg.to_openclip(), "x", default_mode="openai") == cfg
+    assert PreprocessConfig.from_dict(cfg.to_openclip(), "x", openclip=True) == cfg
+    assert PreprocessConfig.from_dict({**cfg.to_openclip(), "mode": "RGB"}, "x", openclip=True) == cfg
     assert repr(cfg.eval_transform()) == "EvalTransform(size=64, mode='openai')"  # part of the cache key
     with pytest.raises(ConfigError, match="f.json: bad preprocessing config .'resize_mode' is 'squash'"):
         PreprocessConfig.from_dict({"resize_mode": "squash"}, "f.json")

@@ -127,9 +127,13 @@ class PreprocessConfig:
                 "resize_mode": "shortest"}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str, default_mode: str = "clipforge") -> "PreprocessConfig":
-        """From `to_dict`'s or OpenCLIP's `preprocess_cfg` keys (OpenCLIP's carry no mode: `default_mode`)."""
+    def from_dict(cls, data: Mapping[str, Any], where: str, openclip: bool = False) -> "PreprocessConfig":
+        """From `to_dict`'s keys, or (`openclip=True`) from OpenCLIP's `preprocess_cfg`, whose `mode` is the
+        colour mode ('RGB') and whose pipeline is OpenAI's."""
         try:
+            if openclip and data.get("mode", "RGB") != "RGB":
+                raise ValueError(f"'mode' is {data['mode']!r}; clipforge supports only 'RGB'")
+            mode = "openai" if openclip else str(data.get("mode", "clipforge"))
             for key, fixed in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
                 if data.get(key, fixed) != fixed:
                     raise ValueError(f"'{key}' is {data[key]!r}; clipforge supports only {fixed!r}")
@@ -142,11 +146,11 @@ class PreprocessConfig:
             std = tuple(float(v) for v in data.get("std", OPENAI_CLIP_STD))
             if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or int(size) <= 0:
                 raise ValueError("expected 3 means, 3 positive stds and a positive size")
-            return cls(str(data.get("mode", default_mode)), int(size), mean, std)._checked(where)
+            return cls(mode, int(size), mean, std)._checked()
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: bad preprocessing config ({exc})") from None
 
-    def _checked(self, where: str) -> "PreprocessConfig":
+    def _checked(self) -> "PreprocessConfig":
         if self.mode not in PREPROCESS_MODES:
             raise ValueError(f"'mode' is {self.mode!r}; expected one of {list(PREPROCESS_MODES)}")
         return self

@@ -154,7 +154,7 @@ def _read_folder(path: Path) -> Checkpoint:
             )
         cfg = hf_layout.config_from_hf(data, str(path / "config.json"))
         stored = (data.get("clipforge") or {}).get("preprocess") if isinstance(data.get("clipforge"), dict) else None
-        preprocess = None if stored is None else _preprocess(stored, path / "config.json", "clipforge")
+        preprocess = None if stored is None else _preprocess(stored, path / "config.json", openclip=False)
         tensors = _folder_weights(path, ("model.safetensors", "pytorch_model.bin"))
         mode = preprocess.mode if preprocess else "openai"
         return Checkpoint(normalise(tensors, where), cfg, mode, preprocess, "Hugging Face CLIPModel folder")
@@ -165,7 +165,7 @@ def _read_folder(path: Path) -> Checkpoint:
         if not isinstance(model_cfg, Mapping):
             raise CheckpointFormatError(f"{config_path}: no 'model_cfg' object (OpenCLIP's architecture config)")
         cfg = openclip_layout.from_openclip(model_cfg, str(config_path))
-        preprocess = _preprocess(data.get("preprocess_cfg") or {}, config_path, "openai")
+        preprocess = _preprocess(data.get("preprocess_cfg") or {}, config_path, openclip=True)
         tensors = _folder_weights(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
         return Checkpoint(normalise(tensors, where), cfg, preprocess.mode, preprocess, "OpenCLIP hub folder")
     raise CheckpointFormatError(
@@ -174,11 +174,11 @@ def _read_folder(path: Path) -> Checkpoint:
     )
 
 
-def _preprocess(data: Any, where: Path, default_mode: str) -> PreprocessConfig:
+def _preprocess(data: Any, where: Path, openclip: bool) -> PreprocessConfig:
     if not isinstance(data, Mapping):
         raise CheckpointFormatError(f"{where}: the preprocessing config must be a JSON object")
     try:
-        return PreprocessConfig.from_dict(data, str(where), default_mode)
+        return PreprocessConfig.from_dict(data, str(where), openclip)
     except ConfigError as exc:
         raise CheckpointFormatError(str(exc)) from None
 

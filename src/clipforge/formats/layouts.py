@@ -153,7 +153,8 @@ def _read_folder(path: Path) -> Checkpoint:
                 f"{path / 'config.json'}: model_type is {data.get('model_type')!r}; a CLIPModel folder has 'clip'"
             )
         cfg = hf_layout.config_from_hf(data, str(path / "config.json"))
-        stored = (data.get("clipforge") or {}).get("preprocess") if isinstance(data.get("clipforge"), dict) else None
+        ours = data.get("clipforge")  # written by clipforge's export_hf: the preprocessing choice
+        stored = ours.get("preprocess") if isinstance(ours, dict) else None
         preprocess = None if stored is None else _preprocess(stored, path / "config.json", openclip=False)
         tensors = _folder_weights(path, ("model.safetensors", "pytorch_model.bin"))
         mode = preprocess.mode if preprocess else "openai"

@@ -405,6 +405,28 @@ def test_rn_tiny_64_export_keeps_heads_and_activation(to: str, tmp_path: Path, o
     assert_matches(load_model(path, "RN-Tiny-64"), expected, images, tokens)
 
 
+def test_openclip_hub_folder_export(tmp_path: Path, open_clip) -> None:
+    """`export_openclip` to a path without extension: OpenCLIP's hub layout, read by open_clip as it is, with
+    OpenCLIP's own preprocessing from `preprocess_cfg` (equal to ours in `openai` mode, bit for bit)."""
+    from PIL import Image
+
+    from clipforge.transforms import EvalTransform, PreprocessConfig
+
+    cfg = clipforge.get_model_config("RN-Tiny-64")
+    ours = _ours(cfg)
+    assert export_openclip(ours, tmp_path / "hub") == tmp_path / "hub"
+    images, tokens = inputs(cfg)
+    expected = own_outputs(ours, images, tokens)
+    client, _, client_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    assert_matches(client.float().eval(), {k: expected[k] for k in ("image", "text")}, images, tokens)
+    back = load_model(tmp_path / "hub")
+    assert back.config == cfg and back.preprocess_cfg == PreprocessConfig("clipforge", 64)
+    assert_matches(back, expected, images, tokens)
+    palette = Image.fromarray((torch.arange(90 * 70) % 4).reshape(90, 70).to(torch.uint8).numpy(), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 200, 200, 20] + [0] * 756)
+    assert torch.equal(client_preprocess(palette), EvalTransform(64, "openai")(palette))
+
+
 def test_sidecar_of_other_bytes_is_refused(tmp_path: Path) -> None:
     export_openai(_ours(TINY_VIT), tmp_path / "m.pt")
     torch.save(_ours(TINY_VIT, seed=1).state_dict(), tmp_path / "m.pt")  # replaced after the export

@@ -180,7 +180,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         warnings.simplefilter("always", UserWarning)
         written = writers[args.to](model, args.output)
     print(f"Wrote {args.to} format to {written}")
-    if args.to in ("openai", "openclip"):
+    if args.to in ("openai", "openclip") and written.is_file():
         print(f"Architecture and preprocessing in {sidecar_path(written)} (OpenCLIP's model_cfg and preprocess_cfg)")
     for warning in caught:
         print(f"clipforge: note: {warning.message}", file=sys.stderr)
@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
                    "clipforge: a self-describing .safetensors. The openai and openclip layouts hold no "
                    "architecture: it is written beside them as OUTPUT.json (OpenCLIP's model_cfg and "
-                   "preprocess_cfg), which clipforge.load_model reads")
-    p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
+                   "preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT without "
+                   "extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf, and for --to openclip "
+                   "when it has no extension)")
     add_load_arguments(p)
     p.set_defaults(handler=cmd_export)
     return parser

@@ -227,12 +227,28 @@ def export_openai(model: CLIP, path: str | Path) -> Path:
 def export_openclip(model: CLIP, path: str | Path) -> Path:
     """Write an OpenCLIP checkpoint (`{"state_dict": …}`, as its training script saves and
     `open_clip.load_checkpoint` reads) and the sidecar `PATH.json` holding OpenCLIP's `model_cfg` and
-    `preprocess_cfg` (the content of an `open_clip_config.json`) plus clipforge's exact config."""
+    `preprocess_cfg` (the content of an `open_clip_config.json`) plus clipforge's exact config.
+
+    A `path` without a file extension becomes OpenCLIP's hub folder instead (`open_clip_config.json` +
+    `open_clip_model.safetensors`), which `open_clip.create_model("local-dir:PATH")` reads as it is."""
     path = Path(path)
-    payload = {"state_dict": _plain_state_dict(model, "OpenCLIP", str(path))}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    state = _plain_state_dict(model, "OpenCLIP", str(path))
+    if not path.suffix:
+        return _export_openclip_folder(model, state, path)
+    atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
     _write_sidecar(model, path)
     return path
+
+
+def _export_openclip_folder(model: CLIP, state: dict[str, torch.Tensor], folder: Path) -> Path:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    with atomic_directory(folder) as tmp:  # a crash never leaves a half-written folder behind
+        weights = tmp / "open_clip_model.safetensors"
+        save_file({k: v.clone() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+        text = openclip_layout.write_sidecar_text(model.config, model_preprocess(model), weights)
+        (tmp / "open_clip_config.json").write_text(text)
+    return folder
 
 
 def _hf_image_processor(preprocess: PreprocessConfig) -> dict[str, Any]:

@@ -166,7 +166,11 @@ def _read_folder(path: Path) -> Checkpoint:
         if not isinstance(model_cfg, Mapping):
             raise CheckpointFormatError(f"{config_path}: no 'model_cfg' object (OpenCLIP's architecture config)")
         cfg = openclip_layout.from_openclip(model_cfg, str(config_path))
-        preprocess = _preprocess(data.get("preprocess_cfg") or {}, config_path, openclip=True)
+        ours = data.get("clipforge")  # written by clipforge's export_openclip: the preprocessing choice
+        if isinstance(ours, dict) and ours.get("preprocess") is not None:
+            preprocess = _preprocess(ours["preprocess"], config_path, openclip=False)
+        else:
+            preprocess = _preprocess(data.get("preprocess_cfg") or {}, config_path, openclip=True)
         tensors = _folder_weights(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
         return Checkpoint(normalise(tensors, where), cfg, preprocess.mode, preprocess, "OpenCLIP hub folder")
     raise CheckpointFormatError(

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import ConfigError
 from .formats import CheckpointFormatError
+
+if TYPE_CHECKING:  # the factory pulls in torch, which `clipforge --help` should not wait for
+    from .factory import LoadOptions
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, Handler] = {}
@@ -143,7 +146,7 @@ def data_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_options(args: argparse.Namespace):  # -> factory.LoadOptions (imported lazily: it pulls in torch)
+def load_options(args: argparse.Namespace) -> LoadOptions:
     from .factory import LoadOptions  # noqa: PLC0415
 
     return LoadOptions(model_name=args.arch, quick_gelu=args.quick_gelu, hf_text_path=args.hf_text_path)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import to_dict
 from .models.config import ModelConfig
+from .transforms import model_preprocess
 
 FORMAT_TAG = "clipforge"
 
@@ -138,11 +139,12 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: torch.nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's weights and architecture to one `.safetensors` file, atomically."""
+    """Write the model's weights, architecture and eval preprocessing to one `.safetensors` file, atomically."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError("save_model: the model has no clipforge ModelConfig in `.config`")
     metadata = stored_config_metadata(config)
+    metadata["preprocess"] = json.dumps(model_preprocess(model).to_dict())
     metadata.update(extra_metadata or {})
     tensors = model_state_for_saving(model)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -48,6 +48,7 @@ class SourceOptions:
     per_class: int = 20  # synthetic images per class and split
     pairs: int = 1000  # synthetic image-caption pairs for retrieval and margins
     captions_per_image: int = 1  # synthetic captions per retrieval image
+    preprocess: str = "clipforge"  # eval pipeline for image files: "clipforge" or "openai" (transforms)
 
 
 @dataclass
@@ -199,7 +200,8 @@ class CatalogSource:
         return None if self.single_set else split
 
     def _open(self, split: str, variant: str | None) -> Any:
-        transform = ShiftedTransform(self.image_size, variant) if variant else EvalTransform(self.image_size)
+        transform = ShiftedTransform(self.image_size, variant) if variant else \
+            EvalTransform(self.image_size, self.opts.preprocess)
         return get_dataset(self.spec, self._split(split), transform, root=self.opts.root, language=self.opts.language)
 
     def _key(self, view: str, split: str, variant: str | None) -> str:

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "architecture: read them back with create_model(NAME, pretrained=PATH)")
     p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
     p.set_defaults(handler=cmd_export)
+    from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_embed_parsers(sub)
     return parser
 
 
@@ -287,8 +290,9 @@ def is_user_error(exc: BaseException) -> bool:
     from .checkpoint import CheckpointError  # noqa: PLC0415
     from .data.base import DatasetError  # noqa: PLC0415
     from .eval.templates import TemplateError  # noqa: PLC0415
+    from .search.errors import SearchError  # noqa: PLC0415
 
-    return isinstance(exc, (DatasetError, TemplateError, CheckpointError))
+    return isinstance(exc, (DatasetError, TemplateError, CheckpointError, SearchError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,17 @@ class Part:
     rows: int
     files: dict[str, str]  # role -> relative path
     sha256: dict[str, str]  # relative path -> sha256
+    skipped: dict[str, int] = field(default_factory=dict)  # unusable images of this part's slice, by kind
+
+    def record(self) -> dict[str, Any]:
+        return {"part": self.number, "rows": self.rows, "files": self.files, "sha256": self.sha256,
+                "skipped": self.skipped}
 
 
 def part_from_record(record: dict[str, Any], where: str) -> Part:
     try:
-        return Part(int(record["part"]), int(record["rows"]), dict(record["files"]), dict(record["sha256"]))
+        return Part(int(record["part"]), int(record["rows"]), dict(record["files"]), dict(record["sha256"]),
+                    {str(k): int(v) for k, v in record.get("skipped", {}).items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise SearchError(f"{where}: malformed part record ({exc!r})") from None
 
@@ -173,11 +179,11 @@ def _save_npy(array: np.ndarray) -> Any:
 
 
 def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None,
-               columns: dict[str, list[Any]]) -> Part:
+               columns: dict[str, list[str | None]], skipped: dict[str, int] | None = None) -> Part:
     """Publish part `number`: each file atomically, then its record `done/part_N.json` (the commit mark).
 
-    `img`/`text` are [rows, dim] float arrays (stored as float16); `columns` the metadata columns, each of
-    length rows. Identical inputs give byte-identical files (no timestamps; parquet statistics are stable).
+    `img`/`text` are [rows, dim] float arrays (stored as float16); `columns` the metadata columns (strings or
+    None), each of length rows. Identical inputs give byte-identical files (no timestamps; parquet statistics are stable).
     """
     from ..checkpoint import atomic_write, atomic_write_text  # noqa: PLC0415
 
@@ -186,11 +192,13 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
     atomic_write(root / files["img"], _save_npy(np.ascontiguousarray(img, dtype=np.float16)))
     if text is not None:
         atomic_write(root / files["text"], _save_npy(np.ascontiguousarray(text, dtype=np.float16)))
-    table = pa.table(columns)  # type: ignore[attr-defined]
+    # explicit string type: a column that is all None in one part must not become a null-typed column there
+    table = pa.table({name: pa.array(values, type=pa.string())  # type: ignore[attr-defined]
+                      for name, values in columns.items()})
     atomic_write(root / files["metadata"], lambda tmp: pq.write_table(table, tmp))  # type: ignore[attr-defined]
-    part = Part(number, int(img.shape[0]), files, {rel: sha256_file(root / rel) for rel in files.values()})
-    record = {"part": number, "rows": part.rows, "files": part.files, "sha256": part.sha256}
-    atomic_write_text(root / "done" / f"part_{number}.json", json.dumps(record, indent=1, sort_keys=True))
+    digests = {rel: sha256_file(root / rel) for rel in files.values()}
+    part = Part(number, int(img.shape[0]), files, digests, dict(sorted((skipped or {}).items())))
+    atomic_write_text(root / "done" / f"part_{number}.json", json.dumps(part.record(), indent=1, sort_keys=True))
     return part
 
 
@@ -210,8 +218,11 @@ def write_manifest(root: Path, parts: list[Part], header: dict[str, Any]) -> dic
     """Write manifest.json (last): `header` (fingerprint, dim, model, source, ...) plus the parts and totals."""
     from ..checkpoint import atomic_write_text  # noqa: PLC0415
 
-    records = [{"part": p.number, "rows": p.rows, "files": p.files, "sha256": p.sha256} for p in parts]
-    manifest = {"format": EMBEDDINGS_FORMAT, "version": 1, **header,
-                "rows": sum(p.rows for p in parts), "parts": records}
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for kind, count in part.skipped.items():
+            skipped[kind] = skipped.get(kind, 0) + count
+    manifest = {"format": EMBEDDINGS_FORMAT, "version": 1, **header, "rows": sum(p.rows for p in parts),
+                "skipped": skipped, "parts": [p.record() for p in parts]}
     atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

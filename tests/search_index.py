@@ -1,5 +1,5 @@
 """A small real index for the search/serve tests: a tiny random CLIP saved to disk, synthetic images written
-as PNG files, their embeddings in the embedding-part layout, and a faiss index built over them."""
+as PNG files with caption sidecars, embedded and indexed with the `clipforge embed` / `index build` commands."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import torch
 from clipforge.checkpoint import save_model
 from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
 from clipforge.factory import create_model
-from clipforge.search.build import BuildOptions, build_index
-from clipforge.search.fingerprint import model_fingerprint
-from clipforge.search.parts import write_manifest, write_part
-from clipforge.search.searcher import tokenizer_for
-from clipforge.transforms import EvalTransform
+from clipforge.cli import main
 
 
 @dataclass
@@ -31,31 +27,26 @@ class BuiltIndex:
 
 @torch.no_grad()
 def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", seed: int = 0) -> BuiltIndex:
+    """Images with caption sidecars -> `clipforge embed` -> `clipforge index build --kind flat`, as a user would."""
     torch.manual_seed(seed)
     model = create_model(arch).eval()
     model_path = save_model(model, root / "model.safetensors")
     world = SyntheticWorld(SyntheticConfig(image_size=model.image_size))
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    paths, captions, pixels = [], [], []
-    preprocess = EvalTransform(model.image_size)
+    paths, captions = [], []
     for i in range(count):
         image, caption = world.pair(STREAM_TRAIN, 50_000 + i)
         path = images_dir / f"img_{i:05d}.png"
         image.save(path)
+        path.with_suffix(".txt").write_text(caption)
         paths.append(path)
         captions.append(caption)
-        pixels.append(preprocess(image))
-    img = model.encode_image(torch.stack(pixels), normalize=True).float().numpy()  # [n, d]
-    text = model.encode_text(tokenizer_for(model)(captions), normalize=True).float().numpy()  # [n, d]
-    emb = root / "emb"
-    columns = {"key": [p.stem for p in paths], "path": [str(p) for p in paths], "caption": captions}
-    half = count // 2  # two parts, so ids cross a part boundary
-    parts = [write_part(emb, 0, img[:half], text[:half], {k: v[:half] for k, v in columns.items()}),
-             write_part(emb, 1, img[half:], text[half:], {k: v[half:] for k, v in columns.items()})]
-    write_manifest(emb, parts, {"fingerprint": model_fingerprint(model), "dim": int(img.shape[1]),
-                                "model": str(model_path), "has_text": True})
-    index_dir = root / "index"
-    build_index([emb], index_dir, BuildOptions(kind="flat", queries=min(50, count // 2)))
-    stored = img.astype(np.float16).astype(np.float32)
-    return BuiltIndex(index_dir, model_path, model, stored, captions, paths)
+    emb, index_dir = root / "emb", root / "index"
+    assert main(["embed", str(images_dir), "--model", str(model_path), "--output", str(emb), "--workers", "0",
+                 "--part-size", str(count // 2 + 7), "--no-progress"]) == 0  # two parts: ids cross a boundary
+    assert main(["index", "build", str(emb), "--index", str(index_dir), "--kind", "flat",
+                 "--queries", str(min(50, count // 2))]) == 0
+    stored = np.concatenate([np.load(p) for p in sorted((emb / "img_emb").glob("img_emb_*.npy"),
+                                                         key=lambda p: int(p.stem.split("_")[-1]))])
+    return BuiltIndex(index_dir, model_path, model, stored.astype(np.float32), captions, paths)

@@ -42,18 +42,6 @@ class SearchAnswer(TypedDict):
     threshold: Optional[float]
 
 
-def tokenizer_for(model: torch.nn.Module) -> Callable[[list[str]], torch.Tensor]:
-    """The model's own tokenizer: its Hugging Face text tower's, or CLIP's BPE at its context length."""
-    from ..tokenizer import BPETokenizer  # noqa: PLC0415
-
-    text_cfg = getattr(getattr(model, "config", None), "text_cfg", None)
-    if text_cfg is not None and text_cfg.hf_model_path is not None:
-        from ..models.hf_text import HFTokenizer  # noqa: PLC0415
-
-        return HFTokenizer(text_cfg.hf_model_path, text_cfg.context_length)
-    return BPETokenizer(context_length=int(getattr(model, "context_length", 77)))
-
-
 def token_count(tokenizer: Any, text: str) -> int:
     """Tokens of `text` including the start/end tokens, before any truncation."""
     inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer wraps a transformers tokenizer
@@ -67,20 +55,19 @@ def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) 
     for base in (Path.cwd(), index_dir, Path(embeddings_dir) if embeddings_dir else None):
         if base is not None and (base / spec).exists():
             return str(base / spec)
-    return spec  # an architecture name, or a path that is gone (resolve_model names it)
+    return spec  # an architecture name, or a path that is gone (the encoder's loader names it)
 
 
-def load_search_model(spec: str | Path | torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A model in eval mode on `device`: given as a module, or a checkpoint / run directory / name."""
+def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None) -> Any:
+    """The encoder `embed` uses (same preprocessing and tokenizer), for a model given or named by a path/name."""
+    from .encoder import TorchEncoder, load_encoder, resolve_device  # noqa: PLC0415
+
     if isinstance(spec, torch.nn.Module):
-        return spec.eval().to(device)
-    from ..eval.runner import resolve_model  # noqa: PLC0415
-
+        return TorchEncoder(spec, type(spec).__name__, resolve_device(None if device is None else str(device)))
     try:
-        model, _ = resolve_model(str(spec), device)
+        return load_encoder(str(spec), device=None if device is None else str(device))
     except FileNotFoundError:
         raise SearchError(f"model {spec}: no such file, run directory or architecture name") from None
-    return model
 
 
 class Searcher:
@@ -89,7 +76,7 @@ class Searcher:
     def __init__(self, index_dir: str | Path, model: str | Path | torch.nn.Module | None = None,
                  device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  mmap: bool = False) -> None:
-        from .fingerprint import check_fingerprint, model_fingerprint  # noqa: PLC0415
+        from .fingerprint import check_fingerprint  # noqa: PLC0415
         from .index import open_index  # noqa: PLC0415
 
         self.index = open_index(index_dir, mmap=mmap)
@@ -99,14 +86,10 @@ class Searcher:
             if not recorded:
                 raise SearchError(f"{index_dir}/index.json records no model; pass one (--model PATH)")
             model = _resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = load_search_model(model, self.device)
-        check_fingerprint(self.index.fingerprint, model_fingerprint(self.model), where=f"index {index_dir}")
-        self.tokenizer = tokenizer_for(self.model)
+        self.encoder = load_query_encoder(model, device)
+        check_fingerprint(self.index.fingerprint, self.encoder.fingerprint, where=f"index {index_dir}")
+        self.model = self.encoder.model
         self.context_length = int(getattr(self.model, "context_length", 77))
-        from ..transforms import EvalTransform  # noqa: PLC0415
-
-        self.preprocess = EvalTransform(int(self.model.image_size))
         self.max_pixels = max_pixels
         self._lock = threading.Lock()  # one forward pass at a time; the index search needs no lock
         threshold = self.info.get("threshold") or {}
@@ -119,28 +102,23 @@ class Searcher:
         """The text, stripped; SearchError when it is empty or longer than the model's context."""
         if not isinstance(text, str) or not text.strip():
             raise SearchError("text query is empty")
-        count = token_count(self.tokenizer, text)
+        count = token_count(self.encoder.tokenizer, text)
         if count > self.context_length:
             raise SearchError(f"text query is {count} tokens long; this model reads at most {self.context_length} "
                               "(shorten it)")
         return text.strip()
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised text embeddings [n, d] (float32)."""
         texts = [self.check_text(t) for t in texts]
-        tokens = self.tokenizer(texts).to(self.device)  # [n, L]
         with self._lock:
-            features = self.model.encode_text(tokens, normalize=True)
-        return features.float().cpu().numpy()
+            return self.encoder.encode_text(texts)
 
-    @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Normalised image embeddings [n, d] (float32) of paths, bytes or PIL images."""
-        pixels = torch.stack([self.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
+        pixels = torch.stack([self.encoder.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
         with self._lock:
-            features = self.model.encode_image(pixels.to(self.device), normalize=True)
-        return features.float().cpu().numpy()
+            return self.encoder.encode_image(pixels)
 
     def query_vector(self, terms: Sequence[QueryTerm]) -> np.ndarray:
         """The normalised weighted sum of the terms' embeddings [d]."""

@@ -13,8 +13,7 @@ Every bad request gets a 4xx answer `{"error": "..."}` and the server goes on. R
 (Content-Length checked first, then the bytes actually received), uploads are decoded with a pixel limit, and
 no request ever names a file: images are served by id.
 """
-
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations as live objects.
 
 import json
 import re
@@ -148,7 +147,9 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
                templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> Any:
     """The FastAPI application serving `searcher`."""
     fastapi = require("fastapi")
-    require("multipart")  # python-multipart: FastAPI needs it to parse forms
+    require("python_multipart")  # FastAPI needs it to parse forms
+    from fastapi import Request  # noqa: PLC0415
+    from fastapi.exceptions import RequestValidationError  # noqa: PLC0415
     from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: PLC0415
     from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
     from starlette.datastructures import UploadFile  # noqa: PLC0415
@@ -168,6 +169,12 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
     @app.exception_handler(SearchError)
     async def _search_error(_: Any, exc: SearchError) -> Any:
         return error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Any, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Any, exc: HTTPException) -> Any:
@@ -227,7 +234,7 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
         return text_search(text, count)
 
     @app.post("/api/search")
-    async def search_post(request: fastapi.Request) -> dict[str, Any]:
+    async def search_post(request: Request) -> dict[str, Any]:
         image, fields = await read_form(request)
         count = parse_k(fields.get("k"))
         text = fields.get("text", "").strip()
@@ -251,7 +258,7 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
         return Response(content=data, media_type=mime, headers=IMAGE_HEADERS)
 
     @app.post("/api/classify")
-    async def classify(request: fastapi.Request) -> dict[str, Any]:
+    async def classify(request: Request) -> dict[str, Any]:
         image, fields = await read_form(request)
         labels = parse_labels(fields.get("labels"))
         if image is None:

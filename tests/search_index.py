@@ -3,8 +3,12 @@ as PNG files with caption sidecars, embedded and indexed with the `clipforge emb
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,3 +54,23 @@ def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", se
     stored = np.concatenate([np.load(p) for p in sorted((emb / "img_emb").glob("img_emb_*.npy"),
                                                          key=lambda p: int(p.stem.split("_")[-1]))])
     return BuiltIndex(index_dir, model_path, model, stored.astype(np.float32), captions, paths)
+
+
+@contextmanager
+def running_server(app: object) -> Iterator[str]:
+    """A real uvicorn server for `app` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 30 s"
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from search_index import build_small_index
+from search_index import build_small_index, running_server
 
 fastapi = pytest.importorskip("fastapi", reason="the search extra is part of the test extra")  # noqa: F841 - CI installs it
 from fastapi.testclient import TestClient  # noqa: E402
@@ -191,20 +191,9 @@ def test_page_is_served(client):
 
 @pytest.fixture(scope="module")
 def live_server(searcher):
-    import uvicorn
-
-    app = create_app(searcher, max_upload_mb=LIMIT_MB)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (server.started and server.servers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start within 30 s"
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    yield f"http://{host}:{port}", (host, port)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(searcher, max_upload_mb=LIMIT_MB)) as base:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        yield base, (host, int(port))
 
 
 def raw_request(address, data: bytes) -> bytes:

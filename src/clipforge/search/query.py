@@ -61,7 +61,10 @@ def _split_operators(args: Sequence[str]) -> list[str]:
 
 def _is_image_path(text: str) -> bool:
     path = Path(text).expanduser()
-    return path.suffix.lower() in IMAGE_SUFFIXES or path.is_file()
+    try:
+        return path.suffix.lower() in IMAGE_SUFFIXES or path.is_file()
+    except OSError:  # a long text is not a path (ENAMETOOLONG)
+        return False
 
 
 def _term(text: str, sign: float, allow_paths: bool) -> QueryTerm:
@@ -144,9 +147,10 @@ def open_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: s
         return convert_to_rgb(source)[0]
     if isinstance(source, (str, Path)):
         name = str(source)
-        if not Path(source).is_file():
-            raise SearchError(f"{name}: no such image file")
-        stream: Any = open(source, "rb")  # noqa: SIM115 - closed below
+        try:
+            stream: Any = open(source, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise SearchError(f"{name[:200]}: no such image file ({exc.strerror})") from None
     else:
         stream = io.BytesIO(source)
     try:

@@ -14,10 +14,9 @@ from PIL import Image
 
 from search_index import build_small_index, running_server
 
-fastapi = pytest.importorskip("fastapi", reason="the search extra is part of the test extra")  # noqa: F841 - CI installs it
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from clipforge.search.server import create_app  # noqa: E402
+from clipforge.search.server import create_app
 
 LIMIT_MB = 0.25
 

@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from .errors import SearchError, require
-from .query import parse_query
-from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
+
+require("fastapi"), require("python_multipart"), require("uvicorn")  # the `search` extra, or one line naming it
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.datastructures import UploadFile  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+from .query import QueryTerm, parse_query  # noqa: E402
+from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher  # noqa: E402
 
 MAX_K = 200
 MAX_LABELS = 100
@@ -143,77 +153,67 @@ def index_summary(searcher: Searcher) -> dict[str, Any]:
             "max_k": MAX_K}
 
 
-def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
-               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> Any:
-    """The FastAPI application serving `searcher`."""
-    fastapi = require("fastapi")
-    require("python_multipart")  # FastAPI needs it to parse forms
-    from fastapi import Request  # noqa: PLC0415
-    from fastapi.exceptions import RequestValidationError  # noqa: PLC0415
-    from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: PLC0415
-    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
-    from starlette.datastructures import UploadFile  # noqa: PLC0415
-    from starlette.exceptions import HTTPException  # noqa: PLC0415
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    app = fastapi.FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages load from a CDN
-    max_bytes = int(max_upload_mb * 2**20)
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
 
-    def error(status: int, message: str) -> Any:
-        return JSONResponse({"error": message}, status_code=status)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error becomes {"error": "..."} with a 4xx status (FastAPI's own 404/405/422 included)."""
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Any, exc: RequestError) -> Any:
-        return error(exc.status, str(exc))
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc.status, str(exc))
 
     @app.exception_handler(SearchError)
-    async def _search_error(_: Any, exc: SearchError) -> Any:
-        return error(400, str(exc))
+    async def _search_error(_: Request, exc: SearchError) -> JSONResponse:
+        return error_response(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Any, exc: RequestValidationError) -> Any:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return error(400, f"{where}: {first.get('msg', 'invalid request')}")
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Any, exc: HTTPException) -> Any:
-        return error(exc.status_code, str(exc.detail))
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
 
-    async def read_form(request: Any) -> tuple[bytes | None, dict[str, str]]:
-        """(the `image` upload's bytes or None, the text fields) of a multipart request."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, labels)")
-        try:
-            form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
-        except HTTPException as exc:  # malformed multipart, too many parts
-            raise RequestError(400, f"bad multipart body ({exc.detail})") from None
-        fields, image = {}, None
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name != "image":
-                    raise RequestError(400, f"unexpected file field {name!r} (the upload goes in 'image')")
-                image = await value.read()
-            else:
-                fields[name] = value
-        if image is not None and not image:
-            raise RequestError(400, "image: the uploaded file is empty")
-        return image, fields
 
-    def text_search(text: str, k: int) -> dict[str, Any]:
-        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), k))
+async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
+    """(the `image` upload's bytes or None, the text fields) of a multipart request."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, labels)")
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
+    except HTTPException as exc:  # malformed multipart, too many parts
+        raise RequestError(400, f"bad multipart body ({exc.detail})") from None
+    fields, image = {}, None
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name != "image":
+                raise RequestError(400, f"unexpected file field {name!r} (the upload goes in 'image')")
+            image = await value.read()
+        else:
+            fields[name] = value
+    if image is not None and not image:
+        raise RequestError(400, "image: the uploaded file is empty")
+    return image, fields
 
+
+def add_page_routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
-    def page() -> Any:
+    def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
     @app.get("/static/{name}", include_in_schema=False)
-    def static(name: str) -> Any:
+    def static(name: str) -> FileResponse:
         files = {p.name: p for p in STATIC_DIR.iterdir() if p.suffix in (".js", ".css", ".svg")}
         if name not in files:  # only the shipped files, by exact name
             raise RequestError(404, f"no static file {name[:60]!r}")
         return FileResponse(files[name], headers=PAGE_HEADERS)
 
+
+def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "images": len(searcher)}
@@ -231,24 +231,24 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
             return public_answer(searcher.search_by_id(parse_id(id, len(searcher)), count))
         if text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
-        return text_search(text, count)
+        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), count))
 
     @app.post("/api/search")
     async def search_post(request: Request) -> dict[str, Any]:
-        image, fields = await read_form(request)
+        image, fields = await read_form(request, max_bytes)
         count = parse_k(fields.get("k"))
         text = fields.get("text", "").strip()
         if image is None and not text:
             raise RequestError(400, "give an image file, a text, or both")
         terms = parse_query(text, allow_paths=False) if text else []
         if image is not None:
-            from .query import QueryTerm  # noqa: PLC0415
-
             terms.append(QueryTerm("image", image, 1.0))
         return public_answer(await run_in_threadpool(searcher.search_terms, terms, count))
 
+
+def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates: tuple[str, ...]) -> None:
     @app.get("/api/image/{image_id}")
-    def image(image_id: str) -> Any:
+    def image(image_id: str) -> Response:
         try:
             data, mime = searcher.index.read_image_bytes(parse_id(image_id, len(searcher)))
         except SearchError as exc:  # the file named by the metadata is gone or unreadable
@@ -259,23 +259,36 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
 
     @app.post("/api/classify")
     async def classify(request: Request) -> dict[str, Any]:
-        image, fields = await read_form(request)
+        image, fields = await read_form(request, max_bytes)
         labels = parse_labels(fields.get("labels"))
         if image is None:
             raise RequestError(400, "image: missing (multipart file field 'image')")
         ranked = await run_in_threadpool(searcher.classify, image, labels, templates)
         return {"labels": ranked}
 
+
+def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
+               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> FastAPI:
+    """The FastAPI application serving `searcher`. Sync endpoints run in the thread pool; the model's
+    forward passes are serialised by the Searcher's lock, faiss searches run concurrently."""
+    app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages would load from a CDN
+    max_bytes = int(max_upload_mb * 2**20)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    add_error_handlers(app)
+    add_page_routes(app)
+    add_search_routes(app, searcher, max_bytes)
+    add_image_routes(app, searcher, max_bytes, templates)
     return app
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
           templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> None:
     """Run the server until interrupted."""
-    uvicorn = require("uvicorn")
+    import uvicorn  # noqa: PLC0415
+
     app = create_app(searcher, max_upload_mb, templates)
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {len(searcher)} images at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Listening on {host}: anyone who can reach this machine can query the index and read its images.")
-    uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[attr-defined]
+    uvicorn.run(app, host=host, port=port, log_level="warning")

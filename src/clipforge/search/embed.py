@@ -25,7 +25,7 @@ from ..checkpoint import atomic_write_text
 from ..data.robust import BadSample
 from .encoder import Encoder, load_encoder
 from .errors import SearchError, require
-from .parts import Part, finished_part, write_manifest, write_part
+from .parts import Part, finished_part, remove_temporaries, write_manifest, write_part
 from .sources import Item, Listing, list_source, read_item
 
 __all__ = ["EmbedOptions", "embed_collection", "run_embedding", "rank_and_world"]
@@ -187,6 +187,7 @@ def run_embedding(root: Path, listing: Listing, encoder: Encoder, opts: EmbedOpt
     _claim(root, header)
     count = -(-len(listing.items) // opts.part_size)
     todo = [n for n in range(rank, count, world) if finished_part(root, n) is None]
+    remove_temporaries(root, todo)
     batches = _batches(todo, len(listing.items), opts)
     started, done = time.perf_counter(), 0
     from tqdm import tqdm  # noqa: PLC0415
@@ -209,6 +210,8 @@ def run_embedding(root: Path, listing: Listing, encoder: Encoder, opts: EmbedOpt
                "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
     if rank == 0:
         parts = _wait_for_parts(root, count, opts.wait_timeout_s)
+        for stale in root.glob(".manifest.json.*.tmp"):  # a run killed while writing the manifest
+            stale.unlink(missing_ok=True)
         manifest = write_manifest(root, parts, header)
         summary.update(rows=manifest["rows"], skipped=manifest["skipped"], output=str(root))
     return summary

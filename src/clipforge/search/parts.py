@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import sha256_file
+from ..checkpoint import atomic_write, atomic_write_text, sha256_file
 from .errors import SearchError, require
 
 __all__ = ["EMBEDDINGS_FORMAT", "Part", "EmbeddingSet", "open_embeddings", "part_files", "read_vectors"]
@@ -185,8 +185,6 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
     `img`/`text` are [rows, dim] float arrays (stored as float16); `columns` the metadata columns (strings or
     None), each of length rows. Identical inputs give byte-identical files (no timestamps; parquet statistics are stable).
     """
-    from ..checkpoint import atomic_write, atomic_write_text  # noqa: PLC0415
-
     pa, pq = require("pyarrow"), require("pyarrow.parquet")
     files = part_files(number, text is not None)
     atomic_write(root / files["img"], _save_npy(np.ascontiguousarray(img, dtype=np.float16)))
@@ -214,10 +212,18 @@ def finished_part(root: Path, number: int) -> Part | None:
     return part if embeddings_ok and part.number == number else None
 
 
+def remove_temporaries(root: Path, numbers: list[int]) -> None:
+    """Delete the temporary files a killed run left for parts `numbers` (only those: other ranks may be
+    writing theirs right now)."""
+    for number in numbers:
+        for rel in [*part_files(number, True).values(), f"done/part_{number}.json"]:
+            path = root / rel
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
 def write_manifest(root: Path, parts: list[Part], header: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json (last): `header` (fingerprint, dim, model, source, ...) plus the parts and totals."""
-    from ..checkpoint import atomic_write_text  # noqa: PLC0415
-
     skipped: dict[str, int] = {}
     for part in parts:
         for kind, count in part.skipped.items():

@@ -150,6 +150,48 @@ def test_uploaded_image_shows_results_and_classifies(server, browser, built):
     assert [r.text.split("\n")[0] for r in rows] == [e["label"] for e in expected]
 
 
+DISPATCH_IMAGE = """
+const [kind, done] = [arguments[0], arguments[arguments.length - 1]];
+fetch('/api/image/5').then(r => r.blob()).then(blob => {
+  const data = new DataTransfer();
+  data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+  const event = kind === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+                                : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+  (kind === 'drop' ? document.getElementById('drop-zone') : document).dispatchEvent(event);
+  done(true);
+});
+"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_dropped_or_pasted_image_shows_results(server, browser, built, kind):
+    base, searcher = server
+    browser.get(base + "/")
+    browser.set_script_timeout(WAIT_S)
+    assert browser.execute_async_script(DISPATCH_IMAGE, kind) is True
+    wait_status(browser, "12 results for the image")
+    assert card_ids(browser) == [h["id"] for h in searcher.search(image=built.paths[5], k=12)["results"]]
+
+
+def test_no_good_match_notice(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    saved = searcher.threshold
+    searcher.threshold = 2.0  # above any cosine: every text query is "no good match"
+    try:
+        browser.get(base + "/?q=a%20red%20circle")
+        wait_status(browser, "12 results for")
+        notice = browser.find_element(By.ID, "no-match")
+        assert notice.is_displayed() and "No good match" in notice.text and "2.000" in notice.text
+    finally:
+        searcher.threshold = saved
+    browser.get(base + "/?q=a%20red%20circle")
+    wait_status(browser, "12 results for")
+    shown = browser.find_element(By.ID, "no-match").is_displayed()
+    assert shown == searcher.search(text="a red circle", k=12)["no_good_match"]
+
+
 def test_bad_query_shows_the_error(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -240,7 +240,8 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore[attr-defined]
     trained_on = None
     if not index.is_trained:
-        count = min(rows, max(256 * params.get("pq_m", 1), 64 * params.get("nlist", 1), 20000))
+        # 40 points per list (faiss warns below 39) and at least 39 x 256 for the PQ codebooks
+        count = min(rows, max(39 * 256, 40 * params.get("nlist", 1)))
         sample, trained_on = training_sample(sources, count, np.random.default_rng(opts.seed), opts.train_on)
         # polysemous codes (on by default in IndexIVFPQ) only speed up Hamming-filtered search, which we do
         # not use, and their annealing dominates training time

@@ -1,17 +1,30 @@
-"""Search benchmarks. Section `server`: `clipforge serve` under 8 concurrent clients on loopback.
+"""Search-side benchmarks: embedding throughput end to end, and index build / size / latency / recall.
 
-server: an index of `--rows` random L2-normalised vectors (the model's dimension; their metadata point at one
-small PNG) is built with the embedding layout and `index build --kind flat`, carrying the fingerprint of the
-model given by `--model` (default: RN-Tiny-64 with seed-0 random weights: the text tower is what costs, and
-its size, not its training, sets the speed). `clipforge serve` runs in its own process; `--clients` threads
-send text queries (colour x shape phrases, each a fresh text-tower forward: nothing is cached) over HTTP/1.1
-keep-alive connections. Two measurements:
-- closed loop: each client sends its next query as soon as the last one is answered (the server's capacity:
-  queries/s, and latency with `--clients` requests always in flight);
-- open loop at `--rate` queries/s in total, spread evenly over the clients (latency at that offered load).
-Any non-200 answer counts as a failure.
+Embedding (`--section embedding`): images/s from image files to L2-normalised features (decode + preprocess in
+loader workers, then the image tower), the same files, thread count, batch size and worker count for every
+pipeline, per precision:
+- clipforge: the real `clipforge embed` path (listing, loader, encoder, parts written to disk);
+- open_clip: open_clip's CLIP (its own model.py, by file path) holding the same weights, fed by the same loader
+  and preprocessing as ours: open_clip's preprocessing needs torchvision, which does not install against this
+  CPU build of torch from PyPI, so this ratio isolates the model; bf16 is open_clip's `amp_bf16` (autocast);
+- transformers: CLIPModel with the same weights and CLIPImageProcessor (its own preprocessing) in the loader;
+  bf16 is `model.to(torch.bfloat16)`.
+Rounds take turns (A B C A B C) and the best round counts, as the machine is shared.
 
-    PYTHONPATH=src:benchmarks python benchmarks/bench_search.py server --rows 100000 --clients 8
+Index (`--section index`): synthetic clustered unit vectors with a caption set offset from the images (a
+modality gap), written as embedding parts and indexed by `clipforge.search.build`: build seconds, bytes per
+vector, 10-recall@10 per query modality (held-out queries against exact search), batch-1 latency p50/p99.
+
+Server (`--section server`): `clipforge serve` in its own process over an index of `--server-rows` random unit
+vectors carrying the fingerprint of `--server-model` (default RN-Tiny-64 with seed-0 random weights, the demo's
+architecture: its text tower's size, not its training, sets the speed; metadata point at one small PNG).
+`--clients` threads send text queries (colour x shape phrases; every one a text-tower forward, nothing cached)
+over keep-alive HTTP/1.1 on loopback: closed loop (each client sends its next query when the last is answered:
+the capacity) and open loop at `--rate` queries/s in total (latency at that offered load). Any answer other
+than 200 is a failure.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
+    PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
 """
 
 from __future__ import annotations
@@ -25,24 +38,216 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
-from common import machine_note
+from common import machine_note, twin_models
+
+from clipforge.search.build import BuildOptions, build_index
+from clipforge.search.index import open_index
+from clipforge.search.parts import write_manifest, write_part
+
+OPENCLIPART = Path("/usr/share/openclipart/png")
+
+
+def image_files(count: int, scratch: Path) -> tuple[list[Path], str]:
+    """`count` real PNGs from Debian's openclipart-png when installed, else synthetic 640x480 JPEGs."""
+    if OPENCLIPART.is_dir():
+        files = sorted(OPENCLIPART.rglob("*.png"))[:count]
+        if len(files) == count:
+            return files, f"{count} openclipart PNGs"
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(count):
+        path = scratch / "images" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((480, 640, 3)) * 255).astype(np.uint8)).save(path, quality=90)
+        files.append(path)
+    return files, f"{count} synthetic 640x480 JPEGs"
+
+
+class _Decode(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], transform: Callable) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from clipforge.data.robust import convert_to_rgb, load_image  # noqa: PLC0415
+
+        return self.transform(convert_to_rgb(load_image(self.files[i]))[0])
+
+
+def _loader_rate(files: list[Path], transform: Callable, forward: Callable, batch: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(_Decode(files, transform), batch_size=batch, num_workers=workers)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for pixels in loader:
+            forward(pixels)
+    return len(files) / (time.perf_counter() - start)
+
+
+def _hf_transform(size: int) -> Callable:
+    from transformers import CLIPImageProcessor  # noqa: PLC0415
+
+    # OpenAI's pipeline (resize the shorter side, centre crop, CLIP mean / std) at the model's resolution
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def transform(image: Any) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
+
+
+def _pipelines(name: str, precision: str, files: list[Path], scratch: Path, batch: int, workers: int) -> dict:
+    """name -> zero-argument callable returning images/s, for the three implementations at `precision`."""
+    import copy  # noqa: PLC0415
+
+    from clip_reference import openclip_clip  # noqa: PLC0415 - tests/, open_clip's model.py by path
+    from clipforge.search.embed import EmbedOptions, run_embedding  # noqa: PLC0415
+    from clipforge.search.encoder import TorchEncoder  # noqa: PLC0415
+    from clipforge.search.sources import list_source  # noqa: PLC0415
+    from clipforge.transforms import image_transform  # noqa: PLC0415
+
+    cfg, ours, hf = twin_models(name)
+    theirs = openclip_clip(cfg)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    folder = scratch / "collection"
+    if not folder.exists():
+        folder.mkdir()
+        for i, path in enumerate(files):
+            (folder / f"{i:05d}{path.suffix}").symlink_to(path)
+    listing = list_source(str(folder))
+    encoder = TorchEncoder(copy.deepcopy(ours), name, torch.device("cpu"), precision)
+    runs = [0]
+
+    def clipforge() -> float:
+        runs[0] += 1
+        opts = EmbedOptions(part_size=len(files), batch_size=batch, workers=workers, progress=False)
+        return float(run_embedding(scratch / f"emb-{precision}-{runs[0]}", listing, encoder, opts)["images_per_s"])
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
+    preprocess = image_transform(cfg.vision_cfg.image_size)
+
+    def open_clip() -> float:
+        def forward(px: torch.Tensor) -> None:
+            if amp is None:
+                torch.nn.functional.normalize(theirs.encode_image(px), dim=-1)
+            else:
+                with amp():
+                    torch.nn.functional.normalize(theirs.encode_image(px), dim=-1)
+        return _loader_rate(files, preprocess, forward, batch, workers)
+
+    hf_model = copy.deepcopy(hf).eval().to(dtype)
+
+    def transformers() -> float:
+        def forward(px: torch.Tensor) -> None:
+            out = hf_model.get_image_features(pixel_values=px.to(dtype))
+            torch.nn.functional.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
+        return _loader_rate(files, _hf_transform(cfg.vision_cfg.image_size), forward, batch, workers)
+
+    return {"clipforge": clipforge, "open_clip": open_clip, "transformers": transformers}
+
+
+def bench_embedding(name: str = "ViT-B-32", count: int = 192, batch: int = 32, workers: int = 1,
+                    threads: int = 2, rounds: int = 2, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Best-of-`rounds` images/s per (implementation, precision) and the clipforge / other ratios."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        files, what = image_files(count, scratch)
+        rates: dict[str, float] = {}
+        for precision in precisions:
+            pipelines = _pipelines(name, precision, files, scratch, batch, workers)
+            for _ in range(rounds):
+                for impl, run in pipelines.items():
+                    key = f"{impl} {precision}"
+                    rates[key] = max(rates.get(key, 0.0), run())
+    ratios = {f"clipforge / {other} {p}": rates[f"clipforge {p}"] / rates[f"{other} {p}"]
+              for p in precisions for other in ("open_clip", "transformers")}
+    return {"model": name, "images": what, "batch": batch, "workers": workers, "threads": threads,
+            "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+
+
+def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0) -> Path:
+    """Clustered unit image vectors (2,000 centres) and captions offset by a common direction, as parts."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((2000, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    gap = rng.standard_normal(dim).astype(np.float32)
+    gap /= np.linalg.norm(gap)
+    parts = []
+    for number, start in enumerate(range(0, rows, part_rows)):
+        n = min(part_rows, rows - start)
+        img = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, dim), dtype=np.float32) * 0.045
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        text = img + 0.6 * gap + rng.standard_normal((n, dim), dtype=np.float32) * 0.03
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        columns = {"key": [str(start + i) for i in range(n)], "path": [None] * n, "caption": [None] * n}
+        parts.append(write_part(root, number, img, text, columns))
+    header = {"fingerprint": {"synthetic": seed}, "dim": dim, "model": "synthetic", "has_text": True,
+              "source": {"kind": "synthetic", "rows": rows}}
+    write_manifest(root, parts, header)
+    return root
+
+
+def _latency(index_dir: Path, queries: np.ndarray, repeats: int) -> dict[str, float]:
+    index = open_index(index_dir)
+    times = []
+    for i in range(repeats):
+        q = queries[i % len(queries)][None]
+        start = time.perf_counter()
+        index.search(q, 10)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, threads: int = 2,
+                kinds: tuple[str, ...] = ("flat", "ivfpq"), target_recall: float = 0.9, repeats: int = 200) -> dict:
+    """Build time, bytes/vector, recall per modality and batch-1 latency of each kind at each size."""
+    import faiss  # noqa: PLC0415
+
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            emb = synthetic_collection(Path(tmp) / f"emb{rows}", rows, dim)
+            pick = np.sort(np.random.default_rng(1).choice(min(rows, 100_000), 64, replace=False))
+            queries = np.load(emb / "text_emb" / "text_emb_0.npy")[pick].astype(np.float32)  # captions as queries
+            for kind in kinds:
+                start = time.perf_counter()
+                info = build_index([emb], Path(tmp) / f"{kind}{rows}",
+                                   BuildOptions(kind=kind, target_recall=target_recall, queries=300))
+                total = time.perf_counter() - start
+                results[f"{kind} {rows}"] = {
+                    "factory": info["build"]["factory"], "search": info["search"],
+                    "build_s": info["build"]["seconds"], "build_and_measure_s": round(total, 1),
+                    "bytes_per_vector": info["bytes_per_vector"],
+                    "recall_image": info["recall"]["image"], "recall_text": info["recall"]["text"],
+                    **_latency(Path(tmp) / f"{kind}{rows}", queries, repeats)}
+                print(f"  {kind} {rows}: {json.dumps(results[f'{kind} {rows}'])}", flush=True)
+    return {"dim": dim, "vectors": "synthetic clustered unit vectors + offset captions", "threads": threads,
+            "target_recall": target_recall, "results": results}
+
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "black", "white")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
 
 
-def random_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -> Path:
+def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -> Path:
     """An index of `rows` random normalised vectors carrying the model's fingerprint; returns its folder."""
-    import torch
     from PIL import Image
 
-    from clipforge.search.build import BuildOptions, build_index
     from clipforge.search.encoder import load_encoder
-    from clipforge.search.parts import write_manifest, write_part
 
     if model_spec is None:
         from clipforge.checkpoint import save_model
@@ -132,7 +337,7 @@ def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, ra
     """Build the random index, serve it, and measure closed-loop and open-loop latency and throughput."""
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         started = time.perf_counter()
-        index = random_index(Path(tmp), rows, model)
+        index = server_index(Path(tmp), rows, model)
         build_s = time.perf_counter() - started
         server = start_server(index, port)
         base = f"http://127.0.0.1:{port}"
@@ -149,22 +354,48 @@ def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, ra
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="section", required=True)
-    p = sub.add_parser("server", help="clipforge serve under concurrent text queries")
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=50, help="requests per client and measurement")
-    p.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
-    p.add_argument("--model", help="model to embed queries with (default: RN-Tiny-64, random seed-0 weights)")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--section", action="append", choices=["embedding", "index", "server"],
+                        help="what to run (repeatable; default: all three)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", metavar="FILE.json")
+    g = parser.add_argument_group("embedding")
+    g.add_argument("--model", default="ViT-B-32")
+    g.add_argument("--images", type=int, default=192)
+    g.add_argument("--batch", type=int, default=32)
+    g.add_argument("--workers", type=int, default=1, help="loader processes decoding images")
+    g.add_argument("--rounds", type=int, default=2)
+    g = parser.add_argument_group("index")
+    g.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    g.add_argument("--dim", type=int, default=512)
+    g.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
+    g.add_argument("--target-recall", type=float, default=0.9)
+    g = parser.add_argument_group("server")
+    g.add_argument("--server-rows", type=int, default=100_000)
+    g.add_argument("--server-model", help="model the server embeds queries with (default: RN-Tiny-64, seed-0 weights)")
+    g.add_argument("--clients", type=int, default=8)
+    g.add_argument("--requests", type=int, default=50, help="requests per client and measurement")
+    g.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
+    g.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
-    result = bench_server(args.rows, args.clients, args.requests, args.rate, args.model, args.port)
-    result["machine"] = machine_note(threads=0) + " (server process: torch's default threads)"
-    print(json.dumps(result, indent=2))
+    sections = args.section or ["embedding", "index", "server"]
+    report: dict[str, Any] = {"machine": machine_note(args.threads)}
+    print(report["machine"], flush=True)
+    if "embedding" in sections:
+        report["embedding"] = bench_embedding(args.model, args.images, args.batch, args.workers, args.threads,
+                                              args.rounds)
+        print(json.dumps(report["embedding"], indent=2), flush=True)
+    if "index" in sections:
+        report["index"] = bench_index(tuple(args.sizes), args.dim, args.threads, tuple(args.kinds),
+                                      args.target_recall)
+    if "server" in sections:
+        report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
+                                        args.port)
+        print(json.dumps(report["server"], indent=2), flush=True)
+    report["machine_after"] = machine_note(args.threads)
+    print(report["machine_after"])
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    return 0 if result["closed_loop"]["failures"] == 0 else 1
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def check_index(index_dir: str | Path, seed: int = 1, queries: int | None = None
     opts = BuildOptions(queries=queries or int(stored["queries"]), k=int(stored["k"]), seed=seed)
     sets = query_sets(index.sources, opts)
     truth = ground_truth(index.sources, sets, opts.k)
-    measured = measure_recall(index.faiss_index, sets, truth, opts.k)
+    measured = measure_recall(index.search, sets, truth, opts.k)
     report: dict[str, Any] = {"index": str(index.index_dir), "kind": index.info["kind"], "rows": len(index),
                               "files": "ok", "search": index.info.get("search", {}), "recall": {}, "ok": True}
     for modality, value in measured.items():

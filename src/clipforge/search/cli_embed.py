@@ -49,7 +49,8 @@ def _build_options(args: argparse.Namespace) -> Any:
 
     return BuildOptions(kind=args.kind, memory=parse_memory(args.memory) if args.memory else None,
                         target_recall=args.target_recall, queries=args.queries, seed=args.seed,
-                        nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m)
+                        nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m, train_on=args.train_on,
+                        rerank=args.rerank)
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -99,6 +100,11 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default ~4 sqrt(rows), a power of 2)")
     q.add_argument("--pq-m", type=int, help="ivfpq: PQ code bytes per vector (a divisor of dim)")
     q.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
+    q.add_argument("--train-on", default="image", choices=["image", "mixed"],
+                   help="ivfpq: train the quantisers on image vectors (default; measured better for text queries "
+                   "too) or on image + caption vectors")
+    q.add_argument("--rerank", type=int, default=4,
+                   help="ivfpq: rescore k x RERANK candidates exactly with the stored vectors (0: off; default 4)")
 
 
 def add_embed_parsers(sub: argparse._SubParsersAction) -> None:

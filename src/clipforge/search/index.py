@@ -26,7 +26,7 @@ import numpy as np
 from .errors import SearchError, require
 from .parts import EmbeddingSet, open_embeddings
 
-__all__ = ["INDEX_FORMAT", "VectorIndex", "open_index", "load_index_info", "apply_search_params"]
+__all__ = ["INDEX_FORMAT", "VectorIndex", "open_index", "load_index_info", "apply_search_params", "search_faiss"]
 
 INDEX_FORMAT = "clipforge-index"
 INFO_FILE = "index.json"
@@ -76,8 +76,46 @@ def apply_search_params(index: Any, params: dict[str, Any]) -> None:
         inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
     if "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])  # type: ignore[attr-defined]
-    if "efSearch" in params:
+    if "efSearch" in params:  # (a "rerank" entry is ours, applied by `search_faiss`)
         faiss.downcast_index(inner).hnsw.efSearch = int(params["efSearch"])  # type: ignore[attr-defined]
+
+
+def stored_rows(sources: Sequence[EmbeddingSet], ids: np.ndarray, role: str = "img") -> np.ndarray:
+    """float32 vectors [m, dim] of global ids [m] (all valid), read from the embedding parts."""
+    offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
+    out = np.empty((len(ids), sources[0].dim), dtype=np.float32)
+    which = np.searchsorted(offsets, ids, side="right") - 1  # [m] source of each id
+    for index in np.unique(which):
+        mask = which == index
+        out[mask] = sources[index].rows(ids[mask] - offsets[index], role)
+    return out
+
+
+def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
+                 rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors.
+
+    Product-quantised scores are estimates: rescoring the candidates with the float16 vectors that embed
+    wrote (memory-mapped, so they cost disk rather than RAM) restores both the ranking and exact cosines.
+    """
+    if rerank <= 1:
+        scores, ids = faiss_index.search(queries, k)
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
+    n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))
+    _, candidates = faiss_index.search(queries, fetch)  # [n, fetch]
+    flat = candidates.reshape(-1)
+    vectors = np.zeros((flat.shape[0], queries.shape[1]), dtype=np.float32)
+    vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0])
+    exact = np.einsum("nfd,nd->nf", vectors.reshape(n, fetch, -1), queries)  # [n, fetch]
+    exact[candidates < 0] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+    ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+    if ids.shape[1] < k:  # fewer candidates than k: pad as faiss does
+        pad = k - ids.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, ids
 
 
 class VectorIndex:
@@ -90,6 +128,7 @@ class VectorIndex:
         self.dim = int(info["dim"])
         self.faiss_index = faiss_index
         self.sources = sources
+        self.rerank = int(info.get("search", {}).get("rerank", 0))
         self._offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
         self._tar_lock = threading.Lock()
         self._tar_members: dict[str, dict[str, tuple[int, int]]] = {}
@@ -107,9 +146,7 @@ class VectorIndex:
         if not np.all(np.isfinite(queries)):
             raise SearchError("queries: contain NaN or infinite values")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, ids = self.faiss_index.search(queries, int(k))
-        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
-        return scores, ids.astype(np.int64)
+        return search_faiss(self.faiss_index, self.sources, queries, int(k), self.rerank)
 
     def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
         if not isinstance(id_, (int, np.integer)) or not 0 <= int(id_) < int(self._offsets[-1]):
@@ -130,9 +167,8 @@ class VectorIndex:
 
     def image_vector(self, id_: int) -> np.ndarray:
         """The stored (L2-normalised) image embedding of `id_` as float32 [dim]."""
-        source, row = self._locate(id_)
-        part, inside = source.locate(row)
-        return np.asarray(source.vectors(part, "img")[inside], dtype=np.float32)
+        self._locate(id_)
+        return stored_rows(self.sources, np.array([int(id_)], dtype=np.int64))[0]
 
     def _tar_member(self, shard: str, member: str) -> tuple[int, int]:
         with self._tar_lock:

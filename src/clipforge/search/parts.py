@@ -87,6 +87,7 @@ class EmbeddingSet:
         self.offsets = np.cumsum([0] + [p.rows for p in self.parts]).astype(np.int64)  # [parts + 1]
         self._lock = threading.Lock()
         self._tables: dict[int, Any] = {}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -101,9 +102,25 @@ class EmbeddingSet:
                 raise SearchError(f"{path}: sha256 does not match manifest.json (corrupt or truncated part)")
 
     def vectors(self, part: Part, role: str = "img") -> np.ndarray:
+        """Part `part`'s [rows, dim] vectors, memory-mapped (opened once, thread-safe)."""
         if role not in part.files:
             raise SearchError(f"{self.root}: part {part.number} has no {role} embeddings")
-        return read_vectors(self.root / part.files[role], self.dim, part.rows)
+        with self._lock:
+            cached = self._maps.get((part.number, role))
+        if cached is None:
+            cached = read_vectors(self.root / part.files[role], self.dim, part.rows)
+            with self._lock:
+                self._maps[(part.number, role)] = cached
+        return cached
+
+    def rows(self, rows: np.ndarray, role: str = "img") -> np.ndarray:
+        """float32 vectors [m, dim] of rows `rows` [m] (any order, each in range)."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1  # [m] part index of each row
+        for index in np.unique(which):
+            mask = which == index
+            out[mask] = self.vectors(self.parts[index], role)[rows[mask] - self.offsets[index]]
+        return out
 
     def locate(self, row: int) -> tuple[Part, int]:
         """The part holding global row `row` and the row's index inside it."""

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from search_helpers import image_folder, save_tiny_model
 
 from clipforge.cli import main
 from clipforge.search.errors import SearchError
-from search_helpers import image_folder, save_tiny_model
 
 pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402

@@ -14,9 +14,10 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .errors import SearchError, require
 from .parts import Part, finished_part, remove_temporaries, write_manifest, write_part
 from .sources import Item, Listing, list_source, read_item
 
-__all__ = ["EmbedOptions", "embed_collection", "run_embedding", "rank_and_world"]
+__all__ = ["EmbedOptions", "embed_collection", "rank_and_world", "run_embedding"]
 
 
 @dataclass(frozen=True)

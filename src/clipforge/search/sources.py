@@ -105,8 +105,8 @@ def _shards(spec: str) -> Listing:
 
 
 def _offline(name: str, split: str | None, root: str | None) -> Listing:
-    from ..data.catalog import get_dataset  # noqa: PLC0415
     from ..data.base import CaptionDataset  # noqa: PLC0415
+    from ..data.catalog import get_dataset  # noqa: PLC0415
 
     dataset = get_dataset(name, split, root=root)
     if not isinstance(dataset, CaptionDataset):

@@ -37,12 +37,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
 from common import machine_note, twin_models
 
 from clipforge.search.build import BuildOptions, build_index
@@ -109,6 +109,7 @@ def _pipelines(name: str, precision: str, files: list[Path], scratch: Path, batc
     import copy  # noqa: PLC0415
 
     from clip_reference import openclip_clip  # noqa: PLC0415 - tests/, open_clip's model.py by path
+
     from clipforge.search.embed import EmbedOptions, run_embedding  # noqa: PLC0415
     from clipforge.search.encoder import TorchEncoder  # noqa: PLC0415
     from clipforge.search.sources import list_source  # noqa: PLC0415

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from search_helpers import image_folder, save_tiny_model
 
 from clipforge.cli import main
 from clipforge.search.errors import SearchError
-from search_helpers import image_folder, save_tiny_model
 
 pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
@@ -236,3 +236,24 @@ def test_fp16_on_cpu_is_refused(collection, tmp_path):
     images, model = collection
     with pytest.raises(SearchError, match="fp16 needs a GPU"):
         embed_collection(str(images), str(model), tmp_path / "o", precision="fp16", device="cpu")
+
+
+def test_prepared_offline_dataset_by_name(collection, clean, tmp_path):
+    """A prepared dataset (info.json + manifest.tsv under the data root, as `clipforge data prepare` leaves
+    it) embedded by name, one split, with its category labels as an extra column."""
+    images, model = collection
+    root = tmp_path / "data"
+    (root / "openclipart").mkdir(parents=True)
+    (root / "openclipart" / "info.json").write_text(json.dumps({"classnames": ["g0", "g1", "g2"]}))
+    rows = sorted(images.rglob("img*.png"))
+    (root / "openclipart" / "manifest.tsv").write_text("image\tcaption\tsplit\tlabel\n" + "".join(
+        f"{p}\t{p.with_suffix('.txt').read_text().strip()}\t{'test' if i % 2 else 'train'}\t{p.parent.name}\n"
+        for i, p in enumerate(rows)))
+    out = tmp_path / "emb"
+    assert main(["embed", "openclipart", "--root", str(root), "--split", "test", "--model", str(model),
+                 "--output", str(out), *COMMON]) == 0
+    meta = read_meta(out)
+    assert len(meta) == len(rows) // 2 and all(m["label"] == Path(m["path"]).parent.name for m in meta)
+    reference = {m["path"]: v for m, v in zip(read_meta(clean), read_vectors(clean))}
+    for m, v in zip(meta, read_vectors(out)):
+        assert np.array_equal(v, reference[m["path"]])

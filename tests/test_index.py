@@ -13,12 +13,13 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("pyarrow")
 
+from search_helpers import clustered, embedding_folder, unit  # noqa: E402
+
 from clipforge.cli import main  # noqa: E402
 from clipforge.search import SearchError, open_index  # noqa: E402
 from clipforge.search.build import BuildOptions, add_to_index, build_index, choose_kind  # noqa: E402
 from clipforge.search.check import check_index, find_duplicates  # noqa: E402
 from clipforge.search.measure import exact_topk, no_match_threshold, recall_at_k  # noqa: E402
-from search_helpers import clustered, embedding_folder, unit  # noqa: E402
 
 DIM = 32
 
@@ -115,12 +116,12 @@ def test_modality_gap_training_on_images_alone_serves_text_queries_better(data, 
     for name in ("mixed", "image"):
         index = open_index(tmp_path / name)
         apply_search_params(index.faiss_index, {"nprobe": 8})
-        recall[name] = measure_recall(lambda q, k: search_faiss(index.faiss_index, sources, q, k), sets, truth, 10)
+        recall[name] = measure_recall(lambda q, k, i=index: search_faiss(i.faiss_index, sources, q, k), sets, truth, 10)
     assert recall["image"]["text"] > recall["mixed"]["text"] + 0.02, recall
 
 
 def test_add_appends_without_rebuilding(data, tmp_path):
-    emb, img, text = data
+    emb, img, _ = data
     extra_img, extra_text = clustered(np.random.default_rng(5), 500, DIM)
     extra = embedding_folder(tmp_path / "extra", extra_img, extra_text, part_rows=200)
     for kind in ("flat", "ivfpq"):
@@ -153,7 +154,7 @@ def test_no_match_threshold_on_hand_made_scores():
 
 
 def test_threshold_separates_matched_from_unmatched_queries(data, tmp_path):
-    emb, img, text = data
+    emb, img, _ = data
     info = build_index([emb], tmp_path / "i", BuildOptions(kind="flat"))
     t = info["threshold"]
     assert t["pairs"] == 500 and 0 < t["score"] < 1
@@ -280,3 +281,12 @@ def test_missing_faiss_names_the_extra(monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "faiss", raising=False)
     with pytest.raises(SearchError, match=r'pip install -e "\.\[search\]"'):
         require("faiss")
+
+
+def test_memory_mapped_ivf_index_gives_the_same_answers(data, tmp_path):
+    emb, img, _ = data
+    build_index([emb], tmp_path / "i", BuildOptions(kind="ivfpq", target_recall=0.8))
+    queries = img[:20].astype(np.float32)
+    in_ram = open_index(tmp_path / "i").search(queries, 10)
+    mapped = open_index(tmp_path / "i", mmap=True).search(queries, 10)
+    assert np.array_equal(in_ram[1], mapped[1]) and np.array_equal(in_ram[0], mapped[0])

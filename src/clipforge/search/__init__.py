@@ -17,7 +17,7 @@ _EXPORTS = {
     "check_fingerprint": "clipforge.search.fingerprint",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["SearchError", "VectorIndex", "check_fingerprint", "model_fingerprint", "open_index"]
 
 
 def __getattr__(name: str) -> Any:

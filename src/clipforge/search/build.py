@@ -6,21 +6,30 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..checkpoint import atomic_write, atomic_write_text, sha256_file
 from .errors import SearchError, require
 from .fingerprint import check_fingerprint
-from .index import (INDEX_FORMAT, INFO_FILE, apply_search_params, load_index_info, read_faiss, resolve_source,
-                    search_faiss, stored_rows)
+from .index import (
+    INDEX_FORMAT,
+    INFO_FILE,
+    apply_search_params,
+    load_index_info,
+    read_faiss,
+    resolve_source,
+    search_faiss,
+    stored_rows,
+)
 from .measure import drop_self, exact_topk, no_match_threshold, recall_at_k, tune
 from .parts import EmbeddingSet, open_embeddings
 
-__all__ = ["BuildOptions", "build_index", "add_to_index", "check_index", "choose_kind", "parse_memory"]
+__all__ = ["BuildOptions", "add_to_index", "build_index", "choose_kind", "parse_memory"]
 
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
 FLAT_MAX_SCAN = 2.6e8  # rows x dim a flat query may scan (~1 GB of float32, ~0.1 s on one core) before IVF-PQ

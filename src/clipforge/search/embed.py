@@ -14,9 +14,10 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .errors import SearchError, require
 from .parts import Part, finished_part, remove_temporaries, write_manifest, write_part
 from .sources import Item, Listing, list_source, read_item
 
-__all__ = ["EmbedOptions", "embed_collection", "run_embedding", "rank_and_world"]
+__all__ = ["EmbedOptions", "embed_collection", "rank_and_world", "run_embedding"]
 
 
 @dataclass(frozen=True)
@@ -161,19 +162,23 @@ def _claim(root: Path, header: dict[str, Any]) -> None:
 
 
 def _wait_for_parts(root: Path, count: int, timeout_s: float) -> list[Part]:
-    """Rank 0: poll until every part's record exists (other ranks write theirs), then verify them all."""
+    """Rank 0: poll until every part has a record whose files match their checksums (other ranks write
+    theirs; a stale record of a part being redone fails until its rank has rewritten it)."""
     deadline = time.monotonic() + timeout_s
-    while not all((root / "done" / f"part_{n}.json").is_file() for n in range(count)):
+    parts: dict[int, Part] = {}
+    while True:
+        for n in range(count):
+            if n not in parts and (root / "done" / f"part_{n}.json").is_file():
+                part = finished_part(root, n)
+                if part is not None:
+                    parts[n] = part
+        if len(parts) == count:
+            return [parts[n] for n in range(count)]
         if time.monotonic() > deadline:
-            missing = [n for n in range(count) if not (root / "done" / f"part_{n}.json").is_file()]
-            raise SearchError(f"{root}: parts {missing[:10]} still missing after {timeout_s:.0f} s; "
+            missing = [n for n in range(count) if n not in parts]
+            raise SearchError(f"{root}: parts {missing[:10]} still missing or damaged after {timeout_s:.0f} s; "
                               "run the same command again to finish them")
         time.sleep(1.0)
-    parts = [finished_part(root, n) for n in range(count)]
-    bad = [n for n, part in enumerate(parts) if part is None]
-    if bad:
-        raise SearchError(f"{root}: parts {bad[:10]} fail their checksums; run the same command again to redo them")
-    return [p for p in parts if p is not None]
 
 
 def run_embedding(root: Path, listing: Listing, encoder: Encoder, opts: EmbedOptions) -> dict[str, Any]:
@@ -188,6 +193,8 @@ def run_embedding(root: Path, listing: Listing, encoder: Encoder, opts: EmbedOpt
     count = -(-len(listing.items) // opts.part_size)
     todo = [n for n in range(rank, count, world) if finished_part(root, n) is None]
     remove_temporaries(root, todo)
+    for number in todo:  # a damaged part's stale record must not satisfy rank 0 while the part is redone
+        (root / "done" / f"part_{number}.json").unlink(missing_ok=True)
     batches = _batches(todo, len(listing.items), opts)
     started, done = time.perf_counter(), 0
     from tqdm import tqdm  # noqa: PLC0415

@@ -8,8 +8,9 @@ the model directly. Another runtime (ONNX) plugs in here as another class with t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ..transforms import image_transform
 from .errors import SearchError
 from .fingerprint import model_fingerprint
 
-__all__ = ["Encoder", "TorchEncoder", "load_encoder", "model_tokenizer", "resolve_device", "BACKENDS"]
+__all__ = ["BACKENDS", "Encoder", "TorchEncoder", "load_encoder", "model_tokenizer", "resolve_device"]
 
 BACKENDS = ("torch",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,7 +8,8 @@ silently wrong neighbours.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from ..config import to_dict
 from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .errors import SearchError
 
-__all__ = ["model_fingerprint", "weights_sha256", "check_fingerprint"]
+__all__ = ["check_fingerprint", "model_fingerprint", "weights_sha256"]
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -18,15 +18,16 @@ import json
 import mimetypes
 import tarfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import SearchError, require
 from .parts import EmbeddingSet, open_embeddings
 
-__all__ = ["INDEX_FORMAT", "VectorIndex", "open_index", "load_index_info", "apply_search_params", "search_faiss"]
+__all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_info", "open_index", "search_faiss"]
 
 INDEX_FORMAT = "clipforge-index"
 INFO_FILE = "index.json"

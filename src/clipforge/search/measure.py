@@ -8,11 +8,12 @@ the captions of held-out rows, whose own image stays (that is the match a text s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["exact_topk", "recall_at_k", "drop_self", "tune", "no_match_threshold"]
+__all__ = ["drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
 
 
 def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 from ..checkpoint import atomic_write, atomic_write_text, sha256_file
 from .errors import SearchError, require
 
-__all__ = ["EMBEDDINGS_FORMAT", "Part", "EmbeddingSet", "open_embeddings", "part_files", "read_vectors"]
+__all__ = ["EMBEDDINGS_FORMAT", "EmbeddingSet", "Part", "open_embeddings", "part_files", "read_vectors"]
 
 EMBEDDINGS_FORMAT = "clipforge-embeddings"
 
@@ -200,7 +200,7 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
     """Publish part `number`: each file atomically, then its record `done/part_N.json` (the commit mark).
 
     `img`/`text` are [rows, dim] float arrays (stored as float16); `columns` the metadata columns (strings or
-    None), each of length rows. Identical inputs give byte-identical files (no timestamps; parquet statistics are stable).
+    None), each of length rows. Identical inputs give byte-identical files (no timestamps are written).
     """
     pa, pq = require("pyarrow"), require("pyarrow.parquet")
     files = part_files(number, text is not None)
@@ -210,7 +210,7 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
     # explicit string type: a column that is all None in one part must not become a null-typed column there
     table = pa.table({name: pa.array(values, type=pa.string())  # type: ignore[attr-defined]
                       for name, values in columns.items()})
-    atomic_write(root / files["metadata"], lambda tmp: pq.write_table(table, tmp))  # type: ignore[attr-defined]
+    atomic_write(root / files["metadata"], lambda tmp: pq.write_table(table, tmp))  # type: ignore
     digests = {rel: sha256_file(root / rel) for rel in files.values()}
     part = Part(number, int(img.shape[0]), files, digests, dict(sorted((skipped or {}).items())))
     atomic_write_text(root / "done" / f"part_{number}.json", json.dumps(part.record(), indent=1, sort_keys=True))

@@ -105,8 +105,8 @@ def _shards(spec: str) -> Listing:
 
 
 def _offline(name: str, split: str | None, root: str | None) -> Listing:
-    from ..data.catalog import get_dataset  # noqa: PLC0415
     from ..data.base import CaptionDataset  # noqa: PLC0415
+    from ..data.catalog import get_dataset  # noqa: PLC0415
 
     dataset = get_dataset(name, split, root=root)
     if not isinstance(dataset, CaptionDataset):
@@ -137,6 +137,8 @@ def list_source(source: str, split: str | None = None, data_root: str | None = N
         listing = _folder(path)
     else:
         raise SearchError(f"{source}: not an offline dataset name, a .csv/.tsv manifest, an image folder or tar shards")
+    if split is not None and listing.description["kind"] in ("folder", "shards"):
+        raise SearchError(f"--split {split}: {source} has no splits (a manifest or a dataset has)")
     if not listing.items:
         raise SearchError(f"{source}: empty collection (no images found)")
     return listing

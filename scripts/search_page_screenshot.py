@@ -18,9 +18,8 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from PIL import Image  # noqa: E402
-
-from search_index import running_server  # noqa: E402
+from PIL import Image
+from search_index import running_server
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from clipforge.checkpoint import save_model
+from clipforge.cli import main
 from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
 from clipforge.factory import create_model
-from clipforge.cli import main
 
 
 @dataclass

@@ -18,7 +18,7 @@ def test_search_demo_embeds_indexes_and_searches(tmp_path, capsys):
     lines = run_search_demo(run, SyntheticConfig(image_size=32), count=150, k=3, progress=False)
     assert capsys.readouterr().out.strip().endswith(lines[-1])
     assert "embedded and indexed 150 new images" in lines[0]
-    searches = [line for line in lines if line.startswith("  text search") or line.startswith("  image search")]
+    searches = [line for line in lines if line.startswith(("  text search", "  image search"))]
     assert len(searches) == 3
     assert lines[-1].strip().startswith(f"Open them in the browser:  clipforge serve {run / 'search' / 'index'}")
     searcher = Searcher(run / "search" / "index")

@@ -11,7 +11,6 @@ import shutil
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-
 from search_index import build_small_index, running_server
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -83,7 +82,7 @@ def wait_status(browser, fragment: str) -> str:
 def test_page_loads_and_shows_the_index(server, browser):
     from selenium.webdriver.common.by import By
 
-    base, searcher = server
+    base, _ = server
     browser.get(base + "/")
     assert browser.title == "clipforge search"
     wait_for(browser, lambda d: "60 images" in d.find_element(By.ID, "info").text, "index info never shown")

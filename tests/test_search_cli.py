@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from search_index import build_small_index
 
 from clipforge.cli import main
-
-from search_index import build_small_index
 
 
 @pytest.fixture(scope="module")

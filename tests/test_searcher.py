@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from search_index import build_small_index
 
 from clipforge.search.errors import SearchError
 from clipforge.search.query import QueryTerm, combine, parse_query
-
-from search_index import build_small_index
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def reference_text_vector(model, texts_weights):
 def test_text_search_equals_brute_force(built, searcher):
     answer = searcher.search(text="a red circle", k=10)
     query = reference_text_vector(built.model, [("a red circle", 1.0)])
-    ids, scores = brute_force(built.vectors, query, 10)
+    _, scores = brute_force(built.vectors, query, 10)
     got_ids = np.array([h["id"] for h in answer["results"]])
     got_scores = np.array([h["score"] for h in answer["results"]])
     # float32 query embedding vs float64: scores agree to ~1e-6 of their unit scale; ids may only differ by
@@ -69,7 +68,7 @@ def test_weighted_algebra_matches_reference(built, searcher):
                                                    ("a green star", -0.5)])
     assert np.allclose(vector, reference, atol=1e-5)
     answer = searcher.search(text=[("a red circle", 2.0), ("a blue square", 1.0), ("a green star", -0.5)], k=5)
-    ids, scores = brute_force(built.vectors, reference, 5)
+    _, scores = brute_force(built.vectors, reference, 5)
     assert np.allclose([h["score"] for h in answer["results"]], scores, atol=1e-5)
 
 
@@ -83,7 +82,7 @@ def test_image_query_and_mixed_query(built, searcher):
         reference = built.model.encode_image(pixels).double()[0]
     reference = (reference / reference.norm()).numpy()
     answer = searcher.search(image=built.paths[7], k=5)
-    ids, scores = brute_force(built.vectors, reference, 5)
+    _, scores = brute_force(built.vectors, reference, 5)
     assert np.allclose([h["score"] for h in answer["results"]], scores, atol=1e-5)
     assert scores[0] > 0.999  # the image itself (float16 storage), or a near-tie of a random model
     assert answer["threshold"] is None and answer["no_good_match"] is False  # calibrated on text queries only
@@ -162,8 +161,9 @@ def test_bad_queries(searcher, tmp_path):
 
 
 def test_decompression_bomb_refused_from_header(built):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from clipforge.search.query import open_image
 

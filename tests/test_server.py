@@ -5,16 +5,12 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from PIL import Image
-
-from search_index import build_small_index, running_server
-
 from fastapi.testclient import TestClient
+from PIL import Image
+from search_index import build_small_index, running_server
 
 from clipforge.search.server import create_app
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 SEARCH_EPILOG = """query language:
   TERM [(+|-) TERM]...   each TERM a text or an image file, optionally WEIGHT:TERM
@@ -44,7 +45,7 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _searcher(args: argparse.Namespace) -> Any:
-    from .searcher import Searcher  # noqa: PLC0415
+    from .searcher import Searcher
 
     return Searcher(args.index, model=args.model, device=args.device)
 
@@ -76,9 +77,9 @@ def no_match_line(answer: dict[str, Any]) -> str | None:
 
 
 def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..cli import UserError, _write_json  # noqa: PLC0415
-    from .errors import SearchError  # noqa: PLC0415
-    from .query import QueryTerm, parse_query  # noqa: PLC0415
+    from ..cli import UserError, _write_json
+    from .errors import SearchError
+    from .query import QueryTerm, parse_query
 
     unknown = [a for a in extra if a.startswith("--")]
     if unknown:
@@ -103,10 +104,10 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..cli import UserError  # noqa: PLC0415
-    from .errors import SearchError  # noqa: PLC0415
-    from .searcher import DEFAULT_LABEL_TEMPLATES  # noqa: PLC0415
-    from .server import serve  # noqa: PLC0415
+    from ..cli import UserError
+    from .errors import SearchError
+    from .searcher import DEFAULT_LABEL_TEMPLATES
+    from .server import serve
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
@@ -116,7 +117,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb}")
     templates = DEFAULT_LABEL_TEMPLATES
     if args.templates:
-        from ..eval.templates import load_templates  # noqa: PLC0415
+        from ..eval.templates import load_templates
 
         templates = tuple(load_templates(args.templates))
     try:

@@ -37,9 +37,9 @@ def run_search_demo(run_dir: str | Path, synthetic: SyntheticConfig, count: int 
                     progress: bool = True) -> list[str]:
     """Embed `count` new images with the run's model, index them, and print two text searches and one image
     search; returns the printed lines. Everything is written under RUN_DIR/search/."""
-    from .build import BuildOptions, build_index  # noqa: PLC0415
-    from .embed import EmbedOptions, embed_collection  # noqa: PLC0415
-    from .searcher import Searcher  # noqa: PLC0415
+    from .build import BuildOptions, build_index
+    from .embed import EmbedOptions, embed_collection
+    from .searcher import Searcher
 
     root = Path(run_dir) / "search"
     world = SyntheticWorld(synthetic)
@@ -51,10 +51,10 @@ def run_search_demo(run_dir: str | Path, synthetic: SyntheticConfig, count: int 
     searcher = Searcher(root / "index", device="cpu")
     seconds = time.perf_counter() - started
     threshold = info.get("threshold") or {}
-    lines = [f"\nSearch: embedded and indexed {count} new images of the synthetic world in {seconds:.0f} s "
-             f"({info['kind']} index, no-good-match threshold {threshold.get('score', float('nan')):.3f} with "
-             f"precision {threshold.get('precision', float('nan')):.2f} / recall "
-             f"{threshold.get('recall', float('nan')):.2f} on held-out captions)."]
+    lines = [(f"\nSearch: embedded and indexed {count} new images of the synthetic world in {seconds:.0f} s "
+              f"({info['kind']} index, no-good-match threshold {threshold.get('score', float('nan')):.3f} with "
+              f"precision {threshold.get('precision', float('nan')):.2f} / recall "
+              f"{threshold.get('recall', float('nan')):.2f} on held-out captions).")]
     held_colour, held_shape = world.heldout[0]
     for colour, shape in (("red", "circle"), (held_colour, held_shape)):
         text = f"a {colour} {shape}"

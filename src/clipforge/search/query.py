@@ -17,9 +17,10 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,7 +32,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 _WEIGHT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.*)$", re.DOTALL)
 _SPACED_OPERATOR = re.compile(r"\s+([+-])\s+")
 
-ImageInput = Union[str, Path, bytes, Image.Image]
+ImageInput = str | Path | bytes | Image.Image
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
 def open_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
     """A fully decoded RGB image from a path, bytes or a PIL image; SearchError naming `name` (or the path)
     when it is missing, not an image, truncated, or over `max_pixels` pixels (checked from the header)."""
-    from ..data.robust import convert_to_rgb  # noqa: PLC0415
+    from ..data.robust import convert_to_rgb
 
     if isinstance(source, Image.Image):
         return convert_to_rgb(source)[0]

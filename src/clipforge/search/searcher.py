@@ -16,14 +16,22 @@ search itself is thread-safe, so a Searcher may be shared by the threads of a se
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
 from .errors import SearchError
-from .query import DEFAULT_MAX_PIXELS, ImageInput, QueryTerm, as_terms, combine, open_image
+from .query import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    QueryTerm,
+    as_terms,
+    combine,
+    open_image,
+)
 
 DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.", "{}.")
 
@@ -31,15 +39,15 @@ DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}
 class SearchHit(TypedDict):
     id: int
     score: float
-    key: Optional[str]
-    caption: Optional[str]
-    path: Optional[str]
+    key: str | None
+    caption: str | None
+    path: str | None
 
 
 class SearchAnswer(TypedDict):
     results: list[SearchHit]
     no_good_match: bool
-    threshold: Optional[float]
+    threshold: float | None
 
 
 def token_count(tokenizer: Any, text: str) -> int:
@@ -60,7 +68,7 @@ def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) 
 
 def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None) -> Any:
     """The encoder `embed` uses (same preprocessing and tokenizer), for a model given or named by a path/name."""
-    from .encoder import TorchEncoder, load_encoder, resolve_device  # noqa: PLC0415
+    from .encoder import TorchEncoder, load_encoder, resolve_device
 
     if isinstance(spec, torch.nn.Module):
         return TorchEncoder(spec, type(spec).__name__, resolve_device(None if device is None else str(device)))
@@ -76,8 +84,8 @@ class Searcher:
     def __init__(self, index_dir: str | Path, model: str | Path | torch.nn.Module | None = None,
                  device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  mmap: bool = False) -> None:
-        from .fingerprint import check_fingerprint  # noqa: PLC0415
-        from .index import open_index  # noqa: PLC0415
+        from .fingerprint import check_fingerprint
+        from .index import open_index
 
         self.index = open_index(index_dir, mmap=mmap)
         self.info: dict[str, Any] = self.index.info

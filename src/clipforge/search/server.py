@@ -17,23 +17,24 @@ no request ever names a file: images are served by id.
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from .errors import SearchError, require
 
 require("fastapi"), require("python_multipart"), require("uvicorn")  # the `search` extra, or one line naming it
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
-from starlette.concurrency import run_in_threadpool  # noqa: E402
-from starlette.datastructures import UploadFile  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from .query import QueryTerm, parse_query  # noqa: E402
-from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher  # noqa: E402
+from .query import QueryTerm, parse_query
+from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
 MAX_K = 200
 MAX_LABELS = 100
@@ -223,7 +224,7 @@ def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int) -> None:
         return index_summary(searcher)
 
     @app.get("/api/search")
-    def search_get(text: str | None = None, k: str | None = None, id: str | None = None) -> dict[str, Any]:  # noqa: A002
+    def search_get(text: str | None = None, k: str | None = None, id: str | None = None) -> dict[str, Any]:
         count = parse_k(k)
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
@@ -284,7 +285,7 @@ def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
           templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> None:
     """Run the server until interrupted."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     app = create_app(searcher, max_upload_mb, templates)
     shown = f"[{host}]" if ":" in host else host

@@ -173,6 +173,21 @@ def test_declared_content_length_over_limit_is_refused_before_reading(client):
     assert_error(response, 413, "over the limit")
 
 
+def test_an_unexpected_error_is_a_json_500_and_the_server_goes_on(searcher, monkeypatch):
+    app_client = TestClient(create_app(searcher), raise_server_exceptions=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(searcher, "search_terms", broken)
+    response = app_client.get("/api/search", params={"text": "a red circle"})
+    assert response.status_code == 500 and response.json() == {
+        "error": "internal error (RuntimeError); the server goes on"}
+    monkeypatch.undo()
+    assert app_client.get("/healthz").status_code == 200
+    assert app_client.get("/api/search", params={"text": "a red circle"}).status_code == 200
+
+
 def test_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "clipforge" in page.text and "/static/app.js" in page.text

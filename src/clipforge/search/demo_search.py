@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,15 +14,18 @@ FIRST_INDEX = 200_000  # far past the evaluation's images of the same stream: th
 
 
 def write_collection(world: SyntheticWorld, folder: Path, count: int) -> None:
-    """`count` new images of the world as PNG files, each with its caption in a .txt sidecar."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """`count` new images of the world as PNG files, each with its caption in a .txt sidecar. The folder is
+    written under a temporary name and renamed when complete, so a killed run never leaves half of it."""
+    if folder.is_dir():
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for i in range(count):
-        path = folder / f"scene_{i:05d}.png"
-        if path.is_file() and path.with_suffix(".txt").is_file():
-            continue
         image, caption = world.pair(STREAM_EVAL, FIRST_INDEX + i)
-        image.save(path)
-        path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+        image.save(partial / f"scene_{i:05d}.png")
+        (partial / f"scene_{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+    os.replace(partial, folder)
 
 
 def _show(answer: dict, words: tuple[str, ...] = ()) -> list[str]:

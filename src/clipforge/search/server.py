@@ -179,6 +179,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug, not bad input: still JSON
+        return error_response(500, f"internal error ({type(exc).__name__}); the server goes on")
+
 
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""

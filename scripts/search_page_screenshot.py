@@ -44,7 +44,8 @@ def screenshot(index: str, query: str, output: Path, k: int, width: int, height:
             driver.get(f"{base}/?q={quote(query)}&k={k}")
             WebDriverWait(driver, 60).until(lambda d: d.execute_script(
                 "const imgs = [...document.querySelectorAll('#results .card img')];"
-                f"return imgs.length === {k} && imgs.every(i => i.complete && i.naturalWidth > 0);"))
+                f"return imgs.length === {k} && imgs.filter(i => i.getBoundingClientRect().top < innerHeight)"
+                ".every(i => i.complete && i.naturalWidth > 0);"))  # lazy images below the fold never load
             png = driver.get_screenshot_as_png()
         finally:
             driver.quit()

@@ -117,6 +117,13 @@ def test_typed_query_shows_results_and_goes_into_the_url(server, browser):
     assert card_ids(browser) == [h["id"] for h in searcher.search(text="a green star", k=24)["results"]]
 
 
+def test_shared_url_with_an_unusual_k(server, browser):
+    base, searcher = server
+    browser.get(base + "/?q=a%20red%20circle&k=5")
+    wait_status(browser, "5 results for")
+    assert card_ids(browser) == [h["id"] for h in searcher.search(text="a red circle", k=5)["results"]]
+
+
 def test_clicking_a_result_searches_by_it(server, browser):
     from selenium.webdriver.common.by import By
 

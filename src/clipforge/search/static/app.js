@@ -123,9 +123,16 @@ async function run(query, push) {
   }
 }
 
+// A shared URL may carry any k: offer it in the menu if it is not one of the usual values.
+function setK(value) {
+  const select = $("k");
+  if (![...select.options].some((o) => o.value === value)) select.add(new Option(value, value));
+  select.value = value;
+}
+
 function fromUrl() {
   const params = new URLSearchParams(location.search);
-  if (params.has("k")) $("k").value = params.get("k");
+  if (params.has("k")) setK(params.get("k"));
   if (params.has("id")) {
     $("query").value = "";
     run({ id: params.get("id") }, false);

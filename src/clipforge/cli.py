@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_data_parser(sub)
+    from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_search_parsers(sub)
     p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format.")
     p.add_argument("--model", required=True, help="checkpoint or run directory to convert (as eval --model)")
@@ -275,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "when it has no extension)")
     add_load_arguments(p)
     p.set_defaults(handler=cmd_export)
+    from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_embed_parsers(sub)
     return parser
 
 
@@ -361,8 +367,9 @@ def is_user_error(exc: BaseException) -> bool:
     from .data.base import DatasetError  # noqa: PLC0415
     from .data.shards import ShardError  # noqa: PLC0415
     from .eval.templates import TemplateError  # noqa: PLC0415
+    from .search.errors import SearchError  # noqa: PLC0415
 
-    return isinstance(exc, (DatasetError, ShardError, TemplateError, CheckpointError))
+    return isinstance(exc, (DatasetError, ShardError, TemplateError, CheckpointError, SearchError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if bad:
+    if bad and not getattr(args, "terms_after_options", False):  # `search` takes query terms anywhere
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
     from .data.robust import TooManyBadSamples  # noqa: PLC0415
     from .train.guard import TrainingAborted  # noqa: PLC0415

@@ -16,6 +16,8 @@ import torch
 
 from ..config import ConfigError
 from ..data.base import DatasetError
+from ..factory import LoadOptions
+from ..transforms import model_preprocess
 from . import TASKS, plots
 from .features import cached_image_features, encode_texts
 from .linear_probe import carve_validation, kshot_probe, linear_probe
@@ -46,6 +48,8 @@ class EvalOptions:
     num_workers: int = 0
     device: str | None = None  # where the model runs: "cpu", "cuda", "cuda:1"; None: a GPU if there is one
     synonyms: bool = False  # zeroshot on the synthetic world: also with synonym class names
+    load: LoadOptions = field(default_factory=LoadOptions)  # what the model file may not say (--arch, …)
+    preprocess: str | None = None  # "openai" or "clipforge" eval pipeline; None: the one stored with the model
 
 
 class Session:
@@ -56,7 +60,9 @@ class Session:
         if not hasattr(model, "image_size"):
             raise ConfigError("the model's input image size is unknown")
         self.model, self.tokenizer, self.opts, self.dataset = model, tokenizer, opts, dataset
-        source_opts = SourceOptions(**{**vars(opts.source), "run_dir": run_dir or opts.source.run_dir})
+        self.preprocess = opts.preprocess or model_preprocess(model).mode
+        source_opts = SourceOptions(**{**vars(opts.source), "run_dir": run_dir or opts.source.run_dir,
+                                       "preprocess": self.preprocess})
         self.source = open_source(dataset, model.image_size, source_opts)
 
     def image_features(self, data: LabelledImages | CaptionedImages) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -200,7 +206,7 @@ def baseline_point(spec: str, dataset: str, variants: tuple[str, ...], opts: Eva
     """A baseline model's accuracies: read from a robustness results JSON, or measured now for a model."""
     if spec.endswith(".json") and Path(spec).is_file():
         return load_point(spec)
-    model, run_dir = resolve_model(spec, eval_device(opts.device))
+    model, run_dir = resolve_model(spec, eval_device(opts.device), opts.load)
     sub = EvalOptions(**{**vars(opts), "plot": None})
     point, _ = robustness_point(Session(model, model_tokenizer(model, spec), run_dir, dataset, sub), variants)
     return RobustnessPoint(point.acc_in, point.acc_shift, spec)

@@ -8,30 +8,18 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
-from ..registry import list_models
+from ..factory import LoadOptions
+from ..factory import resolve_model as resolve_model_spec
 from ..tokenizer import tokenizer_for
 
 
-def resolve_model(spec: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Path | None]:
+def resolve_model(spec: str, device: torch.device | None = None, load: LoadOptions = LoadOptions()
+                  ) -> tuple[torch.nn.Module, Path | None]:
     """(model in eval mode, on `device` if given; run directory if any) from a run directory, a checkpoint
-    file or an architecture name. Evaluation inputs follow the model's device (`features.input_device`)."""
-    model, run_dir = _load_for_eval(spec)
+    file or an architecture name (`factory.resolve_model`). Evaluation inputs follow the model's device
+    (`features.input_device`)."""
+    model, run_dir = resolve_model_spec(spec, load)
     return (model.to(device) if device is not None else model), run_dir
-
-
-def _load_for_eval(spec: str) -> tuple[torch.nn.Module, Path | None]:
-    from ..factory import create_model, load_model  # noqa: PLC0415 - heavy, and only once a model is asked for
-
-    path = Path(spec)
-    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
-        return load_model(path / "model.safetensors").eval(), path
-    if path.exists():
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
-        return load_model(path).eval(), run_dir
-    if spec in list_models():
-        torch.manual_seed(0)  # a reproducible random initialisation: the floor any training must beat
-        return create_model(spec).eval(), None
-    raise FileNotFoundError(spec)
 
 
 def model_tokenizer(model: torch.nn.Module, spec: str = "the model") -> Callable:

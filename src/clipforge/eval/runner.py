@@ -16,6 +16,7 @@ from typing import Any
 from ..config import ConfigError
 from . import TASKS
 from .evaluators import EvalOptions, Evaluator
+from ..transforms import model_preprocess
 from .resolve import eval_device, model_tokenizer, resolve_model
 
 __all__ = ["EvalOptions", "Evaluator", "check_options", "default_cache_dir", "eval_device", "finite_or_none",
@@ -46,11 +47,12 @@ def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None 
     check_options(task, opts)
     device = eval_device(opts.device)  # a bad --device stops before the model is loaded
     start = time.perf_counter()
-    model, run_dir = resolve_model(model_spec, device)
+    model, run_dir = resolve_model(model_spec, device, opts.load)
     tokenizer = model_tokenizer(model, model_spec)
     evaluator = Evaluator(task, dataset, opts).with_run_dir(run_dir or opts.source.run_dir)
     results = evaluator.run(model, tokenizer)
-    header = {"task": task, "model": model_spec, "dataset": dataset, "split": opts.split}
+    header = {"task": task, "model": model_spec, "dataset": dataset, "split": opts.split,
+              "preprocess": opts.preprocess or model_preprocess(model).mode}
     return {**header, **results, "seconds": round(time.perf_counter() - start, 2)}
 
 

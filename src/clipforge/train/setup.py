@@ -34,11 +34,14 @@ from ..models.config import ModelConfig
 from ..models.lock import set_locked_eval
 from ..registry import get_model_config
 from ..tokenizer import tokenizer_for
+from ..transforms import PreprocessConfig
 from .config import RESUME_MODES, TrainConfig
 from .data import build_train_dataset
 from .feed import DataFeed, LoaderSpec, build_shard_loader, start_feed
 from .finetune import apply_locks
 from .guard import NonFiniteGuard
+from .optim import match_parameter_layouts
+from .rundir import RunLock, check_resume_loses_nothing, check_run_name, lock_run_dir
 from .runlog import RunLog, ScalarSinks
 from .state import LoadedCheckpoint, code_version, config_differences, load_training_checkpoint, restore_rng_state
 from .step import Stepper, build_stepper
@@ -176,6 +179,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     """The fp32 model a run starts from: seeded init (or `finetune.init`), locks, logits, memory options."""
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.finetune.init, device=device)
+    # Trained on clipforge's image pipeline: its checkpoints record that, whatever the init file stored.
+    model.preprocess_cfg = PreprocessConfig(size=model.image_size)
     apply_locks(model, cfg.finetune)
     _init_logits(model, cfg)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -200,6 +205,7 @@ class RunContext:
     log: RunLog
     feed: DataFeed
     version: dict[str, Any] = field(default_factory=dict)
+    lock: RunLock | None = None  # rank 0's lock on run_dir, held until close()
 
     @property
     def core(self) -> CLIP:
@@ -257,6 +263,8 @@ def finish(ctx: RunContext, progress: Progress, steps: int) -> None:
 def close(ctx: RunContext) -> None:
     ctx.feed.close()
     ctx.log.close()
+    if ctx.lock is not None:
+        ctx.lock.release()
     # The DDP wrapper goes before the process group it uses: its reducer torn down after the group (at
     # garbage collection, once a peer has exited) can deadlock.
     ctx.stepper.release()
@@ -303,12 +311,17 @@ def _open_feed(cfg: TrainConfig, place: Placement, tokenizer: Callable, image_si
 
 def setup_run(cfg: TrainConfig, device: str | None, dataset: Any = None) -> tuple[RunContext, Progress]:
     """Check, place, resume and build everything a run needs, in an order that keeps resumption exact."""
+    check_run_name(cfg.run_name)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     place = place_process(device)
+    lock = None
     try:
-        return _setup(cfg, place, dataset)
+        lock = lock_run_dir(run_directory(cfg)) if place.is_main else None
+        return _setup(cfg, place, dataset, lock)
     except BaseException:
+        if lock is not None:
+            lock.release()
         if place.owns_group:
             from ..dist import cleanup  # noqa: PLC0415
 
@@ -321,9 +334,9 @@ def _find_resume(cfg: TrainConfig, place: Placement, run_dir: Path) -> LoadedChe
     resume = None
     if place.is_main:
         say = lambda m: print(f"clipforge: {m}", file=sys.stderr)  # noqa: E731
-        run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir / "checkpoints")  # half-written checkpoints of a killed process
         resume = resolve_resume(cfg, run_dir / "checkpoints", say)
+        check_resume_loses_nothing(cfg, run_dir, resume)
     resume = _broadcast(place, str(resume) if resume is not None else None)
     loaded = load_training_checkpoint(resume, verify=False) if resume is not None else None
     if loaded is not None:
@@ -331,7 +344,7 @@ def _find_resume(cfg: TrainConfig, place: Placement, run_dir: Path) -> LoadedChe
     return loaded
 
 
-def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> tuple[RunContext, Progress]:
+def _setup(cfg: TrainConfig, place: Placement, dataset: Any, lock: RunLock | None) -> tuple[RunContext, Progress]:
     model_cfg = check_run(cfg, place.world_size, dataset is None)
     run_dir = run_directory(cfg)
     loaded = _find_resume(cfg, place, run_dir)
@@ -343,6 +356,7 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> tuple[RunContext
     stepper = build_stepper(cfg, core, place.distributed)  # after the weights: bf16 copies, DDP broadcast
     if loaded is not None:
         stepper.optimizer.load_state_dict(loaded.optimizer_state)
+        match_parameter_layouts(stepper.optimizer)
     tokenizer = tokenizer_for(model_cfg, cfg.data.context_length)
     resume_step = loaded.state.step if loaded else None
     log = RunLog(run_dir / "log.jsonl", place.is_main, resume_step,
@@ -350,7 +364,7 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> tuple[RunContext
     saved = loaded.state.data[min(place.rank, len(loaded.state.data) - 1)] if loaded else None
     feed = _open_feed(cfg, place, tokenizer, core.image_size, dataset, resume_step or 0, saved)
     ctx = RunContext(cfg, place, run_dir, stepper, tokenizer, log, feed,
-                     version=code_version() if place.is_main else {})
+                     version=code_version() if place.is_main else {}, lock=lock)
     progress = _restore_progress(ctx, loaded) if loaded else Progress(guard=NonFiniteGuard(cfg.max_nonfinite_steps))
     if loaded is not None:  # last: building the model and the DataLoader iterator draw from the generators
         rng = loaded.state.rng

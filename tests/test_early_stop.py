@@ -94,3 +94,31 @@ def test_training_stops_at_the_known_step(tmp_path):
     assert result.early_stop == {"best_val_loss": validations[0]["val_loss"], "best_step": 5, "stopped_step": 15}
     assert max(e["step"] for e in entries if "loss" in e) == 15  # no training step after the stop
     assert (result.run_dir / "model.safetensors").is_file()
+
+
+def test_manifest_validation_split(tmp_path):
+    """With a manifest, the validation pairs are the rows of early_stop.split, at the evaluation transform;
+    a split smaller than one batch is a one-line config error naming the key."""
+    from PIL import Image
+
+    rows = ["image\tcaption\tsplit"]
+    for i in range(12):
+        name = f"img{i}.png"
+        Image.new("RGB", (40, 36), (20 * i, 100, 200 - 10 * i)).save(tmp_path / name)
+        rows.append(f"{name}\tpicture number {i}\t{'val' if i % 3 == 0 else 'train'}")
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("\n".join(rows) + "\n")
+    from clipforge.tokenizer import get_tokenizer
+
+    args = tiny_args(tmp_path, "m", "--data.source=manifest", f"--data.path={manifest}", "--batch_size=4",
+                     "--early_stop.patience=1", "--early_stop.batches=1")
+    cfg = load_train_config(None, args)
+    batches = validation_batches(cfg, 32, get_tokenizer(cfg.model))
+    assert len(batches) == 1 and batches[0][0].shape == (4, 3, 32, 32)
+    tokenizer = get_tokenizer(cfg.model)
+    val_captions = {f"picture number {i}" for i in range(0, 12, 3)}
+    expected = tokenizer(sorted(val_captions))
+    assert sorted(map(tuple, batches[0][1].tolist())) == sorted(map(tuple, expected.tolist()))
+    cfg = load_train_config(None, [*args, "--batch_size=8"])
+    with pytest.raises(ConfigError, match="early_stop.split.*4 pairs, fewer than one batch of 8"):
+        validation_batches(cfg, 32, tokenizer)

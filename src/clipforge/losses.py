@@ -337,6 +337,7 @@ def _margin_part(cfg: LossConfig, strip: Strip, batch: int, logit_scale: torch.T
 
 
 def _cyclip_parts(cfg: LossConfig, strip: Strip, batch: int, scale: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    # The cyclic terms are always dense ([n, B] matrices); `chunk_size` tiles the CLIP part only.
     in_modal, cross_modal = cyclic_sums(strip.image_rows, strip.text_rows, strip.image_all, strip.text_all)
     return {"clip": _clip_part(strip, batch, scale, cfg.chunk_size), "cyclic_in_modal": in_modal / batch,
             "cyclic_cross_modal": cross_modal / batch}

@@ -35,6 +35,8 @@ def test_verdicts_on_known_cases():
     assert verdict(straddles, +1) == "inconclusive" and verdict(straddles, -1) == "inconclusive"
     one_seed = paired_t_interval([5.0])
     assert math.isinf(one_seed.low) and verdict(one_seed, +1) == "inconclusive"
+    two_seeds = paired_t_interval([3.7, 3.9])  # interval [2.53, 5.07] excludes 0, but 2 seeds carry no verdict
+    assert two_seeds.low > 0 and verdict(two_seeds, +1) == "inconclusive"
     # Same mean, too few seeds for the spread: the interval [2 - 2.48, 2 + 2.48] contains 0.
     assert verdict(paired_t_interval([1.0, 2.0, 3.0]), +1) == "inconclusive"
     assert verdict(paired_t_interval([1.9, 2.0, 2.1]), +1) == "agrees"

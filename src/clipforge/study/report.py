@@ -120,6 +120,8 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
             interval = f"[{ci[0] * scale:+.{decimals}f}, {ci[1] * scale:+.{decimals}f}]" if ci else "–"
             lines.append(f"| {row['name']} | {row['n']} | {row['mean'] * scale:+.{decimals}f} | {interval} | "
                          f"{row['verdict']} |")
+        if not claim["rows"]:
+            lines.append("| (no variant of this claim has finished cells paired with the baseline) | | | | |")
         lines.append("")
     return lines
 

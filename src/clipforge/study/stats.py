@@ -3,8 +3,8 @@
 A claim of the paper says the sign of a difference (variant minus baseline, same seed): "R raises zero-shot
 accuracy" is a positive difference in zero-shot top-1. With n paired seeds the 95% interval is
 mean ± t_{0.975, n-1} · sd / √n. The verdict: `agrees` when the whole interval lies on the claimed side of 0,
-`disagrees` when it lies wholly on the other side, and `inconclusive` when it contains 0 (or n < 2): the data
-cannot tell at this number of seeds, which is not evidence of no effect.
+`disagrees` when it lies wholly on the other side, and `inconclusive` when it contains 0 or fewer than
+`MIN_SEEDS` seeds are paired: the data cannot tell at this number of seeds, which is not evidence of no effect.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from scipy.stats import t as student_t
 from ..config import ConfigError
 
 Verdict = Literal["agrees", "disagrees", "inconclusive"]
+MIN_SEEDS = 3  # no verdict from fewer paired seeds, however narrow their interval
 # The metrics whose paired differences the report computes (and a claim may name).
 CLAIM_METRICS: tuple[str, ...] = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1",
                                   "probe_top1", "margin_i2t", "margin_t2i", "positive_similarity")
@@ -52,6 +53,8 @@ def verdict(ci: PairedCI, claimed_sign: int) -> Verdict:
     """Whether the interval backs a claimed positive (+1) or negative (-1) difference."""
     if claimed_sign not in (1, -1):
         raise ValueError(f"claimed_sign must be +1 or -1, got {claimed_sign}")
+    if ci.n < MIN_SEEDS:
+        return "inconclusive"
     low, high = (ci.low, ci.high) if claimed_sign > 0 else (-ci.high, -ci.low)
     if low > 0:
         return "agrees"

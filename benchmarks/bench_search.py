@@ -16,15 +16,27 @@ modality gap), written as embedding parts and indexed by `clipforge.search.build
 vector, 10-recall@10 per query modality (held-out queries against exact search), batch-1 latency p50/p99 of
 caption queries on one faiss thread.
 
+Server (`--section server`): `clipforge serve` in its own process over an index of `--server-rows` random unit
+vectors carrying the fingerprint of `--server-model` (default RN-Tiny-64 with seed-0 random weights, the demo's
+architecture: its text tower's size, not its training, sets the speed; metadata point at one small PNG).
+`--clients` threads send text queries (colour x shape phrases; every one a text-tower forward, nothing cached)
+over keep-alive HTTP/1.1 on loopback: closed loop (each client sends its next query when the last is answered:
+the capacity) and open loop at `--rate` queries/s in total (latency at that offered load). Any answer other
+than 200 is a failure.
+
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
+    PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,10 +248,123 @@ def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, t
             "target_recall": target_recall, "results": results}
 
 
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "black", "white")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
+
+
+def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -> Path:
+    """An index of `rows` random normalised vectors carrying the model's fingerprint; returns its folder."""
+    from PIL import Image
+
+    from clipforge.search.encoder import load_encoder
+
+    if model_spec is None:
+        from clipforge.checkpoint import save_model
+        from clipforge.factory import create_model
+
+        torch.manual_seed(0)
+        model_spec = str(save_model(create_model("RN-Tiny-64"), root / "model.safetensors"))
+    encoder = load_encoder(model_spec, device="cpu")
+    dim = int(encoder.fingerprint["dim"])
+    picture = root / "one.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    rng = np.random.default_rng(seed)
+    parts, per_part = [], 50_000
+    for number, start in enumerate(range(0, rows, per_part)):
+        count = min(per_part, rows - start)
+        img = rng.standard_normal((count, dim)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        text = rng.standard_normal((count, dim)).astype(np.float32)
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        keys = [f"row{start + i:07d}" for i in range(count)]
+        parts.append(write_part(root / "emb", number, img, text,
+                                {"key": keys, "path": [str(picture)] * count, "caption": keys}))
+    write_manifest(root / "emb", parts, {"fingerprint": encoder.fingerprint, "dim": dim, "model": model_spec,
+                                         "has_text": True})
+    build_index([root / "emb"], root / "index", BuildOptions(kind="flat", queries=200))
+    return root / "index"
+
+
+def start_server(index: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "clipforge", "serve", str(index), "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"clipforge serve exited: {server.stdout.read() if server.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("clipforge serve did not answer /healthz within 120 s")
+
+
+def run_clients(base: str, clients: int, per_client: int, rate: float | None) -> dict[str, Any]:
+    """Latencies (s) and failures of `clients` threads sending `per_client` text queries each."""
+    import httpx
+
+    texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures = [0] * clients
+    start_at = time.perf_counter() + 0.2
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i in range(per_client):
+                if rate is not None:  # open loop: request i of client n is due at a fixed time
+                    due = start_at + (i * clients + n) / rate
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                text = texts[(n * per_client + i) % len(texts)]
+                began = time.perf_counter()
+                try:
+                    ok = http.get("/api/search", params={"text": text, "k": 10}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies[n].append(time.perf_counter() - began)
+                failures[n] += not ok
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - max(began, start_at if rate is not None else began)
+    flat = sorted(x for per in latencies for x in per)
+    return {"requests": len(flat), "failures": sum(failures), "seconds": round(wall, 3),
+            "queries_per_s": round(len(flat) / wall, 2), "p50_ms": round(1000 * statistics.median(flat), 2),
+            "p99_ms": round(1000 * flat[min(len(flat) - 1, int(0.99 * len(flat)))], 2),
+            "mean_ms": round(1000 * statistics.fmean(flat), 2)}
+
+
+def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, rate: float = 20.0,
+                 model: str | None = None, port: int = 8765) -> dict[str, Any]:
+    """Build the random index, serve it, and measure closed-loop and open-loop latency and throughput."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        started = time.perf_counter()
+        index = server_index(Path(tmp), rows, model)
+        build_s = time.perf_counter() - started
+        server = start_server(index, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            run_clients(base, clients, 5, None)  # warm-up: first forward passes, connections
+            closed = run_clients(base, clients, per_client, None)
+            opened = run_clients(base, clients, per_client, rate)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return {"rows": rows, "clients": clients, "index_setup_s": round(build_s, 1), "closed_loop": closed,
+            f"open_loop_{rate:g}_qps": opened, "targets": {"p50_ms": 50, "queries_per_s": 20}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", action="append", choices=["embedding", "index"],
-                        help="what to run (repeatable; default: embedding and index)")
+    parser.add_argument("--section", action="append", choices=["embedding", "index", "server"],
+                        help="what to run (repeatable; default: all three)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", metavar="FILE.json")
     g = parser.add_argument_group("embedding")
@@ -253,8 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dim", type=int, default=512)
     g.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
     g.add_argument("--target-recall", type=float, default=0.9)
+    g = parser.add_argument_group("server")
+    g.add_argument("--server-rows", type=int, default=100_000)
+    g.add_argument("--server-model", help="model the server embeds queries with (default: RN-Tiny-64, seed-0 weights)")
+    g.add_argument("--clients", type=int, default=8)
+    g.add_argument("--requests", type=int, default=50, help="requests per client and measurement")
+    g.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
+    g.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
-    sections = args.section or ["embedding", "index"]
+    sections = args.section or ["embedding", "index", "server"]
     report: dict[str, Any] = {"machine": machine_note(args.threads)}
     print(report["machine"], flush=True)
     if "embedding" in sections:
@@ -264,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     if "index" in sections:
         report["index"] = bench_index(tuple(args.sizes), args.dim, args.threads, tuple(args.kinds),
                                       args.target_recall)
+    if "server" in sections:
+        report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
+                                        args.port)
+        print(json.dumps(report["server"], indent=2), flush=True)
     report["machine_after"] = machine_note(args.threads)
     print(report["machine_after"])
     if args.output:

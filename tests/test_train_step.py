@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from clipforge.train.config import TrainConfig
 from clipforge.train.data import build_train_dataset
 from clipforge.train.feed import LoaderSpec, build_loader
 from clipforge.train.loop import train

@@ -80,21 +80,6 @@ class Session:
         return data, features, labels
 
 
-    def image_features(self, data: LabelledImages | CaptionedImages) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return cached_image_features(self.model, data.dataset, data.key, self.opts.cache_dir,
-                                     batch_size=self.opts.encode_batch, num_workers=self.opts.num_workers)
-
-    def classifier(self, data: LabelledImages, templates: list[str] | None = None) -> torch.Tensor:
-        return build_classifier(self.model, self.tokenizer, data.prompts, templates or data.templates)
-
-    def labelled_features(self, split: str, variant: str | None = None) -> tuple[LabelledImages, torch.Tensor,
-                                                                                   torch.Tensor]:
-        data = self.source.labelled(split, variant)
-        features, labels = self.image_features(data)
-        assert labels is not None
-        return data, features, labels
-
-
 def scores_with_subsets(logits: torch.Tensor, labels: torch.Tensor, subsets: dict[str, list[int]]) -> dict:
     """classification_metrics over all rows, and over the rows of each subset of classes."""
     out: dict[str, Any] = classification_metrics(logits, labels)

@@ -134,6 +134,29 @@ class DebugConfig:
                 raise ConfigError(f"config key '{p}nan_steps': step numbers start at 1, got {step}")
 
 
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """`patience` null (the default) trains for exactly `steps`; a number turns plateau stopping on."""
+
+    patience: int | None = None  # validations in a row without improvement before stopping
+    min_delta: float = 0.0  # an improvement must lower the best validation loss by more than this
+    every: int = 50  # steps between validations
+    batches: int = 4  # validation batches of `batch_size` pairs, the same ones every time
+    split: str = "val"  # manifest / offline sources: the split that holds the validation rows
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"config key '{p}patience': expected a positive integer or null, got {self.patience}")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0.0):
+            raise ConfigError(f"config key '{p}min_delta': expected a finite number >= 0, got {self.min_delta}")
+        for key in ("every", "batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{p}{key}': expected a positive integer, got {getattr(self, key)}")
+        if not self.split:
+            raise ConfigError(f"config key '{p}split': expected a split name such as 'val'")
+
+
 RESUME_MODES = ("auto", "latest")
 
 
@@ -169,6 +192,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Stop on a plateau of the validation contrastive loss (off unless early_stop.patience is set); `steps`
+    # is then the budget, and the cosine schedule spans it.
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     # Fault tolerance. resume: "auto" (continue from the run's latest checkpoint if there is one), "latest"
     # (must exist), or a checkpoint / run directory path. Checkpoints are written every `save_every` steps.
     resume: str | None = None

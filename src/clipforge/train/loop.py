@@ -24,6 +24,7 @@ from ..config import to_dict
 from ..data.robust import SKIPPED_KINDS, BadDataTally
 from ..models.clip import CLIP
 from .config import TrainConfig
+from .early_stop import ValidationWatch, plateau_watch
 from .evaluation import eval_hook
 from .feed import TrainBatch
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
@@ -53,6 +54,8 @@ class TrainResult:
     skipped_steps: int = 0  # non-finite steps whose update was skipped
     is_main: bool = True  # rank 0 (the one that writes), or the only process
     stopped_early: str | None = None  # a hook's reason for ending before cfg.steps
+    # With early_stop.patience: best_val_loss, best_step, stopped_step (None: the loss still fell at `steps`)
+    early_stop: dict[str, Any] | None = None
 
 
 def result_of(ctx: RunContext, progress: Progress, steps: int, **extra: Any) -> TrainResult:
@@ -210,6 +213,19 @@ def run_steps(ctx: RunContext, progress: Progress, stop: StopRequest, bar: tqdm,
     return result_of(ctx, progress, cfg.steps)
 
 
+class PlateauHook:
+    """`early_stop.patience`: end the run once the validation loss stops falling (rank 0 decides for all)."""
+
+    def __init__(self, watch: ValidationWatch) -> None:
+        self.watch = watch
+
+    def __call__(self, ctx: RunContext, progress: Progress, step: int) -> str | None:
+        if not self.watch(step, ctx.log.write, lambda decision: ctx.gather(decision)[0]):
+            return None
+        best = self.watch.stopper
+        return f"validation loss plateaued (best {best.best:.4f} at step {best.best_step})"
+
+
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None,
           hooks: Sequence[Hook] = ()) -> TrainResult:
     """Train a CLIP as `cfg` says; writes the run directory (config, log.jsonl, tensorboard/, checkpoints/,
@@ -223,9 +239,12 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, da
     ctx, state = setup_run(cfg, device, dataset)
     bar = tqdm(total=cfg.steps, initial=state.start_step, disable=not (progress and ctx.place.is_main),
                desc="train", dynamic_ncols=True)
+    watch = plateau_watch(ctx)  # a resumed run judges the plateau on validations after the restart
+    plateaus = [PlateauHook(watch)] if watch is not None else []
     try:
         with StopRequest() as stop:
-            result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *hooks))
+            result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *plateaus, *hooks))
+        result.early_stop = watch.stopper.state() if watch is not None else None
         if result.interrupted is None:  # finished, or stopped early by a hook: the final model is written
             finish(ctx, state, result.steps)
         return result

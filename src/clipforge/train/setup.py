@@ -248,7 +248,7 @@ class Progress:
 
 def finish(ctx: RunContext, progress: Progress, steps: int) -> None:
     """After the last step (`steps`): the final model file, the data summary, and every rank done."""
-    cfg, tally = ctx.cfg, progress.tally
+    tally = progress.tally
     if ctx.place.is_main:
         save_model(ctx.core, ctx.run_dir / "model.safetensors", {"step": str(steps)})
     if tally.counts:

@@ -251,6 +251,10 @@ class LossConfig:
     margin_target: float = 0.2
     triplet_margin: float = 0.2
     chunk_size: int | None = None
+    # A queue of the last `queue_size` image and text features as extra negatives (clip only; see losses_queue),
+    # filled by a momentum encoder with this momentum when set (MoCo), else by the model itself.
+    queue_size: int = 0
+    queue_momentum: float | None = None
 
     @property
     def uses_logit_scale(self) -> bool:
@@ -276,6 +280,18 @@ class LossConfig:
             raise ConfigError(f"config key '{p}triplet_margin': expected a value in [0, 2], got {self.triplet_margin}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"config key '{p}chunk_size': expected a positive integer or null, got {self.chunk_size}")
+        self._validate_queue(p)
+
+    def _validate_queue(self, p: str) -> None:
+        if self.queue_size < 0:
+            raise ConfigError(f"config key '{p}queue_size': expected an integer >= 0, got {self.queue_size}")
+        if self.queue_size and self.name != "clip":
+            raise ConfigError(f"config key '{p}queue_size': a queue of negatives works with loss 'clip', not "
+                              f"{self.name!r}")
+        if self.queue_momentum is not None and not self.queue_size:
+            raise ConfigError(f"config key '{p}queue_momentum': only applies with {p}queue_size > 0")
+        if self.queue_momentum is not None and not 0.0 <= self.queue_momentum < 1.0:
+            raise ConfigError(f"config key '{p}queue_momentum': expected a value in [0, 1), got {self.queue_momentum}")
 
 
 def strip_loss_parts(

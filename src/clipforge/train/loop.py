@@ -35,6 +35,7 @@ from .state import TrainingState, capture_rng_state, save_training_checkpoint
 
 if TYPE_CHECKING:
     from .feed import TrainBatch
+    from .queue import NegativeQueue
     from .run import Run
 
 SHOWN_PER_KIND = 5  # bad samples printed per kind; all of them go to log.jsonl
@@ -107,13 +108,17 @@ def unwrap(model: torch.nn.Module) -> CLIP:
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig,
-                     loss_fn: Callable = compute_loss, poison: bool = False) -> tuple[dict, torch.Tensor]:
+                     loss_fn: Callable = compute_loss, poison: bool = False,
+                     queue: NegativeQueue | None = None) -> tuple[dict, torch.Tensor]:
     """Loss parts (tensors) of one batch, gradients in `.grad`, clipped; returns the norm before clipping.
 
     `poison` multiplies the loss by NaN (the `debug.nan_steps` fault injection), which makes every gradient NaN.
+    `queue`: the negatives queue whose momentum encoder (if any) embeds this batch first.
     """
     core = unwrap(model)
     with autocast_context(cfg.precision, images.device):
+        if queue is not None:
+            queue.prepare(core, images, tokens)
         image_features, text_features, scale = model(images, tokens)
     parts = loss_fn(cfg.loss, image_features.float(), text_features.float(), scale.float(),
                     None if core.logit_bias is None else core.logit_bias.float())
@@ -167,7 +172,7 @@ def guarded_step(run: Run, batch: TrainBatch, step: int, lr: float, stop_request
     optimizer.zero_grad(set_to_none=True)
     images, tokens = batch.images.to(run.place.device), batch.tokens.to(run.place.device)
     parts, grad_norm = forward_backward(run.model, images, tokens, cfg, run.loss_fn,
-                                        poison=step + 1 in cfg.debug.nan_steps)
+                                        poison=step + 1 in cfg.debug.nan_steps, queue=run.queue)
     counts = BadDataTally.local_vector(images.shape[0], batch.problems)
     consensus = reach_consensus(not step_is_finite(parts["loss"], grad_norm), stop_requested, counts,
                                 run.place.distributed)
@@ -192,7 +197,9 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
                 "elapsed_s": time.perf_counter() - run.clock}
     state = TrainingState(step=step, rng=rng, data=data, config=to_dict(run.cfg), counters=counters,
                           world_size=run.place.world_size, version=run.version)
-    path = save_training_checkpoint(run.ckpt_root / checkpoint_dir_name(step), run.core, run.optimizer, state)
+    extra = {"queue": run.queue.state_dict()} if run.queue is not None else None
+    path = save_training_checkpoint(run.ckpt_root / checkpoint_dir_name(step), run.core, run.optimizer, state,
+                                    extra)
     prune_checkpoints(run.ckpt_root, run.cfg.keep_checkpoints)
     run.log.write({"step": step, "event": "checkpoint", "path": str(path)})
     run.last_checkpoint = path

@@ -36,6 +36,7 @@ from .feed import (StreamPosition, TrainBatch, build_loader, build_shard_loader,
 from .guard import NonFiniteGuard
 from .loop import TrainResult, prepare_model, run_directory
 from .optim import build_optimizer
+from .queue import NegativeQueue, build_queue, check_queue
 from .runlog import RunLog
 from .state import LoadedCheckpoint, code_version, config_differences, load_training_checkpoint, restore_rng_state
 
@@ -162,6 +163,7 @@ class Run:
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(1))
     tally: BadDataTally = field(default_factory=BadDataTally)
     shown: dict[str, int] = field(default_factory=dict)
+    queue: NegativeQueue | None = None  # loss.queue_size > 0: the negatives queue (its `loss` is loss_fn)
 
     @property
     def ckpt_root(self) -> Path:
@@ -272,6 +274,10 @@ def _restore(run: Run, loaded: LoadedCheckpoint) -> None:
     run.tally.load_state_dict(state.counters["bad_data"])
     run.guard.load_state_dict(state.counters["nonfinite"])
     run.start_step, run.resumed_from = state.step, loaded.path
+    if run.queue is not None:
+        if "queue" not in loaded.extra:
+            raise ConfigError(f"config key 'loss.queue_size': checkpoint {loaded.path} holds no queue state")
+        run.queue.load_state_dict(loaded.extra["queue"])
     if run.place.is_main:
         for step, path in list_checkpoints(run.ckpt_root):
             if step > state.step:  # from the timeline being abandoned (and possibly the corrupt one)
@@ -318,7 +324,8 @@ def setup_run(cfg: TrainConfig, device: str | None, dataset: Any = None) -> Run:
 
 
 def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
-    check_run(cfg, place.world_size, dataset is None)
+    model_cfg = check_run(cfg, place.world_size, dataset is None)
+    check_queue(cfg.loss, model_cfg, cfg.batch_size, place.world_size, place.device)
     run_dir = run_directory(cfg)
     say = (lambda m: print(f"clipforge: {m}", file=sys.stderr)) if place.is_main else (lambda m: None)
     resume = None
@@ -337,11 +344,14 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
     run = Run(cfg, place, run_dir, core, core, optimizer, _tokenizer(cfg), compute_loss,
               RunLog(run_dir / "log.jsonl", place.is_main, loaded.state.step if loaded else None),
               version=code_version() if place.is_main else {}, guard=NonFiniteGuard(cfg.max_nonfinite_steps))
+    run.queue = build_queue(cfg.loss, core, place.device)
     if loaded is not None:
         _restore(run, loaded)
         run.log.notice(f"resuming from {loaded.path} at step {run.start_step}", step=run.start_step,
                        event="resumed", path=str(loaded.path))
     run.model, run.loss_fn = _wrap(cfg, core, place)
+    if run.queue is not None:
+        run.loss_fn = run.queue.loss  # the gathered loss with the queue's negatives, under DDP too
     shuffle = True
     if dataset is None and cfg.data.source == "shards":
         dataset = build_shard_loader(cfg, place.rank, place.world_size, run.tokenizer, core.image_size)

@@ -97,7 +97,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(normalise(content, where), None, True, "OpenAI TorchScript archive")
     if kind == "safetensors":
         if metadata.get("format") == CLIPFORGE_FORMAT:
-            return Checkpoint(_float32(content), _stored_config(metadata, where), False, "clipforge model file")
+            from .models.lora import merge_lora_state_dict  # noqa: PLC0415
+
+            # A LoRA run's file holds base weights and adapters: merged here, so it loads as a plain model.
+            merged = merge_lora_state_dict(content)
+            return Checkpoint(_float32(merged), _stored_config(metadata, where), False, "clipforge model file")
         return Checkpoint(normalise(content, where), None, False, "safetensors")
     state, wrapped = _unwrap(content, where)
     kind = "OpenCLIP checkpoint" if wrapped else "state dict"

@@ -48,6 +48,7 @@ class EvalOptions:
     encode_batch: int = 128
     num_workers: int = 0
     device: str | None = None  # where the model runs: "cpu", "cuda", "cuda:1"; None: a GPU if there is one
+    head: str | None = None  # zeroshot: classify with this trained head (`clipforge finetune-head`) instead
 
 
 def default_cache_dir() -> Path:
@@ -117,8 +118,25 @@ def scores_with_subsets(logits: torch.Tensor, labels: torch.Tensor, subsets: dic
     return out
 
 
+def head_logits(ev: Evaluator, data: LabelledImages, features: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C] of the trained head `ev.opts.head`, refused unless it was fitted on this model and classes."""
+    from ..adapt.head import load_head  # noqa: PLC0415
+    from .features import model_checksum  # noqa: PLC0415
+
+    head = load_head(ev.opts.head)  # type: ignore[arg-type]
+    if head.classnames != list(data.classnames):
+        raise ConfigError(f"--head {ev.opts.head}: its classes {head.classnames[:3]}... are not this dataset's "
+                          f"{list(data.classnames)[:3]}...")
+    if head.info.get("model_checksum") not in (None, model_checksum(ev.model)):
+        raise ConfigError(f"--head {ev.opts.head}: fitted on the features of another model")
+    return head(features)
+
+
 def task_zeroshot(ev: Evaluator) -> dict[str, Any]:
     data, features, labels = ev.labelled_features(ev.opts.split)
+    if ev.opts.head:
+        return {"images": len(labels), "classes": len(data.classnames), "head": ev.opts.head,
+                **scores_with_subsets(head_logits(ev, data, features), labels, data.subsets)}
     logits = features @ ev.classifier(data)  # [N, C]
     out = {"images": len(labels), "classes": len(data.classnames), "templates": len(data.templates),
            **scores_with_subsets(logits, labels, data.subsets)}
@@ -243,6 +261,8 @@ def check_options(task: str, opts: EvalOptions) -> None:
         raise ConfigError(f"--plot: {task} has no figure; its numbers are in the JSON")
     if opts.plot and task == "linear-probe" and not opts.shots:
         raise ConfigError("--plot for linear-probe draws the zero-shot vs k-shot curve: give --shots too")
+    if opts.head and task != "zeroshot":
+        raise ConfigError(f"--head: a trained head classifies; it applies to the zeroshot task, not {task}")
     if any(k < 1 for k in opts.shots) or opts.draws < 1:
         raise ConfigError("--shots and --draws: expected positive integers")
 

@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_adapt_parsers(sub)
     p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
-                       description="Load any checkpoint clipforge reads and write it in another tool's format.")
+                       description="Load any checkpoint clipforge reads and write it in another tool's format. "
+                       "LoRA adapters (a run with finetune.lora_rank) are merged into plain weights on reading.")
     p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
     p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "

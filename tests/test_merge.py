@@ -3,14 +3,12 @@ once); the CLI writes a model every loader reads; different architectures and a 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import clipforge
 from clipforge.adapt.wiseft import interpolate, plot_sweep, sweep
 from clipforge.checkpoint import save_model
 from clipforge.cli import main
-from clipforge.config import ConfigError
 
 
 def _model(seed: int, name: str = "ViT-Micro-8-32") -> torch.nn.Module:

@@ -45,7 +45,9 @@ class LoRADelta(nn.Module):
         self.register_buffer("scaling", torch.tensor(alpha / rank, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scaling * (self.lora_B @ self.lora_A)  # [rows, cols]
+        # In the weights' precision even under autocast, so the trained delta is the one a merge computes.
+        with torch.autocast(weight.device.type, enabled=False):
+            return weight + self.scaling * (self.lora_B @ self.lora_A)  # [rows, cols]
 
 
 def _tower(name: str) -> str:

@@ -16,6 +16,9 @@ same k-shot draw per seed; mean ± std over seeds. For the first seed the WiSE-F
 
     python scripts/adaptation_report.py --model runs/demo/model.safetensors --root DATA_ROOT --seeds 0 1 2 \
         --output docs/adaptation.json --figure docs/figures/wiseft-sweep.png
+    # the heads at several learning rates, without the fine-tuning runs:
+    python scripts/adaptation_report.py --model runs/demo/model.safetensors --root DATA_ROOT --skip-finetune \
+        --head-lr 0.001 0.01 --output docs/adaptation-heads.json
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from clipforge.eval.templates import load_templates
 from clipforge.tokenizer import BPETokenizer
 
 DATASET = "fashion-mnist"
-METHODS = ("zero-shot", "linear probe", "zero-shot-init head", "LoRA", "full fine-tuning", "WiSE-FT (α=0.5)")
 
 
 def before_score(model: torch.nn.Module) -> float:
@@ -94,8 +96,12 @@ def finetune(start: str, manifest: Path, seed: int, name: str, extra: list[str],
     return Path(args.runs_dir) / f"{name}-seed{seed}" / "model.safetensors"
 
 
+def head_name(lr: float, args: argparse.Namespace) -> str:
+    return "zero-shot-init head" if len(args.head_lr) == 1 else f"zero-shot-init head (lr {lr:g})"
+
+
 def heads(model: torch.nn.Module, shots: torch.Tensor, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """Linear probe and zero-shot-initialised head on the same k-shot features."""
+    """Linear probe and zero-shot-initialised heads (one per --head-lr) on the same k-shot features."""
     ev = Evaluator(model, "model", None, DATASET, _eval_opts(args))
     data, train_x, train_y = ev.labelled_features("train")
     _, val_x, val_y = ev.labelled_features("val")
@@ -104,21 +110,25 @@ def heads(model: torch.nn.Module, shots: torch.Tensor, seed: int, args: argparse
     classes = len(data.classnames)
     probe = fit_logistic(x, y, select_C((x, y), (val_x, val_y), classes).C, classes)
     start = zeroshot_head(ev.classifier(data), float(model.logit_scale.detach().exp()), data.classnames)
-    head = train_head(start, x, y, epochs=args.head_epochs, lr=args.head_lr, seed=seed)
-    return {"linear probe": classification_metrics(probe.logits(test_x), test_y)["acc1"],
-            "zero-shot-init head": classification_metrics(head(test_x), test_y)["acc1"]}
+    out = {"linear probe": classification_metrics(probe.logits(test_x), test_y)["acc1"]}
+    for lr in args.head_lr:
+        head = train_head(start, x, y, epochs=args.head_epochs, lr=lr, seed=seed)
+        out[head_name(lr, args)] = classification_metrics(head(test_x), test_y)["acc1"]
+    return out
 
 
 def one_seed(seed: int, args: argparse.Namespace, base: torch.nn.Module, base_before: float) -> dict[str, Any]:
     ev = Evaluator(base, "model", None, DATASET, _eval_opts(args))
     _, _, train_y = ev.labelled_features("train")
     shots = sample_k_shot(train_y, args.shots, torch.Generator().manual_seed(seed))
+    target = {"zero-shot": target_score(base, args), **heads(base, shots, seed, args)}
+    before = {name: base_before for name in target}  # the model itself is unchanged
+    if args.skip_finetune:
+        return {"target": target, "before": before}
     manifest = write_shots(shots.tolist(), seed, Path(args.runs_dir) / f"shots-seed{seed}", args)
     lora = clipforge.load_model(finetune(args.model, manifest, seed, "lora", [
         f"--finetune.lora_rank={args.lora_rank}", f"--optim.lr={args.lora_lr}"], args))
     full = clipforge.load_model(finetune(args.model, manifest, seed, "full", [f"--optim.lr={args.full_lr}"], args))
-    target = {"zero-shot": target_score(base, args), **heads(base, shots, seed, args)}
-    before = {"zero-shot": base_before, "linear probe": base_before, "zero-shot-init head": base_before}
     for name, model in (("LoRA", lora), ("full fine-tuning", full), ("WiSE-FT (α=0.5)", interpolate(base, full, 0.5))):
         target[name], before[name] = target_score(model, args), before_score(model)
     out: dict[str, Any] = {"target": target, "before": before}
@@ -145,7 +155,7 @@ def table(seeds: list[dict[str, Any]]) -> str:
 
     lines = ["| method | target: Fashion-MNIST top-1 (%) | before: synthetic zero-shot top-1 (%) |",
              "|---|---|---|"]
-    for method in METHODS:
+    for method in seeds[0]["target"]:
         lines.append(f"| {method} | {cell([s['target'][method] for s in seeds])} | "
                      f"{cell([s['before'][method] for s in seeds])} |")
     return "\n".join(lines)
@@ -165,7 +175,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--head-epochs", type=int, default=100)
-    parser.add_argument("--head-lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, nargs="+", default=[1e-3], help="one head per learning rate")
+    parser.add_argument("--skip-finetune", action="store_true", help="zero-shot, probe and heads only")
     parser.add_argument("--runs-dir", default="runs/adaptation")
     parser.add_argument("--cache", default=None, help="image features cache folder (default: none)")
     parser.add_argument("--output", default="adaptation.json")

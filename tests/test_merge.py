@@ -57,8 +57,8 @@ def test_cli_merge_and_errors(tmp_path, capsys):
 
 def test_sweep_and_plot(tmp_path):
     a, b = _model(0), _model(1)
-    points = sweep(a, b, [0.0, 0.5, 1.0], lambda m: {"scale": float(m.logit_scale), "w": float(m.text_projection[0, 0])})
+    points = sweep(a, b, [0.0, 0.5, 1.0], lambda m: {"scale": m.logit_scale.item(), "w": m.text_projection[0, 0].item()})
     assert [p["alpha"] for p in points] == [0.0, 0.5, 1.0]
-    assert points[0]["w"] == float(a.text_projection[0, 0]) and points[2]["w"] == float(b.text_projection[0, 0])
+    assert points[0]["w"] == a.text_projection[0, 0].item() and points[2]["w"] == b.text_projection[0, 0].item()
     path = plot_sweep(tmp_path / "s.png", points, "w", "scale", "x", "y", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,7 @@ _EXPORTS = {
     "ConfigError": "clipforge.config",
     "load_head": "clipforge.adapt.head",
     "LinearHead": "clipforge.adapt.head",
+    "Searcher": "clipforge.search.searcher",
 }
 
 __all__ = sorted(_EXPORTS) + ["losses", "__version__"]

@@ -33,7 +33,7 @@ def fit_head(model_spec: str, dataset: str, opts: HeadOptions, eval_opts: EvalOp
     if opts.shots < 0 or opts.epochs < 0 or not opts.lr > 0:
         raise ConfigError(f"finetune-head: expected --shots >= 0, --epochs >= 0, --lr > 0; got {opts.shots}, "
                           f"{opts.epochs}, {opts.lr}")
-    model, run_dir = resolve_model(model_spec, eval_device(eval_opts.device))
+    model, run_dir = resolve_model(model_spec, eval_device(eval_opts.device), eval_opts.load)
     ev = Evaluator(model, model_spec, run_dir, dataset, eval_opts)
     data, features, labels = ev.labelled_features("train")
     if opts.shots:

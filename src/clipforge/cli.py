@@ -148,7 +148,15 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.to != "onnx" and (args.int8 or args.opset is not None):
+        raise UserError("--int8 and --opset apply to --to onnx only")
     model = convert.load_model(args.model)
+    if args.to == "onnx":
+        from .export.onnx_export import OnnxExportOptions, export_onnx, summary  # noqa: PLC0415
+
+        report = export_onnx(model, args.output, OnnxExportOptions(opset=args.opset or 18, int8=args.int8))
+        print(summary(args.output, report))
+        return 0
     writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
                "clipforge": save_model}
     written = writers[args.to](model, args.output)
@@ -194,14 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_data_parser(sub)
-    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI, clipforge or ONNX format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format.")
     p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
-    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge", "onnx"],
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
-                   "clipforge: a self-describing .safetensors. The openai and openclip layouts store no "
-                   "architecture: read them back with create_model(NAME, pretrained=PATH)")
-    p.add_argument("--output", required=True, help="output file (a folder for --to hf)")
+                   "clipforge: a self-describing .safetensors; onnx: a folder with visual.onnx, textual.onnx, "
+                   "preprocess.json, the tokenizer and parity.json (needs the [onnx] extra). The openai and "
+                   "openclip layouts store no architecture: read them back with create_model(NAME, pretrained=PATH)")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf and --to onnx)")
+    p.add_argument("--int8", action="store_true", help="onnx: also write int8 graphs (dynamic quantisation of "
+                   "MatMul/Gemm) and measure their accuracy cost against fp32")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 17 to 23 (default: 18)")
     p.set_defaults(handler=cmd_export)
     return parser
 

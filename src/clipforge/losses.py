@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .losses_distill import DistillConfig
 from .losses_chunked import (
     ChunkSize,
     chunked_clip_loss,
@@ -251,6 +252,7 @@ class LossConfig:
     margin_target: float = 0.2
     triplet_margin: float = 0.2
     chunk_size: int | None = None
+    distill: DistillConfig | None = None  # a teacher whose similarity distributions the student also matches
 
     @property
     def uses_logit_scale(self) -> bool:
@@ -276,6 +278,8 @@ class LossConfig:
             raise ConfigError(f"config key '{p}triplet_margin': expected a value in [0, 2], got {self.triplet_margin}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"config key '{p}chunk_size': expected a positive integer or null, got {self.chunk_size}")
+        if self.distill is not None:
+            self.distill.validate(f"{p}distill")
 
 
 def strip_loss_parts(

@@ -28,6 +28,7 @@ from ..losses import compute_loss
 from ..models.clip import CLIP
 from ..models.lock import set_locked_eval
 from .config import TrainConfig
+from .distill import Teacher
 from .finetune import apply_locks
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
 from .schedule import lr_at
@@ -107,7 +108,8 @@ def unwrap(model: torch.nn.Module) -> CLIP:
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig,
-                     loss_fn: Callable = compute_loss, poison: bool = False) -> tuple[dict, torch.Tensor]:
+                     loss_fn: Callable = compute_loss, poison: bool = False,
+                     teacher: Teacher | None = None) -> tuple[dict, torch.Tensor]:
     """Loss parts (tensors) of one batch, gradients in `.grad`, clipped; returns the norm before clipping.
 
     `poison` multiplies the loss by NaN (the `debug.nan_steps` fault injection), which makes every gradient NaN.
@@ -117,6 +119,8 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch
         image_features, text_features, scale = model(images, tokens)
     parts = loss_fn(cfg.loss, image_features.float(), text_features.float(), scale.float(),
                     None if core.logit_bias is None else core.logit_bias.float())
+    if teacher is not None:  # loss.distill: the teacher's similarity distributions, added to the objective
+        parts = teacher.add_loss(parts, images, tokens, image_features.float(), text_features.float(), scale.float())
     if poison:
         parts["loss"] = parts["loss"] * float("nan")
     parts["loss"].backward()
@@ -167,7 +171,7 @@ def guarded_step(run: Run, batch: TrainBatch, step: int, lr: float, stop_request
     optimizer.zero_grad(set_to_none=True)
     images, tokens = batch.images.to(run.place.device), batch.tokens.to(run.place.device)
     parts, grad_norm = forward_backward(run.model, images, tokens, cfg, run.loss_fn,
-                                        poison=step + 1 in cfg.debug.nan_steps)
+                                        poison=step + 1 in cfg.debug.nan_steps, teacher=run.teacher)
     counts = BadDataTally.local_vector(images.shape[0], batch.problems)
     consensus = reach_consensus(not step_is_finite(parts["loss"], grad_norm), stop_requested, counts,
                                 run.place.distributed)

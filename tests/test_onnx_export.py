@@ -18,7 +18,7 @@ from clipforge.export import onnx_export
 from clipforge.export.onnx_export import OnnxExportOptions, export_onnx
 from clipforge.export.parity import Tolerance, parity_images
 from clipforge.export.quantize import CostOptions
-from clipforge.export.runtime import ExportError, OnnxCLIP, load_encoder
+from clipforge.export.runtime import ExportError, OnnxCLIP, load_backend_model
 
 pytest.importorskip("onnxruntime")  # the [onnx] extra is part of [test]; this only guards a partial install
 
@@ -140,7 +140,7 @@ def test_int8_stays_above_the_accuracy_floor_on_the_synthetic_heldout_set(traine
     assert scores["onnx-int8"]["zeroshot_acc1"] >= scores["onnx-fp32"]["zeroshot_acc1"] - 0.02
     for tower in ("visual", "textual"):
         assert report["int8"][tower]["min_cosine"] >= 0.99
-    model = load_encoder("onnx-int8", str(tmp_path / "o"))
+    model = load_backend_model("onnx-int8", str(tmp_path / "o"))
     assert model.precision == "int8"
 
 
@@ -195,7 +195,7 @@ def test_runtime_bad_folder_and_backend(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="export.json: missing"):
         OnnxCLIP(tmp_path)
     with pytest.raises(ExportError, match="--backend tensorrt: expected one of torch, onnx, onnx-int8"):
-        load_encoder("tensorrt", str(tmp_path))
+        load_backend_model("tensorrt", str(tmp_path))
 
 
 @pytest.mark.slow

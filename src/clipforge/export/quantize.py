@@ -6,13 +6,14 @@ per tensor (uint8). Attention's activation-by-activation products stay fp32 (`Ma
 no weights to shrink and quantising both sides costs accuracy. Convolutions stay fp32 (ONNX Runtime's
 ConvInteger is slower than its fp32 convolution), so ResNet image towers gain little.
 
-`accuracy_cost` scores PyTorch fp32, ONNX fp32 and ONNX int8 side by side with the evaluation package's own
+`accuracy_cost` scores PyTorch fp32 and bf16 weights, ONNX fp32 and ONNX int8 side by side with the evaluation package's own
 functions: zero-shot top-1 and retrieval R@1 on the synthetic held-out split and on every prepared real
 test split (openclipart, emoji).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,12 @@ def score_split(encoders: dict[str, Any], tokenizer: Any, source: Any) -> dict[s
 
 
 def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> dict[str, Any]:
-    """PyTorch fp32 vs ONNX fp32 vs ONNX int8 on each split, the int8 cost in points, and whether int8 may be
+    """PyTorch fp32 and bf16 vs ONNX fp32 and int8 on each split, the int8 cost in points, and whether int8 may be
     the default (no more than MAX_R1_COST_POINTS of R@1 lost on any real split)."""
-    encoders = {"torch-fp32": model, "onnx-fp32": OnnxCLIP(folder, "fp32"), "onnx-int8": OnnxCLIP(folder, "int8")}
+    from ..speed import bf16_inference  # noqa: PLC0415
+
+    encoders = {"torch-fp32": model, "torch-bf16": bf16_inference(copy.deepcopy(model)),
+                "onnx-fp32": OnnxCLIP(folder, "fp32"), "onnx-int8": OnnxCLIP(folder, "int8")}
     tokenizer = encoders["onnx-fp32"].tokenizer
     splits, worst, real = {}, 0.0, []
     for name, source in _sources(opts, encoders["onnx-fp32"].image_size):

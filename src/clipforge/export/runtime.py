@@ -3,7 +3,7 @@
 `OnnxCLIP(folder)` reads what `clipforge export --to onnx` wrote (`visual.onnx`, `textual.onnx`, their int8
 versions with `precision="int8"`, `preprocess.json`, `export.json` and the tokenizer files) and offers
 `encode_image`, `encode_text`, `preprocess` and `tokenizer`, so evaluation, `embed` and `serve` take it
-where they take a torch CLIP. `load_encoder(backend, model)` is the one place that picks torch or ONNX.
+where they take a torch CLIP. `load_backend_model(backend, model)` is the one place that picks torch or ONNX.
 """
 
 from __future__ import annotations
@@ -127,8 +127,11 @@ class OnnxCLIP:
 
 
 def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    return value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) and value.is_floating_point() \
-        else (value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
+    """A tensor (bf16 pixels included, as float32) or array as a numpy array."""
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() else value).numpy()
 
 
 def load_tokenizer(folder: Path, info: dict[str, Any]) -> Callable[[list[str]], torch.Tensor]:
@@ -143,7 +146,7 @@ def load_tokenizer(folder: Path, info: dict[str, Any]) -> Callable[[list[str]], 
     return BPETokenizer(context_length=context, bpe_path=folder / "tokenizer" / info["bpe_file"])
 
 
-def load_encoder(backend: str, model: str, threads: int | None = None) -> Any:
+def load_backend_model(backend: str, model: str, threads: int | None = None) -> Any:
     """What `embed`/`serve` encode with: a torch CLIP (`backend="torch"`, `model` any checkpoint load_model
     reads) or an `OnnxCLIP` (`"onnx"`, `"onnx-int8"`, `model` an export folder)."""
     if backend == "torch":

@@ -112,7 +112,7 @@ def export_graph(module: nn.Module, example: dict[str, torch.Tensor], dynamic: d
     """Trace `module` on `example` inputs with the dynamo exporter and save it to `path`."""
     output = "image_features" if "pixel_values" in example else "text_features"
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        program = torch.onnx.export(module, (), kwargs=example, input_names=list(example), output_names=[output],
+        program = torch.onnx.export(module.eval(), (), kwargs=example, input_names=list(example), output_names=[output],
                                     dynamo=True, opset_version=opset, dynamic_shapes=dynamic, verbose=False)
     program.save(str(path), external_data=external)
 

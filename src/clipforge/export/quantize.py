@@ -78,8 +78,9 @@ def _image_features(encoders: dict[str, Any], dataset: Any) -> tuple[dict[str, t
     return {name: torch.cat(parts) for name, parts in chunks.items()}, targets
 
 
-def score_split(encoders: dict[str, Any], tokenizer: Any, source: Any) -> dict[str, dict[str, float]]:
-    """{encoder: {zeroshot_acc1, image_retrieval_R@1, text_retrieval_R@1}} on one source's test split."""
+def score_split(encoders: dict[str, Any], tokenizer: Any, source: Any) -> tuple[dict[str, dict[str, float]], int]:
+    """({encoder: {zeroshot_acc1, image_retrieval_R@1, text_retrieval_R@1}}, retrieval images) on one source's
+    test split."""
     from ..data.base import DatasetError  # noqa: PLC0415
     from ..eval.features import encode_texts  # noqa: PLC0415
     from ..eval.metrics import classification_metrics, retrieval_metrics  # noqa: PLC0415
@@ -103,7 +104,7 @@ def score_split(encoders: dict[str, Any], tokenizer: Any, source: Any) -> dict[s
         recall = retrieval_metrics(features[name], texts, captioned.text_to_image, ks=(1,))
         scores[name]["image_retrieval_R@1"] = recall["image_retrieval_recall@1"]
         scores[name]["text_retrieval_R@1"] = recall["text_retrieval_recall@1"]
-    return scores
+    return scores, len(captioned.dataset)
 
 
 def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> dict[str, Any]:
@@ -114,15 +115,17 @@ def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> di
     encoders = {"torch-fp32": model, "torch-bf16": bf16_inference(copy.deepcopy(model)),
                 "onnx-fp32": OnnxCLIP(folder, "fp32"), "onnx-int8": OnnxCLIP(folder, "int8")}
     tokenizer = encoders["onnx-fp32"].tokenizer
-    splits, worst, real = {}, 0.0, []
+    splits, worst, real, near_chance = {}, 0.0, [], []
     for name, source in _sources(opts, encoders["onnx-fp32"].image_size):
-        scores = score_split(encoders, tokenizer, source)
+        scores, images = score_split(encoders, tokenizer, source)
         cost = {metric: 100.0 * (scores["onnx-fp32"][metric] - scores["onnx-int8"][metric])
                 for metric in scores["onnx-fp32"]}
         splits[name] = {**scores, "int8_cost_points": cost}
         if name != "synthetic":
             real.append(name)
             worst = max([worst, *(v for k, v in cost.items() if "R@1" in k)])
+            if scores["onnx-fp32"]["image_retrieval_R@1"] < 5.0 / images:  # chance is 1 / images
+                near_chance.append(name)
     if not real:
         verdict = "no real split is prepared (clipforge data prepare openclipart): int8 cost measured on synthetic only"
     elif worst > MAX_R1_COST_POINTS:
@@ -130,5 +133,8 @@ def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> di
                    f"{MAX_R1_COST_POINTS:g}: keep fp32 as the default")
     else:
         verdict = f"int8 costs at most {worst:.1f} points of R@1 on {', '.join(real)}: acceptable"
+    if near_chance:
+        verdict += (f" (but the model is within 5x of chance on {', '.join(near_chance)}: its cost there says "
+                    "little about a model trained for that data)")
     return {"splits": splits, "real_splits": real, "worst_real_R@1_cost_points": worst if real else None,
             "int8_recommended": bool(real) and worst <= MAX_R1_COST_POINTS, "verdict": verdict}

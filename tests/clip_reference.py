@@ -2,8 +2,16 @@
 
 - OpenAI's `clip/model.py` from the installed `clip-anytorch` distribution.
 - OpenCLIP's `model.py` (with its sibling modules) from the installed `open_clip_torch` distribution. Its
-  `utils.py` imports torchvision for one class used only by `freeze_batch_norm_2d`; torchvision is not
-  installed here, so a stand-in module is placed in `sys.modules` for the duration of that import only.
+  `utils.py` imports torchvision for one class used only by `freeze_batch_norm_2d`; without torchvision a
+  stand-in module is placed in `sys.modules` for the duration of that import only.
+- The whole `open_clip` package as its users import it (`import_open_clip`), for the round trips through
+  `open_clip.create_model`. It needs torchvision, which is kept out of the environment and installed apart
+  (`pip install --no-deps --target .ref-packages torchvision==0.28.0`, README's test command; the folder is
+  `$CLIPFORGE_REF_PACKAGES` when set): installed into the environment, PyPI's torchvision wheel (built for a
+  CUDA torch) breaks `from transformers import CLIPModel` for every other program, because its compiled
+  operators do not load against the CPU torch and its Python code then fails at import. Here, in the test
+  process only, the folder goes on sys.path and the schemas of the two operators torchvision registers fake
+  kernels for (`nms`, `qnms`) are defined before it is imported; neither is ever called.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from functools import lru_cache
@@ -38,6 +47,37 @@ def openai_model_module() -> types.ModuleType:
     return module
 
 
+REF_PACKAGES = Path(os.environ.get("CLIPFORGE_REF_PACKAGES", Path(__file__).resolve().parents[1] / ".ref-packages"))
+
+
+@lru_cache(maxsize=1)
+def _torchvision_operator_schemas() -> None:
+    if REF_PACKAGES.is_dir() and str(REF_PACKAGES) not in sys.path:
+        sys.path.append(str(REF_PACKAGES))
+        importlib.invalidate_caches()
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    if "torchvision" in sys.modules:
+        return  # already imported (with its own operators or these schemas)
+    library = torch.library.Library("torchvision", "DEF")
+    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    _LIBRARIES.append(library)  # a Library deregisters its definitions when garbage-collected
+
+
+_LIBRARIES: list[Any] = []
+
+
+def import_open_clip() -> types.ModuleType:
+    """The installed `open_clip` package, with torchvision from REF_PACKAGES."""
+    _torchvision_operator_schemas()
+    assert importlib.util.find_spec("torchvision") is not None, (
+        f"torchvision for the open_clip client tests is missing: pip install --no-deps --target {REF_PACKAGES} "
+        "torchvision==0.28.0"
+    )
+    return importlib.import_module("open_clip")
+
+
 @lru_cache(maxsize=1)
 def openclip_model_module() -> types.ModuleType:
     """OpenCLIP's open_clip/model.py, imported as a submodule of a private package rooted at its folder."""
@@ -47,6 +87,7 @@ def openclip_model_module() -> types.ModuleType:
     package.__path__ = [str(_package_dir("open_clip"))]  # type: ignore[attr-defined]
     sys.modules["_ref_open_clip"] = package
     stand_ins = {}
+    _torchvision_operator_schemas()
     if importlib.util.find_spec("torchvision") is None:
         misc = types.ModuleType("torchvision.ops.misc")
 
@@ -80,9 +121,9 @@ def openai_clip(cfg: ModelConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def openclip_clip(cfg: ModelConfig) -> torch.nn.Module:
-    """OpenCLIP's CLIP built by its own constructor for our config (fp32, eval)."""
-    ref = openclip_model_module()
+def openclip_model_cfg(cfg: ModelConfig) -> dict[str, Any]:
+    """OpenCLIP's `model_cfg` (open_clip_config.json) for our config, written here from OpenCLIP's dataclass
+    fields (CLIPVisionCfg.head_width, CLIPTextCfg.heads), independently of clipforge's mapping."""
     v, t = cfg.vision_cfg, cfg.text_cfg
     vision = {"image_size": v.image_size, "width": v.width, "mlp_ratio": v.mlp_ratio}
     if v.is_resnet:
@@ -91,7 +132,14 @@ def openclip_clip(cfg: ModelConfig) -> torch.nn.Module:
         vision.update(layers=v.layers, patch_size=v.patch_size, head_width=v.width // v.num_heads)
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio}
-    return ref.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.quick_gelu).eval()
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, "vision_cfg": vision, "text_cfg": text}
+
+
+def openclip_clip(cfg: ModelConfig) -> torch.nn.Module:
+    """OpenCLIP's CLIP built by its own constructor for our config (fp32, eval)."""
+    ref = openclip_model_module()
+    m = openclip_model_cfg(cfg)
+    return ref.CLIP(m["embed_dim"], m["vision_cfg"], m["text_cfg"], quick_gelu=m["quick_gelu"]).eval()
 
 
 def reduced(cfg: ModelConfig, vision_layers: Any, text_layers: int) -> ModelConfig:

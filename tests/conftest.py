@@ -13,3 +13,11 @@ def micro_model():
 
     torch.manual_seed(0)
     return create_model("ViT-Micro-8-32").eval()
+
+
+@pytest.fixture(scope="session")
+def open_clip():
+    """The installed open_clip package, imported as its users do (see clip_reference.import_open_clip)."""
+    from clip_reference import import_open_clip
+
+    return import_open_clip()

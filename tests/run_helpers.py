@@ -52,6 +52,23 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
     assert not different, f"{context}: tensors differ: {different[:5]}"
 
 
+def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], steps: int, lr: float = 1e-3,
+                         context: str = "") -> None:
+    """Two float32 runs of the same training that summed in different orders (ranks vs one process) agree.
+
+    AdamW's update lr * m / (sqrt(v) + eps) is insensitive to rounding where |grad| >> eps, but near |grad| ~ eps
+    it multiplies a gradient difference by up to lr / eps (1e3 here), so a few such coordinates may drift by
+    ~1e-5 depending on the CPU's summation order. A real fault (a rank on the wrong rows, an unsynchronised
+    gradient) moves nearly every weight by ~lr. So: at most 0.1% of the weights differ by more than 1e-5, and
+    none by more than AdamW can move a weight in `steps` steps.
+    """
+    assert a.keys() == b.keys()
+    diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    drifted = (diffs > 1e-5).float().mean().item()
+    assert drifted <= 1e-3, f"{context}: {drifted:.2%} of the weights differ by more than 1e-5"
+    assert diffs.max().item() <= 10 * lr * steps, f"{context}: largest weight difference {diffs.max().item():.3g}"
+
+
 def fork_call(target: Callable[[], int | None]) -> int:
     """Run `target()` in a forked child (torch is already imported, so it starts at once); returns its pid.
     The child exits with target's return value (0 for None), or 1 on an exception."""

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 
 import clipforge
 from clip_reference import (
-    openai_clip, openai_model_module, openclip_clip, perturb_, random_images, random_tokens, reduced,
+    openai_clip, openai_model_module, openclip_clip, openclip_model_cfg, perturb_, random_images, random_tokens,
+    reduced,
 )
 from clipforge.convert import CheckpointFormatError, export_hf, export_openai, export_openclip, load_model
 from clipforge.models.config import ModelConfig, TextConfig, VisionConfig
@@ -85,11 +87,9 @@ def reference_outputs(ref: torch.nn.Module, images: torch.Tensor, tokens: torch.
 
 @torch.no_grad()
 def assert_matches(model: torch.nn.Module, expected: dict[str, torch.Tensor], images, tokens) -> None:
-    got = {
-        "image": model.encode_image(images),
-        "text": model.encode_text(tokens),
-        "logits": model.logits(images, tokens)[0],
-    }
+    got = {"image": model.encode_image(images), "text": model.encode_text(tokens)}
+    if "logits" in expected:  # clipforge's models; other clients are compared on the features
+        got["logits"] = model.logits(images, tokens)[0]
     for key, value in expected.items():
         assert got[key].shape == value.shape, key
         torch.testing.assert_close(got[key], value, atol=ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
@@ -121,7 +121,9 @@ def check_openai_formats(name: str, cfg: ModelConfig, tmp_path: Path, torchscrip
     images, tokens = inputs(cfg, images=1 if cfg.vision_cfg.image_size > 300 else 2)
     expected = reference_outputs(ref, images, tokens)
     torch.save(ref.state_dict(), tmp_path / "openai.pt")
-    model = load_model(tmp_path / "openai.pt")
+    with pytest.raises(CheckpointFormatError, match="does not say its activation .*model_name="):
+        load_model(tmp_path / "openai.pt")  # the same tensors fit a GELU model: never guessed
+    model = load_model(tmp_path / "openai.pt", cfg)
     assert model.config.vision_cfg.num_heads == clipforge.get_model_config(name).vision_cfg.num_heads
     assert_matches(model, expected, images, tokens)
     del model
@@ -129,7 +131,9 @@ def check_openai_formats(name: str, cfg: ModelConfig, tmp_path: Path, torchscrip
     if torchscript:
         save_torchscript(ref, cfg, tmp_path / "openai-jit.pt")
         del ref
-        model = load_model(tmp_path / "openai-jit.pt", expected=cfg)
+        model = load_model(tmp_path / "openai-jit.pt")  # OpenAI's archives are QuickGELU, 64-wide heads
+        assert model.config.quick_gelu and model.config.vision_cfg.num_heads == cfg.vision_cfg.num_heads
+        assert model.preprocess_cfg.mode == "openai"
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert_matches(model, expected, images, tokens)
 
@@ -197,7 +201,7 @@ def test_hf_folder_reduced_depth(name: str, tmp_path: Path) -> None:
     hf = hf_reference(cfg)
     hf.save_pretrained(tmp_path / "hf")
     images, tokens = inputs(cfg)
-    model = load_model(tmp_path / "hf", expected=cfg)
+    model = load_model(tmp_path / "hf", cfg)
     assert_matches(model, hf_outputs(hf, images, tokens), images, tokens)
 
 
@@ -229,17 +233,22 @@ def test_hf_folder_pytorch_bin_and_gelu(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- OpenCLIP checkpoints
 
 
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
 @pytest.mark.parametrize("base", [TINY_RN, TINY_VIT], ids=["resnet", "vit"])
-def test_openclip_training_checkpoint(base: ModelConfig, tmp_path: Path) -> None:
-    """{"epoch", "state_dict": {"module.…"}} as OpenCLIP's trainer writes it; GELU, OpenCLIP's default."""
-    cfg = dataclasses.replace(base, quick_gelu=False)
+def test_openclip_training_checkpoint(base: ModelConfig, quick_gelu: bool, tmp_path: Path) -> None:
+    """{"epoch", "state_dict": {"module.…"}} as OpenCLIP's trainer writes it, for a GELU (OpenCLIP's default)
+    and a `-quickgelu` model: the file cannot tell them apart, so the caller names the activation."""
+    cfg = dataclasses.replace(base, quick_gelu=quick_gelu)
     torch.manual_seed(0)
     ref = perturb_(openclip_clip(cfg))
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}
     torch.save({"epoch": 3, "name": "run", "state_dict": state}, tmp_path / "epoch_3.pt")
     images, tokens = inputs(cfg)
-    model = load_model(tmp_path / "epoch_3.pt")
-    assert not model.config.quick_gelu
+    with pytest.raises(CheckpointFormatError, match="read as OpenCLIP checkpoint.*quick_gelu=True\\|False"):
+        load_model(tmp_path / "epoch_3.pt")
+    model = load_model(tmp_path / "epoch_3.pt", dataclasses.replace(cfg, quick_gelu=not quick_gelu),
+                       quick_gelu=quick_gelu)
+    assert model.config.quick_gelu == quick_gelu
     with torch.no_grad():
         expected = {"image": ref.encode_image(images), "text": ref.encode_text(tokens)}
     assert_matches(model, expected, images, tokens)
@@ -257,9 +266,11 @@ def test_openclip_safetensors_and_hub_folder(tmp_path: Path) -> None:
     folder = tmp_path / "hub"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": openclip_model_cfg(cfg)}))
     assert_matches(load_model(folder), expected, images, tokens)
-    assert_matches(load_model(folder / "open_clip_model.safetensors", quick_gelu=True), expected, images, tokens)
+    with pytest.raises(CheckpointFormatError, match="read as safetensors file"):
+        load_model(folder / "open_clip_model.safetensors")  # the file alone: no config
+    assert_matches(load_model(folder / "open_clip_model.safetensors", cfg), expected, images, tokens)
 
 
 # ---------------------------------------------------------------- clipforge's own model file
@@ -298,29 +309,61 @@ def _ours(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def own_outputs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"image": model.encode_image(images), "text": model.encode_text(tokens),
+            "logits": model.logits(images, tokens)[0]}
+
+
+def read_back(path: Path, name: str | ModelConfig) -> list[torch.nn.Module]:
+    """The export loaded the two ways README promises: the file alone, and the named architecture."""
+    return [load_model(path), clipforge.create_model(name, pretrained=path)]
+
+
+def open_clip_client(open_clip, weights: Path, sidecar: Path, folder: Path) -> torch.nn.Module:
+    """OpenCLIP itself reading an export: its hub layout (`local-dir:`) from the weights and the sidecar."""
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_bytes(sidecar.read_bytes())
+    (folder / "open_clip_pytorch_model.bin").write_bytes(weights.read_bytes())
+    return open_clip.create_model(f"local-dir:{folder}").float().eval()
+
+
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_round_trip_hf(quick_gelu: bool, tmp_path: Path) -> None:
-    from transformers import CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
 
     cfg = dataclasses.replace(TINY_VIT, quick_gelu=quick_gelu)
     ours = _ours(cfg)
     export_hf(ours, tmp_path / "hf")
     hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
     images, tokens = inputs(cfg)
-    assert_matches(ours, hf_outputs(hf, images, tokens), images, tokens)
+    expected = hf_outputs(hf, images, tokens)
+    assert_matches(ours, expected, images, tokens)
+    for back in read_back(tmp_path / "hf", cfg):
+        assert back.config.quick_gelu == quick_gelu
+        assert_matches(back, expected, images, tokens)
+    processor = CLIPImageProcessor.from_pretrained(tmp_path / "hf")  # the preprocessing travels too
+    assert processor.crop_size == {"height": 32, "width": 32} and processor.size == {"shortest_edge": 32}
 
 
 @pytest.mark.parametrize("cfg", [TINY_RN, TINY_VIT], ids=["resnet", "vit"])
-def test_round_trip_openai(cfg: ModelConfig, tmp_path: Path) -> None:
+def test_round_trip_openai(cfg: ModelConfig, tmp_path: Path, open_clip) -> None:
     ours = _ours(cfg)
-    export_openai(ours, tmp_path / "openai.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # OpenAI's conventions hold for these: no note
+        export_openai(ours, tmp_path / "openai.pt")
     ref = openai_model_module().build_model(torch.load(tmp_path / "openai.pt", weights_only=True)).float().eval()
     images, tokens = inputs(cfg)
-    assert_matches(ours, reference_outputs(ref, images, tokens), images, tokens)
+    expected = reference_outputs(ref, images, tokens)
+    assert_matches(ours, expected, images, tokens)
+    for back in read_back(tmp_path / "openai.pt", cfg):
+        assert_matches(back, expected, images, tokens)
+    client = open_clip_client(open_clip, tmp_path / "openai.pt", tmp_path / "openai.pt.json", tmp_path / "oc")
+    assert_matches(client, {k: expected[k] for k in ("image", "text")}, images, tokens)
 
 
-@pytest.mark.parametrize("cfg", [TINY_RN, TINY_VIT], ids=["resnet", "vit"])
-def test_round_trip_openclip(cfg: ModelConfig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cfg", [TINY_RN, TINY_VIT, small("ViT-B-32")], ids=["resnet", "vit", "vit-b-32-1-block"])
+def test_round_trip_openclip(cfg: ModelConfig, tmp_path: Path, open_clip) -> None:
     ours = _ours(cfg)
     export_openclip(ours, tmp_path / "openclip.pt")
     ref = openclip_clip(cfg)
@@ -329,8 +372,81 @@ def test_round_trip_openclip(cfg: ModelConfig, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = {"image": ref.encode_image(images), "text": ref.encode_text(tokens)}
     assert_matches(ours, expected, images, tokens)
-    again = load_model(tmp_path / "openclip.pt", expected=cfg)
-    assert_matches(again, expected, images, tokens)
+    for back in read_back(tmp_path / "openclip.pt", cfg):
+        assert back.config.quick_gelu == cfg.quick_gelu
+        assert_matches(back, expected, images, tokens)
+    client = open_clip_client(open_clip, tmp_path / "openclip.pt", tmp_path / "openclip.pt.json", tmp_path / "oc")
+    assert_matches(client, expected, images, tokens)
+
+
+@pytest.mark.parametrize("to", ["openai", "openclip"])
+def test_rn_tiny_64_export_keeps_heads_and_activation(to: str, tmp_path: Path, open_clip) -> None:
+    """RN-Tiny-64: 8 attention-pooling heads over 1024 channels (OpenAI's rule says 16), GELU. The .pt cannot
+    say either; the sidecar does, so the file reads back exactly, in clipforge and in OpenCLIP."""
+    cfg = clipforge.get_model_config("RN-Tiny-64")
+    ours = _ours(cfg)
+    path = tmp_path / f"{to}.pt"
+    if to == "openai":
+        with pytest.warns(UserWarning, match="8 image attention heads .*builds 16.*GELU .*openai.pt.json"):
+            export_openai(ours, path)
+    else:
+        export_openclip(ours, path)
+    images, tokens = inputs(cfg)
+    expected = own_outputs(ours, images, tokens)
+    for back in read_back(path, "RN-Tiny-64"):
+        assert back.config == cfg and back.config.vision_cfg.num_heads == 8
+        assert_matches(back, expected, images, tokens)
+    client = open_clip_client(open_clip, path, tmp_path / f"{to}.pt.json", tmp_path / "oc")
+    assert_matches(client, {k: v for k, v in expected.items() if k != "logits"}, images, tokens)
+    # Without the sidecar the file is ambiguous: refused, never read with OpenAI's head rule.
+    (tmp_path / f"{to}.pt.json").unlink()
+    with pytest.raises(CheckpointFormatError, match="does not say its activation"):
+        load_model(path)
+    assert_matches(load_model(path, "RN-Tiny-64"), expected, images, tokens)
+
+
+def test_openclip_hub_folder_export(tmp_path: Path, open_clip) -> None:
+    """`export_openclip` to a path without extension: OpenCLIP's hub layout, read by open_clip as it is, with
+    OpenCLIP's own preprocessing from `preprocess_cfg` (equal to ours in `openai` mode, bit for bit)."""
+    from PIL import Image
+
+    from clipforge.transforms import EvalTransform, PreprocessConfig
+
+    cfg = clipforge.get_model_config("RN-Tiny-64")
+    ours = _ours(cfg)
+    assert export_openclip(ours, tmp_path / "hub") == tmp_path / "hub"
+    images, tokens = inputs(cfg)
+    expected = own_outputs(ours, images, tokens)
+    client, _, client_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    assert_matches(client.float().eval(), {k: expected[k] for k in ("image", "text")}, images, tokens)
+    back = load_model(tmp_path / "hub")
+    assert back.config == cfg and back.preprocess_cfg == PreprocessConfig("clipforge", 64)
+    assert_matches(back, expected, images, tokens)
+    palette = Image.fromarray((torch.arange(90 * 70) % 4).reshape(90, 70).to(torch.uint8).numpy(), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 200, 200, 20] + [0] * 756)
+    assert torch.equal(client_preprocess(palette), EvalTransform(64, "openai")(palette))
+
+
+def test_sidecar_of_other_bytes_is_refused(tmp_path: Path) -> None:
+    export_openai(_ours(TINY_VIT), tmp_path / "m.pt")
+    torch.save(_ours(TINY_VIT, seed=1).state_dict(), tmp_path / "m.pt")  # replaced after the export
+    with pytest.raises(CheckpointFormatError, match="m.pt.json: describes other bytes than m.pt"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_export_openai_of_gelu_model_says_so(tmp_path: Path) -> None:
+    """A GELU model: OpenAI's clip.load would build QuickGELU from the file and be off; the export says so, and
+    clipforge reads it exactly through the sidecar."""
+    cfg = dataclasses.replace(TINY_VIT, quick_gelu=False)
+    ours = _ours(cfg)
+    with pytest.warns(UserWarning, match="cannot represent GELU"):
+        export_openai(ours, tmp_path / "m.pt")
+    images, tokens = inputs(cfg)
+    expected = own_outputs(ours, images, tokens)
+    assert_matches(load_model(tmp_path / "m.pt"), expected, images, tokens)
+    ref = openai_model_module().build_model(torch.load(tmp_path / "m.pt", weights_only=True)).float().eval()
+    with torch.no_grad():  # what the note warns about: OpenAI's reader builds another model
+        assert (ref.encode_text(tokens) - expected["text"]).abs().max() > 1e-3
 
 
 def test_export_hf_refuses_resnet(tmp_path: Path) -> None:
@@ -341,29 +457,52 @@ def test_export_hf_refuses_resnet(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- architecture checks and bad files
 
 
-def test_expected_mismatch_names_the_key(tmp_path: Path) -> None:
-    export_openai(clipforge.create_model(TINY_VIT), tmp_path / "m.pt")
+def test_named_architecture_mismatch_names_the_key(tmp_path: Path) -> None:
+    torch.save(clipforge.create_model(TINY_VIT).state_dict(), tmp_path / "m.pt")
     with pytest.raises(CheckpointFormatError) as info:
-        load_model(tmp_path / "m.pt", expected=dataclasses.replace(TINY_VIT, embed_dim=64))
+        load_model(tmp_path / "m.pt", dataclasses.replace(TINY_VIT, embed_dim=64))
     message = str(info.value)
-    assert "'embed_dim' is 32 in the checkpoint but 64 in the expected config" in message
+    assert "'embed_dim' is 32 in the checkpoint but 64 in the named architecture" in message
     assert str(tmp_path / "m.pt") in message and "\n" not in message
     with pytest.raises(CheckpointFormatError, match="'vision_cfg.layers' is 2 in the checkpoint but 12"):
-        load_model(tmp_path / "m.pt", expected=clipforge.get_model_config("ViT-B-32"))
-    export_openai(clipforge.create_model(TINY_RN), tmp_path / "r.pt")
-    with pytest.raises(CheckpointFormatError, match="'vision_cfg.layers' is \\[1, 2, 1, 1\\]"):
-        load_model(tmp_path / "r.pt", expected=clipforge.get_model_config("RN50"))
+        load_model(tmp_path / "m.pt", "ViT-B-32")
+    export_openai(clipforge.create_model(TINY_RN), tmp_path / "r.pt")  # with its sidecar
+    with pytest.raises(CheckpointFormatError, match="'embed_dim' is 32 in the checkpoint but 1024 in the named"):
+        load_model(tmp_path / "r.pt", "RN50")
+    with pytest.raises(CheckpointFormatError, match="quick_gelu=False contradicts the file's config"):
+        load_model(tmp_path / "r.pt", quick_gelu=False)
 
 
-def test_expected_supplies_heads(tmp_path: Path) -> None:
+def test_named_architecture_supplies_heads_and_activation(tmp_path: Path) -> None:
     cfg = clipforge.get_model_config("ViT-Micro-8-32")  # 2 heads of width 32: OpenAI's rule would say 1
     source = _ours(cfg)
-    export_openai(source, tmp_path / "m.pt")
+    torch.save(source.state_dict(), tmp_path / "m.pt")
+    images, tokens = inputs(cfg)
+    expected = own_outputs(source, images, tokens)
+    assert_matches(load_model(tmp_path / "m.pt", "ViT-Micro-8-32"), expected, images, tokens)
+    flipped = load_model(tmp_path / "m.pt", "ViT-Micro-8-32", quick_gelu=not cfg.quick_gelu)
+    assert flipped.config.quick_gelu != cfg.quick_gelu
+    with pytest.raises(CheckpointFormatError, match="does not say its activation"):
+        load_model(tmp_path / "m.pt", quick_gelu=cfg.quick_gelu)  # the heads are still unknown
+
+
+def test_bare_open_clip_gelu_save_is_not_read_as_quickgelu(tmp_path: Path) -> None:
+    """The layout of LAION's open_clip_pytorch_model.bin: a bare state dict of a GELU model. Before, it loaded
+    as QuickGELU without a word; now it needs the activation, and reads exactly once given."""
+    cfg = dataclasses.replace(small("ViT-B-32"), quick_gelu=False)
+    torch.manual_seed(0)
+    ref = perturb_(openclip_clip(cfg))
+    torch.save(ref.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     images, tokens = inputs(cfg)
     with torch.no_grad():
-        expected = {"image": source.encode_image(images), "text": source.encode_text(tokens)}
-    assert_matches(load_model(tmp_path / "m.pt", expected=cfg, quick_gelu=False), expected, images, tokens)
-    assert load_model(tmp_path / "m.pt").config.vision_cfg.num_heads == 1
+        expected = {"image": ref.encode_image(images), "text": ref.encode_text(tokens)}
+    with pytest.raises(CheckpointFormatError, match="does not say its activation"):
+        load_model(tmp_path / "open_clip_pytorch_model.bin")
+    wrong = load_model(tmp_path / "open_clip_pytorch_model.bin", small("ViT-B-32"))  # ours is QuickGELU
+    with torch.no_grad():
+        assert (wrong.encode_text(tokens) - expected["text"]).abs().max() > 1e-3
+    right = load_model(tmp_path / "open_clip_pytorch_model.bin", small("ViT-B-32"), quick_gelu=False)
+    assert_matches(right, expected, images, tokens)
 
 
 class _RunsCode:

@@ -42,14 +42,14 @@ class NoisyTowers(nn.Module):
         return image_features, text_features
 
 
-def _model(bias: float | None = None) -> nn.Module:
+def _model(bias: float | None = None, dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     cfg = clipforge.get_model_config("ViT-Micro-8-32")
     if bias is not None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, init_logit_bias=bias, init_logit_scale=2.302585092994046)
-    return clipforge.create_model(cfg)
+    return clipforge.create_model(cfg).to(dtype)
 
 
 def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,12 +58,26 @@ def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_grads(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+def assert_same_grads(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float = 1e-9) -> None:
+    """Max error per parameter within `tol` of its largest gradient. The default is for float64 runs: there an
+    algorithmic slip shows as an O(1) relative error and rounding, whatever the CPU's kernels, stays near 1e-13."""
     assert ours.keys() == ref.keys()
     for name, r in ref.items():
         err = (ours[name] - r).abs().max().item()
         scale = r.abs().max().item()
-        assert err <= tol * scale + 1e-12, f"{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
+        assert err <= tol * scale + 1e-30, f"{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def assert_no_worse_than_one_pass(ours: dict[str, torch.Tensor], one_pass: dict[str, torch.Tensor],
+                                  exact: dict[str, torch.Tensor]) -> None:
+    """float32 results judged against a float64 computation: our error may be a few times that of the float32
+    one-pass reference on this CPU (how well conditioned each gradient is, measured rather than assumed), plus a
+    few units in the last place of the largest gradient."""
+    for name, x in exact.items():
+        ours_err = (ours[name].double() - x).abs().max().item()
+        ref_err = (one_pass[name].double() - x).abs().max().item()
+        allowed = 8 * ref_err + 8 * torch.finfo(torch.float32).eps * x.abs().max().item()
+        assert ours_err <= allowed, f"{name}: error {ours_err:.3g}, one pass {ref_err:.3g}, allowed {allowed:.3g}"
 
 
 def _loss_fn(cfg: LossConfig):
@@ -82,9 +96,11 @@ def _loss_params(model: nn.Module) -> list[torch.Tensor]:
     [LossConfig(), LossConfig(margin_lambda=0.5, margin_form="hinge", margin_target=1.0), LossConfig(name="siglip")],
     ids=["clip", "clip+hinge", "siglip"],
 )
-def test_equals_one_full_batch_pass(cfg):
-    model = _model(bias=-10.0 if cfg.name == "siglip" else None)
+def _one_pass_and_gradcache(cfg: LossConfig, dtype: torch.dtype) -> tuple[dict, dict, dict, dict]:
+    """(reference grads, reference loss parts, gradcache grads, gradcache loss parts) in `dtype`."""
+    model = _model(bias=-10.0 if cfg.name == "siglip" else None, dtype=dtype)
     images, tokens = make_batch(11, seed=1)
+    images = images.to(dtype)
     params = _loss_params(model)
     loss_fn = _loss_fn(cfg)
 
@@ -97,9 +113,23 @@ def test_equals_one_full_batch_pass(cfg):
         return model(im, tok)[:2]
 
     out = gradcache_backward(encode, loss_fn, (images, tokens), chunk_size=4, loss_params=params)  # 4, 4, 3
-    assert_same_grads(_grads(model), ref)
+    return ref, {k: v.detach() for k, v in ref_out.items()}, _grads(model), {k: v.detach() for k, v in out.items()}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [LossConfig(), LossConfig(margin_lambda=0.5, margin_form="hinge", margin_target=1.0), LossConfig(name="siglip")],
+    ids=["clip", "clip+hinge", "siglip"],
+)
+def test_equals_one_full_batch_pass(cfg):
+    ref, ref_out, ours, out = _one_pass_and_gradcache(cfg, torch.float64)
+    assert_same_grads(ours, ref)
     for key, value in ref_out.items():
-        assert torch.allclose(out[key], value.detach(), rtol=1e-5), key
+        assert torch.allclose(out[key], value, rtol=1e-12, atol=0), key
+    # In float32, judged against float64 rather than against the float32 one-pass rounding of one CPU (a
+    # tolerance of 1e-5 of the largest gradient failed on an Intel AMX machine: 4.4e-5 for siglip's logit_scale).
+    ref32, _, ours32, _ = _one_pass_and_gradcache(cfg, torch.float32)
+    assert_no_worse_than_one_pass(ours32, ref32, ref)
 
 
 def test_dropout_and_augmentation_replayed_exactly():

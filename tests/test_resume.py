@@ -16,6 +16,7 @@ from clipforge.cli import main
 from clipforge.config import ConfigError
 from clipforge.train.feed import StreamPosition, stream_resume_plan
 from clipforge.train.loop import train
+from clipforge.train.config import load_train_config
 from clipforge.train.state import load_training_checkpoint
 from run_helpers import (PairStream, assert_bitwise_equal, events, fork_call, fork_cli, last_logged_step, step_log,
                          tiny_args, tiny_config, wait_exit, wait_for_step, weights)
@@ -217,3 +218,70 @@ def test_tar_shards_killed_and_resumed_are_bitwise_identical(tmp_path):
     assert events(killed, "bad_data_summary")[0]["counts"] == reference.bad_data
     position = load_training_checkpoint(list_checkpoints(killed / "checkpoints")[-1][1]).state.data[0]
     assert position["kind"] == "loader" and position["state"]["format"] == "clipforge.shards/1"
+
+
+def _cli_process(argv: list[str]):
+    """`python -m clipforge <argv>` in a new interpreter: nothing (oneDNN caches, tensor layouts, first-call
+    choices) carried over from this process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "clipforge", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_resnet_bf16_killed_in_fresh_processes_resumes_bitwise(tmp_path):
+    # The demo's model and precision: channels-last 3x3 conv weights updated by the fused AdamW kernel. A resumed
+    # process once paired those weights with NCHW-ordered Adam moments and departed at its second step, which
+    # the ViT runs above cannot show. Every kill leaves at least two steps after the checkpoint it resumes from.
+    common = ["--model=RN-Tiny-64", "--data.synthetic.image_size=64", "--precision=bf16", "--batch_size=8",
+              "--threads=1", "--log_every=1", "--optim.warmup_steps=2", "--steps=9", "--save_every=3",
+              f"--output_dir={tmp_path}"]
+    reference = train(load_train_config(None, [*common, "--run_name=reference"]), progress=False)
+    kills = [4, 7]
+    for kill in kills:
+        proc = _cli_process(["train", "--no-progress", *common, "--run_name=killed", "--resume=auto"])
+        wait_for_step(tmp_path / "killed", kill, proc.pid)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+    proc = _cli_process(["train", "--no-progress", *common, "--run_name=killed", "--resume=auto"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+
+    killed = tmp_path / "killed"
+    assert step_log(killed) == step_log(reference.run_dir), f"kills at {kills}"
+    assert_bitwise_equal(weights(reference.run_dir), weights(killed), f"kills at {kills}")
+    last = list_checkpoints(killed / "checkpoints")[-1][1]
+    moments = load_training_checkpoint(last).optimizer_state
+    expected = load_training_checkpoint(list_checkpoints(reference.run_dir / "checkpoints")[-1][1]).optimizer_state
+    for index, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, moments["state"][index][key]), f"optimizer state {index}.{key}"
+
+
+def test_loaded_adam_moments_take_the_parameter_layout():
+    from clipforge.train.optim import match_parameter_layouts
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+    grads = [torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+
+    def steps(optimizer, param, gs):
+        for g in gs:
+            param.grad = g.clone(memory_format=torch.preserve_format)
+            optimizer.step()
+
+    straight = torch.optim.AdamW([weight], lr=1e-2, fused=True)
+    steps(straight, weight, grads)
+    # what a checkpoint round trip gives: the same numbers, stored contiguous
+    saved = straight.state_dict()
+    plain = {k: v.clone(memory_format=torch.contiguous_format) for k, v in saved["state"][0].items()}
+    fresh = torch.nn.Parameter(weight.detach().clone(memory_format=torch.preserve_format))
+    resumed = torch.optim.AdamW([fresh], lr=1e-2, fused=True)
+    resumed.load_state_dict({"state": {0: plain}, "param_groups": saved["param_groups"]})
+    match_parameter_layouts(resumed)
+    more = [torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    steps(straight, weight, more)
+    steps(resumed, fresh, more)
+    assert torch.equal(weight, fresh)
+    assert resumed.state[fresh]["exp_avg"].stride() == fresh.stride()

@@ -62,7 +62,8 @@ def collect(dataset: ShardDataset, batch_size: int, workers: int) -> list[str]:
 
 def test_writer_uses_img2dataset_layout(shard_dir):
     names = sorted(p.name for p in shard_dir.iterdir())
-    assert names == [f"{i:05d}.tar" for i in range(6)]
+    assert names == sorted([f"{i:05d}.tar" for i in range(6)] + [f"{i:05d}_stats.json" for i in range(6)])
+    assert [json.loads((shard_dir / f"{i:05d}_stats.json").read_text())["successes"] for i in range(6)] == [7] * 5 + [5]
     with tarfile.open(shard_dir / "00001.tar") as tar:
         members = tar.getnames()
         meta = json.loads(tar.extractfile("000010002.json").read())
@@ -110,8 +111,11 @@ def test_writer_from_manifest_command_with_a_bad_image(image_folder, tmp_path):
     args = Namespace(source=str(tmp_path / "m.tsv"), out=str(tmp_path / "s"), per_shard=4, skip_bad=False)
     with pytest.raises(ShardError, match=r"broken\.png: cannot be written to a shard"):
         run_shards_command(args)
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar"]  # the unfinished one is dropped
-    args.skip_bad, args.output = True, str(tmp_path / "summary.json")
+    # the unfinished shard is dropped
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar", "00000_stats.json"]
+    with pytest.raises(ShardError, match=r"already holds 1 shards .*--overwrite"):
+        run_shards_command(args)  # the complete shard of the failed attempt is not mixed into a new set
+    args.skip_bad, args.output, args.overwrite = True, str(tmp_path / "summary.json"), True
     result = run_shards_command(args)
     assert result["samples"] == 5 and result["skipped"] == [str(tmp_path / "broken.png")]
     assert json.loads((tmp_path / "summary.json").read_text())["samples"] == 5
@@ -235,7 +239,7 @@ def test_corrupt_image_member_raises_or_is_skipped_and_counted(shard_dir, tmp_pa
 
 
 def test_truncated_shard_raises_or_skips_its_tail(shard_dir, tmp_path):
-    for path in sorted(shard_dir.glob("*.tar")):
+    for path in sorted(shard_dir.iterdir()):  # the tars and their stats files
         (tmp_path / path.name).write_bytes(path.read_bytes())
     last = tmp_path / "00005.tar"
     with tarfile.open(last) as tar:
@@ -247,7 +251,10 @@ def test_truncated_shard_raises_or_skips_its_tail(shard_dir, tmp_path):
     seen = [c for _, captions in loader for c in captions]
     # Shard 5 holds images 35..39; the cut keeps 35 and 36 whole.
     assert sorted(seen) == sorted(caption_of(i) for i in range(37))
-    assert loader.skipped == 1
+    assert loader.skipped == 3  # 37, 38 and 39: the stats file says the shard held 5
+    (tmp_path / "00005_stats.json").unlink()  # a shard from elsewhere, without stats: its tail counts as one
+    loader = ShardLoader(ShardDataset(tmp_path, EvalTransform(8), epochs=1, caption="first", on_error="skip"), 4)
+    assert len([c for _, captions in loader for c in captions]) == 37 and loader.skipped == 1
 
 
 def test_shard_lists(shard_dir):

@@ -130,3 +130,84 @@ def test_train_crop_boxes_respect_scale_and_aspect() -> None:
         area = w * h / (width * height)
         assert 0.5 - 0.01 <= area <= 1.0 + 0.01
         assert math.log(3 / 4) - 0.02 <= math.log(w / h) <= math.log(4 / 3) + 0.02
+
+
+# ---------------------------------------------------------------- preprocess="openai": exact parity
+
+
+def torchvision_openai_transform(size: int):
+    """OpenAI's `clip._transform` (clip/clip.py), built from torchvision as OpenAI and OpenCLIP build it."""
+    from clip_reference import import_open_clip
+
+    import_open_clip()  # puts the test-only torchvision on the path
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                    lambda image: image.convert("RGB"), ToTensor(), Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+
+
+def synthetic_palette_and_transparent() -> list[Image.Image]:
+    """A palette image with hard colour edges and a transparent palette entry, and an RGBA image whose
+    transparent pixels store a saturated colour (what `convert("RGB")` then shows)."""
+    rng = np.random.default_rng(0)
+    indices = (rng.integers(0, 4, (9, 13)).repeat(17, axis=0).repeat(23, axis=1)).astype(np.uint8)
+    palette_image = Image.fromarray(indices, "P")
+    palette_image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 250, 250, 20] + [0] * 756)
+    palette_image.info["transparency"] = 3
+    rgba = rng.integers(0, 256, (150, 110, 4)).astype(np.uint8)
+    rgba[:60, :, 3] = 0
+    rgba[:60, :, :3] = (255, 0, 255)
+    return [palette_image, Image.fromarray(rgba, "RGBA")]
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_openai_mode_equals_openais_pipeline_on_palette_and_transparent_files(size: int) -> None:
+    """Bit-for-bit: palette (P) files, P files with a transparent entry, RGBA and LA clip art, and the
+    synthetic cases; torchvision's Resize and CenterCrop call the same PIL operations in the same order."""
+    reference = torchvision_openai_transform(size)
+    ours = EvalTransform(size, "openai")
+    images = [Image.open(path) for path in clipart_sample(64)]
+    modes = {(im.mode, "transparency" in im.info) for im in images}
+    assert {("P", True), ("P", False), ("RGBA", False), ("LA", False)} <= modes, modes
+    for image in images + synthetic_palette_and_transparent():
+        got, want = ours(image), reference(image)
+        assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == (3, size, size)
+        assert torch.equal(got, want), (image.mode, (got - want).abs().max())
+
+
+def test_the_two_pipelines_differ_where_documented() -> None:
+    """Where the choice matters: palette images (nearest in palette space vs bicubic on true colour) and
+    transparent pixels (stored colour vs white). On opaque RGB the two are the same pipeline."""
+    palette_image, rgba = synthetic_palette_and_transparent()
+    size = 64
+    openai, ours = EvalTransform(size, "openai"), EvalTransform(size, "clipforge")
+    assert torch.equal(openai(palette_image.convert("RGB").convert("RGB")), ours(palette_image.convert("RGB")))
+    resized_nearest = np.asarray(palette_image.resize((90, 64), Image.NEAREST).convert("RGB"))
+    colours = {tuple(c) for c in resized_nearest.reshape(-1, 3)}
+    assert len(colours) <= 4  # nearest in palette space: only palette colours, hard edges
+    assert not torch.equal(openai(palette_image), ours(palette_image))
+    top = ours(rgba)[:, 0, :]  # the transparent top rows: white, normalised
+    white = (1.0 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    torch.testing.assert_close(top, white[:, None].expand_as(top), atol=1e-6, rtol=0)
+    # OpenAI's: PIL resizes RGBA with premultiplied alpha, so fully transparent pixels come out black after a
+    # resize, and keep their stored colour (here magenta) only where no resize happens; alpha is then dropped.
+    black = (0.0 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    torch.testing.assert_close(openai(rgba)[:, 0, :], black[:, None].expand_as(top), atol=1e-6, rtol=0)
+    magenta = (torch.tensor([1.0, 0.0, 1.0]) - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    unresized = EvalTransform(110, "openai")(rgba)  # shorter side already 110: no resize
+    torch.testing.assert_close(unresized[:, 0, :], magenta[:, None].expand(3, 110), atol=1e-6, rtol=0)
+
+
+def test_preprocess_config_round_trips_and_names_bad_values() -> None:
+    from clipforge.config import ConfigError
+    from clipforge.transforms import PreprocessConfig
+
+    cfg = PreprocessConfig("openai", 64)
+    assert PreprocessConfig.from_dict(cfg.to_dict(), "x") == cfg
+    assert PreprocessConfig.from_dict(cfg.to_openclip(), "x", openclip=True) == cfg
+    assert PreprocessConfig.from_dict({**cfg.to_openclip(), "mode": "RGB"}, "x", openclip=True) == cfg
+    assert repr(cfg.eval_transform()) == "EvalTransform(size=64, mode='openai')"  # part of the cache key
+    with pytest.raises(ConfigError, match="f.json: bad preprocessing config .'resize_mode' is 'squash'"):
+        PreprocessConfig.from_dict({"resize_mode": "squash"}, "f.json")
+    with pytest.raises(ConfigError, match="'mode' is 'mine'"):
+        PreprocessConfig.from_dict({"mode": "mine"}, "f.json")

@@ -21,6 +21,7 @@ _EXPORTS = {
     "CLIP": "clipforge.models.clip",
     "ModelConfig": "clipforge.models.config",
     "ConfigError": "clipforge.config",
+    "Searcher": "clipforge.search.searcher",
 }
 
 __all__ = sorted(_EXPORTS) + ["losses", "__version__"]

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import to_dict
 from .models.config import ModelConfig
+from .transforms import model_preprocess
 
 FORMAT_TAG = "clipforge"
 
@@ -56,6 +57,25 @@ def _default_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+@contextmanager
+def os_errors_named(path: Path, rename: bool = False) -> Iterator[None]:
+    """Writers outside Python (safetensors) report a full disk or a read-only file system with their own
+    exception type; raise it as the OSError it is, naming the file being written (`rename`: OSErrors too, so
+    that the name is the destination rather than a temporary one)."""
+    try:
+        yield
+    except OSError as exc:
+        if not rename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    except Exception as exc:
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new, never half."""
     path = Path(path)
@@ -64,7 +84,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        with os_errors_named(path):
+            write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         _default_mode(tmp, directory=False)
@@ -121,11 +142,12 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: torch.nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's weights and architecture to one `.safetensors` file, atomically."""
+    """Write the model's weights, architecture and eval preprocessing to one `.safetensors` file, atomically."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError("save_model: the model has no clipforge ModelConfig in `.config`")
     metadata = stored_config_metadata(config)
+    metadata["preprocess"] = json.dumps(model_preprocess(model).to_dict())
     metadata.update(extra_metadata or {})
     tensors = model_state_for_saving(model)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -167,7 +189,8 @@ def write_checkpoint_dir(path: str | Path, step: int, files: dict[str, Callable[
     with atomic_directory(path) as tmp:
         entries = {}
         for name, write in files.items():
-            write(tmp / name)
+            with os_errors_named(path / name, rename=True):
+                write(tmp / name)
             entries[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         manifest = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "files": entries}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

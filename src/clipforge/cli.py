@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import ConfigError
 from .formats import CheckpointFormatError
+
+if TYPE_CHECKING:  # the factory pulls in torch, which `clipforge --help` should not wait for
+    from .factory import LoadOptions
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, Handler] = {}
@@ -61,6 +64,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    check_eval_arguments(args)
     if args.threads:
         import torch  # noqa: PLC0415
 
@@ -72,12 +76,46 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     opts = EvalOptions(source=source, split=args.split, shots=tuple(args.shots or ()), draws=args.draws,
                        variants=tuple(args.variants) if args.variants else None,
                        baselines=tuple(args.baseline or ()), batch_size=args.batch_size, seed=args.seed,
-                       cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device)
+                       cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device,
+                       load=load_options(args), preprocess=args.preprocess)
     results = finite_or_none(run_eval(args.task, args.model, args.dataset, opts))
     shown = {k: v for k, v in results.items() if k not in ("per_sample", "per_class_recall", "val_scores")}
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
     _write_json(args.output, results)
     return 0
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Numbers that must be positive (or non-negative) and a cache folder that can be written, before any work."""
+    from .train.config import check_threads  # noqa: PLC0415
+
+    check_threads(args.threads, "--threads")
+    for option, value, least in (("--per-class", args.per_class, 1), ("--pairs", args.pairs, 1),
+                                 ("--captions-per-image", args.captions_per_image, 1), ("--draws", args.draws, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                                 ("--workers", args.workers, 0), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{option}: expected an integer >= {least}, got {value}")
+    if args.cache_dir and not args.no_cache:
+        writable_folder(args.cache_dir, "--cache-dir", "or pass --no-cache")
+
+
+def writable_folder(path: str, option: str, hint: str = "") -> None:
+    """UserError unless `path` is (or can be made) a folder in which files can be created."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write there ({exc.strerror or exc}){'; ' + hint if hint else ''}"
+                        ) from None
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file the system would not read or write (permissions, a full disk, a file in the way)."""
+    return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
 
 
 def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
@@ -142,15 +180,39 @@ def data_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    from .factory import LoadOptions  # noqa: PLC0415
+
+    return LoadOptions(model_name=args.arch, quick_gelu=args.quick_gelu, hf_text_path=args.hf_text_path)
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """--arch/--quick-gelu/--gelu/--hf-text-path: what a model file may not say about itself."""
+    g = p.add_argument_group("model files that do not describe their architecture")
+    g.add_argument("--arch", metavar="NAME", help="architecture of a bare state dict or OpenCLIP checkpoint "
+                   "(a name from clipforge.list_models() or a model config .json)")
+    act = g.add_mutually_exclusive_group()
+    act.add_argument("--quick-gelu", dest="quick_gelu", action="store_const", const=True, default=None,
+                     help="its activation is QuickGELU (OpenAI's models)")
+    act.add_argument("--gelu", dest="quick_gelu", action="store_const", const=False,
+                     help="its activation is GELU (OpenCLIP's plain models)")
+    g.add_argument("--hf-text-path", metavar="DIR", help="local folder of the Hugging Face text encoder that the "
+                   "model file names (a file never chooses folders or code to load)")
+
+
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    import warnings  # noqa: PLC0415
+
     from . import convert  # noqa: PLC0415
     from .checkpoint import save_model  # noqa: PLC0415
+    from .factory import resolve_model  # noqa: PLC0415
+    from .formats.openclip import sidecar_path  # noqa: PLC0415
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
     if args.to != "onnx" and (args.int8 or args.opset is not None):
         raise UserError("--int8 and --opset apply to --to onnx only")
-    model = convert.load_model(args.model)
+    model, _ = resolve_model(args.model, load_options(args))  # a run directory, as for eval
     if args.to == "onnx":
         from .export.onnx_export import OnnxExportOptions, export_onnx, summary  # noqa: PLC0415
 
@@ -159,8 +221,14 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
                "clipforge": save_model}
-    written = writers[args.to](model, args.output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        written = writers[args.to](model, args.output)
     print(f"Wrote {args.to} format to {written}")
+    if args.to in ("openai", "openclip") and written.is_file():
+        print(f"Architecture and preprocessing in {sidecar_path(written)} (OpenCLIP's model_cfg and preprocess_cfg)")
+    for warning in caught:
+        print(f"clipforge: note: {warning.message}", file=sys.stderr)
     return 0
 
 
@@ -202,19 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_data_parser(sub)
+    from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_search_parsers(sub)
     p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI, clipforge or ONNX format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format.")
-    p.add_argument("--model", required=True, help="checkpoint to convert (any format load_model reads)")
+    p.add_argument("--model", required=True, help="checkpoint or run directory to convert (as eval --model)")
     p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge", "onnx"],
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
                    "clipforge: a self-describing .safetensors; onnx: a folder with visual.onnx, textual.onnx, "
                    "preprocess.json, the tokenizer and parity.json (needs the [onnx] extra). The openai and "
-                   "openclip layouts store no architecture: read them back with create_model(NAME, pretrained=PATH)")
-    p.add_argument("--output", required=True, help="output file (a folder for --to hf and --to onnx)")
+                   "openclip layouts hold no architecture: it is written beside them as OUTPUT.json (OpenCLIP's "
+                   "model_cfg and preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT "
+                   "without extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf and --to onnx, and for "
+                   "--to openclip when it has no extension)")
     p.add_argument("--int8", action="store_true", help="onnx: also write int8 graphs (dynamic quantisation of "
                    "MatMul/Gemm) and measure their accuracy cost against fp32")
     p.add_argument("--opset", type=int, help="onnx: ONNX opset, 17 to 23 (default: 18)")
+    add_load_arguments(p)
     p.set_defaults(handler=cmd_export)
+    from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch
+
+    add_embed_parsers(sub)
     return parser
 
 
@@ -259,6 +337,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if CUDA is available, else the CPU)")
+    p.add_argument("--preprocess", choices=["openai", "clipforge"], help="eval pipeline for image files: "
+                   "openai (OpenAI's/OpenCLIP's, exactly) or clipforge (RGB first, transparency on white); "
+                   "default: the one stored with the model")
+    add_load_arguments(p)
     g = p.add_argument_group("synthetic world")
     g.add_argument("--config", help="training config whose synthetic world to use (default: the run's)")
     g.add_argument("--per-class", type=int, default=20, help="images per class and split (default: 20)")
@@ -295,9 +377,11 @@ def is_user_error(exc: BaseException) -> bool:
     # imported here: these modules pull in torch, which `clipforge --help` should not wait for
     from .checkpoint import CheckpointError  # noqa: PLC0415
     from .data.base import DatasetError  # noqa: PLC0415
+    from .data.shards import ShardError  # noqa: PLC0415
     from .eval.templates import TemplateError  # noqa: PLC0415
+    from .search.errors import SearchError  # noqa: PLC0415
 
-    return isinstance(exc, (DatasetError, TemplateError, CheckpointError))
+    return isinstance(exc, (DatasetError, ShardError, TemplateError, CheckpointError, SearchError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if bad:
+    if bad and not getattr(args, "terms_after_options", False):  # `search` takes query terms anywhere
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
     from .data.robust import TooManyBadSamples  # noqa: PLC0415
     from .train.guard import TrainingAborted  # noqa: PLC0415
@@ -318,12 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clipforge: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else is re-raised
-        if not is_user_error(exc):
-            raise
-        message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
-            f"file not found: {exc.filename}"
-        print(f"clipforge: error: {message}", file=sys.stderr)
-        return 2
+        if is_user_error(exc):
+            message = str(exc) if not isinstance(exc, FileNotFoundError) or not exc.filename else \
+                f"file not found: {exc.filename}"
+            print(f"clipforge: error: {message}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):  # a full disk, a read-only folder, a file in the way: the system said no
+            print(f"clipforge: error: {os_error_line(exc)}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)
         return 130

@@ -143,17 +143,50 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (empty file: {}); errors name the file and say what is wrong."""
+def _strict_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise ConfigError(f"duplicate key '{key}' on lines {seen[key]} and {key_node.start_mark.line + 1}")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def read_yaml_text(path: str | Path, what: str) -> Any:
+    """The parsed YAML of a file that must be UTF-8 text without duplicate keys; errors name the file."""
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the "
+                          "file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty file: {}); errors name the file and say what is wrong."""
+    loaded = read_yaml_text(path, what)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{what} {path}: expected a mapping of keys at the top level")
     return loaded or {}

@@ -86,6 +86,9 @@ def run_demo(output: str | Path | None = None, overrides: list[str] | None = Non
     print(results_table(metrics))
     print("\nZero-shot classification of new images, by reading the class names:")
     print("\n".join(show_examples(result.model, cfg)))
+    from .search.demo_search import run_search_demo  # noqa: PLC0415 - the search side loads only here
+
+    run_search_demo(result.run_dir, cfg.data.synthetic, progress=progress)
     atomic_write_text(result.run_dir / "results.json", json.dumps(metrics, indent=2))
     if output is not None:
         atomic_write_text(output, json.dumps(metrics, indent=2))

@@ -42,3 +42,15 @@ def get_model_config(name: str | Path) -> ModelConfig:
         return from_dict(ModelConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def registered_hf_text_paths() -> frozenset[str]:
+    """The Hugging Face text-encoder locations the built-in architectures name (e.g. the MiniLM that a pip
+    package ships): the only ones a model file may select without the caller naming a folder."""
+    paths = set()
+    for name in list_models():
+        path = get_model_config(name).text_cfg.hf_model_path
+        if path is not None:
+            paths.add(path)
+    return frozenset(paths)

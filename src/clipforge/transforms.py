@@ -1,14 +1,25 @@
 """Image preprocessing with PIL and torch only (no torchvision at run time).
 
-Eval: RGB (alpha composited on white) -> resize the shorter side to `size` (bicubic) -> centre crop -> [0, 1]
--> normalise with CLIP's mean and std, as OpenAI's pipeline. Train: a random resized crop instead.
+Two eval pipelines, named by `PreprocessConfig.mode`:
+
+- `clipforge`: RGB first (transparency composited on white, palette images expanded to true colour) -> resize
+  the shorter side to `size` (bicubic) -> centre crop -> [0, 1] -> normalise with CLIP's mean and std.
+- `openai`: OpenAI's and OpenCLIP's order, reproduced exactly: resize the image as stored (PIL then resizes
+  palette images nearest-neighbour in palette space, and RGBA with premultiplied alpha, so fully transparent
+  pixels turn black) -> centre crop -> `convert("RGB")` (alpha dropped: where no resize happened, transparent
+  pixels show whatever colour they store) -> [0, 1] -> normalise.
+
+The two agree on opaque RGB files. Train: a random resized crop after the `clipforge` RGB conversion.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+from .config import ConfigError
 
 import numpy as np
 import torch
@@ -64,18 +75,85 @@ def normalize(
     return (tensor - m) / s
 
 
-class EvalTransform:
-    """Deterministic preprocessing: to RGB, resize shorter side, centre crop, normalise."""
+PREPROCESS_MODES = ("clipforge", "openai")
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+
+class EvalTransform:
+    """Deterministic preprocessing: resize shorter side, centre crop, normalise; `mode` says where the image
+    becomes RGB (see the module docstring)."""
+
+    def __init__(
+        self, size: int, mode: str = "clipforge", mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+        std: tuple[float, ...] = OPENAI_CLIP_STD,
+    ) -> None:
+        if mode not in PREPROCESS_MODES:
+            raise ConfigError(f"preprocess {mode!r}: expected one of {list(PREPROCESS_MODES)}")
+        self.size, self.mode, self.mean, self.std = size, mode, tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = center_crop(resize_shorter(to_rgb(image), self.size), self.size)
-        return normalize(to_tensor(image))
+        if self.mode == "openai":  # torchvision's Resize and CenterCrop call these same PIL operations
+            image = center_crop(resize_shorter(image, self.size), self.size).convert("RGB")
+        else:
+            image = center_crop(resize_shorter(to_rgb(image), self.size), self.size)
+        return normalize(to_tensor(image), self.mean, self.std)
 
-    def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size})"
+    def __repr__(self) -> str:  # part of the features cache key: names everything that changes the pixels
+        stats = "" if (self.mean, self.std) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) else \
+            f", mean={self.mean}, std={self.std}"
+        mode = "" if self.mode == "clipforge" else f", mode={self.mode!r}"
+        return f"EvalTransform(size={self.size}{mode}{stats})"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The eval preprocessing a model expects; stored with every checkpoint and export so other tools can
+    reproduce it (`to_openclip` gives OpenCLIP's `preprocess_cfg`)."""
+
+    mode: str = "clipforge"
+    size: int = 224
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    def eval_transform(self) -> EvalTransform:
+        return EvalTransform(self.size, self.mode, self.mean, self.std)
+
+    def to_dict(self) -> dict[str, Any]:
+        # interpolation and resize_mode are fixed in clipforge; written so that readers need not assume them
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "interpolation": "bicubic",
+                "resize_mode": "shortest"}
+
+    def to_openclip(self) -> dict[str, Any]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": "bicubic",
+                "resize_mode": "shortest"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str, openclip: bool = False) -> "PreprocessConfig":
+        """From `to_dict`'s keys, or (`openclip=True`) from OpenCLIP's `preprocess_cfg`, whose `mode` is the
+        colour mode ('RGB') and whose pipeline is OpenAI's."""
+        try:
+            if openclip and data.get("mode", "RGB") != "RGB":
+                raise ValueError(f"'mode' is {data['mode']!r}; clipforge supports only 'RGB'")
+            mode = "openai" if openclip else str(data.get("mode", "clipforge"))
+            for key, fixed in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
+                if data.get(key, fixed) != fixed:
+                    raise ValueError(f"'{key}' is {data[key]!r}; clipforge supports only {fixed!r}")
+            size = data.get("size", 224)
+            if isinstance(size, (list, tuple)):
+                if len(size) != 2 or size[0] != size[1]:
+                    raise ValueError(f"'size' is {size!r}; clipforge supports square inputs only")
+                size = size[0]
+            mean = tuple(float(v) for v in data.get("mean", OPENAI_CLIP_MEAN))
+            std = tuple(float(v) for v in data.get("std", OPENAI_CLIP_STD))
+            if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or int(size) <= 0:
+                raise ValueError("expected 3 means, 3 positive stds and a positive size")
+            return cls(mode, int(size), mean, std)._checked()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: bad preprocessing config ({exc})") from None
+
+    def _checked(self) -> "PreprocessConfig":
+        if self.mode not in PREPROCESS_MODES:
+            raise ValueError(f"'mode' is {self.mode!r}; expected one of {list(PREPROCESS_MODES)}")
+        return self
 
 
 class TrainTransform:
@@ -112,6 +190,14 @@ class TrainTransform:
         return f"TrainTransform(size={self.size}, scale={self.scale})"
 
 
-def image_transform(size: int, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """The train or eval preprocessing for a model with input resolution `size`."""
-    return TrainTransform(size) if train else EvalTransform(size)
+def image_transform(size: int, train: bool = False, mode: str = "clipforge") -> Callable[[Image.Image], torch.Tensor]:
+    """The train or eval preprocessing for a model with input resolution `size`; `mode` picks the eval
+    pipeline (`clipforge` or `openai`, see the module docstring)."""
+    return TrainTransform(size) if train else EvalTransform(size, mode)
+
+
+def model_preprocess(model: Any) -> PreprocessConfig:
+    """The preprocessing stored with a loaded model (`load_model` sets `preprocess_cfg`), else clipforge's at the
+    model's input size."""
+    stored = getattr(model, "preprocess_cfg", None)
+    return stored if isinstance(stored, PreprocessConfig) else PreprocessConfig(size=int(model.image_size))

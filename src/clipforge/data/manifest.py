@@ -60,20 +60,46 @@ def _same(entry: ManifestEntry, attr: str, value: str | None, path: Path, line: 
         )
 
 
+def _captions(field: str | None, sep: str | None, keep_bad: bool, where: str, column: str, image: str) -> list[str]:
+    """The captions of one row's caption field; bad ones kept (see `read_manifest`) or refused."""
+    captions = [c.strip() for c in field.split(sep)] if field and sep else [(field or "").strip()]
+    if keep_bad:
+        return [c for c in captions if c] or [""]
+    if any(not _is_utf8(c) for c in captions):
+        raise DatasetError(f"{where}: '{column}' is not UTF-8 text; save the manifest as UTF-8")
+    captions = [c for c in captions if c]
+    if not captions:
+        raise DatasetError(f"{where}: empty '{column}' for image '{image}'")
+    return captions
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that did not decode were kept as lone surrogates
+        return False
+    return True
+
+
 def read_manifest(
     path: str | Path,
     columns: ManifestColumns = ManifestColumns(),
     caption_sep: str | None = None,
     delimiter: str | None = None,
     check_files: bool = True,
+    keep_bad_captions: bool = False,
 ) -> list[ManifestEntry]:
-    """Parse and validate a manifest; returns one entry per image, in order of first appearance."""
+    """Parse and validate a manifest; returns one entry per image, in order of first appearance.
+
+    An empty or non-UTF-8 caption is an error naming its line, unless `keep_bad_captions`: training keeps it
+    as it is ("" or text carrying the undecodable bytes as surrogates) for `data.robust` to skip and count.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest not found")
     base = path.parent
     entries: dict[Path, ManifestEntry] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle, delimiter=_delimiter(path, delimiter))
         header = reader.fieldnames or []
         for required in (columns.image, columns.caption):
@@ -87,13 +113,9 @@ def read_manifest(
             caption_field = row.get(columns.caption)
             if not image_field:
                 raise DatasetError(f"{path}:{line}: empty '{columns.image}'")
-            if caption_field is None or not caption_field.strip():
-                raise DatasetError(f"{path}:{line}: empty '{columns.caption}' for image '{image_field}'")
             image = Path(image_field) if Path(image_field).is_absolute() else base / image_field
-            captions = caption_field.split(caption_sep) if caption_sep else [caption_field]
-            captions = [c.strip() for c in captions if c.strip()]
-            if not captions:
-                raise DatasetError(f"{path}:{line}: '{columns.caption}' holds no caption between the separators")
+            captions = _captions(caption_field, caption_sep, keep_bad_captions, f"{path}:{line}", columns.caption,
+                                 image_field)
             entry = entries.get(image)
             if entry is None:
                 if check_files and not image.is_file():

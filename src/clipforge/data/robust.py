@@ -237,7 +237,7 @@ def manifest_pairs(path: str | Path, split: str = "train") -> list[tuple[Path, s
     from .base import DatasetError  # noqa: PLC0415
     from .manifest import read_manifest  # noqa: PLC0415
 
-    entries = read_manifest(path, check_files=False)
+    entries = read_manifest(path, check_files=False, keep_bad_captions=True)  # skipped and counted when read
     if any(e.split is not None for e in entries):
         present = sorted({e.split for e in entries if e.split is not None})
         entries = [e for e in entries if e.split == split]

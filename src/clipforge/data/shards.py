@@ -2,7 +2,8 @@
 
 Layout (what img2dataset writes, and `clipforge.data.writer` too): `00000.tar, 00001.tar, ...`, each holding
 samples as consecutive members `KEY.jpg` (or png/webp), `KEY.txt` (captions, one per line) and optionally
-`KEY.json`. Shards are read with `tarfile` from local (or mounted) files; no webdataset package is needed.
+`KEY.json`; next to each tar, `00000_stats.json` gives its sample count (`successes`), which tells how many
+samples a truncated copy lost. Shards are read with `tarfile` from local (or mounted) files; no webdataset package is needed.
 
 How the stream is made. Each rank has W "slots" (W = DataLoader workers, or 1 without workers); the
 world has G = world_size * W slots, and every slot reads its own shards:
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import logging
 import os
 import random
@@ -126,6 +128,21 @@ def scan_shard(path: str, shard: int) -> Iterator[SampleRef]:
         raise ShardError(f"{path}: unreadable tar after member '{last}' ({exc})") from exc
     if members:
         yield SampleRef(shard, key, tuple(members))  # type: ignore[arg-type]
+
+
+def stats_path(shard: str | Path) -> Path:
+    """img2dataset's per-shard statistics file: `00000_stats.json` next to `00000.tar`."""
+    shard = Path(shard)
+    return shard.with_name(f"{shard.stem}_stats.json")
+
+
+def expected_samples(shard: str | Path) -> int | None:
+    """How many samples the shard was written with (its stats file's `successes`), or None when unknown."""
+    try:
+        count = json.loads(stats_path(shard).read_text())["successes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
 
 
 def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
@@ -265,14 +282,32 @@ class ShardDataset(IterableDataset):
 
     def _refs(self, slot: int, num_slots: int, epoch: int, counter: list[int], live: list[bool]) -> Iterator[SampleRef]:
         for shard in self.epoch_shards(epoch, slot, num_slots):
+            found, error = 0, None
             try:
-                yield from scan_shard(self.paths[shard], shard)
+                for ref in scan_shard(self.paths[shard], shard):
+                    found += 1
+                    yield ref
             except ShardError as exc:
                 if self.on_error == "raise":
                     raise
-                if live[0]:  # counted once: a replay before the resume point already had it in the state
-                    counter[0] += 1
-                    logger.warning("skipping the rest of a shard: %s", exc)
+                error = exc
+            lost = self._lost(shard, found, error)
+            if lost and live[0]:  # counted once: a replay before the resume point already had it in the state
+                counter[0] += lost
+                logger.warning("%d samples lost from a shard: %s", lost,
+                               error or f"{self.paths[shard]}: ends after {found} samples")
+
+    def _lost(self, shard: int, found: int, error: ShardError | None) -> int:
+        """Samples of a shard never reached: from its stats file when there is one (a truncated tar loses its
+        whole tail), else 1 for an unreadable tail of unknown length."""
+        expected = expected_samples(self.paths[shard])
+        if expected is not None:
+            if found > expected and error is None:
+                return 0
+            if found > expected and self.on_error == "raise":
+                raise ShardError(f"{self.paths[shard]}: holds more samples than its stats file's {expected}")
+            return max(expected - found, 1 if error is not None else 0)
+        return 1 if error is not None else 0
 
     def _epoch_stream(self, files: _OpenShards, slot: int, num_slots: int, epoch: int, start: int,
                       counter: list[int]) -> Iterator[tuple[Any, str, SamplePosition]]:

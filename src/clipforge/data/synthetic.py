@@ -79,10 +79,13 @@ class SyntheticConfig:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError(f"config key '{p}max_objects': expected 1 to 3, got {self.max_objects}")
-        if len(self.object_count_weights) < self.max_objects or any(w < 0 for w in self.object_count_weights):
-            raise ConfigError(
-                f"config key '{p}object_count_weights': expected {self.max_objects} non-negative weights"
-            )
+        weights = self.object_count_weights
+        usable = len(weights) >= self.max_objects and all(w >= 0 for w in weights)
+        if not (usable and sum(weights[: self.max_objects]) > 0):
+            raise ConfigError(f"config key '{p}object_count_weights': expected {self.max_objects} non-negative weights, "
+                              f"not all zero, got {list(weights)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"config key '{p}seed': expected an integer in [0, 2**32), got {self.seed}")
         if self.image_size < 16:
             raise ConfigError(f"config key '{p}image_size': expected at least 16, got {self.image_size}")
         for combo in self.heldout:

@@ -1,7 +1,8 @@
 """Writing image-caption pairs as WebDataset tar shards in img2dataset's layout.
 
 `00000.tar, 00001.tar, ...` in `out_dir`, each holding up to `samples_per_shard` samples as `KEY.jpg`,
-`KEY.txt` (the captions, one per line) and `KEY.json` (key, captions, source, width, height). Keys are the
+`KEY.txt` (the captions, one per line) and `KEY.json` (key, captions, source, width, height), plus
+`00000_stats.json` with the shard's sample count. Keys are the
 shard number followed by the sample number in the shard (`000000000`, `000000001`, ...), as img2dataset does.
 Each tar is written to a temporary name and renamed when complete, with fixed member metadata, so the same
 pairs always give byte-identical shards. `clipforge.data.shards.ShardDataset` reads them back.
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..transforms import to_rgb
-from .shards import ShardError
+from .shards import ShardError, stats_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class _ShardSink:
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
+            # img2dataset's stats file: readers learn how many samples a truncated copy of this shard lost
+            stats, tmp = stats_path(self._path()), self._path().with_suffix(".stats.tmp")
+            tmp.write_text(json.dumps({"count": self.count, "successes": self.count}) + "\n")
+            os.replace(tmp, stats)
             os.replace(self._path().with_suffix(".tar.tmp"), self._path())
             self.written.append(self._path())
             self.tar = None
@@ -196,17 +201,41 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-format", choices=("jpg", "keep"), default="jpg",
                         help="jpg: re-encode non-JPEG images as JPEG (default); keep: store PNG/WebP as they are")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards already in --out (without it, a folder holding shards is refused)")
     parser.add_argument("--output", metavar="FILE.json", help="write the summary as JSON")
+
+
+def existing_shards(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The shards already in `out_dir` (to replace when `overwrite`); ShardError if `out_dir` cannot take new
+    shards: not a folder, or holding shards that would be mixed into the new set."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"--out {out_dir}: is a file; expected a folder for 00000.tar, 00001.tar, ...")
+    old = sorted(p for p in out_dir.glob("*.tar") if p.stem.isdigit()) if out_dir.is_dir() else []
+    if old and not overwrite:
+        raise ShardError(f"--out {out_dir}: already holds {len(old)} shards ({old[0].name} ...); a new set written "
+                         "there would mix with them: choose an empty folder, or pass --overwrite to replace them")
+    return old
 
 
 def run_shards_command(args: argparse.Namespace) -> dict[str, Any]:
     """`clipforge data shards --from MANIFEST_OR_FOLDER --out DIR [--per-shard N]`; returns the summary."""
+    if args.per_shard < 1:
+        raise ShardError(f"--per-shard: expected a positive number of samples, got {args.per_shard}")
+    out = Path(args.out)
+    old = existing_shards(out, getattr(args, "overwrite", False))
     pairs = pairs_from_source(args.source, getattr(args, "split", None))
-    summary = write_shards(pairs, args.out, args.per_shard, image_format=getattr(args, "image_format", "jpg"),
+    summary = write_shards(pairs, out, args.per_shard, image_format=getattr(args, "image_format", "jpg"),
                            on_error="skip" if getattr(args, "skip_bad", False) else "raise")
+    for stale in set(old) - set(summary.shards):  # old shards beyond the new set's last number
+        stale.unlink()
+        stats_path(stale).unlink(missing_ok=True)
     result = summary.as_dict()
     print(f"wrote {summary.samples} samples in {len(summary.shards)} shards to {args.out}"
+          + (f"; replaced {len(old)} old shards" if old else "")
           + (f"; skipped {len(summary.skipped)} unreadable images" if summary.skipped else ""))
     if getattr(args, "output", None):
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        from ..checkpoint import atomic_write_text  # noqa: PLC0415
+
+        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     return result

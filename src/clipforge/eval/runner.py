@@ -18,8 +18,10 @@ import torch
 
 from ..config import ConfigError
 from ..data.base import DatasetError
-from ..registry import list_models
+from ..factory import LoadOptions
+from ..factory import resolve_model as resolve_model_spec
 from ..tokenizer import BPETokenizer
+from ..transforms import model_preprocess
 from . import TASKS, plots
 from .features import cached_image_features, encode_texts
 from .linear_probe import carve_validation, kshot_probe, linear_probe
@@ -48,36 +50,21 @@ class EvalOptions:
     encode_batch: int = 128
     num_workers: int = 0
     device: str | None = None  # where the model runs: "cpu", "cuda", "cuda:1"; None: a GPU if there is one
+    load: LoadOptions = field(default_factory=LoadOptions)  # what the model file may not say (--arch, …)
+    preprocess: str | None = None  # "openai" or "clipforge" eval pipeline; None: the one stored with the model
 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "clipforge" / "features"
 
 
-def resolve_model(spec: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Path | None]:
+def resolve_model(spec: str, device: torch.device | None = None, load: LoadOptions = LoadOptions()
+                  ) -> tuple[torch.nn.Module, Path | None]:
     """(model in eval mode, on `device` if given; run directory if any) from a run directory, a checkpoint
-    file or an architecture name. Evaluation inputs follow the model's device (`features.input_device`)."""
-    model, run_dir = _load_for_eval(spec)
+    file or an architecture name (`factory.resolve_model`). Evaluation inputs follow the model's device
+    (`features.input_device`)."""
+    model, run_dir = resolve_model_spec(spec, load)
     return (model.to(device) if device is not None else model), run_dir
-
-
-def _load_for_eval(spec: str) -> tuple[torch.nn.Module, Path | None]:
-    path = Path(spec)
-    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
-        from ..convert import load_model  # noqa: PLC0415
-
-        return load_model(path / "model.safetensors").eval(), path
-    if path.exists():
-        from ..convert import load_model  # noqa: PLC0415
-
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
-        return load_model(path).eval(), run_dir
-    if spec in list_models():
-        from ..factory import create_model  # noqa: PLC0415
-
-        torch.manual_seed(0)  # a reproducible random initialisation: the floor any training must beat
-        return create_model(spec).eval(), None
-    raise FileNotFoundError(spec)
 
 
 class Evaluator:
@@ -89,7 +76,8 @@ class Evaluator:
             raise ConfigError(f"model {model_spec}: its input image size is unknown")
         self.model, self.opts = model, opts
         self.tokenizer = BPETokenizer(context_length=getattr(model, "context_length", 77))
-        source_opts = SourceOptions(**{**vars(opts.source), "run_dir": run_dir})
+        self.preprocess = opts.preprocess or model_preprocess(model).mode
+        source_opts = SourceOptions(**{**vars(opts.source), "run_dir": run_dir, "preprocess": self.preprocess})
         self.source = open_source(dataset, model.image_size, source_opts)
 
     def image_features(self, data: LabelledImages | CaptionedImages) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,7 +254,7 @@ def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None 
     check_options(task, opts)
     device = eval_device(opts.device)  # a bad --device stops before the model is loaded
     start = time.perf_counter()
-    model, run_dir = resolve_model(model_spec, device)
+    model, run_dir = resolve_model(model_spec, device, opts.load)
     ev = Evaluator(model, model_spec, run_dir, dataset, opts)
     handlers: dict[str, Callable[[], dict[str, Any]]] = {
         "zeroshot": lambda: task_zeroshot(ev), "retrieval": lambda: task_retrieval(ev),
@@ -274,7 +262,8 @@ def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None 
         "margins": lambda: task_margins(ev),
     }
     results = handlers[task]()  # not under no_grad: the linear probe fits with autograd
-    header = {"task": task, "model": model_spec, "dataset": dataset, "split": ev.opts.split}
+    header = {"task": task, "model": model_spec, "dataset": dataset, "split": ev.opts.split,
+              "preprocess": ev.preprocess}
     return {**header, **results, "seconds": round(time.perf_counter() - start, 2)}
 
 

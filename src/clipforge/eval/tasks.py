@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import Dataset, Subset
 
-from ..config import ConfigError, from_dict
+from ..config import ConfigError, from_dict, read_yaml_mapping
 from ..data.base import CaptionDataset, DatasetError
 from ..data.catalog import get_dataset
 from ..data.offline import data_root, is_prepared, list_offline_datasets, prepare_command
@@ -49,6 +48,7 @@ class SourceOptions:
     per_class: int = 20  # synthetic images per class and split
     pairs: int = 1000  # synthetic image-caption pairs for retrieval and margins
     captions_per_image: int = 1  # synthetic captions per retrieval image
+    preprocess: str = "clipforge"  # eval pipeline for image files: "clipforge" or "openai" (transforms)
 
 
 @dataclass
@@ -109,9 +109,9 @@ def synthetic_config(opts: SourceOptions, image_size: int) -> SyntheticConfig:
     source = Path(opts.config) if opts.config else (opts.run_dir / "config.yaml" if opts.run_dir else None)
     data: dict[str, Any] = {}
     if source is not None:
-        if not source.is_file():
+        if not source.exists():
             raise FileNotFoundError(str(source))
-        loaded = yaml.safe_load(source.read_text()) or {}
+        loaded = read_yaml_mapping(source, "config file")
         data = dict(((loaded.get("data") or {}).get("synthetic")) or {})
         size = data.get("image_size", SyntheticConfig.image_size)
         if size != image_size:
@@ -173,7 +173,7 @@ class SyntheticSource:
 
 def _has_split_column(path: Path) -> bool:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         header = next(csv.reader(handle, delimiter=delimiter), [])
     return "split" in header
 
@@ -200,7 +200,8 @@ class CatalogSource:
         return None if self.single_set else split
 
     def _open(self, split: str, variant: str | None) -> Any:
-        transform = ShiftedTransform(self.image_size, variant) if variant else EvalTransform(self.image_size)
+        transform = ShiftedTransform(self.image_size, variant) if variant else \
+            EvalTransform(self.image_size, self.opts.preprocess)
         return get_dataset(self.spec, self._split(split), transform, root=self.opts.root, language=self.opts.language)
 
     def _key(self, view: str, split: str, variant: str | None) -> str:

@@ -155,6 +155,13 @@ def config_from_hf(data: Mapping[str, Any], where: str) -> ModelConfig:
     quick = _act(text["hidden_act"], where, "text_config.hidden_act")
     if _act(vision["hidden_act"], where, "vision_config.hidden_act") != quick:
         raise CheckpointFormatError(f"{where}: the text and vision towers use different activations")
+    for prefix, section in (("text_config", text), ("vision_config", vision)):
+        heads, width = section["num_attention_heads"], section["hidden_size"]
+        if not (isinstance(heads, int) and isinstance(width, int) and heads > 0 and width > 0 and width % heads == 0):
+            raise CheckpointFormatError(
+                f"{where}: '{prefix}.num_attention_heads' is {heads!r}, which does not divide "
+                f"'{prefix}.hidden_size' {width!r}; expected positive integers with hidden_size % heads == 0"
+            )
     eos = text["eos_token_id"]
     if eos not in (2, text["vocab_size"] - 1):
         # Ours pools at argmax(token id); HF pools at the first eos. They agree only when eos is the largest id

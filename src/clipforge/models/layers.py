@@ -25,8 +25,8 @@ class QuickGELU(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and returned in the input's dtype, so low-precision weights or activations
-    stay stable.
+    """LayerNorm computed in fp32 (or float64 for float64 input) and returned in the input's dtype, so
+    low-precision weights or activations stay stable.
 
     On CPU the kernel takes bf16 input with fp32 or bf16 weights and accumulates in fp32 itself, so bf16
     activations are normalised without the two full-tensor casts (and, under autocast, without autocast's
@@ -41,8 +41,9 @@ class LayerNorm(nn.LayerNorm):
                 with torch.autocast("cpu", enabled=False):
                     return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        compute = torch.promote_types(x.dtype, torch.float32)  # fp32 at least; float64 stays float64
         out = F.layer_norm(
-            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+            x.to(compute), self.normalized_shape, self.weight.to(compute), self.bias.to(compute), self.eps
         )
         return out.to(x.dtype)
 

@@ -6,6 +6,7 @@ The defaults are the demo run (`clipforge demo`), so `configs/demo.yaml` only re
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +127,13 @@ class DebugConfig:
 RESUME_MODES = ("auto", "latest")
 
 
+def check_threads(threads: int | None, what: str) -> None:
+    """A thread count torch can use: 1 up to this machine's CPUs (far larger counts crash its thread pool)."""
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cpus:
+        raise ConfigError(f"{what}: expected 1 to {cpus} (the CPUs of this machine), got {threads}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "RN-Tiny-64"
@@ -165,8 +173,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'log_every': expected a positive integer, got {self.log_every}")
         if self.save_every is not None and self.save_every <= 0:
             raise ConfigError(f"config key 'save_every': expected a positive integer or null, got {self.save_every}")
-        if self.threads is not None and self.threads <= 0:
-            raise ConfigError(f"config key 'threads': expected a positive integer or null, got {self.threads}")
+        check_threads(self.threads, "config key 'threads'")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"config key 'seed': expected an integer in [0, 2**32), got {self.seed}")
         if self.keep_checkpoints < 1:
             raise ConfigError(
                 f"config key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}"

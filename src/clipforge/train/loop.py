@@ -24,6 +24,7 @@ from ..checkpoint import checkpoint_dir_name, prune_checkpoints
 from ..config import to_dict
 from ..data.robust import SKIPPED_KINDS, BadDataTally
 from ..factory import create_model
+from ..transforms import PreprocessConfig
 from ..losses import compute_loss
 from ..models.clip import CLIP
 from ..models.lock import set_locked_eval
@@ -78,6 +79,8 @@ def autocast_context(precision: str, device: torch.device) -> Any:
 def prepare_model(cfg: TrainConfig, device: torch.device) -> CLIP:
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.finetune.init, device=device)
+    # Trained on clipforge's image pipeline: its checkpoints record that, whatever the init file stored.
+    model.preprocess_cfg = PreprocessConfig(size=model.image_size)
     apply_locks(model, cfg.finetune)
     if cfg.loss.uses_logit_bias and model.logit_bias is None:
         # SigLIP's initialisation (Zhai et al. 2023): scale 10 and bias -10, so the B^2 - B negatives start

@@ -36,7 +36,8 @@ from .feed import (StreamPosition, TrainBatch, build_loader, build_shard_loader,
                    stream_resume_plan)
 from .guard import NonFiniteGuard
 from .loop import TrainResult, prepare_model, run_directory
-from .optim import build_optimizer
+from .optim import build_optimizer, match_parameter_layouts
+from .rundir import RunLock, check_resume_loses_nothing, check_run_name, lock_run_dir
 from .runlog import RunLog
 from .state import LoadedCheckpoint, code_version, config_differences, load_training_checkpoint, restore_rng_state
 
@@ -164,6 +165,7 @@ class Run:
     tally: BadDataTally = field(default_factory=BadDataTally)
     shown: dict[str, int] = field(default_factory=dict)
     teacher: Teacher | None = None  # loss.distill's teacher model
+    lock: RunLock | None = None  # rank 0's lock on run_dir, held until close()
 
     @property
     def ckpt_root(self) -> Path:
@@ -227,6 +229,8 @@ class Run:
     def close(self) -> None:
         self.batches = None  # shuts DataLoader workers down now rather than at garbage collection
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         # The DDP wrapper goes before the process group it uses: its reducer torn down after the group (at
         # garbage collection, once a peer has exited) can deadlock.
         self.model = self.core
@@ -271,6 +275,7 @@ def _restore(run: Run, loaded: LoadedCheckpoint) -> None:
     state = loaded.state
     run.core.load_state_dict(loaded.model_state)
     run.optimizer.load_state_dict(loaded.optimizer_state)
+    match_parameter_layouts(run.optimizer)
     run.tally.load_state_dict(state.counters["bad_data"])
     run.guard.load_state_dict(state.counters["nonfinite"])
     run.start_step, run.resumed_from = state.step, loaded.path
@@ -306,12 +311,19 @@ def _start_data(run: Run, dataset: Any, shuffle: bool, saved: dict[str, Any] | N
 
 def setup_run(cfg: TrainConfig, device: str | None, dataset: Any = None) -> Run:
     """Check, place, resume and build everything a run needs, in an order that keeps resumption exact."""
+    check_run_name(cfg.run_name)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     place = place_process(device)
+    lock = None
     try:
-        return _setup(cfg, place, dataset)
+        lock = lock_run_dir(run_directory(cfg)) if place.is_main else None
+        run = _setup(cfg, place, dataset)
+        run.lock = lock
+        return run
     except BaseException:
+        if lock is not None:
+            lock.release()
         if place.owns_group:
             from ..dist import cleanup  # noqa: PLC0415
 
@@ -325,9 +337,9 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
     say = (lambda m: print(f"clipforge: {m}", file=sys.stderr)) if place.is_main else (lambda m: None)
     resume = None
     if place.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir / "checkpoints")  # half-written checkpoints of a killed process
         resume = resolve_resume(cfg, run_dir / "checkpoints", say)
+        check_resume_loses_nothing(cfg, run_dir, resume)
     resume = _broadcast(place, str(resume) if resume is not None else None)
     loaded = load_training_checkpoint(resume, verify=False) if resume is not None else None  # rank 0 verified it
     if loaded is not None:

@@ -1,0 +1,411 @@
+"""Search-side benchmarks: embedding throughput end to end, and index build / size / latency / recall.
+
+Embedding (`--section embedding`): images/s from image files to L2-normalised features (decode + preprocess in
+loader workers, then the image tower), the same files, thread count, batch size and worker count for every
+pipeline, per precision:
+- clipforge: the real `clipforge embed` path (listing, loader, encoder, parts written to disk);
+- open_clip: open_clip's CLIP (its own model.py, by file path) holding the same weights, fed by the same loader
+  and preprocessing as ours: open_clip's preprocessing needs torchvision, which does not install against this
+  CPU build of torch from PyPI, so this ratio isolates the model; bf16 is open_clip's `amp_bf16` (autocast);
+- transformers: CLIPModel with the same weights and CLIPImageProcessor (its own preprocessing) in the loader;
+  bf16 is `model.to(torch.bfloat16)`.
+Rounds take turns (A B C A B C) and the best round counts, as the machine is shared.
+
+Index (`--section index`): synthetic clustered unit vectors with a caption set offset from the images (a
+modality gap), written as embedding parts and indexed by `clipforge.search.build`: build seconds, bytes per
+vector, 10-recall@10 per query modality (held-out queries against exact search), batch-1 latency p50/p99 of
+caption queries on one faiss thread.
+
+Server (`--section server`): `clipforge serve` in its own process over an index of `--server-rows` random unit
+vectors carrying the fingerprint of `--server-model` (default RN-Tiny-64 with seed-0 random weights, the demo's
+architecture: its text tower's size, not its training, sets the speed; metadata point at one small PNG).
+`--clients` threads send text queries (colour x shape phrases; every one a text-tower forward, nothing cached)
+over keep-alive HTTP/1.1 on loopback: closed loop (each client sends its next query when the last is answered:
+the capacity) and open loop at `--rate` queries/s in total (latency at that offered load). Any answer other
+than 200 is a failure.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
+    PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import machine_note, twin_models
+
+from clipforge.search.build import BuildOptions, build_index
+from clipforge.search.index import open_index
+from clipforge.search.parts import write_manifest, write_part
+
+OPENCLIPART = Path("/usr/share/openclipart/png")
+
+
+def image_files(count: int, scratch: Path) -> tuple[list[Path], str]:
+    """`count` real PNGs from Debian's openclipart-png when installed, else synthetic 640x480 JPEGs."""
+    if OPENCLIPART.is_dir():
+        files = sorted(OPENCLIPART.rglob("*.png"))[:count]
+        if len(files) == count:
+            return files, f"{count} openclipart PNGs"
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(count):
+        path = scratch / "images" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((480, 640, 3)) * 255).astype(np.uint8)).save(path, quality=90)
+        files.append(path)
+    return files, f"{count} synthetic 640x480 JPEGs"
+
+
+class _Decode(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], transform: Callable) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from clipforge.data.robust import convert_to_rgb, load_image  # noqa: PLC0415
+
+        return self.transform(convert_to_rgb(load_image(self.files[i]))[0])
+
+
+def _loader_rate(files: list[Path], transform: Callable, forward: Callable, batch: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(_Decode(files, transform), batch_size=batch, num_workers=workers)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for pixels in loader:
+            forward(pixels)
+    return len(files) / (time.perf_counter() - start)
+
+
+def _hf_transform(size: int) -> Callable:
+    from transformers import CLIPImageProcessor  # noqa: PLC0415
+
+    # OpenAI's pipeline (resize the shorter side, centre crop, CLIP mean / std) at the model's resolution
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def transform(image: Any) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
+
+
+def _pipelines(name: str, precision: str, files: list[Path], scratch: Path, batch: int, workers: int) -> dict:
+    """name -> zero-argument callable returning images/s, for the three implementations at `precision`."""
+    import copy  # noqa: PLC0415
+
+    from clip_reference import openclip_clip  # noqa: PLC0415 - tests/, open_clip's model.py by path
+
+    from clipforge.search.embed import EmbedOptions, run_embedding  # noqa: PLC0415
+    from clipforge.search.encoder import TorchEncoder  # noqa: PLC0415
+    from clipforge.search.sources import list_source  # noqa: PLC0415
+    from clipforge.transforms import image_transform  # noqa: PLC0415
+
+    cfg, ours, hf = twin_models(name)
+    theirs = openclip_clip(cfg)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    folder = scratch / "collection"
+    if not folder.exists():
+        folder.mkdir()
+        for i, path in enumerate(files):
+            (folder / f"{i:05d}{path.suffix}").symlink_to(path)
+    listing = list_source(str(folder))
+    encoder = TorchEncoder(copy.deepcopy(ours), name, torch.device("cpu"), precision)
+    runs = [0]
+
+    def clipforge() -> float:
+        runs[0] += 1
+        opts = EmbedOptions(part_size=len(files), batch_size=batch, workers=workers, progress=False)
+        return float(run_embedding(scratch / f"emb-{precision}-{runs[0]}", listing, encoder, opts)["images_per_s"])
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
+    preprocess = image_transform(cfg.vision_cfg.image_size)
+
+    def open_clip() -> float:
+        def forward(px: torch.Tensor) -> None:
+            if amp is None:
+                torch.nn.functional.normalize(theirs.encode_image(px), dim=-1)
+            else:
+                with amp():
+                    torch.nn.functional.normalize(theirs.encode_image(px), dim=-1)
+        return _loader_rate(files, preprocess, forward, batch, workers)
+
+    hf_model = copy.deepcopy(hf).eval().to(dtype)
+
+    def transformers() -> float:
+        def forward(px: torch.Tensor) -> None:
+            out = hf_model.get_image_features(pixel_values=px.to(dtype))
+            torch.nn.functional.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
+        return _loader_rate(files, _hf_transform(cfg.vision_cfg.image_size), forward, batch, workers)
+
+    return {"clipforge": clipforge, "open_clip": open_clip, "transformers": transformers}
+
+
+def bench_embedding(name: str = "ViT-B-32", count: int = 192, batch: int = 32, workers: int = 1,
+                    threads: int = 2, rounds: int = 2, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Best-of-`rounds` images/s per (implementation, precision) and the clipforge / other ratios."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        files, what = image_files(count, scratch)
+        rates: dict[str, float] = {}
+        for precision in precisions:
+            pipelines = _pipelines(name, precision, files, scratch, batch, workers)
+            for _ in range(rounds):
+                for impl, run in pipelines.items():
+                    key = f"{impl} {precision}"
+                    rates[key] = max(rates.get(key, 0.0), run())
+    ratios = {f"clipforge / {other} {p}": rates[f"clipforge {p}"] / rates[f"{other} {p}"]
+              for p in precisions for other in ("open_clip", "transformers")}
+    return {"model": name, "images": what, "batch": batch, "workers": workers, "threads": threads,
+            "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+
+
+def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0) -> Path:
+    """Clustered unit image vectors (2,000 centres) and captions offset by a common direction, as parts."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((2000, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    gap = rng.standard_normal(dim).astype(np.float32)
+    gap /= np.linalg.norm(gap)
+    parts = []
+    for number, start in enumerate(range(0, rows, part_rows)):
+        n = min(part_rows, rows - start)
+        img = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, dim), dtype=np.float32) * 0.045
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        text = img + 0.6 * gap + rng.standard_normal((n, dim), dtype=np.float32) * 0.03
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        columns = {"key": [str(start + i) for i in range(n)], "path": [None] * n, "caption": [None] * n}
+        parts.append(write_part(root, number, img, text, columns))
+    header = {"fingerprint": {"synthetic": seed}, "dim": dim, "model": "synthetic", "has_text": True,
+              "source": {"kind": "synthetic", "rows": rows}}
+    write_manifest(root, parts, header)
+    return root
+
+
+def _latency(index_dir: Path, queries: np.ndarray, repeats: int) -> dict[str, float]:
+    """Batch-1 latency on one faiss thread: a server answers concurrent queries on separate threads, and
+    OpenMP barriers for a single query only add waiting on a busy machine."""
+    import faiss  # noqa: PLC0415
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    index = open_index(index_dir)
+    times = []
+    for i in range(repeats):
+        q = queries[i % len(queries)][None]
+        start = time.perf_counter()
+        index.search(q, 10)
+        times.append(time.perf_counter() - start)
+    faiss.omp_set_num_threads(threads)
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, threads: int = 2,
+                kinds: tuple[str, ...] = ("flat", "ivfpq"), target_recall: float = 0.9, repeats: int = 200) -> dict:
+    """Build time, bytes/vector, recall per modality and batch-1 latency of each kind at each size."""
+    import faiss  # noqa: PLC0415
+
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            emb = synthetic_collection(Path(tmp) / f"emb{rows}", rows, dim)
+            pick = np.sort(np.random.default_rng(1).choice(min(rows, 100_000), 64, replace=False))
+            queries = np.load(emb / "text_emb" / "text_emb_0.npy")[pick].astype(np.float32)  # captions as queries
+            for kind in kinds:
+                start = time.perf_counter()
+                info = build_index([emb], Path(tmp) / f"{kind}{rows}",
+                                   BuildOptions(kind=kind, target_recall=target_recall, queries=300))
+                total = time.perf_counter() - start
+                results[f"{kind} {rows}"] = {
+                    "factory": info["build"]["factory"], "search": info["search"],
+                    "build_s": info["build"]["seconds"], "build_and_measure_s": round(total, 1),
+                    "bytes_per_vector": info["bytes_per_vector"],
+                    "recall_image": info["recall"]["image"], "recall_text": info["recall"]["text"],
+                    **_latency(Path(tmp) / f"{kind}{rows}", queries, repeats)}
+                print(f"  {kind} {rows}: {json.dumps(results[f'{kind} {rows}'])}", flush=True)
+    return {"dim": dim, "vectors": "synthetic clustered unit vectors + offset captions", "threads": threads,
+            "target_recall": target_recall, "results": results}
+
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "black", "white")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
+
+
+def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -> Path:
+    """An index of `rows` random normalised vectors carrying the model's fingerprint; returns its folder."""
+    from PIL import Image
+
+    from clipforge.search.encoder import load_encoder
+
+    if model_spec is None:
+        from clipforge.checkpoint import save_model
+        from clipforge.factory import create_model
+
+        torch.manual_seed(0)
+        model_spec = str(save_model(create_model("RN-Tiny-64"), root / "model.safetensors"))
+    encoder = load_encoder(model_spec, device="cpu")
+    dim = int(encoder.fingerprint["dim"])
+    picture = root / "one.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    rng = np.random.default_rng(seed)
+    parts, per_part = [], 50_000
+    for number, start in enumerate(range(0, rows, per_part)):
+        count = min(per_part, rows - start)
+        img = rng.standard_normal((count, dim)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        text = rng.standard_normal((count, dim)).astype(np.float32)
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        keys = [f"row{start + i:07d}" for i in range(count)]
+        parts.append(write_part(root / "emb", number, img, text,
+                                {"key": keys, "path": [str(picture)] * count, "caption": keys}))
+    write_manifest(root / "emb", parts, {"fingerprint": encoder.fingerprint, "dim": dim, "model": model_spec,
+                                         "has_text": True})
+    build_index([root / "emb"], root / "index", BuildOptions(kind="flat", queries=200))
+    return root / "index"
+
+
+def start_server(index: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "clipforge", "serve", str(index), "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"clipforge serve exited: {server.stdout.read() if server.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("clipforge serve did not answer /healthz within 120 s")
+
+
+def run_clients(base: str, clients: int, per_client: int, rate: float | None) -> dict[str, Any]:
+    """Latencies (s) and failures of `clients` threads sending `per_client` text queries each."""
+    import httpx
+
+    texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures = [0] * clients
+    start_at = time.perf_counter() + 0.2
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i in range(per_client):
+                if rate is not None:  # open loop: request i of client n is due at a fixed time
+                    due = start_at + (i * clients + n) / rate
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                text = texts[(n * per_client + i) % len(texts)]
+                began = time.perf_counter()
+                try:
+                    ok = http.get("/api/search", params={"text": text, "k": 10}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies[n].append(time.perf_counter() - began)
+                failures[n] += not ok
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - max(began, start_at if rate is not None else began)
+    flat = sorted(x for per in latencies for x in per)
+    return {"requests": len(flat), "failures": sum(failures), "seconds": round(wall, 3),
+            "queries_per_s": round(len(flat) / wall, 2), "p50_ms": round(1000 * statistics.median(flat), 2),
+            "p99_ms": round(1000 * flat[min(len(flat) - 1, int(0.99 * len(flat)))], 2),
+            "mean_ms": round(1000 * statistics.fmean(flat), 2)}
+
+
+def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, rate: float = 20.0,
+                 model: str | None = None, port: int = 8765) -> dict[str, Any]:
+    """Build the random index, serve it, and measure closed-loop and open-loop latency and throughput."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        started = time.perf_counter()
+        index = server_index(Path(tmp), rows, model)
+        build_s = time.perf_counter() - started
+        server = start_server(index, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            run_clients(base, clients, 5, None)  # warm-up: first forward passes, connections
+            closed = run_clients(base, clients, per_client, None)
+            opened = run_clients(base, clients, per_client, rate)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return {"rows": rows, "clients": clients, "index_setup_s": round(build_s, 1), "closed_loop": closed,
+            f"open_loop_{rate:g}_qps": opened, "targets": {"p50_ms": 50, "queries_per_s": 20}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", action="append", choices=["embedding", "index", "server"],
+                        help="what to run (repeatable; default: all three)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", metavar="FILE.json")
+    g = parser.add_argument_group("embedding")
+    g.add_argument("--model", default="ViT-B-32")
+    g.add_argument("--images", type=int, default=192)
+    g.add_argument("--batch", type=int, default=32)
+    g.add_argument("--workers", type=int, default=1, help="loader processes decoding images")
+    g.add_argument("--rounds", type=int, default=2)
+    g = parser.add_argument_group("index")
+    g.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    g.add_argument("--dim", type=int, default=512)
+    g.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
+    g.add_argument("--target-recall", type=float, default=0.9)
+    g = parser.add_argument_group("server")
+    g.add_argument("--server-rows", type=int, default=100_000)
+    g.add_argument("--server-model", help="model the server embeds queries with (default: RN-Tiny-64, seed-0 weights)")
+    g.add_argument("--clients", type=int, default=8)
+    g.add_argument("--requests", type=int, default=50, help="requests per client and measurement")
+    g.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
+    g.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    sections = args.section or ["embedding", "index", "server"]
+    report: dict[str, Any] = {"machine": machine_note(args.threads)}
+    print(report["machine"], flush=True)
+    if "embedding" in sections:
+        report["embedding"] = bench_embedding(args.model, args.images, args.batch, args.workers, args.threads,
+                                              args.rounds)
+        print(json.dumps(report["embedding"], indent=2), flush=True)
+    if "index" in sections:
+        report["index"] = bench_index(tuple(args.sizes), args.dim, args.threads, tuple(args.kinds),
+                                      args.target_recall)
+    if "server" in sections:
+        report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
+                                        args.port)
+        print(json.dumps(report["server"], indent=2), flush=True)
+    report["machine_after"] = machine_note(args.threads)
+    print(report["machine_after"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Building, extending and checking an index over one or more embedding directories (faiss)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import atomic_write, atomic_write_text, sha256_file
+from .errors import SearchError, require
+from .fingerprint import check_fingerprint
+from .index import (
+    INDEX_FORMAT,
+    INFO_FILE,
+    apply_search_params,
+    load_index_info,
+    read_faiss,
+    resolve_source,
+    search_faiss,
+    stored_rows,
+)
+from .measure import drop_self, exact_topk, no_match_threshold, recall_at_k, tune
+from .parts import EmbeddingSet, open_embeddings
+
+__all__ = ["BuildOptions", "add_to_index", "build_index", "choose_kind", "parse_memory"]
+
+KINDS = ("auto", "flat", "ivfpq", "hnsw")
+FLAT_MAX_SCAN = 2.6e8  # rows x dim a flat query may scan (~1 GB of float32, ~0.1 s on one core) before IVF-PQ
+ID_BYTES = 8  # IVF lists store an int64 id per vector
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    kind: str = "auto"
+    memory: int | None = None  # bytes the index may take in RAM (auto picks within it)
+    target_recall: float = 0.95
+    queries: int = 500  # held-out query rows per modality
+    k: int = 10
+    seed: int = 0
+    nlist: int | None = None
+    pq_m: int | None = None
+    hnsw_m: int = 32
+    train_on: str = "image"  # ivfpq: "image" or "mixed" (image + caption vectors); see training_sample
+    rerank: int = 4  # ivfpq: rescore k x rerank candidates with the stored vectors (0: PQ scores as they are)
+
+
+def parse_memory(text: str) -> int:
+    """'4G', '512M', '100k' or bytes -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    value = text.strip().lower().rstrip("b")
+    try:
+        return int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(value)
+    except (ValueError, IndexError):
+        raise SearchError(f"--memory: expected a size like 4G, 512M or a number of bytes, got {text!r}") from None
+
+
+def pq_m_for(dim: int, budget_per_vector: float) -> int:
+    """The largest PQ code size (bytes, a divisor of dim, at most dim/2 and 64) fitting the per-vector budget."""
+    sizes = [m for m in range(1, min(64, dim // 2) + 1) if dim % m == 0] or [1]
+    fitting = [m for m in sizes if m + ID_BYTES <= budget_per_vector]
+    return max(fitting) if fitting else min(sizes)
+
+
+def nlist_for(rows: int) -> int:
+    """About 4 sqrt(rows) lists, with at least 39 training points per list (faiss's minimum), a power of 2."""
+    return 2 ** max(0, int(math.log2(max(1.0, min(4 * math.sqrt(rows), rows / 39)))))
+
+
+def choose_kind(rows: int, dim: int, memory: int | None) -> str:
+    """Exact search while a query's scan stays short and the float32 vectors fit the budget, then IVF-PQ."""
+    flat_bytes = rows * dim * 4
+    if rows * dim <= FLAT_MAX_SCAN and (memory is None or flat_bytes <= memory):
+        return "flat"
+    return "ivfpq"
+
+
+def factory_string(kind: str, rows: int, dim: int, opts: BuildOptions) -> tuple[str, dict[str, Any]]:
+    if kind == "flat":
+        return "Flat", {}
+    if kind == "hnsw":
+        return f"HNSW{opts.hnsw_m}", {"M": opts.hnsw_m}
+    nlist = opts.nlist or nlist_for(rows)
+    budget = (opts.memory / rows) if opts.memory else float(dim // 4 + ID_BYTES)  # default: 1 byte per 4 dims
+    m = opts.pq_m or pq_m_for(dim, budget)
+    if dim % m:
+        raise SearchError(f"--pq-m {m} does not divide the embedding dimension {dim}")
+    if rows < 39 * nlist or rows < 256:
+        raise SearchError(f"ivfpq needs at least max(256, 39 x nlist={nlist}) vectors to train, have {rows}; "
+                          "use --kind flat")
+    return f"IVF{nlist},PQ{m}x8", {"nlist": nlist, "pq_m": m, "pq_bits": 8}
+
+
+def _chunks(sources: list[EmbeddingSet], role: str = "img") -> Iterator[tuple[int, np.ndarray]]:
+    """(first global id, float32 vectors) of every part, in id order."""
+    start = 0
+    for embeddings in sources:
+        for part in embeddings.parts:
+            yield start, np.asarray(embeddings.vectors(part, role), dtype=np.float32)
+            start += part.rows
+
+
+def open_sources(paths: list[Path], fingerprint: dict[str, Any] | None = None) -> list[EmbeddingSet]:
+    sources = [open_embeddings(p) for p in paths]
+    expected = fingerprint or sources[0].fingerprint
+    for embeddings in sources:
+        check_fingerprint(expected, embeddings.fingerprint, where=str(embeddings.root))
+    return sources
+
+
+def training_sample(sources: list[EmbeddingSet], count: int, rng: np.random.Generator,
+                    train_on: str = "image") -> tuple[np.ndarray, str]:
+    """Training vectors for IVF/PQ: image rows, or (`train_on="mixed"`, when captions exist) half image and
+    half caption rows.
+
+    Images are the default, from measurement (tests/test_index.py, bench_search.py): text queries lie away
+    from the images (the modality gap), and quantisers trained on a mix spend lists and codewords on a region
+    that holds no database vector, so text->image recall at equal nprobe came out lower, not higher. What
+    recovers text recall is tuning nprobe on text queries too and rescoring candidates exactly (rerank).
+    """
+    total = sum(len(s) for s in sources)
+    mixed = train_on == "mixed" and all(s.has_text for s in sources)
+    n_img = min(total, count - count // 2 if mixed else count)
+    img = stored_rows(sources, np.sort(rng.choice(total, n_img, replace=False)), "img")
+    if not mixed:
+        return img, "image"
+    text = stored_rows(sources, np.sort(rng.choice(total, min(total, count // 2), replace=False)), "text")
+    return np.concatenate([img, text]), "image+text"
+
+
+def query_sets(sources: list[EmbeddingSet], opts: BuildOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Held-out query rows (seeded): {'image': (ids, vectors), 'text': (ids, vectors) when captions exist}."""
+    total = sum(len(s) for s in sources)
+    rng = np.random.default_rng(opts.seed + 1)
+    ids = np.sort(rng.choice(total, min(opts.queries, total), replace=False))
+    sets = {"image": (ids, stored_rows(sources, ids, "img"))}
+    if all(s.has_text for s in sources):
+        sets["text"] = (ids, stored_rows(sources, ids, "text"))
+    return sets
+
+
+def ground_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int) -> dict:
+    """Exact top-k ids per modality, plus for text the exact (positive, best-negative) pair scores."""
+    truth: dict[str, Any] = {}
+    for modality, (ids, vectors) in sets.items():
+        scores, found = exact_topk(_chunks(sources), vectors, k + 1)
+        truth[modality] = drop_self(found, ids, k) if modality == "image" else found[:, :k]
+        if modality == "text":
+            truth["pairs"] = pair_scores(sources, ids, vectors, scores, found)
+    return truth
+
+
+def pair_scores(sources: list[EmbeddingSet], ids: np.ndarray, text: np.ndarray, scores: np.ndarray,
+                found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each caption's similarity to its own image and its best similarity to any other image."""
+    positive = np.einsum("nd,nd->n", text, stored_rows(sources, ids, "img"))  # [n]
+    others = np.where(found != ids[:, None], scores, -np.inf)  # the own image masked out
+    return positive, others.max(axis=1)
+
+
+def measure_recall(search: Callable[[np.ndarray, int], tuple], sets: dict, truth: dict, k: int) -> dict[str, float]:
+    """10-recall@10 (for k=10) of `search(queries, k)` per query modality against the exact `truth`."""
+    recall = {}
+    for modality, (ids, vectors) in sets.items():
+        if modality == "image":  # one more, as the query's own row is dropped from the answer
+            found = drop_self(search(vectors, k + 1)[1], ids, k)
+        else:
+            found = search(vectors, k)[1]
+        recall[modality] = round(recall_at_k(found, truth[modality]), 4)
+    return recall
+
+
+def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict, sets: dict, truth: dict,
+                opts: BuildOptions) -> tuple[dict, dict]:
+    """The cheapest nprobe / efSearch reaching `target_recall` on every modality, and the recall it gives."""
+    rerank = opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0
+    fixed = {"rerank": rerank} if rerank else {}
+
+    def search(queries: np.ndarray, k: int) -> tuple:
+        return search_faiss(index, sources, queries, k, rerank)
+
+    if kind == "flat":
+        return {}, measure_recall(search, sets, truth, opts.k)
+    name = "nprobe" if kind == "ivfpq" else "efSearch"
+    limit = params["nlist"] if kind == "ivfpq" else 2048
+    candidates = [2**i for i in range(int(math.log2(limit)) + 1)] if kind == "ivfpq" else \
+        [v for v in (16, 32, 64, 128, 256, 512, 1024, 2048) if v >= opts.k]
+
+    def recall_with(value: int) -> dict[str, float]:
+        apply_search_params(index, {name: value})
+        return measure_recall(search, sets, truth, opts.k)
+
+    value, recall = tune(candidates, recall_with, opts.target_recall)
+    apply_search_params(index, {name: value})
+    return {name: value, **fixed}, recall
+
+
+def write_index(index_dir: Path, index: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """index-<sha>.faiss, then index.json naming it (the commit point), then older index files removed."""
+    faiss = require("faiss")
+    data = faiss.serialize_index(index).tobytes()  # type: ignore[attr-defined]
+    digest = __import__("hashlib").sha256(data).hexdigest()
+    name = f"index-{digest[:16]}.faiss"
+    atomic_write(index_dir / name, lambda tmp: tmp.write_bytes(data))
+    info["index_file"] = {"name": name, "bytes": len(data), "sha256": digest}
+    info["bytes_per_vector"] = round(len(data) / max(1, index.ntotal), 2)
+    atomic_write_text(index_dir / INFO_FILE, json.dumps(info, indent=1, sort_keys=True))
+    for stale in index_dir.glob("index-*.faiss"):
+        if stale.name != name:
+            stale.unlink()
+    return info
+
+
+def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict, opts: BuildOptions) -> dict:
+    """Measure (recall per modality, tuned search params, threshold) and write index + index.json."""
+    sets = query_sets(sources, opts)
+    truth = ground_truth(sources, sets, opts.k)
+    search, recall = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts)
+    info.update(search=search, rows=int(index.ntotal),
+                recall={"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
+                        "target": opts.target_recall, "seed": opts.seed, **recall})
+    info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
+    info["sources"] = [{"path": os.path.relpath(s.root.resolve(), index_dir.resolve()), "rows": len(s),
+                        "manifest_sha256": sha256_file(s.root / "manifest.json")} for s in sources]
+    return write_index(index_dir, index, info)
+
+
+def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: BuildOptions | None = None) -> dict:
+    """Build an index over the embedding directories; returns the index.json it wrote."""
+    faiss = require("faiss")
+    opts = opts or BuildOptions()
+    if opts.kind not in KINDS:
+        raise SearchError(f"--kind: expected one of {', '.join(KINDS)}, got {opts.kind!r}")
+    if opts.train_on not in ("image", "mixed"):
+        raise SearchError(f"--train-on: expected image or mixed, got {opts.train_on!r}")
+    sources = open_sources([Path(p) for p in embeddings_dirs])
+    rows, dim = sum(len(s) for s in sources), sources[0].dim
+    if rows == 0:
+        raise SearchError(f"{', '.join(str(s.root) for s in sources)}: empty collection (0 embedded images)")
+    kind = choose_kind(rows, dim, opts.memory) if opts.kind == "auto" else opts.kind
+    factory, params = factory_string(kind, rows, dim, opts)
+    started = time.perf_counter()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore[attr-defined]
+    trained_on = None
+    if not index.is_trained:
+        # 40 points per list (faiss warns below 39) and at least 39 x 256 for the PQ codebooks
+        count = min(rows, max(39 * 256, 40 * params.get("nlist", 1)))
+        sample, trained_on = training_sample(sources, count, np.random.default_rng(opts.seed), opts.train_on)
+        # polysemous codes (on by default in IndexIVFPQ) only speed up Hamming-filtered search, which we do
+        # not use, and their annealing dominates training time
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
+        index.train(sample)
+    for _, vectors in _chunks(sources):
+        index.add(vectors)
+    build = {**params, "factory": factory, "trained_on": trained_on, "seconds": 0.0,
+             "options": {k: v for k, v in asdict(opts).items() if v is not None}}
+    info = {"format": INDEX_FORMAT, "version": 1, "kind": kind, "build": build, "dim": dim,
+            "fingerprint": sources[0].fingerprint, "model": sources[0].manifest.get("model")}
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    build["seconds"] = round(time.perf_counter() - started, 3)
+    return finish(Path(index_dir), index, sources, info, opts)
+
+
+def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None) -> dict:
+    """Append new embedding directories to a built index (IVF: into the trained lists), then re-measure."""
+    index_dir = Path(index_dir)
+    info = load_index_info(index_dir)
+    old = [open_embeddings(resolve_source(index_dir, s["path"])) for s in info["sources"]]
+    new = open_sources([Path(p) for p in embeddings_dirs], info["fingerprint"])
+    known = {s.root.resolve() for s in old}
+    for embeddings in new:
+        if embeddings.root.resolve() in known:
+            raise SearchError(f"{embeddings.root}: already in the index {index_dir}")
+    index = read_faiss(index_dir / info["index_file"]["name"], int(info["index_file"]["bytes"]))
+    for _, vectors in _chunks(new):
+        index.add(vectors)
+    base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
+                                   if k in BuildOptions.__dataclass_fields__})
+    info["added"] = info.get("added", 0) + sum(len(s) for s in new)
+    return finish(index_dir, index, old + new, info, base)

@@ -1,0 +1,114 @@
+"""`clipforge index check` and `index duplicates`: integrity, re-measured recall and threshold, near-duplicates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import sha256_file
+from .build import BuildOptions, ground_truth, measure_recall, query_sets
+from .errors import SearchError
+from .index import VectorIndex, open_index
+
+__all__ = ["check_index", "find_duplicates"]
+
+
+def _verify_files(index: VectorIndex) -> None:
+    entry = index.info["index_file"]
+    path = index.index_dir / entry["name"]
+    if sha256_file(path) != entry["sha256"]:
+        raise SearchError(f"{path}: sha256 does not match index.json (corrupt index file)")
+    for source, stored in zip(index.sources, index.info["sources"]):
+        if sha256_file(source.root / "manifest.json") != stored.get("manifest_sha256"):
+            raise SearchError(f"{source.root / 'manifest.json'}: changed since the index was built")
+        for part in source.parts:
+            source.verify(part)
+
+
+def _tolerance(recall: float, queries: int, k: int) -> float:
+    """Three standard errors of a k-recall@k estimate over `queries` queries (binomial, k hits per query)."""
+    return 3.0 * math.sqrt(max(recall * (1 - recall), 1e-4) / (queries * k))
+
+
+def _threshold_on(pairs: tuple[np.ndarray, np.ndarray], score: float) -> dict[str, float]:
+    positive, negative = pairs
+    accepted_pos, accepted_neg = int((positive >= score).sum()), int((negative >= score).sum())
+    return {"precision": accepted_pos / max(1, accepted_pos + accepted_neg), "recall": accepted_pos / len(positive)}
+
+
+def check_index(index_dir: str | Path, seed: int = 1, queries: int | None = None) -> dict[str, Any]:
+    """Verify every file's checksum, then re-measure recall and the threshold on a fresh held-out sample.
+
+    `ok` is False when a modality's recall falls more than three standard errors below the stored value.
+    """
+    index = open_index(index_dir)
+    _verify_files(index)
+    stored = index.info["recall"]
+    opts = BuildOptions(queries=queries or int(stored["queries"]), k=int(stored["k"]), seed=seed)
+    sets = query_sets(index.sources, opts)
+    truth = ground_truth(index.sources, sets, opts.k)
+    measured = measure_recall(index.search, sets, truth, opts.k)
+    report: dict[str, Any] = {"index": str(index.index_dir), "kind": index.info["kind"], "rows": len(index),
+                              "files": "ok", "search": index.info.get("search", {}), "recall": {}, "ok": True}
+    for modality, value in measured.items():
+        tolerance = _tolerance(stored[modality], len(sets[modality][0]), opts.k)
+        passed = value >= stored[modality] - tolerance
+        report["recall"][modality] = {"stored": stored[modality], "measured": value,
+                                      "tolerance": round(tolerance, 4), "ok": passed}
+        report["ok"] &= passed
+    threshold = index.info.get("threshold")
+    if threshold and "pairs" in truth:
+        stored_pr = {key: threshold[key] for key in ("precision", "recall")}
+        report["threshold"] = {"score": threshold["score"], "stored": stored_pr,
+                               "measured": _threshold_on(truth["pairs"], threshold["score"])}
+    return report
+
+
+def _groups(pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of the pair graph (union-find), each sorted, largest first."""
+    parent: dict[int, int] = {}
+
+    def root(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        parent[root(a)] = root(b)
+    members: dict[int, list[int]] = {}
+    for node in parent:
+        members.setdefault(root(node), []).append(node)
+    return sorted((sorted(g) for g in members.values()), key=lambda g: (-len(g), g[0]))
+
+
+def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10, batch: int = 4096) -> dict:
+    """Groups of images whose cosine similarity passes `threshold`: candidates from the index's k-NN, each
+    pair confirmed with the stored vectors (an approximate index's scores are estimates)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise SearchError(f"--threshold: a cosine similarity in [-1, 1], got {threshold}")
+    index = open_index(index_dir)
+    pairs: set[tuple[int, int]] = set()
+    start = 0
+    for source in index.sources:
+        for part in source.parts:
+            vectors = np.asarray(source.vectors(part, "img"), dtype=np.float32)
+            for lo in range(0, part.rows, batch):
+                chunk = vectors[lo:lo + batch]
+                _, ids = index.search(chunk, min(k + 1, len(index)))
+                for row, found in enumerate(ids):
+                    own = start + lo + row
+                    pairs.update((min(own, int(j)), max(own, int(j))) for j in found if j >= 0 and j != own)
+            start += part.rows
+    confirmed = [(a, b) for a, b in sorted(pairs)
+                 if float(index.image_vector(a) @ index.image_vector(b)) >= threshold]
+    groups = _groups(confirmed)
+    records = index.metadata([i for g in groups for i in g]) if groups else []
+    by_id = {r["id"]: r for r in records}
+    return {"threshold": threshold, "k": k, "pairs": len(confirmed), "groups": [
+        [{"id": i, "key": by_id[i].get("key"), "path": by_id[i].get("path") or by_id[i].get("member")} for i in g]
+        for g in groups]}
+

@@ -1,0 +1,131 @@
+"""`clipforge search` and `clipforge serve`: argument parsing and printing; the work is in Searcher / server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+SEARCH_EPILOG = """query language:
+  TERM [(+|-) TERM]...   each TERM a text or an image file, optionally WEIGHT:TERM
+  clipforge search runs/idx "a red circle"
+  clipforge search runs/idx "beach" + photo.jpg - "people"
+  clipforge search runs/idx "2:golden retriever" - 0.5:grass -k 20 --output hits.json
+The query vector is the weighted sum of the terms' normalised embeddings, normalised again."""
+
+
+def add_search_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `search` and `serve` (argparse wiring only: nothing heavy is imported here)."""
+    p = sub.add_parser("search", help="search an index by text, image, or a weighted mix",
+                       description="Search an index built by `clipforge index build`.", epilog=SEARCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", help="index directory")
+    p.add_argument("query", nargs="*", help="query terms (see below)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
+    p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file")
+    p.set_defaults(handler=cmd_search, terms_after_options=True)
+
+    p = sub.add_parser("serve", help="serve an index: HTTP JSON API and a search page",
+                       description="Serve an index over HTTP: the search page at / and the JSON API under "
+                       "/api (see README, 'Search a collection').")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
+    p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    p.add_argument("--templates", help="prompt templates for /api/classify: a shipped set or a .txt file "
+                   "(default: 'a photo of {}.' and three others)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _searcher(args: argparse.Namespace) -> Any:
+    from .searcher import Searcher
+
+    return Searcher(args.index, model=args.model, device=args.device)
+
+
+def format_table(answer: dict[str, Any], width: int | None = None) -> str:
+    """rank, score, key, caption, path as aligned columns, long cells cut to fit the terminal."""
+    width = width or shutil.get_terminal_size((120, 20)).columns
+    rows = [(str(n), f"{h['score']:.4f}", str(h["key"] or ""), str(h["caption"] or ""), str(h["path"] or ""))
+            for n, h in enumerate(answer["results"], 1)]
+    header = ("rank", "score", "key", "caption", "path")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    spare = max(20, width - sum(widths[:3]) - 8)
+    widths[3] = min(widths[3], spare // 2)
+    widths[4] = min(widths[4], spare - widths[3])
+
+    def cut(text: str, size: int) -> str:
+        return text if len(text) <= size else text[: max(0, size - 1)] + "…"
+
+    lines = ["  ".join(cut(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def no_match_line(answer: dict[str, Any]) -> str | None:
+    if not answer["no_good_match"]:
+        return None
+    best = answer["results"][0]["score"] if answer["results"] else float("nan")
+    return (f"No good match: the best score {best:.4f} is under this index's threshold {answer['threshold']:.4f}; "
+            "the closest images are listed anyway.")
+
+
+def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..cli import UserError, _write_json
+    from .errors import SearchError
+    from .query import QueryTerm, parse_query
+
+    unknown = [a for a in extra if a.startswith("--")]
+    if unknown:
+        raise UserError(f"search: unrecognised option {unknown[0]} (see clipforge search --help)")
+    query: Sequence[str] = [*args.query, *extra]  # terms after an option reach here as `extra`
+    if not query and not args.image:
+        raise UserError("search: give a query text, an image (--image PATH), or both")
+    try:
+        terms = (parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
+        searcher = _searcher(args)
+        answer = searcher.search_terms(terms, args.k)
+    except SearchError as exc:
+        raise UserError(str(exc)) from None
+    print(f"Query: {' '.join(t.describe() for t in terms)}  ({len(searcher)} images)")
+    print(format_table(answer))
+    notice = no_match_line(answer)
+    if notice:
+        print(notice)
+    payload = {"query": [t.describe() for t in terms], **answer}
+    _write_json(args.output, json.loads(json.dumps(payload, default=str)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..cli import UserError
+    from .errors import SearchError
+    from .searcher import DEFAULT_LABEL_TEMPLATES
+    from .server import serve
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: expected 1..65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb}")
+    templates = DEFAULT_LABEL_TEMPLATES
+    if args.templates:
+        from ..eval.templates import load_templates
+
+        templates = tuple(load_templates(args.templates))
+    try:
+        searcher = _searcher(args)
+    except SearchError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        serve(searcher, args.host, args.port, args.max_upload_mb, templates)
+    except SearchError as exc:
+        raise UserError(str(exc)) from None
+    return 0

@@ -1,0 +1,241 @@
+"""Reading a built index: `open_index(dir)` -> `VectorIndex` (search, metadata, vectors, image bytes by id).
+
+    INDEX/index.json    kind, faiss factory string, build and search parameters, measured 10-recall@10 per
+                        query modality, the no-good-match threshold, model fingerprint and spec, dim, rows,
+                        the embedding directories it covers (ids count through them in order) and the size and
+                        sha256 of index.faiss
+    INDEX/index-<sha256 prefix>.faiss  the faiss index (inner product on L2-normalised vectors = cosine);
+                        named by its hash so that `index add` writes a new file and switches index.json to it
+                        atomically, never leaving index.json pointing at a half-written index
+
+`VectorIndex` is read-only after opening, so any number of threads may search it at once (faiss releases the
+GIL and its search is const); metadata parts are read lazily under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import tarfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SearchError, require
+from .parts import EmbeddingSet, open_embeddings
+
+__all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_info", "open_index", "search_faiss"]
+
+INDEX_FORMAT = "clipforge-index"
+INFO_FILE = "index.json"
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+                (b"BM", "image/bmp"))
+
+
+def load_index_info(index_dir: Path) -> dict[str, Any]:
+    path = index_dir / INFO_FILE
+    if not index_dir.is_dir():
+        raise SearchError(f"{index_dir}: no such index directory")
+    if not path.is_file():
+        raise SearchError(f"{path}: missing (is {index_dir} a `clipforge index build` output?)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SearchError(f"{path}: corrupt JSON ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        raise SearchError(f"{path}: not a clipforge index (format != {INDEX_FORMAT!r})")
+    for key in ("kind", "dim", "rows", "fingerprint", "sources", "index_file"):
+        if key not in info:
+            raise SearchError(f"{path}: missing key {key!r}")
+    return info
+
+
+def read_faiss(path: Path, expected_bytes: int, mmap: bool = False) -> Any:
+    """faiss.read_index with size check first (a truncated file is named, not a C++ exception)."""
+    faiss = require("faiss")
+    if not path.is_file():
+        raise SearchError(f"{path}: index file is missing")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise SearchError(f"{path}: {size} bytes, index.json says {expected_bytes} (truncated or replaced)")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0  # type: ignore[attr-defined]
+    try:
+        return faiss.read_index(str(path), flags)  # type: ignore[attr-defined]
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise SearchError(f"{path}: corrupt index file ({first[:160]})") from None
+
+
+def apply_search_params(index: Any, params: dict[str, Any]) -> None:
+    """Set nprobe (IVF) / efSearch (HNSW) on a faiss index, looking through pre-transforms (OPQ)."""
+    faiss = require("faiss")
+    inner = index
+    if isinstance(inner, faiss.IndexPreTransform):  # type: ignore[attr-defined]
+        inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])  # type: ignore[attr-defined]
+    if "efSearch" in params:  # (a "rerank" entry is ours, applied by `search_faiss`)
+        faiss.downcast_index(inner).hnsw.efSearch = int(params["efSearch"])  # type: ignore[attr-defined]
+
+
+def stored_rows(sources: Sequence[EmbeddingSet], ids: np.ndarray, role: str = "img") -> np.ndarray:
+    """float32 vectors [m, dim] of global ids [m] (all valid), read from the embedding parts."""
+    offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
+    out = np.empty((len(ids), sources[0].dim), dtype=np.float32)
+    which = np.searchsorted(offsets, ids, side="right") - 1  # [m] source of each id
+    for index in np.unique(which):
+        mask = which == index
+        out[mask] = sources[index].rows(ids[mask] - offsets[index], role)
+    return out
+
+
+def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
+                 rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors.
+
+    Product-quantised scores are estimates: rescoring the candidates with the float16 vectors that embed
+    wrote (memory-mapped, so they cost disk rather than RAM) restores both the ranking and exact cosines.
+    """
+    if rerank <= 1:
+        scores, ids = faiss_index.search(queries, k)
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
+    n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))
+    _, candidates = faiss_index.search(queries, fetch)  # [n, fetch]
+    flat = candidates.reshape(-1)
+    vectors = np.zeros((flat.shape[0], queries.shape[1]), dtype=np.float32)
+    vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0])
+    exact = np.einsum("nfd,nd->nf", vectors.reshape(n, fetch, -1), queries)  # [n, fetch]
+    exact[candidates < 0] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+    ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+    if ids.shape[1] < k:  # fewer candidates than k: pad as faiss does
+        pad = k - ids.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, ids
+
+
+class VectorIndex:
+    """A built index opened for search. `info` is the parsed index.json (with `embeddings_dir` resolved)."""
+
+    def __init__(self, index_dir: Path, info: dict[str, Any], faiss_index: Any, sources: list[EmbeddingSet]) -> None:
+        self.index_dir = index_dir
+        self.info = info
+        self.fingerprint: dict[str, Any] = info["fingerprint"]
+        self.dim = int(info["dim"])
+        self.faiss_index = faiss_index
+        self.sources = sources
+        self.rerank = int(info.get("search", {}).get("rerank", 0))
+        self._offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
+        self._tar_lock = threading.Lock()
+        self._tar_members: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: scores [n, k] float32 and ids [n, k] int64 (id -1, score -inf past the end)."""
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise SearchError(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k: expected a positive integer, got {k!r}")
+        if not np.all(np.isfinite(queries)):
+            raise SearchError("queries: contain NaN or infinite values")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return search_faiss(self.faiss_index, self.sources, queries, int(k), self.rerank)
+
+    def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
+        if not isinstance(id_, (int, np.integer)) or not 0 <= int(id_) < int(self._offsets[-1]):
+            raise SearchError(f"id {id_!r} does not exist (the index has ids 0..{int(self._offsets[-1]) - 1})")
+        source = int(np.searchsorted(self._offsets, int(id_), side="right")) - 1
+        return self.sources[source], int(id_) - int(self._offsets[source])
+
+    def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """For each id: {id, key, caption (or None), path | shard + member, extra columns}."""
+        out = []
+        for id_ in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            source, row = self._locate(id_)
+            record = source.row_metadata(row)
+            record.setdefault("caption", None)
+            record["id"] = id_
+            out.append(record)
+        return out
+
+    def image_vector(self, id_: int) -> np.ndarray:
+        """The stored (L2-normalised) image embedding of `id_` as float32 [dim]."""
+        self._locate(id_)
+        return stored_rows(self.sources, np.array([int(id_)], dtype=np.int64))[0]
+
+    def _tar_member(self, shard: str, member: str) -> tuple[int, int]:
+        with self._tar_lock:
+            members = self._tar_members.get(shard)
+            if members is None:
+                try:
+                    with tarfile.open(shard, "r:") as tar:
+                        members = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+                except (OSError, tarfile.TarError) as exc:
+                    raise SearchError(f"{shard}: unreadable tar shard ({exc})") from None
+                self._tar_members[shard] = members
+        if member not in members:
+            raise SearchError(f"{shard}: no member {member!r}")
+        return members[member]
+
+    def read_image_bytes(self, id_: int) -> tuple[bytes, str]:
+        """The image file of `id_` (from the metadata only: a file path or a tar shard member) and its MIME type."""
+        record = self.metadata([id_])[0]
+        try:
+            if record.get("path"):
+                name = str(record["path"])
+                data = Path(name).read_bytes()
+            elif record.get("shard") and record.get("member"):
+                name = str(record["member"])
+                offset, size = self._tar_member(str(record["shard"]), name)
+                with open(record["shard"], "rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(size)
+            else:
+                raise SearchError(f"id {id_}: its metadata names no image file")
+        except OSError as exc:
+            raise SearchError(f"id {id_}: image unreadable ({exc.strerror or exc})") from None
+        return data, _mime(name, data)
+
+
+def _mime(name: str, data: bytes) -> str:
+    for magic, mime in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"
+
+
+def resolve_source(index_dir: Path, stored: str) -> Path:
+    path = Path(stored)
+    return path if path.is_absolute() else (index_dir / path).resolve()
+
+
+def open_index(index_dir: str | Path, mmap: bool = False) -> VectorIndex:
+    """Open a built index for search. `mmap` memory-maps IVF indices instead of reading them into RAM."""
+    index_dir = Path(index_dir)
+    info = load_index_info(index_dir)
+    sources = []
+    for entry in info["sources"]:
+        embeddings = open_embeddings(resolve_source(index_dir, entry["path"]))
+        if len(embeddings) != int(entry["rows"]):
+            raise SearchError(f"{embeddings.root}: {len(embeddings)} rows, index.json expects {entry['rows']}")
+        sources.append(embeddings)
+    info["embeddings_dir"] = str(sources[0].root) if sources else None
+    path = index_dir / str(info["index_file"]["name"])
+    faiss_index = read_faiss(path, int(info["index_file"]["bytes"]), mmap)
+    if faiss_index.d != int(info["dim"]) or faiss_index.ntotal != int(info["rows"]):
+        raise SearchError(f"{path}: {faiss_index.ntotal} x {faiss_index.d} vectors, "
+                          f"index.json says {info['rows']} x {info['dim']}")
+    apply_search_params(faiss_index, info.get("search", {}))
+    return VectorIndex(index_dir, info, faiss_index, sources)
+

@@ -1,0 +1,82 @@
+"""How good an index is, measured on its own data: exact top-k, 10-recall@10, parameter tuning, threshold.
+
+Ground truth is exact inner-product search computed part by part in numpy (float32), so it never needs the
+whole collection in memory. Image queries are held-out rows of the collection: their own row is dropped from
+both the exact and the approximate answer, so each acts as a new image near the collection. Text queries are
+the captions of held-out rows, whose own image stays (that is the match a text search should find).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
+
+
+def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product over `chunks` of (first global id, vectors [m, d]): scores, ids [n, k]."""
+    n = queries.shape[0]
+    best_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    best_ids = np.full((n, k), -1, dtype=np.int64)
+    for start, vectors in chunks:
+        scores = queries @ np.asarray(vectors, dtype=np.float32).T  # [n, m]
+        ids = np.broadcast_to(np.arange(start, start + scores.shape[1], dtype=np.int64), scores.shape)
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, ids], axis=1)
+        # stable on ties: by score descending, then by id ascending (as faiss's flat index orders them)
+        order = np.lexsort((np.where(all_ids < 0, np.iinfo(np.int64).max, all_ids), -all_scores), axis=1)[:, :k]
+        best_scores = np.take_along_axis(all_scores, order, axis=1)
+        best_ids = np.take_along_axis(all_ids, order, axis=1)
+    return best_scores, best_ids
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """Remove each query's own id from its result row and keep the first k of the rest ([n, k+1] -> [n, k])."""
+    out = np.full((ids.shape[0], k), -1, dtype=np.int64)
+    for row, (found, own) in enumerate(zip(ids, self_ids)):
+        kept = found[found != own][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """k-recall@k: the mean fraction of each query's true top-k that the search returned in its top-k."""
+    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def tune(candidates: list[int], recall_with: Callable[[int], dict[str, float]], target: float) -> tuple[int, dict]:
+    """The smallest candidate whose recall reaches `target` on every query modality (else the largest)."""
+    measured: dict[str, float] = {}
+    for value in candidates:
+        measured = recall_with(value)
+        if min(measured.values()) >= target:
+            return value, measured
+    return candidates[-1], measured
+
+
+def no_match_threshold(positive: np.ndarray, best_negative: np.ndarray) -> dict[str, Any]:
+    """The score that best separates matched text queries from unmatched ones (max F1), with its P and R.
+
+    `positive[i]` is held-out caption i's similarity to its own image (a query whose answer is in the
+    collection); `best_negative[i]` its best similarity among the other images (the same query once its
+    image is gone: what an unmatched query scores). Their difference is the margin of Chen et al.
+    """
+    scores = np.concatenate([positive, best_negative]).astype(np.float64)
+    matched = np.concatenate([np.ones(len(positive), bool), np.zeros(len(best_negative), bool)])
+    best: dict[str, Any] = {}
+    for threshold in np.unique(scores):
+        accepted = scores >= threshold
+        true_pos = int((accepted & matched).sum())
+        precision = true_pos / max(1, int(accepted.sum()))
+        recall = true_pos / max(1, int(matched.sum()))
+        f1 = 2 * precision * recall / max(1e-12, precision + recall)
+        if not best or f1 > best["f1"]:
+            best = {"score": float(threshold), "precision": precision, "recall": recall, "f1": f1}
+    margin = positive.astype(np.float64) - best_negative
+    return {**best, "pairs": int(len(positive)), "margin_mean": float(margin.mean()),
+            "margin_std": float(margin.std()), "method": "max-F1 split of positive-pair vs best-negative scores"}

@@ -1,0 +1,172 @@
+"""Queries as weighted sums of text and image embeddings, and the parsing of the query language.
+
+A query is a list of terms, each a text or an image with a signed weight. Its vector is the weighted sum of
+the terms' L2-normalised embeddings, normalised again (so `"beach" + photo.jpg - "people"` points between the
+beach text and the photo, away from people). On the command line:
+
+    clipforge search INDEX "beach" + photo.jpg - "people"      # operators as separate arguments
+    clipforge search INDEX "beach + 2:photo.jpg - people"       # or inside one quoted string
+    clipforge search INDEX "2:golden retriever" - 0.5:grass     # WEIGHT:TERM scales a term
+
+A term is an image when it names an image file (an image suffix, or any existing file). The server parses the
+same language from its `text` field but never treats a term as a path: there every term is text.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import SearchError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+_WEIGHT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.*)$", re.DOTALL)
+_SPACED_OPERATOR = re.compile(r"\s+([+-])\s+")
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One term of a query: `kind` "text" or "image", its value (text, or a path / bytes / PIL image) and weight."""
+
+    kind: str
+    value: Any
+    weight: float = 1.0
+
+    def describe(self) -> str:
+        shown = self.value if isinstance(self.value, (str, Path)) else f"<{type(self.value).__name__}>"
+        return f"{self.weight:+g}×{self.kind} {str(shown)!r}"
+
+
+def _split_operators(args: Sequence[str]) -> list[str]:
+    """Arguments -> a flat list of terms and "+"/"-" operators; operators inside a string need spaces round them."""
+    pieces: list[str] = []
+    for arg in args:
+        if arg.strip() in ("+", "-"):
+            pieces.append(arg.strip())
+            continue
+        parts = _SPACED_OPERATOR.split(f" {arg} ")  # [term, op, term, op, ...]; padding catches a leading op
+        pieces.extend(p.strip() for p in parts if p.strip())
+    return pieces
+
+
+def _is_image_path(text: str) -> bool:
+    path = Path(text).expanduser()
+    try:
+        return path.suffix.lower() in IMAGE_SUFFIXES or path.is_file()
+    except OSError:  # a long text is not a path (ENAMETOOLONG)
+        return False
+
+
+def _term(text: str, sign: float, allow_paths: bool) -> QueryTerm:
+    weight = 1.0
+    match = _WEIGHT.match(text)
+    if match:
+        weight, text = float(match.group(1)), match.group(2).strip()
+        if not np.isfinite(weight):
+            raise SearchError(f"query term '{match.group(0)}': the weight must be a finite number")
+    if not text:
+        raise SearchError("query: a term is empty (check for a stray '+', '-' or 'WEIGHT:')")
+    if allow_paths and _is_image_path(text):
+        return QueryTerm("image", Path(text).expanduser(), sign * weight)
+    return QueryTerm("text", text, sign * weight)
+
+
+def parse_query(args: Sequence[str] | str, allow_paths: bool = True) -> list[QueryTerm]:
+    """Terms of a query written as `TERM [(+|-) TERM]...`, each TERM optionally `WEIGHT:TERM`.
+
+    With `allow_paths` (the command line) a term naming an image file is an image; otherwise all terms are text.
+    """
+    pieces = _split_operators([args] if isinstance(args, str) else args)
+    terms: list[QueryTerm] = []
+    sign: float | None = None  # the operator before the next term; a first term without one is added
+    for piece in pieces:
+        if piece in ("+", "-"):
+            if sign is not None:
+                raise SearchError(f"query: two operators in a row before '{piece}'")
+            sign = 1.0 if piece == "+" else -1.0
+            continue
+        if terms and sign is None:
+            raise SearchError(f"query: expected '+' or '-' before '{piece}' (quote a text of several words)")
+        terms.append(_term(piece, 1.0 if sign is None else sign, allow_paths))
+        sign = None
+    if sign is not None:
+        raise SearchError("query: it ends with an operator")
+    if not terms:
+        raise SearchError("query is empty: give a text, an image, or both")
+    return terms
+
+
+def as_terms(values: Any, kind: str) -> list[QueryTerm]:
+    """Terms from the Python API's `text=` / `image=`: one value, a list of values, a list of (value, weight)
+    pairs, or a {value: weight} dict (texts only; images are not hashable in general)."""
+    if values is None:
+        return []
+    if isinstance(values, dict):
+        items = list(values.items())
+    elif isinstance(values, (list, tuple)):
+        items = [v if isinstance(v, tuple) else (v, 1.0) for v in values]
+    else:
+        items = [(values, 1.0)]
+    terms = []
+    for value, weight in items:
+        if kind == "text" and not isinstance(value, str):
+            raise SearchError(f"text query: expected a str, got {type(value).__name__}")
+        if kind == "image" and not isinstance(value, (str, Path, bytes, Image.Image)):
+            raise SearchError(f"image query: expected a path, bytes or a PIL image, got {type(value).__name__}")
+        terms.append(QueryTerm(kind, value, float(weight)))
+    return terms
+
+
+def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Normalised weighted sum of normalised vectors [n, d] -> [d] (float32)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # [n, 1]
+    total = (np.asarray(weights, dtype=np.float64)[:, None] * vectors / np.maximum(norms, 1e-12)).sum(axis=0)
+    length = float(np.linalg.norm(total))
+    if not np.isfinite(length) or length < 1e-6:
+        raise SearchError("query: its terms cancel out (the weighted sum of their embeddings is zero)")
+    return (total / length).astype(np.float32)
+
+
+def open_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """A fully decoded RGB image from a path, bytes or a PIL image; SearchError naming `name` (or the path)
+    when it is missing, not an image, truncated, or over `max_pixels` pixels (checked from the header)."""
+    from ..data.robust import convert_to_rgb
+
+    if isinstance(source, Image.Image):
+        return convert_to_rgb(source)[0]
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        try:
+            stream: Any = open(source, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise SearchError(f"{name[:200]}: no such image file ({exc.strerror})") from None
+    else:
+        stream = io.BytesIO(source)
+    try:
+        with stream, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit limit decides
+            with Image.open(stream) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise SearchError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} "
+                                      "(a decompression bomb?)")
+                image.load()
+                return convert_to_rgb(image)[0]
+    except SearchError:
+        raise
+    except Image.DecompressionBombError:
+        raise SearchError(f"{name}: over the decompression-bomb pixel limit") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed input; all mean "not usable"
+        raise SearchError(f"{name}: not a readable image ({str(exc) or type(exc).__name__})") from None

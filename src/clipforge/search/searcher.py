@@ -1,0 +1,201 @@
+"""`Searcher`: a built index plus the model that embedded it, answering text, image and mixed queries.
+
+    from clipforge import Searcher
+    searcher = Searcher("runs/demo-index")
+    answer = searcher.search(text="a red circle", k=5)
+    answer = searcher.search(text=[("beach", 1.0), ("people", -1.0)], image="photo.jpg")
+    for hit in answer["results"]:
+        print(hit["score"], hit["key"], hit["caption"], hit["path"])
+
+The model is the one recorded in index.json (or one given), and its fingerprint must equal the index's: a
+query embedded by another model would return wrong neighbours silently, so that is refused at start.
+Model inference runs under a lock (one forward at a time; torch uses its own threads inside); the faiss
+search itself is thread-safe, so a Searcher may be shared by the threads of a server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+
+from .errors import SearchError
+from .query import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    QueryTerm,
+    as_terms,
+    combine,
+    open_image,
+)
+
+DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.", "{}.")
+
+
+class SearchHit(TypedDict):
+    id: int
+    score: float
+    key: str | None
+    caption: str | None
+    path: str | None
+
+
+class SearchAnswer(TypedDict):
+    results: list[SearchHit]
+    no_good_match: bool
+    threshold: float | None
+
+
+def token_count(tokenizer: Any, text: str) -> int:
+    """Tokens of `text` including the start/end tokens, before any truncation."""
+    inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer wraps a transformers tokenizer
+    if inner is not None:
+        return len(inner(text)["input_ids"])
+    return len(tokenizer.encode(text)) + 2
+
+
+def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) -> str:
+    """A model path as recorded (absolute, or relative to the working directory, the index or the embeddings)."""
+    for base in (Path.cwd(), index_dir, Path(embeddings_dir) if embeddings_dir else None):
+        if base is not None and (base / spec).exists():
+            return str(base / spec)
+    return spec  # an architecture name, or a path that is gone (the encoder's loader names it)
+
+
+def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None) -> Any:
+    """The encoder `embed` uses (same preprocessing and tokenizer), for a model given or named by a path/name."""
+    from .encoder import TorchEncoder, load_encoder, resolve_device
+
+    if isinstance(spec, torch.nn.Module):
+        return TorchEncoder(spec, type(spec).__name__, resolve_device(None if device is None else str(device)))
+    try:
+        return load_encoder(str(spec), device=None if device is None else str(device))
+    except FileNotFoundError:
+        raise SearchError(f"model {spec}: no such file, run directory or architecture name") from None
+
+
+class Searcher:
+    """Search an index built by `clipforge index build` with text, images, or weighted mixtures of both."""
+
+    def __init__(self, index_dir: str | Path, model: str | Path | torch.nn.Module | None = None,
+                 device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 mmap: bool = False) -> None:
+        from .fingerprint import check_fingerprint
+        from .index import open_index
+
+        self.index = open_index(index_dir, mmap=mmap)
+        self.info: dict[str, Any] = self.index.info
+        if model is None:
+            recorded = self.info.get("model")
+            if not recorded:
+                raise SearchError(f"{index_dir}/index.json records no model; pass one (--model PATH)")
+            model = _resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
+        self.encoder = load_query_encoder(model, device)
+        check_fingerprint(self.index.fingerprint, self.encoder.fingerprint, where=f"index {index_dir}")
+        self.model = self.encoder.model
+        self.context_length = int(getattr(self.model, "context_length", 77))
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()  # one forward pass at a time; the index search needs no lock
+        threshold = self.info.get("threshold") or {}
+        self.threshold: float | None = float(threshold["score"]) if "score" in threshold else None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def check_text(self, text: str) -> str:
+        """The text, stripped; SearchError when it is empty or longer than the model's context."""
+        if not isinstance(text, str) or not text.strip():
+            raise SearchError("text query is empty")
+        count = token_count(self.encoder.tokenizer, text)
+        if count > self.context_length:
+            raise SearchError(f"text query is {count} tokens long; this model reads at most {self.context_length} "
+                              "(shorten it)")
+        return text.strip()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised text embeddings [n, d] (float32)."""
+        texts = [self.check_text(t) for t in texts]
+        with self._lock:
+            return self.encoder.encode_text(texts)
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Normalised image embeddings [n, d] (float32) of paths, bytes or PIL images."""
+        pixels = torch.stack([self.encoder.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
+        with self._lock:
+            return self.encoder.encode_image(pixels)
+
+    def query_vector(self, terms: Sequence[QueryTerm]) -> np.ndarray:
+        """The normalised weighted sum of the terms' embeddings [d]."""
+        if not terms:
+            raise SearchError("query is empty: give a text, an image, or both")
+        texts = [t for t in terms if t.kind == "text"]
+        images = [t for t in terms if t.kind == "image"]
+        vectors, weights = [], []
+        if texts:
+            vectors.append(self.encode_texts([t.value for t in texts]))
+            weights += [t.weight for t in texts]
+        if images:
+            vectors.append(self.encode_images([t.value for t in images]))
+            weights += [t.weight for t in images]
+        return combine(np.concatenate(vectors), weights)
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None,
+                      exclude: int | None = None) -> SearchAnswer:
+        """Top-k hits of a normalised query vector [d]; `no_good_match` when the best score is under
+        `threshold` (None: not judged). `exclude` drops one id (the query's own image)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k: expected a positive integer, got {k!r}")
+        k = min(int(k), len(self.index))
+        scores, ids = self.index.search(vector[None, :], k + (exclude is not None))  # [1, k(+1)]
+        keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude][:k]
+        records = self.index.metadata([i for _, i in keep]) if keep else []
+        hits: list[SearchHit] = []
+        for (score, id_), meta in zip(keep, records):
+            path = meta.get("path") or (f"{meta['shard']}:{meta['member']}" if meta.get("shard") else None)
+            hits.append({"id": id_, "score": score, "key": meta.get("key"), "caption": meta.get("caption"),
+                         "path": None if path is None else str(path)})
+        best = hits[0]["score"] if hits else float("-inf")
+        return {"results": hits, "no_good_match": threshold is not None and best < threshold,
+                "threshold": threshold}
+
+    def search_terms(self, terms: Sequence[QueryTerm], k: int = 10) -> SearchAnswer:
+        """Search with parsed terms. The no-good-match threshold is calibrated on caption -> image scores, so it
+        judges text-only queries; for queries with an image the answer's threshold is None."""
+        text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
+        return self.search_vector(self.query_vector(terms), k, self.threshold if text_only else None)
+
+    def search(self, text: Any = None, image: Any = None, k: int = 10) -> SearchAnswer:
+        """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
+        (negative weights push away); texts may also be a {text: weight} dict. Images are paths, bytes or
+        PIL images. Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"}."""
+        return self.search_terms(as_terms(text, "text") + as_terms(image, "image"), k)
+
+    def search_by_id(self, id_: int, k: int = 10) -> SearchAnswer:
+        """Images most like image `id_` of the index (itself left out)."""
+        vector = self.index.image_vector(id_)
+        return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=int(id_))
+
+    @torch.no_grad()
+    def classify(self, image: ImageInput, labels: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES) -> list[dict[str, Any]]:
+        """Zero-shot: [{"label", "probability"}] sorted by probability. Softmax over the labels of the scaled
+        cosine similarities to each label's prompt ensemble (a sigmoid per label for models with a logit bias)."""
+        labels = [self.check_text(label) for label in labels]
+        if not labels or len(set(labels)) != len(labels):
+            raise SearchError("labels: expected a non-empty list of distinct texts")
+        prompts = [template.format(label) for label in labels for template in templates]
+        per_prompt = torch.from_numpy(self.encode_texts(prompts)).view(len(labels), len(templates), -1)  # [C, T, D]
+        classes = torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)  # [C, D]
+        image_vec = torch.from_numpy(self.encode_images([image]))  # [1, D]
+        logits = self.model.logit_scale.exp().float().cpu() * image_vec @ classes.t()  # [1, C]
+        bias = getattr(self.model, "logit_bias", None)
+        if bias is not None:
+            probs = torch.sigmoid(logits + bias.float().cpu())[0]
+        else:
+            probs = logits.softmax(dim=-1)[0]
+        order = probs.argsort(descending=True).tolist()
+        return [{"label": labels[i], "probability": float(probs[i])} for i in order]

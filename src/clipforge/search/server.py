@@ -1,0 +1,299 @@
+"""`clipforge serve INDEX`: an HTTP JSON API over a `Searcher`, and the web page that uses it.
+
+    GET  /                      the search page (static/index.html, app.js, style.css; package data)
+    GET  /healthz               {"status": "ok", "images": N}
+    GET  /api/info              the index's model, size, kind, measured recall and no-good-match threshold
+    GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
+    GET  /api/search?id=N&k=…   images like image N of the index
+    POST /api/search            multipart: `image` file and/or `text`, `k`
+    GET  /api/image/{id}        the image file of an id, found from the index's metadata only
+    POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
+
+Every bad request gets a 4xx answer `{"error": "..."}` and the server goes on. Request bodies are limited
+(Content-Length checked first, then the bytes actually received), uploads are decoded with a pixel limit, and
+no request ever names a file: images are served by id.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations as live objects.
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import SearchError, require
+
+require("fastapi"), require("python_multipart"), require("uvicorn")  # the `search` extra, or one line naming it
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from .query import QueryTerm, parse_query
+from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
+
+MAX_K = 200
+MAX_LABELS = 100
+_ID = re.compile(r"^[0-9]{1,18}$")
+STATIC_DIR = Path(str(resources.files("clipforge.search") / "static"))
+# What the browser may do with a served image: nothing active (an SVG or HTML file posing as an image cannot
+# run script from our origin).
+IMAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+                 "X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, judged from Content-Length and from the bytes read."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status = 413 if declared.isdigit() else 400
+            await _send_json(send, status, self._message() if status == 413 else "bad Content-Length header")
+            return
+        received, started = 0, False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a chunked body, or a Content-Length that lied
+                raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, self._message())
+
+    def _message(self) -> str:
+        return f"request body over the limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)"
+
+
+async def _send_json(send: Callable, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_k(value: Any, default: int = 12) -> int:
+    if value is None or value == "":
+        return default
+    text = str(value).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_K:
+        raise RequestError(400, f"k: expected an integer from 1 to {MAX_K}, got {str(value)[:40]!r}")
+    return int(text)
+
+
+def parse_id(value: Any, size: int) -> int:
+    text = str(value).strip()
+    if not _ID.match(text) or int(text) >= size:
+        raise RequestError(404, f"no image with id {text[:40]!r} (ids are 0..{size - 1})")
+    return int(text)
+
+
+def parse_labels(value: Any) -> list[str]:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(400, 'labels: expected a JSON list of texts, e.g. ["a cat", "a dog"]')
+    try:
+        labels = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"labels: malformed JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise RequestError(400, 'labels: expected a non-empty JSON list of texts, e.g. ["a cat", "a dog"]')
+    if len(labels) > MAX_LABELS:
+        raise RequestError(400, f"labels: at most {MAX_LABELS}, got {len(labels)}")
+    return labels
+
+
+def public_answer(answer: SearchAnswer) -> dict[str, Any]:
+    """The JSON of a search answer: no filesystem paths, an image URL per hit."""
+    results = [{"id": h["id"], "score": round(h["score"], 5), "key": h["key"], "caption": h["caption"],
+                "image_url": f"/api/image/{h['id']}"} for h in answer["results"]]
+    return {"results": results, "no_good_match": answer["no_good_match"], "threshold": answer["threshold"]}
+
+
+def index_summary(searcher: Searcher) -> dict[str, Any]:
+    info = searcher.info
+    threshold = info.get("threshold") or {}
+    return {"images": len(searcher), "dim": searcher.index.dim, "kind": info.get("kind"),
+            "model": Path(str(info.get("model") or "")).name or None, "recall": info.get("recall"),
+            "threshold": {k: threshold[k] for k in ("score", "precision", "recall") if k in threshold} or None,
+            "max_k": MAX_K}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error becomes {"error": "..."} with a 4xx status (FastAPI's own 404/405/422 included)."""
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc.status, str(exc))
+
+    @app.exception_handler(SearchError)
+    async def _search_error(_: Request, exc: SearchError) -> JSONResponse:
+        return error_response(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug, not bad input: still JSON
+        return error_response(500, f"internal error ({type(exc).__name__}); the server goes on")
+
+
+async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
+    """(the `image` upload's bytes or None, the text fields) of a multipart request."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, labels)")
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
+    except HTTPException as exc:  # malformed multipart, too many parts
+        raise RequestError(400, f"bad multipart body ({exc.detail})") from None
+    fields, image = {}, None
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name != "image":
+                raise RequestError(400, f"unexpected file field {name!r} (the upload goes in 'image')")
+            image = await value.read()
+        else:
+            fields[name] = value
+    if image is not None and not image:
+        raise RequestError(400, "image: the uploaded file is empty")
+    return image, fields
+
+
+def add_page_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> FileResponse:
+        files = {p.name: p for p in STATIC_DIR.iterdir() if p.suffix in (".js", ".css", ".svg")}
+        if name not in files:  # only the shipped files, by exact name
+            raise RequestError(404, f"no static file {name[:60]!r}")
+        return FileResponse(files[name], headers=PAGE_HEADERS)
+
+
+def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int) -> None:
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "images": len(searcher)}
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return index_summary(searcher)
+
+    @app.get("/api/search")
+    def search_get(text: str | None = None, k: str | None = None, id: str | None = None) -> dict[str, Any]:
+        count = parse_k(k)
+        if id is not None and text is not None:
+            raise RequestError(400, "give either text or id, not both")
+        if id is not None:
+            return public_answer(searcher.search_by_id(parse_id(id, len(searcher)), count))
+        if text is None:
+            raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
+        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), count))
+
+    @app.post("/api/search")
+    async def search_post(request: Request) -> dict[str, Any]:
+        image, fields = await read_form(request, max_bytes)
+        count = parse_k(fields.get("k"))
+        text = fields.get("text", "").strip()
+        if image is None and not text:
+            raise RequestError(400, "give an image file, a text, or both")
+        terms = parse_query(text, allow_paths=False) if text else []
+        if image is not None:
+            terms.append(QueryTerm("image", image, 1.0))
+        return public_answer(await run_in_threadpool(searcher.search_terms, terms, count))
+
+
+def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates: tuple[str, ...]) -> None:
+    @app.get("/api/image/{image_id}")
+    def image(image_id: str) -> Response:
+        try:
+            data, mime = searcher.index.read_image_bytes(parse_id(image_id, len(searcher)))
+        except SearchError as exc:  # the file named by the metadata is gone or unreadable
+            raise RequestError(404, str(exc)) from None
+        if not mime.startswith("image/"):
+            raise RequestError(404, f"id {image_id}: its file is not an image")
+        return Response(content=data, media_type=mime, headers=IMAGE_HEADERS)
+
+    @app.post("/api/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        image, fields = await read_form(request, max_bytes)
+        labels = parse_labels(fields.get("labels"))
+        if image is None:
+            raise RequestError(400, "image: missing (multipart file field 'image')")
+        ranked = await run_in_threadpool(searcher.classify, image, labels, templates)
+        return {"labels": ranked}
+
+
+def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
+               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> FastAPI:
+    """The FastAPI application serving `searcher`. Sync endpoints run in the thread pool; the model's
+    forward passes are serialised by the Searcher's lock, faiss searches run concurrently."""
+    app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages would load from a CDN
+    max_bytes = int(max_upload_mb * 2**20)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    add_error_handlers(app)
+    add_page_routes(app)
+    add_search_routes(app, searcher, max_bytes)
+    add_image_routes(app, searcher, max_bytes, templates)
+    return app
+
+
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
+          templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(searcher, max_upload_mb, templates)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"Serving {len(searcher)} images at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Listening on {host}: anyone who can reach this machine can query the index and read its images.")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,209 @@
+"""The search page in a real browser: Debian's chromium, headless, driven by Selenium through chromedriver.
+
+These tests fail (they do not skip) when chromium or chromedriver is missing: install them with
+`apt-get install -y chromium chromium-driver`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from search_index import build_small_index, running_server
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900")
+WAIT_S = 30
+
+
+def find_browser() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    if chromium is None or driver is None:
+        pytest.fail("the page tests need Debian's chromium and chromedriver: apt-get install -y chromium "
+                    "chromium-driver", pytrace=False)
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_small_index(tmp_path_factory.mktemp("page"), count=60)
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    from clipforge import Searcher
+    from clipforge.search.server import create_app
+
+    searcher = Searcher(built.index_dir)
+    with running_server(create_app(searcher)) as base:
+        yield base, searcher
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = find_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+def wait_for(browser, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, WAIT_S).until(condition, message)
+
+
+def card_ids(browser) -> list[int]:
+    from selenium.webdriver.common.by import By
+
+    return [int(card.get_attribute("data-id")) for card in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+
+
+def wait_status(browser, fragment: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    wait_for(browser, lambda d: fragment in d.find_element(By.ID, "status").text,
+             f"status never showed {fragment!r}")
+    return browser.find_element(By.ID, "status").text
+
+
+def test_page_loads_and_shows_the_index(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base, _ = server
+    browser.get(base + "/")
+    assert browser.title == "clipforge search"
+    wait_for(browser, lambda d: "60 images" in d.find_element(By.ID, "info").text, "index info never shown")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_typed_query_shows_results_and_goes_into_the_url(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, searcher = server
+    browser.get(base + "/")
+    box = browser.find_element(By.ID, "query")
+    box.send_keys("a red circle", Keys.ENTER)
+    wait_status(browser, "12 results for")
+    expected = [h["id"] for h in searcher.search(text="a red circle", k=12)["results"]]
+    assert card_ids(browser) == expected
+    first = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert first.find_element(By.CSS_SELECTOR, ".caption").text  # captions shown
+    image_ok = browser.execute_script("const i = document.querySelector('#results .card img');"
+                                      "return i.complete && i.naturalWidth > 0;")
+    wait_for(browser, lambda d: d.execute_script(
+        "const i = document.querySelector('#results .card img'); return i.complete && i.naturalWidth > 0;"),
+        "the first result's image never loaded") if not image_ok else None
+    query = parse_qs(urlparse(browser.current_url).query)
+    assert query["q"] == ["a red circle"] and query["k"] == ["12"]
+    # the shared URL reproduces the search
+    browser.get(base + "/?q=a%20green%20star&k=24")
+    wait_status(browser, "24 results for")
+    assert browser.find_element(By.ID, "query").get_attribute("value") == "a green star"
+    assert card_ids(browser) == [h["id"] for h in searcher.search(text="a green star", k=24)["results"]]
+
+
+def test_shared_url_with_an_unusual_k(server, browser):
+    base, searcher = server
+    browser.get(base + "/?q=a%20red%20circle&k=5")
+    wait_status(browser, "5 results for")
+    assert card_ids(browser) == [h["id"] for h in searcher.search(text="a red circle", k=5)["results"]]
+
+
+def test_clicking_a_result_searches_by_it(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    browser.get(base + "/?q=a%20blue%20square&k=12")
+    wait_status(browser, "12 results for")
+    target = card_ids(browser)[2]
+    browser.find_elements(By.CSS_SELECTOR, "#results .card")[2].click()
+    wait_status(browser, f"images like #{target}")
+    assert card_ids(browser) == [h["id"] for h in searcher.search_by_id(target, k=12)["results"]]
+    assert parse_qs(urlparse(browser.current_url).query)["id"] == [str(target)]
+
+
+def test_uploaded_image_shows_results_and_classifies(server, browser, built):
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    browser.get(base + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(built.paths[5]))
+    wait_status(browser, "12 results for the image")
+    assert card_ids(browser) == [h["id"] for h in searcher.search(image=built.paths[5], k=12)["results"]]
+    assert browser.find_element(By.ID, "query-image").is_displayed()
+    labels = browser.find_element(By.ID, "labels")
+    labels.send_keys("a red circle, a blue square")
+    browser.find_element(By.ID, "classify-button").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#classify-results li")) == 2,
+             "classification never shown")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#classify-results li")
+    expected = searcher.classify(built.paths[5], ["a red circle", "a blue square"])
+    assert [r.text.split("\n")[0] for r in rows] == [e["label"] for e in expected]
+
+
+DISPATCH_IMAGE = """
+const [kind, done] = [arguments[0], arguments[arguments.length - 1]];
+fetch('/api/image/5').then(r => r.blob()).then(blob => {
+  const data = new DataTransfer();
+  data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+  const event = kind === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+                                : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+  (kind === 'drop' ? document.getElementById('drop-zone') : document).dispatchEvent(event);
+  done(true);
+});
+"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_dropped_or_pasted_image_shows_results(server, browser, built, kind):
+    base, searcher = server
+    browser.get(base + "/")
+    browser.set_script_timeout(WAIT_S)
+    assert browser.execute_async_script(DISPATCH_IMAGE, kind) is True
+    wait_status(browser, "12 results for the image")
+    assert card_ids(browser) == [h["id"] for h in searcher.search(image=built.paths[5], k=12)["results"]]
+
+
+def test_no_good_match_notice(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    saved = searcher.threshold
+    searcher.threshold = 2.0  # above any cosine: every text query is "no good match"
+    try:
+        browser.get(base + "/?q=a%20red%20circle")
+        wait_status(browser, "12 results for")
+        notice = browser.find_element(By.ID, "no-match")
+        assert notice.is_displayed() and "No good match" in notice.text and "2.000" in notice.text
+    finally:
+        searcher.threshold = saved
+    browser.get(base + "/?q=a%20red%20circle")
+    wait_status(browser, "12 results for")
+    shown = browser.find_element(By.ID, "no-match").is_displayed()
+    assert shown == searcher.search(text="a red circle", k=12)["no_good_match"]
+
+
+def test_bad_query_shows_the_error(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, _ = server
+    browser.get(base + "/")
+    browser.find_element(By.ID, "query").send_keys("word " * 100, Keys.ENTER)
+    assert "tokens long" in wait_status(browser, "tokens long")
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")

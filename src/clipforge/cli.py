@@ -52,9 +52,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if result.interrupted:
         print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
         return result.exit_code
-    print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
+    plateau = " (validation loss plateaued)" if result.early_stop and result.early_stop["stopped_step"] else ""
+    print(f"Finished {result.steps} steps{plateau} in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
+    early = {"early_stop": result.early_stop} if result.early_stop is not None else {}
     _write_json(args.output, {"run_dir": str(result.run_dir), "train_seconds": result.train_seconds,
-                              **{k: v for k, v in result.last_log.items()}})
+                              "steps": result.steps, **early, **{k: v for k, v in result.last_log.items()}})
     return 0
 
 

@@ -30,6 +30,7 @@ from ..models.clip import CLIP
 from ..models.lock import set_locked_eval
 from .config import TrainConfig
 from .distill import Teacher
+from .early_stop import plateau_watch
 from .finetune import apply_locks
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
 from .schedule import lr_at
@@ -57,6 +58,8 @@ class TrainResult:
     bad_data: dict[str, int] = field(default_factory=dict)  # samples skipped or converted, by kind
     skipped_steps: int = 0  # non-finite steps whose update was skipped
     is_main: bool = True  # rank 0 (the one that writes), or the only process
+    # With early_stop.patience: best_val_loss, best_step, stopped_step (None: the loss still fell at `steps`)
+    early_stop: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -243,6 +246,7 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
     """Steps run.start_step .. cfg.steps - 1; returns early (after saving) when a signal asks to stop."""
     cfg = run.cfg
     window_start, window_samples, last = time.perf_counter(), 0, {}
+    watch = plateau_watch(run)
     for step in range(run.start_step, cfg.steps):
         batch = run.next_batch()
         lr = lr_at(step, cfg.optim.lr, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio,
@@ -283,7 +287,14 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
             run.log.notice(f"stopped by {stop.received or 'a signal on another rank'} after step {done}; "
                            f"checkpoint {path}; continue with --resume=latest", step=done, event="stopped")
             return run.result(done, last, interrupted=stop.received or "SIGTERM", exit_code=stop.exit_code or 143)
-    return run.result(cfg.steps, last)
+        if watch is not None and watch(done, run.log.write, lambda decision: run.gather(decision)[0]):
+            run.log.notice(f"validation loss plateaued: stopped at step {done} (best {watch.stopper.best:.4f} at "
+                           f"step {watch.stopper.best_step})")
+            break
+    stopped = watch.stopper.stopped_step if watch is not None else None
+    result = run.result(stopped or cfg.steps, last)
+    result.early_stop = watch.stopper.state() if watch is not None else None
+    return result
 
 
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None) -> TrainResult:

@@ -48,6 +48,8 @@ CASES = [
     Case("square", LossConfig(name="square")),
     Case("triplet", LossConfig(name="triplet", triplet_margin=1.0)),
     Case("gradcache-clip+mean", LossConfig(margin_lambda=0.5), gradcache_chunk=2),
+    Case("clip+squared-scaled", LossConfig(margin_lambda=0.5, margin_form="squared-scaled")),
+    Case("cyclip", LossConfig(name="cyclip")),
 ]
 
 

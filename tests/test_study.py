@@ -113,9 +113,18 @@ def test_bad_study_is_a_clear_error(changes, message):
 def test_the_shipped_studies_load():
     default = load_study(ROOT / "configs" / "study.yaml")
     ids = {v.id for v in default.variants}
-    assert {"clip", "square", "siglip", "rmean-1.0", "rhinge-1.0", "fixed-T0.01", "fixed-T0.2", "noise-0.4",
-            "omit-0.7", "batch-128"} <= ids  # fmt: skip
-    assert len(default.seeds) >= 3
+    assert {"clip", "square", "siglip", "cyclip", "fixed-T0.01", "fixed-T0.2"} <= ids
+    forms = {v.overrides.get("loss.margin_form") for v in default.variants} - {None}
+    assert forms == {"mean", "squared", "mean-scaled", "squared-scaled", "hinge"}
+    for form in forms:  # each form with its own λ sweep
+        assert len({v.overrides["loss.margin_lambda"] for v in default.variants
+                    if v.overrides.get("loss.margin_form") == form}) >= 3
+    assert len(default.seeds) >= 3 and default.claims
+    converged = load_study(ROOT / "configs" / "study-converged.yaml")
+    assert converged.model_config["vision_cfg"]["image_size"] == 64 and len(converged.seeds) >= 3
+    for study in (default, converged):
+        cell = expand_cells(study, "model.json")[0]
+        assert cell.train.early_stop.patience is not None  # trained to convergence (or the budget)
     ci = load_study(ROOT / "configs" / "study-ci.yaml")
     assert len(ci.seeds) >= 3 and {"clip", "square"} <= {v.id for v in ci.variants}
 

@@ -52,9 +52,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if result.interrupted:
         print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
         return result.exit_code
-    print(f"Finished {result.steps} steps in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
+    plateau = " (validation loss plateaued)" if result.early_stop and result.early_stop["stopped_step"] else ""
+    print(f"Finished {result.steps} steps{plateau} in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
+    early = {"early_stop": result.early_stop} if result.early_stop is not None else {}
     _write_json(args.output, {"run_dir": str(result.run_dir), "train_seconds": result.train_seconds,
-                              **{k: v for k, v in result.last_log.items()}})
+                              "steps": result.steps, **early, **{k: v for k, v in result.last_log.items()}})
     return 0
 
 
@@ -211,7 +213,15 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.to != "onnx" and (args.int8 or args.opset is not None):
+        raise UserError("--int8 and --opset apply to --to onnx only")
     model, _ = resolve_model(args.model, load_options(args))  # a run directory, as for eval
+    if args.to == "onnx":
+        from .export.onnx_export import OnnxExportOptions, export_onnx, summary  # noqa: PLC0415
+
+        report = export_onnx(model, args.output, OnnxExportOptions(opset=args.opset or 18, int8=args.int8))
+        print(summary(args.output, report))
+        return 0
     writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
                "clipforge": save_model}
     with warnings.catch_warnings(record=True) as caught:
@@ -333,18 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
 
     add_search_parsers(sub)
-    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI, clipforge or ONNX format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format. "
                        "LoRA adapters (a run with finetune.lora_rank) are merged into plain weights on reading.")
     p.add_argument("--model", required=True, help="checkpoint or run directory to convert (as eval --model)")
-    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge", "onnx"],
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
-                   "clipforge: a self-describing .safetensors. The openai and openclip layouts hold no "
-                   "architecture: it is written beside them as OUTPUT.json (OpenCLIP's model_cfg and "
-                   "preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT without "
-                   "extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
-    p.add_argument("--output", required=True, help="output file (a folder for --to hf, and for --to openclip "
-                   "when it has no extension)")
+                   "clipforge: a self-describing .safetensors; onnx: a folder with visual.onnx, textual.onnx, "
+                   "preprocess.json, the tokenizer and parity.json (needs the [onnx] extra). The openai and "
+                   "openclip layouts hold no architecture: it is written beside them as OUTPUT.json (OpenCLIP's "
+                   "model_cfg and preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT "
+                   "without extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf and --to onnx, and for "
+                   "--to openclip when it has no extension)")
+    p.add_argument("--int8", action="store_true", help="onnx: also write int8 graphs (dynamic quantisation of "
+                   "MatMul/Gemm) and measure their accuracy cost against fp32")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 17 to 23 (default: 18)")
     add_load_arguments(p)
     p.set_defaults(handler=cmd_export)
     from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .losses_distill import DistillConfig
 from .losses_chunked import (
     ChunkSize,
     chunked_clip_loss,
@@ -27,9 +28,10 @@ from .losses_chunked import (
     tiled_cross_entropy_sum,
     tiled_sigmoid_sum,
 )
+from .losses_regularizers import MARGIN_FORMS, MarginForm, cyclic_sums, cyclic_terms, positive_gap_sum
 
-LossName = Literal["clip", "square", "siglip", "triplet"]
-LOSS_NAMES: tuple[str, ...] = ("clip", "square", "siglip", "triplet")
+LossName = Literal["clip", "square", "siglip", "triplet", "cyclip"]
+LOSS_NAMES: tuple[str, ...] = ("clip", "square", "siglip", "triplet", "cyclip")
 
 
 def _check_pair(fn: str, image_features: torch.Tensor, text_features: torch.Tensor, min_batch: int = 1) -> None:
@@ -237,20 +239,67 @@ def triplet_loss(
     return 2.0 * _hinge_part(Strip.full(image_features, text_features), batch, float(margin), chunk_size)
 
 
+def cyclip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    in_modal_weight: float = 0.25,
+    cross_modal_weight: float = 0.25,
+) -> torch.Tensor:
+    """CyCLIP (Goel et al. 2022): the CLIP loss plus λ₁ · in-modal + λ₂ · cross-modal cyclic consistency.
+
+    The terms (`losses_regularizers.cyclic_terms`) ask the image-image similarities to match the text-text
+    ones and the similarity matrix to be symmetric; λ₁ = λ₂ = 0.25 are CyCLIP's published settings.
+    """
+    _check_pair("cyclip_loss", image_features, text_features)
+    in_modal, cross_modal = cyclic_terms(image_features, text_features)
+    return (clip_loss(image_features, text_features, logit_scale) + in_modal_weight * in_modal
+            + cross_modal_weight * cross_modal)
+
+
+def margin_penalty(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    form: MarginForm = "mean",
+    logit_scale: torch.Tensor | float = 1.0,
+    target: float = 0.2,
+) -> torch.Tensor:
+    """R in any of its forms (see `LossConfig.margin_form`), without the weight λ.
+
+    "mean" is `margin_regularizer`; "squared" is mean_i (1 - <f_i, g_i>)²; the "-scaled" forms multiply by the
+    (detached) logit scale; "hinge" is `margin_hinge(target)`.
+    """
+    cfg = LossConfig(margin_lambda=1.0, margin_form=form, margin_target=target)
+    cfg.validate("margin_penalty")
+    needs_negatives = form == "hinge"
+    _check_pair("margin_penalty", image_features, text_features, min_batch=2 if needs_negatives else 1)
+    strip = Strip.full(image_features, text_features)
+    return _margin_part(cfg, strip, image_features.shape[0], logit_scale)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Which objective to train with, plus the optional margin regularizer.
 
-    total = objective + margin_lambda * (margin_regularizer if margin_form == "mean"
-                                         else margin_hinge(target=margin_target))
+    total = objective + margin_lambda * R, with R in the form `margin_form` names:
+      mean            mean_i (1 - <f_i, g_i>)              (`margin_regularizer`; = mean ½‖f_i - g_i‖²)
+      squared         mean_i (1 - <f_i, g_i>)²
+      mean-scaled     (1/T) · mean_i (1 - <f_i, g_i>)      1/T the logit scale, detached
+      squared-scaled  (1/T) · mean_i (1 - <f_i, g_i>)²
+      hinge           `margin_hinge(target=margin_target)`
+    name "cyclip" is the CLIP loss plus cyclip_in_modal · in-modal + cyclip_cross_modal · cross-modal
+    consistency (`cyclip_loss`).
     """
 
     name: LossName = "clip"
     margin_lambda: float = 0.0
-    margin_form: Literal["mean", "hinge"] = "mean"
+    margin_form: MarginForm = "mean"
     margin_target: float = 0.2
     triplet_margin: float = 0.2
     chunk_size: int | None = None
+    distill: DistillConfig | None = None  # a teacher whose similarity distributions the student also matches
+    cyclip_in_modal: float = 0.25  # λ₁ of CyCLIP
+    cyclip_cross_modal: float = 0.25  # λ₂ of CyCLIP
     # A queue of the last `queue_size` image and text features as extra negatives (clip only; see losses_queue),
     # filled by a momentum encoder with this momentum when set (MoCo), else by the model itself.
     queue_size: int = 0
@@ -259,7 +308,7 @@ class LossConfig:
     @property
     def uses_logit_scale(self) -> bool:
         """Whether the objective reads the temperature; under DDP freeze the parameter when it does not."""
-        return self.name in ("clip", "siglip")
+        return self.name in ("clip", "siglip", "cyclip")
 
     @property
     def uses_logit_bias(self) -> bool:
@@ -269,8 +318,9 @@ class LossConfig:
         p = f"{prefix}." if prefix else ""
         if self.name not in LOSS_NAMES:
             raise ConfigError(f"config key '{p}name': expected one of {list(LOSS_NAMES)}, got {self.name!r}")
-        if self.margin_form not in ("mean", "hinge"):
-            raise ConfigError(f"config key '{p}margin_form': expected 'mean' or 'hinge', got {self.margin_form!r}")
+        if self.margin_form not in MARGIN_FORMS:
+            raise ConfigError(f"config key '{p}margin_form': expected one of {list(MARGIN_FORMS)}, "
+                              f"got {self.margin_form!r}")
         if not (math.isfinite(self.margin_lambda) and self.margin_lambda >= 0.0):
             raise ConfigError(f"config key '{p}margin_lambda': expected a finite number >= 0, got {self.margin_lambda}")
         # Margins of unit vectors lie in [-2, 2]; outside it the hinge is always or never active.
@@ -278,8 +328,14 @@ class LossConfig:
             raise ConfigError(f"config key '{p}margin_target': expected a value in [-2, 2], got {self.margin_target}")
         if not 0.0 <= self.triplet_margin <= 2.0:
             raise ConfigError(f"config key '{p}triplet_margin': expected a value in [0, 2], got {self.triplet_margin}")
+        for key in ("cyclip_in_modal", "cyclip_cross_modal"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"config key '{p}{key}': expected a finite number >= 0, got {value}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"config key '{p}chunk_size': expected a positive integer or null, got {self.chunk_size}")
+        if self.distill is not None:
+            self.distill.validate(f"{p}distill")
         self._validate_queue(p)
 
     def _validate_queue(self, p: str) -> None:
@@ -294,6 +350,33 @@ class LossConfig:
             raise ConfigError(f"config key '{p}queue_momentum': expected a value in [0, 1), got {self.queue_momentum}")
 
 
+def _margin_part(cfg: LossConfig, strip: Strip, batch: int, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    if cfg.margin_form == "hinge":
+        return _hinge_part(strip, batch, cfg.margin_target, cfg.chunk_size)
+    return positive_gap_sum(_positive_dots(strip), cfg.margin_form, logit_scale) / batch
+
+
+def _cyclip_parts(cfg: LossConfig, strip: Strip, batch: int, scale: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    # The cyclic terms are always dense ([n, B] matrices); `chunk_size` tiles the CLIP part only.
+    in_modal, cross_modal = cyclic_sums(strip.image_rows, strip.text_rows, strip.image_all, strip.text_all)
+    return {"clip": _clip_part(strip, batch, scale, cfg.chunk_size), "cyclic_in_modal": in_modal / batch,
+            "cyclic_cross_modal": cross_modal / batch}
+
+
+def _objective_part(cfg: LossConfig, strip: Strip, batch_size: int, logit_scale: torch.Tensor | float,
+                    logit_bias: torch.Tensor | float | None) -> torch.Tensor:
+    chunk = cfg.chunk_size
+    if cfg.name == "clip":
+        return _clip_part(strip, batch_size, logit_scale, chunk)
+    if cfg.name == "siglip":
+        if logit_bias is None:
+            raise ValueError("loss 'siglip' needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
+        return _siglip_part(strip, batch_size, logit_scale, logit_bias, chunk)
+    if cfg.name == "square":
+        return _square_part(strip, batch_size)
+    return 2.0 * _hinge_part(strip, batch_size, cfg.triplet_margin, chunk)
+
+
 def strip_loss_parts(
     cfg: LossConfig,
     strip: Strip,
@@ -304,26 +387,20 @@ def strip_loss_parts(
     """The strip's share of every loss part, normalised by the global `batch_size`.
 
     Summed over strips that partition the rows, each entry equals the single-process value on the global
-    batch. Keys: "loss" (the weighted total), the objective's name, and "margin" when margin_lambda > 0.
+    batch. Keys: "loss" (the weighted total), the objective's name (for cyclip: "clip", "cyclic_in_modal",
+    "cyclic_cross_modal"), and "margin" when margin_lambda > 0.
     """
-    chunk = cfg.chunk_size
-    if cfg.name == "clip":
-        main = _clip_part(strip, batch_size, logit_scale, chunk)
-    elif cfg.name == "siglip":
-        if logit_bias is None:
-            raise ValueError("loss 'siglip' needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
-        main = _siglip_part(strip, batch_size, logit_scale, logit_bias, chunk)
-    elif cfg.name == "square":
-        main = _square_part(strip, batch_size)
+    if cfg.name == "cyclip":
+        parts = _cyclip_parts(cfg, strip, batch_size, logit_scale)
+        main = (parts["clip"] + cfg.cyclip_in_modal * parts["cyclic_in_modal"]
+                + cfg.cyclip_cross_modal * parts["cyclic_cross_modal"])
+        parts = {"cyclip": main, **parts}
     else:
-        main = 2.0 * _hinge_part(strip, batch_size, cfg.triplet_margin, chunk)
-    parts = {cfg.name: main}
+        main = _objective_part(cfg, strip, batch_size, logit_scale, logit_bias)
+        parts = {cfg.name: main}
     total = main
     if cfg.margin_lambda > 0.0:
-        if cfg.margin_form == "mean":
-            margin = (1.0 - _positive_dots(strip)).sum() / batch_size
-        else:
-            margin = _hinge_part(strip, batch_size, cfg.margin_target, chunk)
+        margin = _margin_part(cfg, strip, batch_size, logit_scale)
         parts["margin"] = margin
         total = total + cfg.margin_lambda * margin
     return {"loss": total, **parts}

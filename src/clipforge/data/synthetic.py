@@ -32,6 +32,7 @@ SIZES: dict[str, float] = {"small": 0.14, "large": 0.22}  # object radius as a f
 
 # Streams keep training, evaluation and caption-noise draws independent for the same index.
 STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
+STREAM_VALIDATION = 4  # the validation pairs that plateau stopping (train.early_stop) measures
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "{}.",

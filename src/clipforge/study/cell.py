@@ -114,6 +114,9 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None) -> 
     eval_start = time.perf_counter()
     metrics, margins = evaluate_cell(result.model, cell, result.run_dir)
     metrics["train_seconds"] = result.train_seconds
+    metrics["steps_trained"] = float(result.steps)
+    if result.early_stop is not None:  # 1: the validation loss plateaued within the step budget
+        metrics["stopped_early"] = float(result.early_stop["stopped_step"] is not None)
     metrics["eval_seconds"] = time.perf_counter() - eval_start
     model_file = result.run_dir / "model.safetensors"
     if not cell.eval.keep_models and model_file.exists():
@@ -127,6 +130,7 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None) -> 
         "overrides": cell.variant.overrides,
         "metrics": metrics,
         "final_log": result.last_log,
+        "early_stop": result.early_stop,
         "margins": margins,
         "config": to_dict(cell.train),
         "wall_seconds": time.perf_counter() - start,

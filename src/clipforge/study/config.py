@@ -9,6 +9,9 @@ A study file (YAML) has these top-level keys:
     model: {...} | NAME         # an architecture (inline, as in model_configs/*.json) or a registered name
     train: {...}                # the base `clipforge train` config of every cell (same keys)
     eval: {...}                 # what each cell measures after training (`CellEval`)
+    claims:                     # optional: the paper's claims, each a `stats.ClaimSpec` (verdicts in the report)
+      - {id: r-zeroshot, text: "R raises zero-shot accuracy", metric: zeroshot_heldout_top1, sign: 1,
+         prefixes: [rmean-]}
     variants:                   # each one a `VariantSpec`
       - {id: clip, name: CLIP, groups: [objective]}
       - id: "mean-{loss.margin_lambda}"
@@ -38,6 +41,7 @@ from ..config import ConfigError, from_dict, read_yaml_mapping, to_dict
 from ..models.config import ModelConfig
 from ..registry import get_model_config
 from ..train.config import TrainConfig
+from .stats import CLAIM_METRICS, ClaimSpec
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
@@ -104,6 +108,7 @@ class StudyFile:
     model: Any = None
     train: dict[str, Any] = field(default_factory=dict)
     eval: CellEval = field(default_factory=CellEval)
+    claims: tuple[ClaimSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class Study:
     eval: CellEval
     order: str = "variants"
     run_first: tuple[str, ...] = ()
+    claims: tuple[ClaimSpec, ...] = ()
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -242,11 +248,26 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
         raise ConfigError(f"{where} key 'run_first': {unknown[0]!r} is not a variant id; ids: {sorted(seen)}")
     if raw.baseline is not None and raw.baseline not in seen:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
+    _check_claims(raw.claims, [v.id for v in variants], raw.baseline, where)
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
-                  raw.order, raw.run_first)
+                  raw.order, raw.run_first, raw.claims)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
         resolve_cell(study, v, raw.seeds[0], "model.json")
     return study
+
+
+def _check_claims(claims: tuple[ClaimSpec, ...], ids: list[str], baseline: str | None, where: str) -> None:
+    for i, claim in enumerate(claims):
+        key = f"{where} key 'claims[{i}]'"
+        if baseline is None:
+            raise ConfigError(f"{key}: claims are paired differences against the baseline; set 'baseline'")
+        if claim.metric not in CLAIM_METRICS:
+            raise ConfigError(f"{key}.metric: {claim.metric!r} is not one of {list(CLAIM_METRICS)}")
+        unknown = [v for v in claim.variants if v not in ids]
+        if unknown:
+            raise ConfigError(f"{key}.variants: {unknown[0]!r} is not a variant id")
+        if not claim.members(ids):
+            raise ConfigError(f"{key}: claim '{claim.id}' matches no variant")
 
 
 def load_study(path: str | Path) -> Study:

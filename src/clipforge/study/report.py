@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from ..checkpoint import atomic_write_text
 from ..eval.margins import merge_reports, plot_margin_overlay
 from .config import Cell, Study
+from .stats import CLAIM_METRICS, paired_t_interval, verdict
 
 # (key, column header, scale, decimals): accuracies are shown in percent.
 COLUMNS: tuple[tuple[str, str, float, int], ...] = (
@@ -25,6 +26,7 @@ COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("margin_t2i", "margin t→i", 1.0, 3),
     ("positive_similarity", "pos. sim.", 1.0, 3),
     ("temperature", "T (end)", 1.0, 3),
+    ("steps_trained", "steps", 1.0, 0),
 )
 DIFF_KEYS = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "probe_top1", "margin_i2t",
              "margin_t2i", "positive_similarity")  # fmt: skip
@@ -62,7 +64,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
         entry: dict[str, Any] = {"id": v.id, "name": v.name, "groups": list(v.groups), "overrides": v.overrides,
                                  "seeds": sorted(runs), "metrics": {}, "vs_baseline": {}}  # fmt: skip
         if runs:
-            keys = [k for k, *_ in COLUMNS] + ["train_seconds", "eval_seconds", "probe_C",
+            keys = [k for k, *_ in COLUMNS] + ["train_seconds", "eval_seconds", "probe_C", "stopped_early",
                                                "margin_i2t_frac_negative", "margin_t2i_frac_negative"]
             for key in keys:
                 values = [r["metrics"][key] for _, r in sorted(runs.items()) if key in r["metrics"]]
@@ -70,15 +72,58 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                     entry["metrics"][key] = {**mean_std(values), "values": values}
             paired = sorted(set(runs) & set(base))
             if study.baseline and v.id != study.baseline and paired:
-                for key in DIFF_KEYS:
+                for key in CLAIM_METRICS:
+                    if not all(key in runs[s]["metrics"] and key in base[s]["metrics"] for s in paired):
+                        continue
                     diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
-                    entry["vs_baseline"][key] = {**mean_std(diffs), "values": diffs}
+                    ci = paired_t_interval(diffs)
+                    entry["vs_baseline"][key] = {**mean_std(diffs), "values": diffs,
+                                                 "ci95": [ci.low, ci.high] if ci.n > 1 else None}
         variants.append(entry)
     timed = [r for r in records.values() if "cpu_seconds" in r]
-    return {"baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
+    return {"claims": judge_claims(study, variants), "baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
             "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds),
             "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
             "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
+
+
+def judge_claims(study: Study, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per claim and member variant: the paired difference, its 95% t interval and the verdict."""
+    by_id = {v["id"]: v for v in variants}
+    out = []
+    for claim in study.claims:
+        rows = []
+        for variant_id in claim.members([v.id for v in study.variants]):
+            diff = by_id[variant_id]["vs_baseline"].get(claim.metric)
+            if diff is None:
+                continue
+            ci = paired_t_interval(diff["values"])
+            rows.append({"variant": variant_id, "name": by_id[variant_id]["name"], "n": ci.n, "mean": ci.mean,
+                         "ci95": diff["ci95"], "verdict": verdict(ci, claim.sign)})
+        out.append({"id": claim.id, "text": claim.text, "metric": claim.metric, "sign": claim.sign, "rows": rows})
+    return out
+
+
+def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
+    """A table per claim: paired difference vs the baseline, its 95% t interval, the verdict."""
+    lines: list[str] = []
+    scales = {k: (s, d) for k, _, s, d in COLUMNS}
+    for claim in claims:
+        scale, decimals = scales.get(claim["metric"], (100.0, 1) if "top1" in claim["metric"] else (1.0, 3))
+        unit = " (points)" if scale == 100.0 else ""
+        lines += [f"### claim `{claim['id']}`: {claim['text']}", "",
+                  f"Δ {claim['metric']}{unit}, variant − baseline on the same seed; claimed sign "
+                  f"{'+' if claim['sign'] > 0 else '−'}.", "",
+                  "| variant | n | Δ mean | 95% CI (t) | verdict |", "|---|---:|---:|---:|---|"]
+        for row in claim["rows"]:
+            ci = row["ci95"]
+            interval = f"[{ci[0] * scale:+.{decimals}f}, {ci[1] * scale:+.{decimals}f}]" if ci else "–"
+            lines.append(f"| {row['name']} | {row['n']} | {row['mean'] * scale:+.{decimals}f} | {interval} | "
+                         f"{row['verdict']} |")
+        if not claim["rows"]:
+            lines.append("| (no variant of this claim has finished cells paired with the baseline) | | | | |")
+        lines.append("")
+    return lines
 
 
 def _cell(stat: dict[str, float] | None, scale: float, decimals: int, signed: bool = False) -> str:
@@ -118,6 +163,7 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
                 cells = [_cell(v["vs_baseline"].get(k), s, d, signed=True) for k, _, s, d in diff_cols]
                 lines.append(f"| {v['name']} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += claims_markdown(summary.get("claims", []))
     return "\n".join(lines)
 
 

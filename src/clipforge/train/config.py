@@ -15,6 +15,7 @@ from typing import Any, Literal
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
 from ..data.synthetic import SyntheticConfig
 from ..losses import LossConfig
+from .early_stop import EarlyStopConfig
 from .finetune import FinetuneConfig
 
 
@@ -153,6 +154,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Stop on a plateau of the validation contrastive loss (off unless early_stop.patience is set); `steps`
+    # is then the budget, and the cosine schedule spans it.
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     # Fault tolerance. resume: "auto" (continue from the run's latest checkpoint if there is one), "latest"
     # (must exist), or a checkpoint / run directory path. Checkpoints are written every `save_every` steps.
     resume: str | None = None

@@ -29,6 +29,8 @@ from ..losses import compute_loss
 from ..models.clip import CLIP
 from ..models.lock import set_locked_eval
 from .config import TrainConfig
+from .distill import Teacher
+from .early_stop import plateau_watch
 from .finetune import apply_locks
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
 from .schedule import lr_at
@@ -57,6 +59,8 @@ class TrainResult:
     bad_data: dict[str, int] = field(default_factory=dict)  # samples skipped or converted, by kind
     skipped_steps: int = 0  # non-finite steps whose update was skipped
     is_main: bool = True  # rank 0 (the one that writes), or the only process
+    # With early_stop.patience: best_val_loss, best_step, stopped_step (None: the loss still fell at `steps`)
+    early_stop: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -112,6 +116,7 @@ def unwrap(model: torch.nn.Module) -> CLIP:
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig,
                      loss_fn: Callable = compute_loss, poison: bool = False,
+                     teacher: Teacher | None = None,
                      queue: NegativeQueue | None = None) -> tuple[dict, torch.Tensor]:
     """Loss parts (tensors) of one batch, gradients in `.grad`, clipped; returns the norm before clipping.
 
@@ -125,6 +130,8 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch
         image_features, text_features, scale = model(images, tokens)
     parts = loss_fn(cfg.loss, image_features.float(), text_features.float(), scale.float(),
                     None if core.logit_bias is None else core.logit_bias.float())
+    if teacher is not None:  # loss.distill: the teacher's similarity distributions, added to the objective
+        parts = teacher.add_loss(parts, images, tokens, image_features.float(), text_features.float(), scale.float())
     if poison:
         parts["loss"] = parts["loss"] * float("nan")
     parts["loss"].backward()
@@ -175,7 +182,8 @@ def guarded_step(run: Run, batch: TrainBatch, step: int, lr: float, stop_request
     optimizer.zero_grad(set_to_none=True)
     images, tokens = batch.images.to(run.place.device), batch.tokens.to(run.place.device)
     parts, grad_norm = forward_backward(run.model, images, tokens, cfg, run.loss_fn,
-                                        poison=step + 1 in cfg.debug.nan_steps, queue=run.queue)
+                                        poison=step + 1 in cfg.debug.nan_steps, teacher=run.teacher,
+                                        queue=run.queue)
     counts = BadDataTally.local_vector(images.shape[0], batch.problems)
     consensus = reach_consensus(not step_is_finite(parts["loss"], grad_norm), stop_requested, counts,
                                 run.place.distributed)
@@ -246,6 +254,7 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
     """Steps run.start_step .. cfg.steps - 1; returns early (after saving) when a signal asks to stop."""
     cfg = run.cfg
     window_start, window_samples, last = time.perf_counter(), 0, {}
+    watch = plateau_watch(run)
     for step in range(run.start_step, cfg.steps):
         batch = run.next_batch()
         lr = lr_at(step, cfg.optim.lr, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio,
@@ -286,7 +295,14 @@ def run_steps(run: Run, stop: StopRequest, bar: tqdm) -> TrainResult:
             run.log.notice(f"stopped by {stop.received or 'a signal on another rank'} after step {done}; "
                            f"checkpoint {path}; continue with --resume=latest", step=done, event="stopped")
             return run.result(done, last, interrupted=stop.received or "SIGTERM", exit_code=stop.exit_code or 143)
-    return run.result(cfg.steps, last)
+        if watch is not None and watch(done, run.log.write, lambda decision: run.gather(decision)[0]):
+            run.log.notice(f"validation loss plateaued: stopped at step {done} (best {watch.stopper.best:.4f} at "
+                           f"step {watch.stopper.best_step})")
+            break
+    stopped = watch.stopper.stopped_step if watch is not None else None
+    result = run.result(stopped or cfg.steps, last)
+    result.early_stop = watch.stopper.state() if watch is not None else None
+    return result
 
 
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None) -> TrainResult:

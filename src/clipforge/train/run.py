@@ -28,6 +28,7 @@ from ..losses import compute_loss
 from ..models.clip import CLIP
 from ..models.config import ModelConfig
 from ..registry import get_model_config
+from .distill import Teacher
 from ..tokenizer import BPETokenizer, get_tokenizer
 from .config import RESUME_MODES, TrainConfig
 from .data import build_train_dataset
@@ -164,6 +165,7 @@ class Run:
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(1))
     tally: BadDataTally = field(default_factory=BadDataTally)
     shown: dict[str, int] = field(default_factory=dict)
+    teacher: Teacher | None = None  # loss.distill's teacher model
     lock: RunLock | None = None  # rank 0's lock on run_dir, held until close()
     queue: NegativeQueue | None = None  # loss.queue_size > 0: the negatives queue (its `loss` is loss_fn)
 
@@ -362,6 +364,8 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any) -> Run:
         run.log.notice(f"resuming from {loaded.path} at step {run.start_step}", step=run.start_step,
                        event="resumed", path=str(loaded.path))
     run.model, run.loss_fn = _wrap(cfg, core, place)
+    if cfg.loss.distill is not None:
+        run.teacher = Teacher(cfg.loss.distill, place.device, cfg.data.context_length or core.context_length)
     if run.queue is not None:
         run.loss_fn = run.queue.loss  # the gathered loss with the queue's negatives, under DDP too
     shuffle = True

@@ -1,0 +1,124 @@
+"""Plateau stopping: the rule on toy validation curves whose stopping step is known, and in a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from clipforge.config import ConfigError
+from clipforge.losses import clip_loss
+from clipforge.train.config import load_train_config
+from clipforge.train.early_stop import PlateauStopper, validation_batches, validation_loss
+from clipforge.train.loop import train
+
+from run_helpers import events, tiny_args
+
+# A validation curve measured every 10 steps: falls, flattens around 2.4, then rises (over-fitting).
+CURVE = [5.0, 4.0, 3.0, 2.5, 2.4, 2.41, 2.39, 2.45, 2.5, 2.6, 2.7]
+
+
+def _first_stop(stopper: PlateauStopper, curve: list[float], every: int = 10) -> int | None:
+    for k, value in enumerate(curve, start=1):
+        if stopper.observe(k * every, value):
+            return k * every
+    return None
+
+
+def test_plateau_with_min_delta():
+    """min_delta 0.02: 2.39 at step 70 is not 0.02 below 2.40, so steps 60, 70, 80 are stale: stop at 80."""
+    stopper = PlateauStopper(patience=3, min_delta=0.02)
+    assert _first_stop(stopper, CURVE) == 80
+    assert stopper.state() == {"best_val_loss": 2.4, "best_step": 50, "stopped_step": 80}
+
+
+def test_plateau_without_min_delta():
+    """Any decrease counts: 2.39 at step 70 is the best, then 80, 90, 100 are stale: stop at 100."""
+    stopper = PlateauStopper(patience=3)
+    assert _first_stop(stopper, CURVE) == 100
+    assert (stopper.best, stopper.best_step) == (2.39, 70)
+
+
+def test_no_stop_while_falling_and_nan_is_stale():
+    assert _first_stop(PlateauStopper(patience=2), [3.0, 2.0, 1.0, 0.5]) is None
+    stopper = PlateauStopper(patience=2)
+    assert _first_stop(stopper, [3.0, math.nan, math.nan]) == 30 and stopper.best_step == 10
+    with pytest.raises(ValueError):
+        PlateauStopper(patience=0)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="early_stop.patience"):
+        load_train_config(None, ["--early_stop.patience=0"])
+    with pytest.raises(ConfigError, match="early_stop.every"):
+        load_train_config(None, ["--early_stop.patience=2", "--early_stop.every=0"])
+
+
+def test_validation_pairs_are_their_own_stream(tmp_path):
+    """The validation batches are fixed, differ from the training stream's first batch, and their loss is the
+    plain CLIP loss of the model's features."""
+    cfg = load_train_config(None, tiny_args(tmp_path, "v", "--early_stop.patience=1", "--early_stop.batches=2"))
+    from clipforge import create_model
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.train.data import build_train_dataset
+
+    tokenizer = get_tokenizer(cfg.model)
+    batches = validation_batches(cfg, 32, tokenizer)
+    again = validation_batches(cfg, 32, tokenizer)
+    assert len(batches) == 2 and all(images.shape == (8, 3, 32, 32) for images, _ in batches)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    train_set, _ = build_train_dataset(cfg, 32)
+    assert not torch.equal(batches[0][0][0], train_set[0][0])
+    torch.manual_seed(0)
+    model = create_model(cfg.model).eval()
+    with torch.no_grad():
+        expected = sum(float(clip_loss(*model(images, tokens))) for images, tokens in batches) / 2
+    assert validation_loss(model, batches, torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_stops_at_the_known_step(tmp_path):
+    """min_delta far above any change: the first validation (step 5) is the best, the next two are stale,
+    so the run stops at step 5 + 2 * 5 = 15 of its 40-step budget, and says so in the log and the result."""
+    cfg = load_train_config(None, tiny_args(tmp_path, "es", "--steps=40", "--early_stop.patience=2",
+                                            "--early_stop.every=5", "--early_stop.min_delta=100",
+                                            "--early_stop.batches=1"))
+    result = train(cfg, progress=False)
+    assert result.steps == 15
+    stop = events(result.run_dir, "early_stop")
+    assert len(stop) == 1 and stop[0]["step"] == 15 and stop[0]["stopped_step"] == 15
+    entries = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    validations = [e for e in entries if "val_loss" in e]
+    assert [e["step"] for e in validations] == [5, 10, 15]
+    assert result.early_stop == {"best_val_loss": validations[0]["val_loss"], "best_step": 5, "stopped_step": 15}
+    assert max(e["step"] for e in entries if "loss" in e) == 15  # no training step after the stop
+    assert (result.run_dir / "model.safetensors").is_file()
+
+
+def test_manifest_validation_split(tmp_path):
+    """With a manifest, the validation pairs are the rows of early_stop.split, at the evaluation transform;
+    a split smaller than one batch is a one-line config error naming the key."""
+    from PIL import Image
+
+    rows = ["image\tcaption\tsplit"]
+    for i in range(12):
+        name = f"img{i}.png"
+        Image.new("RGB", (40, 36), (20 * i, 100, 200 - 10 * i)).save(tmp_path / name)
+        rows.append(f"{name}\tpicture number {i}\t{'val' if i % 3 == 0 else 'train'}")
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("\n".join(rows) + "\n")
+    from clipforge.tokenizer import get_tokenizer
+
+    args = tiny_args(tmp_path, "m", "--data.source=manifest", f"--data.path={manifest}", "--batch_size=4",
+                     "--early_stop.patience=1", "--early_stop.batches=1")
+    cfg = load_train_config(None, args)
+    batches = validation_batches(cfg, 32, get_tokenizer(cfg.model))
+    assert len(batches) == 1 and batches[0][0].shape == (4, 3, 32, 32)
+    tokenizer = get_tokenizer(cfg.model)
+    val_captions = {f"picture number {i}" for i in range(0, 12, 3)}
+    expected = tokenizer(sorted(val_captions))
+    assert sorted(map(tuple, batches[0][1].tolist())) == sorted(map(tuple, expected.tolist()))
+    cfg = load_train_config(None, [*args, "--batch_size=8"])
+    with pytest.raises(ConfigError, match="early_stop.split.*4 pairs, fewer than one batch of 8"):
+        validation_batches(cfg, 32, tokenizer)

@@ -21,6 +21,8 @@ _EXPORTS = {
     "CLIP": "clipforge.models.clip",
     "ModelConfig": "clipforge.models.config",
     "ConfigError": "clipforge.config",
+    "load_head": "clipforge.adapt.head",
+    "LinearHead": "clipforge.adapt.head",
     "Searcher": "clipforge.search.searcher",
 }
 

@@ -66,7 +66,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
                        variants=tuple(args.variants) if args.variants else None,
                        baselines=tuple(args.baseline or ()), batch_size=args.batch_size, seed=args.seed,
                        cache_dir=cache, plot=args.plot, num_workers=args.workers, device=args.device,
-                       synonyms=args.synonyms, load=load_options(args), preprocess=args.preprocess)
+                       synonyms=args.synonyms, load=load_options(args), preprocess=args.preprocess,
+                       head=args.head)
     results = finite_or_none(run_eval(args.task, args.model, args.dataset, opts))
     shown = {k: v for k, v in results.items() if k not in ("per_sample", "per_class_recall", "val_scores")}
     print(json.dumps(shown, indent=2))  # the long lists and tables only go to --output
@@ -199,7 +200,15 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.to != "onnx" and (args.int8 or args.opset is not None):
+        raise UserError("--int8 and --opset apply to --to onnx only")
     model, _ = resolve_model(args.model, load_options(args))  # a run directory, as for eval
+    if args.to == "onnx":
+        from .export.onnx_export import OnnxExportOptions, export_onnx, summary  # noqa: PLC0415
+
+        report = export_onnx(model, args.output, OnnxExportOptions(opset=args.opset or 18, int8=args.int8))
+        print(summary(args.output, report))
+        return 0
     writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
                "clipforge": save_model}
     with warnings.catch_warnings(record=True) as caught:
@@ -211,6 +220,72 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     for warning in caught:
         print(f"clipforge: note: {warning.message}", file=sys.stderr)
     return 0
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import convert  # noqa: PLC0415
+    from .adapt.wiseft import interpolate  # noqa: PLC0415
+    from .checkpoint import save_model  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    if len(args.model) != 2:
+        raise UserError(f"--model: give exactly two models (A, the zero-shot one, then B), got {len(args.model)}")
+    a, b = (convert.load_model(path) for path in args.model)
+    merged = interpolate(a, b, args.alpha)
+    written = save_model(merged, args.output, {"wiseft_alpha": str(args.alpha), "wiseft_a": args.model[0],
+                                               "wiseft_b": args.model[1]})
+    print(f"Wrote (1 - {args.alpha:g}) * A + {args.alpha:g} * B to {written}")
+    return 0
+
+
+def cmd_finetune_head(args: argparse.Namespace, extra: list[str]) -> int:
+    from .adapt.fit import HeadOptions, fit_head  # noqa: PLC0415
+    from .eval.runner import EvalOptions, default_cache_dir  # noqa: PLC0415
+    from .eval.tasks import SourceOptions  # noqa: PLC0415
+
+    if extra:
+        raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+    opts = HeadOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       seed=args.seed)
+    source = SourceOptions(limit=args.limit, templates=args.templates, root=args.root)
+    cache = None if args.no_cache else str(default_cache_dir())
+    head, results = fit_head(args.model, args.dataset, opts, EvalOptions(source=source, cache_dir=cache,
+                                                                          device=args.device))
+    head.save(args.output)
+    print(json.dumps(results, indent=2))
+    print(f"Head written to {args.output} (use: clipforge eval zeroshot --model {args.model} --dataset "
+          f"{args.dataset} --head {args.output})")
+    _write_json(args.results, results)
+    return 0
+
+
+def add_adapt_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="WiSE-FT: interpolate the weights of a zero-shot and a fine-tuned model",
+                       description="Write (1 - alpha) * A + alpha * B for two models of the same architecture.")
+    p.add_argument("--model", action="append", required=True, metavar="PATH",
+                   help="give twice: A (zero-shot) then B (fine-tuned); any format load_model reads")
+    p.add_argument("--alpha", type=float, default=0.5, help="0 gives A, 1 gives B (default: 0.5)")
+    p.add_argument("--output", required=True, help="the merged model (.safetensors)")
+    p.set_defaults(handler=cmd_merge)
+    p = sub.add_parser("finetune-head", help="train a linear head on frozen image features from zero-shot weights",
+                       description="A linear classifier initialised from the zero-shot text classifier (times the "
+                       "model's logit scale), then trained on --shots labelled images per class.")
+    p.add_argument("--model", required=True, help="a model file, a run directory or an architecture name")
+    p.add_argument("--dataset", required=True, help="a labelled dataset (fashion-mnist, emoji, ..., a manifest)")
+    p.add_argument("--shots", type=int, default=16, help="training images per class (0: all; default: 16)")
+    p.add_argument("--epochs", type=int, default=100, help="passes over those images (default: 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the batch order")
+    p.add_argument("--output", required=True, help="the head (.safetensors)")
+    p.add_argument("--results", help="also write the test metrics as JSON to this file")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N images per split")
+    p.add_argument("--templates", default=None, help="prompt template set or file (default: the dataset's)")
+    p.add_argument("--root", help="data root of the offline datasets")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the features cache")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.set_defaults(handler=cmd_finetune_head)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,20 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_data_parser(sub)
+    add_adapt_parsers(sub)
     from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
 
     add_search_parsers(sub)
-    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI or clipforge format",
-                       description="Load any checkpoint clipforge reads and write it in another tool's format.")
+    p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI, clipforge or ONNX format",
+                       description="Load any checkpoint clipforge reads and write it in another tool's format. "
+                       "LoRA adapters (a run with finetune.lora_rank) are merged into plain weights on reading.")
     p.add_argument("--model", required=True, help="checkpoint or run directory to convert (as eval --model)")
-    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge"],
+    p.add_argument("--to", required=True, choices=["hf", "openclip", "openai", "clipforge", "onnx"],
                    help="hf: a CLIPModel folder; openclip: {'state_dict': ...} .pt; openai: a state-dict .pt; "
-                   "clipforge: a self-describing .safetensors. The openai and openclip layouts hold no "
-                   "architecture: it is written beside them as OUTPUT.json (OpenCLIP's model_cfg and "
-                   "preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT without "
-                   "extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
-    p.add_argument("--output", required=True, help="output file (a folder for --to hf, and for --to openclip "
-                   "when it has no extension)")
+                   "clipforge: a self-describing .safetensors; onnx: a folder with visual.onnx, textual.onnx, "
+                   "preprocess.json, the tokenizer and parity.json (needs the [onnx] extra). The openai and "
+                   "openclip layouts hold no architecture: it is written beside them as OUTPUT.json (OpenCLIP's "
+                   "model_cfg and preprocess_cfg), which clipforge.load_model reads; --to openclip with an OUTPUT "
+                   "without extension writes OpenCLIP's hub folder (open_clip.create_model('local-dir:OUTPUT'))")
+    p.add_argument("--output", required=True, help="output file (a folder for --to hf and --to onnx, and for "
+                   "--to openclip when it has no extension)")
+    p.add_argument("--int8", action="store_true", help="onnx: also write int8 graphs (dynamic quantisation of "
+                   "MatMul/Gemm) and measure their accuracy cost against fp32")
+    p.add_argument("--opset", type=int, help="onnx: ONNX opset, 17 to 23 (default: 18)")
     add_load_arguments(p)
     p.set_defaults(handler=cmd_export)
     from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch
@@ -314,6 +395,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if CUDA is available, else the CPU)")
+    p.add_argument("--head", metavar="FILE", help="zeroshot: classify with a head from `clipforge finetune-head`")
     p.add_argument("--preprocess", choices=["openai", "clipforge"], help="eval pipeline for image files: "
                    "openai (OpenAI's/OpenCLIP's, exactly) or clipforge (RGB first, transparency on white); "
                    "default: the one stored with the model")

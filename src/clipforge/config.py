@@ -44,6 +44,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # an optional section or value: its own error names the inner key
+            raise ConfigError(errors[0])
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         choices = get_args(tp)

@@ -162,7 +162,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _gather_rows(x)[0] if is_distributed() else x
 
 
-def _global_values(parts: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+def global_values(parts: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
     """Values: each part summed over ranks (the global loss). Gradients: world_size * d part, for DDP's average."""
     totals = all_reduce_sum(torch.stack([p.detach().double() for p in parts.values()]))  # one collective
     out = {}
@@ -170,6 +170,16 @@ def _global_values(parts: dict[str, torch.Tensor], world_size: int) -> dict[str,
         scaled = world_size * part
         out[key] = scaled + (total.to(scaled.dtype) - scaled.detach())
     return out
+
+
+def gather_strip(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[Strip, int]:
+    """(this rank's strip of the global similarity matrix, global batch size) from local features [n, D]."""
+    dim = image_features.shape[1]
+    # One collective for both modalities: [n, 2D] -> [B, 2D].
+    both, sizes = _gather_rows(torch.cat([image_features, text_features], dim=1))
+    image_all, text_all = both[:, :dim], both[:, dim:]
+    offset = sum(sizes[: get_rank()])  # where my rows start in the global batch
+    return Strip(image_features, text_features, image_all, text_all, offset), both.shape[0]
 
 
 def distributed_compute_loss(
@@ -195,19 +205,13 @@ def distributed_compute_loss(
             f"distributed loss '{cfg.name}': image features {tuple(image_features.shape)} and text features "
             f"{tuple(text_features.shape)} must have the same shape [n, D]"
         )
-    dim = image_features.shape[1]
-    # One collective for both modalities: [n, 2D] -> [B, 2D].
-    both, sizes = _gather_rows(torch.cat([image_features, text_features], dim=1))
-    image_all, text_all = both[:, :dim], both[:, dim:]
+    strip, batch = gather_strip(image_features, text_features)
     world_size = get_world_size()
-    offset = sum(sizes[: get_rank()])  # where my rows start in the global batch
-    batch = image_all.shape[0]
     needs_negatives = cfg.name == "triplet" or (cfg.margin_lambda > 0 and cfg.margin_form == "hinge")
     if needs_negatives and batch < 2:
         raise ValueError(f"distributed loss '{cfg.name}': needs a global batch of at least 2 pairs, got {batch}")
-    strip = Strip(image_features, text_features, image_all, text_all, offset)
     parts = strip_loss_parts(cfg, strip, batch, logit_scale, logit_bias)
-    return _global_values(parts, world_size)
+    return global_values(parts, world_size)
 
 
 def distributed_clip_loss(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .losses_distill import DistillConfig
 from .losses_chunked import (
     ChunkSize,
     chunked_clip_loss,
@@ -296,8 +297,13 @@ class LossConfig:
     margin_target: float = 0.2
     triplet_margin: float = 0.2
     chunk_size: int | None = None
+    distill: DistillConfig | None = None  # a teacher whose similarity distributions the student also matches
     cyclip_in_modal: float = 0.25  # λ₁ of CyCLIP
     cyclip_cross_modal: float = 0.25  # λ₂ of CyCLIP
+    # A queue of the last `queue_size` image and text features as extra negatives (clip only; see losses_queue),
+    # filled by a momentum encoder with this momentum when set (MoCo), else by the model itself.
+    queue_size: int = 0
+    queue_momentum: float | None = None
 
     @property
     def uses_logit_scale(self) -> bool:
@@ -328,6 +334,20 @@ class LossConfig:
                 raise ConfigError(f"config key '{p}{key}': expected a finite number >= 0, got {value}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"config key '{p}chunk_size': expected a positive integer or null, got {self.chunk_size}")
+        if self.distill is not None:
+            self.distill.validate(f"{p}distill")
+        self._validate_queue(p)
+
+    def _validate_queue(self, p: str) -> None:
+        if self.queue_size < 0:
+            raise ConfigError(f"config key '{p}queue_size': expected an integer >= 0, got {self.queue_size}")
+        if self.queue_size and self.name != "clip":
+            raise ConfigError(f"config key '{p}queue_size': a queue of negatives works with loss 'clip', not "
+                              f"{self.name!r}")
+        if self.queue_momentum is not None and not self.queue_size:
+            raise ConfigError(f"config key '{p}queue_momentum': only applies with {p}queue_size > 0")
+        if self.queue_momentum is not None and not 0.0 <= self.queue_momentum < 1.0:
+            raise ConfigError(f"config key '{p}queue_momentum': expected a value in [0, 1), got {self.queue_momentum}")
 
 
 def _margin_part(cfg: LossConfig, strip: Strip, batch: int, logit_scale: torch.Tensor | float) -> torch.Tensor:

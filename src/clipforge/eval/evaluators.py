@@ -50,6 +50,7 @@ class EvalOptions:
     synonyms: bool = False  # zeroshot on the synthetic world: also with synonym class names
     load: LoadOptions = field(default_factory=LoadOptions)  # what the model file may not say (--arch, …)
     preprocess: str | None = None  # "openai" or "clipforge" eval pipeline; None: the one stored with the model
+    head: str | None = None  # zeroshot: classify with this trained head (`clipforge finetune-head`) instead
 
 
 class Session:
@@ -90,8 +91,25 @@ def scores_with_subsets(logits: torch.Tensor, labels: torch.Tensor, subsets: dic
     return out
 
 
+def head_logits(ev: Session, data: LabelledImages, features: torch.Tensor) -> torch.Tensor:
+    """Logits [N, C] of the trained head `ev.opts.head`, refused unless it was fitted on this model and classes."""
+    from ..adapt.head import load_head  # noqa: PLC0415
+    from .features import model_checksum  # noqa: PLC0415
+
+    head = load_head(ev.opts.head)  # type: ignore[arg-type]
+    if head.classnames != list(data.classnames):
+        raise ConfigError(f"--head {ev.opts.head}: its classes {head.classnames[:3]}... are not this dataset's "
+                          f"{list(data.classnames)[:3]}...")
+    if head.info.get("model_checksum") not in (None, model_checksum(ev.model)):
+        raise ConfigError(f"--head {ev.opts.head}: fitted on the features of another model")
+    return head(features)
+
+
 def task_zeroshot(ev: Session) -> dict[str, Any]:
     data, features, labels = ev.labelled_features(ev.opts.split)
+    if ev.opts.head:
+        return {"images": len(labels), "classes": len(data.classnames), "head": ev.opts.head,
+                **scores_with_subsets(head_logits(ev, data, features), labels, data.subsets)}
     logits = features @ ev.classifier(data)  # [N, C]
     out = {"images": len(labels), "classes": len(data.classnames), "templates": len(data.templates),
            **scores_with_subsets(logits, labels, data.subsets)}

@@ -37,6 +37,8 @@ def check_options(task: str, opts: EvalOptions) -> None:
         raise ConfigError("--plot for linear-probe draws the zero-shot vs k-shot curve: give --shots too")
     if opts.synonyms and task != "zeroshot":
         raise ConfigError(f"--synonyms: only for zeroshot, not {task}")
+    if opts.head and task != "zeroshot":
+        raise ConfigError(f"--head: a trained head classifies; it applies to the zeroshot task, not {task}")
     if any(k < 1 for k in opts.shots) or opts.draws < 1:
         raise ConfigError("--shots and --draws: expected positive integers")
 

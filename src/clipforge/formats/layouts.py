@@ -68,7 +68,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if kind == "safetensors" and metadata.get("format") == FORMAT_TAG:
         cfg = _stored_config(metadata, where)
         preprocess = _stored_preprocess(metadata, where)
-        return Checkpoint(_float32(content), cfg, "clipforge", preprocess, "clipforge model file")
+        from ..models.lora import merge_lora_state_dict  # noqa: PLC0415
+
+        # A LoRA run's file holds base weights and adapters: merged here, so it loads as a plain model.
+        return Checkpoint(_float32(merge_lora_state_dict(content)), cfg, "clipforge", preprocess,
+                          "clipforge model file")
     if kind == "safetensors":
         state, label = content, "safetensors file"
     else:

@@ -121,9 +121,11 @@ class HFTextEncoder(nn.Module):
         self.proj = nn.Linear(hidden, output_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=hidden**-0.5)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Pooled hidden states [B, H] before the projection."""
-        mask = (tokens != self.pad_id).long()  # [B, L]
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled hidden states [B, H] before the projection; `mask` [B, L] (1 for real tokens) defaults to
+        the tokens that are not the pad id (the ONNX graph takes it as an input instead)."""
+        if mask is None:
+            mask = (tokens != self.pad_id).long()  # [B, L]
         hidden = self.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state  # [B, L, H]
         if self.pooler == "cls":
             return hidden[:, 0]

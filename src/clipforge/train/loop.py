@@ -96,8 +96,10 @@ def save_checkpoint(ctx: RunContext, progress: Progress, step: int) -> Path | No
                 "elapsed_s": time.perf_counter() - progress.clock}
     state = TrainingState(step=step, rng=rng, data=data, config=to_dict(ctx.cfg), counters=counters,
                           world_size=ctx.place.world_size, version=ctx.version)
+    queue = ctx.stepper.queue
+    extra = {"queue": queue.state_dict()} if queue is not None else None
     path = save_training_checkpoint(ctx.ckpt_root / checkpoint_dir_name(step), ctx.core, ctx.stepper.optimizer,
-                                    state)
+                                    state, extra)
     prune_checkpoints(ctx.ckpt_root, ctx.cfg.keep_checkpoints)
     ctx.log.write({"step": step, "event": "checkpoint", "path": str(path)})
     progress.last_checkpoint = path

@@ -37,10 +37,12 @@ from ..tokenizer import tokenizer_for
 from ..transforms import PreprocessConfig
 from .config import RESUME_MODES, TrainConfig
 from .data import build_train_dataset
+from .distill import Teacher
 from .feed import DataFeed, LoaderSpec, build_shard_loader, start_feed
 from .finetune import apply_locks
 from .guard import NonFiniteGuard
 from .optim import match_parameter_layouts
+from .queue import build_queue, check_queue
 from .rundir import RunLock, check_resume_loses_nothing, check_run_name, lock_run_dir
 from .runlog import RunLog, ScalarSinks
 from .state import LoadedCheckpoint, code_version, config_differences, load_training_checkpoint, restore_rng_state
@@ -346,6 +348,7 @@ def _find_resume(cfg: TrainConfig, place: Placement, run_dir: Path) -> LoadedChe
 
 def _setup(cfg: TrainConfig, place: Placement, dataset: Any, lock: RunLock | None) -> tuple[RunContext, Progress]:
     model_cfg = check_run(cfg, place.world_size, dataset is None)
+    check_queue(cfg.loss, model_cfg, cfg.batch_size, place.world_size, place.device)
     run_dir = run_directory(cfg)
     loaded = _find_resume(cfg, place, run_dir)
     if place.is_main:
@@ -353,7 +356,16 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any, lock: RunLock | Non
     core = prepare_model(cfg, place.device)
     if loaded is not None:
         core.load_state_dict(loaded.model_state)
-    stepper = build_stepper(cfg, core, place.distributed)  # after the weights: bf16 copies, DDP broadcast
+    queue = build_queue(cfg.loss, core, place.device)
+    if queue is not None and loaded is not None:
+        if "queue" not in loaded.extra:
+            raise ConfigError(f"config key 'loss.queue_size': checkpoint {loaded.path} holds no queue state")
+        queue.load_state_dict(loaded.extra["queue"])
+    teacher = None
+    if cfg.loss.distill is not None:
+        teacher = Teacher(cfg.loss.distill, place.device, cfg.data.context_length or core.context_length)
+    # after the weights: bf16 copies, DDP broadcast
+    stepper = build_stepper(cfg, core, place.distributed, queue, teacher)
     if loaded is not None:
         stepper.optimizer.load_state_dict(loaded.optimizer_state)
         match_parameter_layouts(stepper.optimizer)

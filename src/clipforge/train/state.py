@@ -3,6 +3,7 @@
 A checkpoint directory (see `clipforge.checkpoint.write_checkpoint_dir`) holds:
   model.safetensors      the weights, as a clipforge model file (`clipforge eval --model` reads it as is)
   optimizer.safetensors  every tensor of the optimizer's state dict
+  extra.safetensors      only when the run has them: tensors of other stateful components (the negative queue)
   state.json             the rest: step, the optimizer's structure and hyper-parameters, RNG states and data
                          position of every rank, counters (bad samples, skipped steps, time), the resolved
                          config, the code version
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import CheckpointError, save_model, verify_checkpoint_dir, write_checkpoint_dir
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+EXTRA_FILE = "extra.safetensors"  # tensors of other stateful run components (the negative queue), when any
 
 
 @dataclass
@@ -148,11 +150,16 @@ def code_version() -> dict[str, Any]:
 # --- Saving and loading ------------------------------------------------------------------------------------------
 
 def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             state: TrainingState) -> Path:
-    """Write model, optimizer and `state` as one verified checkpoint directory at `path`, atomically."""
+                             state: TrainingState, extra: dict[str, Any] | None = None) -> Path:
+    """Write model, optimizer and `state` as one verified checkpoint directory at `path`, atomically.
+
+    `extra` holds the state dicts of other stateful components by name (tensors go to their own file)."""
     optimizer_tensors: dict[str, torch.Tensor] = {}
     optimizer_plain = split_tensors(optimizer.state_dict(), optimizer_tensors)
     payload = {**asdict(state), "optimizer": optimizer_plain}
+    extra_tensors: dict[str, torch.Tensor] = {}
+    if extra:
+        payload["extra"] = split_tensors(extra, extra_tensors)
 
     def write_state(tmp: Path) -> None:
         tmp.write_text(json.dumps(payload, indent=1))
@@ -162,6 +169,8 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
         OPTIMIZER_FILE: lambda tmp: save_file(optimizer_tensors, str(tmp)),
         STATE_FILE: write_state,
     }
+    if extra:
+        files[EXTRA_FILE] = lambda tmp: save_file(extra_tensors, str(tmp))
     return write_checkpoint_dir(path, state.step, files)
 
 
@@ -171,6 +180,7 @@ class LoadedCheckpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     state: TrainingState
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_training_checkpoint(path: str | Path, verify: bool = True) -> LoadedCheckpoint:
@@ -182,11 +192,13 @@ def load_training_checkpoint(path: str | Path, verify: bool = True) -> LoadedChe
     try:
         payload = json.loads((path / STATE_FILE).read_text())
         optimizer_state = join_tensors(payload.pop("optimizer"), load_file(str(path / OPTIMIZER_FILE)))
+        extra_plain = payload.pop("extra", None)
+        extra = join_tensors(extra_plain, load_file(str(path / EXTRA_FILE))) if extra_plain is not None else {}
         state = TrainingState(**payload)
         model_state = load_file(str(path / MODEL_FILE))
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({exc})") from None
-    return LoadedCheckpoint(path, model_state, optimizer_state, state)
+    return LoadedCheckpoint(path, model_state, optimizer_state, state, extra)
 
 
 def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

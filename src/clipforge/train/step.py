@@ -15,7 +15,7 @@ is fixed once, in `build_stepper`, from the config:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -42,16 +42,22 @@ class Features(NamedTuple):
 LossFn = Callable[[Features], dict[str, torch.Tensor]]
 
 
-def build_loss(cfg: LossConfig, distributed: bool = False) -> LossFn:
+def build_loss(cfg: LossConfig, distributed: bool = False, queue: Any = None, teacher: Any = None) -> LossFn:
     """The objective of `cfg` as a function of the features: {"loss": total, parts...}. Under torchrun it is
-    the exact loss of the global batch (`dist.distributed_compute_loss`)."""
-    if distributed:
+    the exact loss of the global batch (`dist.distributed_compute_loss`); with `loss.queue_size` the queue's
+    loss (its negatives added, then the batch enqueued); with `loss.distill` the teacher's term added."""
+    if queue is not None:
+        fn = queue.loss
+    elif distributed:
         from ..dist import distributed_compute_loss as fn  # noqa: PLC0415 - the one module touching torch.distributed
     else:
         fn = compute_loss
 
     def loss(f: Features) -> dict[str, torch.Tensor]:
-        return fn(cfg, f.image, f.text, f.logit_scale, f.logit_bias)
+        parts = fn(cfg, f.image, f.text, f.logit_scale, f.logit_bias)
+        if teacher is not None:  # the teacher's similarity distributions, added to the objective
+            parts = teacher.add_loss(parts, f.images, f.tokens, f.image, f.text, f.logit_scale)
+        return parts
 
     return loss
 
@@ -70,6 +76,7 @@ class Stepper:
     grad_clip: float | None = None
     master: MasterWeights | None = None
     no_sync: Callable | None = None  # DDP's no_sync: chunks before the last do not all-reduce
+    queue: Any = None  # train.queue.NegativeQueue: its momentum encoder embeds each batch first
 
     def zero_grad(self) -> None:
         if self.master is not None:
@@ -133,6 +140,9 @@ def forward_backward(s: Stepper, images: torch.Tensor, tokens: torch.Tensor,
             parts["loss"] = parts["loss"] * float("nan")
         return parts
 
+    if s.queue is not None:
+        with autocast(images.device, s.precision):
+            s.queue.prepare(s.core, images, tokens)
     if s.accum_chunk is not None and s.accum_chunk < images.shape[0]:
         return _accumulate(s, images, tokens, loss)
     with autocast(images.device, s.precision):
@@ -160,7 +170,8 @@ def train_step(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, lr: float
     return StepOutput(parts, grad_norm, skipped)
 
 
-def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False) -> Stepper:
+def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False, queue: Any = None,
+                  teacher: Any = None) -> Stepper:
     """The step's pieces for `core` (already initialised or restored): precision, optimizer, DDP, compile."""
     master = None
     compute: nn.Module = core
@@ -177,5 +188,5 @@ def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False) -> St
         no_sync = compute.no_sync
     if cfg.compile:
         compute = torch.compile(compute)  # type: ignore[assignment]
-    return Stepper(compute, core, optimizer, build_loss(cfg.loss, distributed), cfg.precision, cfg.accum_chunk,
-                   cfg.optim.grad_clip, master, no_sync)
+    return Stepper(compute, core, optimizer, build_loss(cfg.loss, distributed, queue, teacher), cfg.precision,
+                   cfg.accum_chunk, cfg.optim.grad_clip, master, no_sync, queue)

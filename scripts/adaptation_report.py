@@ -39,23 +39,20 @@ from clipforge.adapt.head import train_head, zeroshot_head
 from clipforge.adapt.wiseft import interpolate, plot_sweep
 from clipforge.checkpoint import save_model
 from clipforge.data.catalog import get_dataset
-from clipforge.data.synthetic import SyntheticConfig, SyntheticWorld
 from clipforge.eval.linear_probe import fit_logistic, sample_k_shot, select_C
 from clipforge.eval.metrics import classification_metrics
 from clipforge.eval.runner import EvalOptions, Evaluator
-from clipforge.eval.synthetic import evaluate_synthetic
+from clipforge.eval.evaluators import synthetic_headline
 from clipforge.eval.tasks import SourceOptions, subset_indices
 from clipforge.eval.templates import load_templates
-from clipforge.tokenizer import BPETokenizer
+from clipforge.tokenizer import tokenizer_for
 
 DATASET = "fashion-mnist"
 
 
 def before_score(model: torch.nn.Module) -> float:
     """Zero-shot top-1 over the synthetic world's 64 classes (seen words): what the model knew."""
-    tokenizer = BPETokenizer(context_length=model.context_length)
-    world = SyntheticWorld(SyntheticConfig(image_size=model.image_size))
-    return evaluate_synthetic(model, tokenizer, world, retrieval_pairs=10)["zeroshot_seen_top1"]
+    return synthetic_headline(model, tokenizer_for(model.config), pairs=10)["zeroshot_seen_top1"]
 
 
 def target_score(model: torch.nn.Module, args: argparse.Namespace) -> float:

@@ -44,12 +44,11 @@ def run_one(name: str, args: list[str], seed: int, steps: int, out: Path) -> dic
 
 def evaluate(run_dir: Path) -> dict[str, float]:
     import clipforge  # noqa: PLC0415
-    from clipforge.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: PLC0415
-    from clipforge.eval.synthetic import evaluate_synthetic  # noqa: PLC0415
+    from clipforge.eval.evaluators import synthetic_headline  # noqa: PLC0415
 
     model = clipforge.load_model(run_dir / "model.safetensors")
     tokenizer = clipforge.get_tokenizer("RN-Tiny-64")
-    metrics = evaluate_synthetic(model, tokenizer, SyntheticWorld(SyntheticConfig()))
+    metrics = synthetic_headline(model, tokenizer)
     keep = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
     return {k: metrics[k] for k in keep}
 

@@ -281,3 +281,14 @@ class Evaluator:
 def run_evaluators(evaluators: list[Evaluator], model: torch.nn.Module, tokenizer: Callable) -> dict[str, Any]:
     """{evaluator name: its metrics} for one model."""
     return {ev.name: ev.run(model, tokenizer) for ev in evaluators}
+
+
+def synthetic_headline(model: torch.nn.Module, tokenizer: Callable, per_class: int = 20, pairs: int = 1000,
+                       run_dir: Path | None = None) -> dict[str, float]:
+    """The demo's flat numbers (`synthetic.headline`) from the synthetic world's zeroshot and retrieval
+    evaluators: the world of `run_dir`'s config, else the default one at the model's resolution."""
+    from .synthetic import headline  # noqa: PLC0415
+
+    tasks = (EvalTask("zeroshot", per_class=per_class, templates="synthetic"), EvalTask("retrieval", pairs=pairs))
+    results = run_evaluators([Evaluator.from_task(t, run_dir=run_dir) for t in tasks], model, tokenizer)
+    return headline(results["zeroshot/synthetic"], results["retrieval/synthetic"])

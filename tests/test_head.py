@@ -15,7 +15,7 @@ from clipforge.adapt.fit import HeadOptions, fit_head
 from clipforge.adapt.head import LinearHead, train_head, zeroshot_head
 from clipforge.checkpoint import save_model
 from clipforge.cli import main
-from clipforge.eval.runner import EvalOptions, Evaluator
+from clipforge.eval.evaluators import EvalOptions, Session
 from clipforge.eval.tasks import SourceOptions
 
 OPTS = EvalOptions(source=SourceOptions(per_class=2), cache_dir=None)
@@ -32,7 +32,7 @@ def model_path(tmp_path_factory):
 def test_initial_head_is_the_zero_shot_classifier(model_path):
     head, results = fit_head(str(model_path), "synthetic", HeadOptions(shots=1, epochs=0), OPTS)
     model = clipforge.load_model(model_path)
-    ev = Evaluator(model, str(model_path), None, "synthetic", OPTS)
+    ev = Session(model, clipforge.get_tokenizer("ViT-Micro-8-32"), None, "synthetic", OPTS)
     data, features, labels = ev.labelled_features("test")
     # by hand: per class, the normalised mean of the normalised prompt embeddings, times exp(logit_scale)
     tokenizer = clipforge.get_tokenizer("ViT-Micro-8-32")

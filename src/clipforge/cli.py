@@ -291,7 +291,19 @@ def add_adapt_parsers(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="Train, evaluate and use CLIP models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_training_parsers(sub)
+    add_eval_parser(sub)
+    add_data_parser(sub)
+    add_adapt_parsers(sub)
+    from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
 
+    add_search_parsers(sub)
+    add_export_parser(sub)
+    return parser
+
+
+def add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """demo, train and study."""
     p = sub.add_parser("demo", help="train a small CLIP on the embedded data and classify unseen images zero-shot",
                        description="Train a small CLIP on the embedded synthetic data, then evaluate zero-shot. "
                        "Extra --section.key=value arguments override the training config.")
@@ -324,12 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the results summary as JSON to this file")
     p.set_defaults(handler=cmd_study)
 
-    add_eval_parser(sub)
-    add_data_parser(sub)
-    add_adapt_parsers(sub)
-    from .search.cli_search import add_search_parsers  # noqa: PLC0415 - argparse wiring only, no torch
 
-    add_search_parsers(sub)
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model in Hugging Face, OpenCLIP, OpenAI, clipforge or ONNX format",
                        description="Load any checkpoint clipforge reads and write it in another tool's format. "
                        "LoRA adapters (a run with finetune.lora_rank) are merged into plain weights on reading.")
@@ -351,7 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli_embed import add_embed_parsers  # noqa: PLC0415 - argparse wiring only, no torch
 
     add_embed_parsers(sub)
-    return parser
 
 
 EVAL_HELP = """tasks:

@@ -1,6 +1,6 @@
 """`clipforge finetune-head`: k labelled images per class -> a zero-shot-initialised linear head, trained.
 
-Features and zero-shot weights come from the evaluation code (`eval.runner.Evaluator`: cached image features,
+Features and zero-shot weights come from the evaluation code (`eval.evaluators.Session`: cached image features,
 the dataset's prompt templates), so the head's starting point is exactly `clipforge eval zeroshot`'s classifier.
 """
 
@@ -14,7 +14,8 @@ from ..config import ConfigError
 from ..eval.features import model_checksum
 from ..eval.linear_probe import sample_k_shot
 from ..eval.metrics import classification_metrics
-from ..eval.runner import EvalOptions, Evaluator, eval_device, resolve_model
+from ..eval.evaluators import EvalOptions, Session
+from ..eval.resolve import eval_device, model_tokenizer, resolve_model
 from .head import LinearHead, train_head, zeroshot_head
 
 
@@ -34,7 +35,7 @@ def fit_head(model_spec: str, dataset: str, opts: HeadOptions, eval_opts: EvalOp
         raise ConfigError(f"finetune-head: expected --shots >= 0, --epochs >= 0, --lr > 0; got {opts.shots}, "
                           f"{opts.epochs}, {opts.lr}")
     model, run_dir = resolve_model(model_spec, eval_device(eval_opts.device), eval_opts.load)
-    ev = Evaluator(model, model_spec, run_dir, dataset, eval_opts)
+    ev = Session(model, model_tokenizer(model, model_spec), run_dir, dataset, eval_opts)
     data, features, labels = ev.labelled_features("train")
     if opts.shots:
         features, labels = _kshot(features, labels, opts.shots, opts.seed)

@@ -233,8 +233,10 @@ def test_a_second_train_on_the_same_run_directory_fails_at_once(tmp_path, capsys
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 143
     steps = [entry["step"] for entry in step_log(tmp_path / "r")]
     assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved or repeated steps
-    (_, path), = list_checkpoints(tmp_path / "r" / "checkpoints")
-    verify_checkpoint_dir(path)
+    kept = list_checkpoints(tmp_path / "r" / "checkpoints")  # how many were kept depends on the machine's speed
+    assert kept and max(step for step, _ in kept) == steps[-1]  # SIGTERM saved at the last step boundary
+    for _, path in kept:
+        verify_checkpoint_dir(path)
 
 
 def test_shard_folders_are_never_mixed_and_failures_leave_no_temporaries(tmp_path, capsys):

@@ -17,7 +17,7 @@ import clipforge
 from clipforge.checkpoint import save_model
 from clipforge.cli import main
 from clipforge.convert import export_hf, export_openai, export_openclip, load_model
-from clipforge.eval.runner import EvalOptions, Evaluator
+from clipforge.eval.evaluators import EvalOptions, Session
 from clipforge.transforms import EvalTransform, PreprocessConfig
 
 MICRO = "ViT-Micro-8-32"
@@ -53,7 +53,7 @@ def micro_with(mode: str) -> torch.nn.Module:
 @pytest.mark.parametrize("mode", ["openai", "clipforge"])
 def test_eval_encodes_exactly_the_chosen_pipeline(mode: str, palette_manifest: Path) -> None:
     model = micro_with("clipforge")
-    ev = Evaluator(model, MICRO, None, str(palette_manifest), EvalOptions(preprocess=mode))
+    ev = Session(model, clipforge.get_tokenizer(MICRO), None, str(palette_manifest), EvalOptions(preprocess=mode))
     data = ev.source.captioned("test")
     assert ev.preprocess == mode
     for index in range(len(data.dataset)):

@@ -47,16 +47,12 @@ def model_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Tenso
 
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """`requested`, or the GPU of this local rank when there is one, else the CPU."""
-    if requested is None:
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise SearchError(f"--device: not a torch device: {requested!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SearchError(f"--device {requested}: CUDA is not available on this machine")
-    return device
+    """`requested`, or the GPU of this local rank when there is one, else the CPU (checks as `clipforge eval`)."""
+    from ..eval.resolve import eval_device  # noqa: PLC0415
+
+    if requested is None and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return eval_device(requested)
 
 
 class TorchEncoder:

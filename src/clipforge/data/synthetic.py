@@ -70,9 +70,7 @@ class SyntheticConfig:
     caption_noise: float = 0.0  # fraction of captions replaced by the caption of a random other image
     omit_prob: float = 0.25  # probability that a caption leaves out some of the objects
     attribute_prob: float = 0.3  # probability of naming an object's size, and separately its position
-    # probability of a shape-first phrase ("a circle in red"): these phrases are what let a text tower compose
-    # unseen colour x shape pairs (0.5 since the demo's 1,400-step recipe; it was 0.35 before, see README)
-    reorder_prob: float = 0.5
+    reorder_prob: float = 0.35  # probability of a shape-first phrase ("a circle in red")
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""

@@ -171,7 +171,7 @@ def check_threads(threads: int | None, what: str) -> None:
 class TrainConfig:
     model: str = "RN-Tiny-64"
     seed: int = 0
-    steps: int = 1400
+    steps: int = 1200
     batch_size: int = 128
     # fp32; bf16 autocast; bf16-master: bf16 weights computing without autocast, fp32 master weights updated
     # by the optimizer and saved in checkpoints

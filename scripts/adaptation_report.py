@@ -9,7 +9,8 @@ task: `synthetic`, `zeroshot:DATASET`, `retrieval:DATASET`; see `clipforge.adapt
 - linear probe: logistic regression on frozen features (C chosen on the validation split, `eval.linear_probe`);
 - zero-shot-initialised head: `clipforge finetune-head`'s head, trained on the same shots (one per `--head-lr`);
 - LoRA: `clipforge train --finetune.lora_rank=R` on the shots, captioned with the dataset's prompt templates;
-- full fine-tuning: the same run with every weight trained (lower learning rate);
+- full fine-tuning: the same run with every weight trained (lower learning rate); `--full-bn frozen` keeps the
+  start model's BatchNorm statistics (`--finetune.freeze_bn_stats=true`);
 - WiSE-FT: `clipforge merge` of the start model and the fully fine-tuned one at alpha = 0.5.
 
 Heads and probes leave the model untouched, so their "before" scores are the start model's. Every method sees the
@@ -130,10 +131,17 @@ def one_seed(seed: int, args: argparse.Namespace, base: torch.nn.Module, base_be
     if args.skip_finetune:
         return out
     manifest = write_shots(shots.tolist(), seed, Path(args.runs_dir) / f"shots-seed{seed}", args)
-    lora = clipforge.load_model(finetune(manifest, seed, "lora", [
-        f"--finetune.lora_rank={args.lora_rank}", f"--optim.lr={args.lora_lr}"], args))
-    full = clipforge.load_model(finetune(manifest, seed, "full", [f"--optim.lr={args.full_lr}"], args))
-    for name, model in (("LoRA", lora), ("full fine-tuning", full), ("WiSE-FT (α=0.5)", interpolate(base, full, 0.5))):
+    adapted: dict[str, torch.nn.Module] = {}
+    if not args.skip_lora:
+        adapted["LoRA"] = clipforge.load_model(finetune(manifest, seed, "lora", [
+            f"--finetune.lora_rank={args.lora_rank}", f"--optim.lr={args.lora_lr}"], args))
+    frozen = args.full_bn == "frozen"
+    full = clipforge.load_model(finetune(manifest, seed, "full-frozen-bn" if frozen else "full", [
+        f"--optim.lr={args.full_lr}", f"--finetune.freeze_bn_stats={str(frozen).lower()}"], args))
+    suffix = ", BatchNorm statistics frozen" if frozen else ""
+    adapted[f"full fine-tuning{suffix}"] = full
+    adapted[f"WiSE-FT (α=0.5){suffix}"] = interpolate(base, full, 0.5)
+    for name, model in adapted.items():
         target[name] = target_score(model, args)
         for spec, score in befores(model, args.before_tasks, args).items():
             before[spec][name] = score
@@ -176,7 +184,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-epochs", type=int, default=100)
     parser.add_argument("--head-lr", type=float, nargs="+", default=[1e-3], help="one head per learning rate")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--full-bn", default="train", choices=["train", "frozen"],
+                        help="full fine-tuning: BatchNorm statistics follow the shots (train) or stay the start "
+                             "model's (frozen, --finetune.freeze_bn_stats)")
     parser.add_argument("--skip-finetune", action="store_true", help="zero-shot, probe and heads only")
+    parser.add_argument("--skip-lora", action="store_true", help="no LoRA runs")
     parser.add_argument("--runs-dir", default="runs/adaptation")
     parser.add_argument("--cache", default=None, help="image features cache folder for the start model")
     parser.add_argument("--output", default="adaptation.json")

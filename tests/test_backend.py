@@ -192,7 +192,8 @@ def test_serve_on_an_onnx_index_answers_text_and_image_queries_over_http(setup, 
             assert image.status_code == 200, image.text
             best = image.json()["results"][0]
             assert best["id"] == 11 and best["score"] == pytest.approx(float(stored[11] @ stored[11]), abs=2e-3)
-        assert client.get("/api/info").json()["images"] == N
+        info = client.get("/api/info").json()
+        assert info["images"] == N and info["backend"] == "onnx" and info["model"] == "onnx"
         bad = client.post("/api/search", files={"image": ("q.png", b"not an image", "image/png")})
         assert bad.status_code == 400 and client.get("/healthz").status_code == 200
     buffer = io.BytesIO()
@@ -203,9 +204,10 @@ def test_serve_on_an_onnx_index_answers_text_and_image_queries_over_http(setup, 
     assert sum(item["probability"] for item in labels) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["model-file", "no-int8", "no-folder", "precision", "device"])
+@pytest.mark.parametrize("case", ["model-file", "no-int8", "no-folder", "not-an-export", "precision", "device"])
 def test_bad_backend_input_is_one_line(setup, tmp_path, capsys, case: str) -> None:
-    model = {"model-file": setup["model"], "no-int8": setup["fp32_only"], "no-folder": tmp_path / "nowhere"}
+    model = {"model-file": setup["model"], "no-int8": setup["fp32_only"], "no-folder": tmp_path / "nowhere",
+             "not-an-export": setup["images"]}
     backend = "onnx-int8" if case == "no-int8" else "onnx"
     argv = ["embed", str(setup["images"]), "--model", str(model.get(case, setup["onnx"])), "--output",
             str(tmp_path / "o"), "--backend", backend, *COMMON]
@@ -216,7 +218,8 @@ def test_bad_backend_input_is_one_line(setup, tmp_path, capsys, case: str) -> No
         "model-file": "--backend onnx needs an ONNX export folder as --model",
         "no-int8": f"--backend onnx-int8 needs {setup['fp32_only'] / 'visual.int8.onnx'}; run clipforge export "
                    "--to onnx --int8",
-        "no-folder": "(no such folder); run clipforge export --to onnx",
+        "no-folder": "(no such folder); run clipforge export --to onnx --model MODEL --output DIR and pass DIR",
+        "not-an-export": f"got {setup['images']} (no export.json)",
         "precision": "--precision bf16 applies to --backend torch",
         "device": "--backend onnx runs on the CPU",
     }[case]

@@ -142,11 +142,11 @@ class OnnxEncoder:
 def check_export_folder(folder: Path, backend: str, graphs: tuple[str, ...]) -> None:
     """One line naming what `backend` needs from `folder` and the command that makes it, when it is missing."""
     command = "clipforge export --to onnx" + (" --int8" if backend == "onnx-int8" else "")
-    if not folder.is_dir():
-        what = "a file" if folder.is_file() else "no such folder"
+    if not (folder / "export.json").is_file():
+        what = "a file" if folder.is_file() else "no such folder" if not folder.exists() else "no export.json"
         raise SearchError(f"--backend {backend} needs an ONNX export folder as --model, got {folder} ({what}); "
-                          f"run {command} --model MODEL --output DIR")
-    for name in ("export.json", "preprocess.json", *graphs):
+                          f"run {command} --model MODEL --output DIR and pass DIR")
+    for name in ("preprocess.json", *graphs):
         if not (folder / name).is_file():
             raise SearchError(f"--backend {backend} needs {folder / name}; run {command} --model MODEL "
                               f"--output {folder}")

@@ -34,8 +34,9 @@ def test_chance_floor_against_a_hand_computation() -> None:
     assert chance_floor(1.0, 500, alpha=1e-3) == 7 / 500  # 4.9e-4 <= 1e-3; k = 6: e^-1 (e/6)^6 = 3.2e-3
 
 
-@pytest.mark.slow
-def test_int8_retrieval_on_the_openclipart_test_split(tmp_path_factory: pytest.TempPathFactory) -> None:
+def int8_report(root: Path, out: Path, seed: int = 0) -> tuple[dict, int, int]:
+    """Prepare openclipart under `root`, train ViT-Micro-8-32 for STEPS steps of 64 pairs on its train split,
+    export it with --int8 to `out`/onnx: (the export's int8_accuracy report, test captions, test images)."""
     from clipforge.convert import load_model
     from clipforge.data.offline import prepare
     from clipforge.eval.tasks import SourceOptions, open_source
@@ -44,21 +45,23 @@ def test_int8_retrieval_on_the_openclipart_test_split(tmp_path_factory: pytest.T
     from clipforge.train.config import load_train_config
     from clipforge.train.loop import train
 
-    root = tmp_path_factory.mktemp("data")
     prepare("openclipart", root=root)
-    out = tmp_path_factory.mktemp("runs")
     cfg = load_train_config(None, ["--model=ViT-Micro-8-32", "--batch_size=64", "--precision=fp32", "--threads=1",
                                    f"--steps={STEPS}", "--optim.lr=2e-3", f"--optim.warmup_steps={STEPS // 10}",
-                                   "--seed=0", "--data.source=offline", "--data.datasets=[openclipart]",
+                                   f"--seed={seed}", "--data.source=offline", "--data.datasets=[openclipart]",
                                    f"--data.root={root}", "--data.preload=true", "--data.num_workers=0",
                                    f"--output_dir={out}", "--run_name=oc"])
     model = load_model(train(cfg, progress=False).run_dir / "model.safetensors").eval()
     options = OnnxExportOptions(int8=True, cost=CostOptions(datasets=("openclipart",), root=str(root)))
     report = export_onnx(model, out / "onnx", options)["int8_accuracy"]
-    scores = report["splits"]["openclipart"]
-
     test = open_source("openclipart", model.image_size, SourceOptions(root=str(root))).captioned("test")
-    captions, images = len(test.texts), len(test.dataset)
+    return report, len(test.texts), len(test.dataset)
+
+
+@pytest.mark.slow  # about 2 minutes on one shared core: training 300 steps, then the export and its scoring
+def test_int8_retrieval_on_the_openclipart_test_split(tmp_path_factory: pytest.TempPathFactory) -> None:
+    report, captions, images = int8_report(tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("runs"))
+    scores = report["splits"]["openclipart"]
     # caption -> image: one right image among `images` per caption; image -> caption: c_i right captions among
     # `captions` for image i, and the c_i sum to `captions`, so random scoring expects one hit in all
     floors = {"image_retrieval_R@1": chance_floor(captions / images, captions),

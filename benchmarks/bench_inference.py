@@ -21,8 +21,8 @@ eager fp32 features.
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks:tests python benchmarks/bench_inference.py --threads 1
     # images only, every compiled variant and the fused-attention lever, no ONNX / torchao:
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks:tests python benchmarks/bench_inference.py --threads 1 \
-        --kinds image --paths torch --compile compiled,compiled-frozen,autotuned-frozen --sdpa \
-        --output docs/benchmarks/inference-avx512-1thread.json
+        --kinds image --paths torch --compile compiled,compiled-frozen,autotuned-frozen \
+        --compile-precisions bf16-weights --sdpa --output docs/benchmarks/inference-avx512-1thread.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ groups add up to the time spent inside operators; the rest of the wall time (Pyt
 bookkeeping outside operators) is shown as "outside operators". Grouping is by operator name, with two
 structural rules: everything under the optimizer's `Optimizer.step` / `zero_grad` (and the `_foreach_*`
 kernels of gradient clipping) is "optimizer", and `aten::bmm` is "attention" (in these towers batched matmuls
-are only attention's q k^T and weights @ v; linear layers run as `addmm`/`mm`). On a GPU (`--device cuda`)
+are only attention's q k^T and weights @ v; linear layers run as `addmm`/`mm`). QuickGELU, x * sigmoid(1.702 x),
+shows as `sigmoid` (counted as gelu) and multiplications (left in elementwise). On a GPU (`--device cuda`)
 the device time of the kernels each operator launched is used instead of CPU time.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/profile_step.py --threads 1 \
@@ -41,7 +42,7 @@ _MATMUL = ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::con
 _ATTENTION = ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::scaled_dot_product",
               "aten::_flash_attention", "aten::_efficient_attention")
 _ELEMENTWISE = ("add", "mul", "div", "sub", "copy_", "_to_copy", "to", "clone", "contiguous", "masked_fill",
-                "where", "exp", "sigmoid", "fill_", "zero_", "sum", "mean", "neg", "pow", "sqrt", "rsqrt",
+                "where", "exp", "fill_", "zero_", "sum", "mean", "neg", "pow", "sqrt", "rsqrt",
                 "clamp", "clamp_", "add_", "mul_", "div_", "sub_", "addcmul_", "addcdiv_", "lerp_", "cat",
                 "stack", "linalg_vector_norm", "norm", "abs", "max", "eq", "ne", "threshold_backward",
                 "reciprocal", "expand_as", "_unsafe_view")
@@ -57,7 +58,7 @@ def group_of(name: str, under_optimizer: bool) -> str:
         return "matmul"
     if "layer_norm" in name:
         return "layernorm"
-    if "gelu" in name:
+    if "gelu" in name or name.startswith("aten::sigmoid"):  # QuickGELU is x * sigmoid(1.702 x)
         return "gelu"
     if "softmax" in name:
         return "softmax"

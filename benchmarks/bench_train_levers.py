@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  fused AdamW is {ratio:.2f}x faster than for-each; it is {secs['AdamW step fused'] / base:.1%} of the step")
     print(hardware_note(args.threads))
     if args.output:
-        write_atomic(args.output, json.dumps({"machine": hardware_note(args.threads), "model": args.model,
-                                              "batch": args.batch, "seconds": secs, "all_seconds": {**steps, **optim}},
-                                             indent=2))
+        result = {"machine": hardware_note(args.threads), "model": args.model, "batch": args.batch,
+                  "seconds": secs, "all_seconds": {**steps, **optim}}
+        write_atomic(args.output, json.dumps(result, indent=2))
     return 0
 
 

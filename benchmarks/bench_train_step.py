@@ -194,7 +194,8 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
-    parser.add_argument("--precisions", default="fp32,bf16,bf16-master,compiled-fp32,compiled-bf16,compiled-bf16-master",
+    parser.add_argument("--precisions",
+                        default="fp32,bf16,bf16-master,compiled-fp32,compiled-bf16,compiled-bf16-master",
                         help="trainer modes: fp32, bf16, bf16-master, compiled-<mode> (torch.compile)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--block", type=int, default=2,

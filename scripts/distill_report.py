@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = [BASELINE, *(variant_name(w) for w in args.weights)]
     if not args.report_only:
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        if not (out / "eval" / "teacher" / "zeroshot-emoji.json").is_file():
-            evaluate(Path(args.teacher), out / "eval" / "teacher", args.threads, out / "logs" / "teacher.log")
         for seed in args.seeds:
             run_cell(args, BASELINE, seed, None)
             for weight in args.weights:
                 run_cell(args, variant_name(weight), seed, weight)
+        if not (out / "eval" / "teacher" / "zeroshot-emoji.json").is_file():
+            evaluate(Path(args.teacher), out / "eval" / "teacher", args.threads, out / "logs" / "teacher.log")
     teacher_folder = out / "eval" / "teacher"
     teacher = metrics_of(teacher_folder) if (teacher_folder / "zeroshot-emoji.json").is_file() else None
     summary = summarise(load_records(out, variants, args.seeds), teacher)

@@ -17,7 +17,12 @@ MFU: model FLOPs per step (3x the forward: ViT-B-32 counted as 14.8 GFLOP per pa
 analytic formula in `common.forward_flops`) divided by the step time, as a fraction of the best matmul rate
 measured in this process (square matmuls of 1024-3072, fp32 and bf16, before and after the steps).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_train_step.py --threads 2
+The compiled modes are compiled (one untimed step) before their phase. Since each phase times the references
+too, compiled against eager is also reported through them: (compiled / open_clip in its phase) / (eager /
+open_clip in its phase), which a change of the machine's load between the phases does not bias.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/bench_train_step.py --threads 1 \
+        --models ViT-B-32:16 --output docs/benchmarks/train-step-avx512-1thread.json
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import Callable
 
 import torch
 
-from common import (PeakMeter, machine_note, median, pair_forward_flops, random_images, random_tokens,
-                    time_interleaved, twin_models)
+from common import (PeakMeter, hardware_note, median, pair_forward_flops, random_images, random_tokens,
+                    time_interleaved, twin_models, write_atomic)
 
 from clipforge.losses import clip_loss
 from clipforge.speed import autocast
@@ -127,7 +132,10 @@ def bench_model(name: str, batch: int, steps: int, precisions: list[str], block:
     for precision in precisions:
         theirs = their_precision(precision)
         ours = copy.deepcopy(model)
-        runs = {f"clipforge {precision}": clipforge_step(ours, images, tokens, precision),
+        step = clipforge_step(ours, images, tokens, precision)
+        if precision.startswith("compiled-"):
+            step()  # compiles (forward and backward graphs): not part of the timed phase
+        runs = {f"clipforge {precision}": step,
                 f"transformers {theirs}": hf_step(hf, images, tokens, theirs),
                 f"open_clip {theirs}": openclip_step(openclip, images, tokens, theirs)}
         phase = time_interleaved(runs, steps, warmup=1 if block == 1 else 0, block=block)
@@ -136,7 +144,7 @@ def bench_model(name: str, batch: int, steps: int, precisions: list[str], block:
         times[f"clipforge {precision}"] = phase[f"clipforge {precision}"]
         for ref in ("transformers", "open_clip"):
             times[f"{ref} {theirs} (with {precision})"] = phase[f"{ref} {theirs}"]
-        del runs, ours
+        del runs, ours, step
         hf.zero_grad(set_to_none=True)
         openclip.zero_grad(set_to_none=True)
         meter.measure()
@@ -169,6 +177,13 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
             theirs = their_precision(precision)
             for ref in ("transformers", "open_clip"):
                 ratios[f"{precision} vs {ref} {theirs}"] = secs[f"{ref} {theirs} (with {precision})"] / secs[run]
+    for run in secs:
+        precision = run.split()[1]
+        if run.startswith("clipforge compiled-") and f"clipforge {precision.removeprefix('compiled-')}" in secs:
+            eager = precision.removeprefix("compiled-")
+            ref = f"open_clip {their_precision(precision)}"
+            ratios[f"{precision} vs {eager} (through {ref})"] = (
+                ratios[f"{precision} vs {ref}"] / ratios[f"{eager} vs {ref}"])
     for label, ratio in ratios.items():
         print(f"  speed ratio clipforge {label}: {ratio:.2f}x")
     if any(row["mfu"] > 1 for row in rows.values()):
@@ -178,20 +193,23 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="ViT-Tiny-8-64:64,ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
-    parser.add_argument("--precisions", default="fp32,bf16,bf16-master,compiled-bf16",
+    parser.add_argument("--models", default="ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
+    parser.add_argument("--precisions",
+                        default="fp32,bf16,bf16-master,compiled-fp32,compiled-bf16,compiled-bf16-master",
                         help="trainer modes: fp32, bf16, bf16-master, compiled-<mode> (torch.compile)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--block", type=int, default=2,
                         help="consecutive steps per turn, the first not timed (1: strict alternation, one warm-up)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", metavar="FILE.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     precisions = args.precisions.split(",")
-    print(machine_note(args.threads))
+    print(hardware_note(args.threads))
     meter = PeakMeter()
-    meter.measure()
+    first = meter.measure()
+    print(f"matmul peak at the start ({args.threads} thread(s), square 1024/2048/3072): fp32 "
+          f"{first['fp32'] / 1e9:.1f} GFLOP/s, bf16 {first['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     results = []
     for item in args.models.split(","):
         name, _, batch = item.partition(":")
@@ -200,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul peak (best of 1024/2048/3072 x 3, measured before, between and after the phases): "
           f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     reports = [report(r, peaks) for r in results]
-    print(f"\ntargets: bf16 >= {TARGETS['bf16_ratio']}x transformers, fp32 >= {TARGETS['fp32_ratio']}x, "
-          f"MFU >= {TARGETS['mfu_bf16']:.0%} of bf16 peak on ViT-B-32 at batch >= 16")
-    print(machine_note(args.threads))
+    print(f"\ntargets (CPU with AVX-512 bf16, no AMX): bf16 >= {TARGETS['bf16_ratio']}x open_clip, fp32 >= "
+          f"{TARGETS['fp32_ratio']}x open_clip and transformers, MFU >= {TARGETS['mfu_bf16']:.0%} of the bf16 peak "
+          f"on ViT-B-32 at batch >= 16")
+    print(hardware_note(args.threads))
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump({"machine": machine_note(args.threads), "peaks": peaks, "results": reports}, handle, indent=2)
+        write_atomic(args.output, json.dumps({"machine": hardware_note(args.threads), "threads": args.threads,
+                                              "peaks": peaks, "results": reports}, indent=2))
     return 0
 
 

@@ -122,6 +122,14 @@ def pair_forward_flops(name: str, cfg: ModelConfig) -> tuple[float, str]:
         f"analytic: image {parts['image'] / 1e9:.3f} + text {parts['text'] / 1e9:.3f} GFLOP")
 
 
+def image_forward_flops(name: str, cfg: ModelConfig) -> tuple[float, str]:
+    """(FLOPs of one image's forward, where the count comes from), as `pair_forward_flops`."""
+    if name == "ViT-B-32":
+        return VIT_B_32_FORWARD_GFLOP["image"] * 1e9, "Radford et al. 2021: 8.8 GFLOP"
+    image = forward_flops(cfg)["image"]
+    return float(image), f"analytic: {image / 1e9:.3f} GFLOP"
+
+
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 3) -> float:
     """The best FLOP/s of square matmuls of the given sizes in `dtype` (on the current thread count)."""
     best = 0.0
@@ -159,6 +167,16 @@ def twin_models(name: str) -> tuple[ModelConfig, torch.nn.Module, torch.nn.Modul
     hf = build_hf_model(cfg)
     copy_weights_to_hf(ours, hf)
     return cfg, ours, hf
+
+
+def sdpa_attention():  # -> a context manager
+    """A context in which clipforge's attention takes PyTorch's fused kernel in bf16 on CPU too: the lever
+    measured against the explicit bf16 attention that `clipforge.models.attention` chooses there."""
+    from unittest import mock  # noqa: PLC0415
+
+    from clipforge.models import attention  # noqa: PLC0415
+
+    return mock.patch.object(attention, "_explicit_is_faster", lambda q, length: False)
 
 
 def random_images(cfg: ModelConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -208,6 +226,46 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's description elsewhere)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415
+
+    return platform.processor() or platform.machine()
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def hardware_note(threads: int, device: str = "cpu") -> str:
+    """The machine a number was measured on: CPU model and its matmul-relevant flags (or the GPU), torch,
+    threads and load."""
+    from clipforge.speed import cpu_flags  # noqa: PLC0415
+
+    if device == "cuda":
+        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        flags = cpu_flags()
+        where = f"{cpu_model()} [{' '.join(f for f in SPEED_FLAGS if f in flags) or 'no AVX-512/AMX flags'}]"
+    return f"{where}; {machine_note(threads)}"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file, fsync and rename (a reader never sees half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def machine_note(threads: int) -> str:

@@ -1,11 +1,20 @@
 """What a negative queue buys: batch B vs batch B + queue K (with and without a momentum encoder) vs a larger batch,
 same number of steps, on the embedded synthetic world; mean ± std over seeds.
 
+The arms (`--variants`): `batch` (B), `queue` (B + queue K), `momentum` (B + queue K filled by a momentum encoder,
+0.99), `batch4x` (4B), `accum` (batch K by exact accumulation, `--batch_size=K --accum_chunk=C`: as many
+negatives per step as the queue, all of them current and all carrying gradient, at K / B times the compute).
+`--train-arg` passes further options to every run (a smaller model or image size for the `accum` arm).
+
 Each run is `clipforge train` in its own process (so its peak memory is its own, read from wait4's rusage);
 then the final model is scored with the demo's evaluation (zero-shot top-1 over the 64 classes, image->text
 and text->image R@1 over 1,000 pairs). Time per step is the run's training time over its steps.
 
     python scripts/queue_report.py --steps 200 --seeds 0 1 2 --output docs/queue-results.json
+    # scaled down so that batch K by accumulation fits a CPU: B = 8, K = 1024, ViT-Micro at 32 px
+    python scripts/queue_report.py --steps 128 --batch 8 --queue 1024 --accum-chunk 128 \
+        --variants batch queue momentum accum --train-arg=--model=ViT-Micro-8-32 \
+        --train-arg=--data.synthetic.image_size=32
 """
 
 from __future__ import annotations
@@ -18,17 +27,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = {
-    "batch 32": ["--batch_size=32"],
-    "batch 32 + queue 4096": ["--batch_size=32", "--loss.queue_size=4096"],
-    "batch 32 + queue 4096, momentum 0.99": ["--batch_size=32", "--loss.queue_size=4096",
-                                             "--loss.queue_momentum=0.99"],
-    "batch 128": ["--batch_size=128"],
-}
+from clipforge.checkpoint import atomic_write_text
+
+ARMS = ("batch", "queue", "momentum", "batch4x", "accum")
+
+
+def variants(arms: list[str], batch: int, queue: int, chunk: int) -> dict[str, list[str]]:
+    """Each arm's display name and its `clipforge train` options."""
+    every = {
+        "batch": (f"batch {batch}", [f"--batch_size={batch}"]),
+        "queue": (f"batch {batch} + queue {queue}", [f"--batch_size={batch}", f"--loss.queue_size={queue}"]),
+        "momentum": (f"batch {batch} + queue {queue}, momentum 0.99",
+                     [f"--batch_size={batch}", f"--loss.queue_size={queue}", "--loss.queue_momentum=0.99"]),
+        "batch4x": (f"batch {4 * batch}", [f"--batch_size={4 * batch}"]),
+        "accum": (f"batch {queue} by accumulation (chunk {chunk})", [f"--batch_size={queue}", f"--accum_chunk={chunk}"]),
+    }
+    return dict(every[arm] for arm in arms)
 
 
 def run_one(name: str, args: list[str], seed: int, steps: int, out: Path) -> dict[str, float]:
-    run_name = f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus')}-seed{seed}"
+    run_name = f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus').replace('(', '').replace(')', '')}"
+    run_name = f"{run_name}-seed{seed}"
     argv = [sys.executable, "-m", "clipforge", "train", "--no-progress", f"--steps={steps}", f"--seed={seed}",
             f"--output_dir={out}", f"--run_name={run_name}", "--threads=1", "--optim.warmup_steps=20", *args]
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -45,10 +64,11 @@ def run_one(name: str, args: list[str], seed: int, steps: int, out: Path) -> dic
 def evaluate(run_dir: Path) -> dict[str, float]:
     import clipforge  # noqa: PLC0415
     from clipforge.eval.evaluators import synthetic_headline  # noqa: PLC0415
+    from clipforge.tokenizer import tokenizer_for  # noqa: PLC0415
 
     model = clipforge.load_model(run_dir / "model.safetensors")
-    tokenizer = clipforge.get_tokenizer("RN-Tiny-64")
-    metrics = synthetic_headline(model, tokenizer)
+    tokenizer = tokenizer_for(model.config)  # the model's own context length
+    metrics = synthetic_headline(model, tokenizer, run_dir=run_dir)  # the run's own world (its image size)
     keep = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
     return {k: metrics[k] for k in keep}
 
@@ -70,18 +90,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=32, help="B: the small batch")
+    parser.add_argument("--queue", type=int, default=4096, help="K: queue size, and the accumulated batch")
+    parser.add_argument("--accum-chunk", type=int, default=128, help="pairs embedded at a time in the accum arm")
+    parser.add_argument("--variants", nargs="+", default=["batch", "queue", "momentum", "batch4x"], choices=ARMS)
+    parser.add_argument("--train-arg", action="append", default=[], help="an option for every run (repeatable)")
     parser.add_argument("--runs-dir", default="runs/queue-report")
     parser.add_argument("--output", default="queue-results.json")
     args = parser.parse_args()
     out = Path(args.runs_dir)
+    arms = variants(args.variants, args.batch, args.queue, args.accum_chunk)
     results: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
-        for name in args.variants:
-            results.setdefault(name, []).append(run_one(name, VARIANTS[name], seed, args.steps, out))
+        for name, options in arms.items():
+            results.setdefault(name, []).append(run_one(name, [*options, *args.train_arg], seed, args.steps, out))
             print(name, seed, results[name][-1], flush=True)
-            Path(args.output).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": results},
-                                                    indent=1))
+            record = {"steps": args.steps, "seeds": args.seeds, "train_args": args.train_arg, "runs": results}
+            atomic_write_text(args.output, json.dumps(record, indent=1))
     print(summarise(results))
 
 

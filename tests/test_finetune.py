@@ -48,3 +48,21 @@ def test_finetune_config_errors_name_the_key(tmp_path):
         load_train_config(None, [f"--finetune.init={tmp_path / 'missing.pt'}"])
     with pytest.raises(ConfigError, match="'finetune.lock_text_unlocked_layers'"):
         load_train_config(None, ["--finetune.lock_text_unlocked_layers=2"])
+
+
+def test_freeze_bn_stats_keeps_running_statistics_while_every_weight_trains(tmp_path):
+    torch.manual_seed(7)
+    start = clipforge.create_model("RN-Tiny-64")
+    init = save_model(start, tmp_path / "init.safetensors")
+    initial = {k: v.clone() for k, v in start.state_dict().items()}
+    stats = [k for k in initial if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats
+    for name, extra in (("frozen", ["--finetune.freeze_bn_stats=true"]), ("plain", [])):
+        assert main(["train", "--no-progress", "--init", str(init), f"--output_dir={tmp_path}",
+                     f"--run_name={name}", *RN, *extra]) == 0
+    frozen = load_file(tmp_path / "frozen" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert all(torch.equal(frozen[k], initial[k]) for k in stats)
+    assert not all(torch.equal(plain[k], initial[k]) for k in stats)  # without the flag they follow the data
+    for key in ("visual.layer1.0.conv1.weight", "visual.bn1.weight", "visual.attnpool.c_proj.weight"):
+        assert not torch.equal(frozen[key], initial[key]), key  # the weights (BatchNorm's affine ones too) train

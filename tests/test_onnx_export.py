@@ -17,7 +17,7 @@ from clipforge.cli import main
 from clipforge.export import onnx_export
 from clipforge.export.onnx_export import OnnxExportOptions, export_onnx
 from clipforge.export.parity import Tolerance, parity_images
-from clipforge.export.quantize import CostOptions
+from clipforge.export.quantize import CostOptions, int8_verdict
 from clipforge.export.runtime import ExportError, OnnxCLIP, load_backend_model
 
 pytest.importorskip("onnxruntime")  # the [onnx] extra is part of [test]; this only guards a partial install
@@ -142,6 +142,34 @@ def test_int8_stays_above_the_accuracy_floor_on_the_synthetic_heldout_set(traine
         assert report["int8"][tower]["min_cosine"] >= 0.99
     model = load_backend_model("onnx-int8", str(tmp_path / "o"))
     assert model.precision == "int8"
+
+
+def _split(fp32_r1: float, int8_i2t: float, int8_t2i: float, int8_zeroshot: float = 0.30) -> dict:
+    scores = {"onnx-fp32": {"zeroshot_acc1": 0.30, "image_retrieval_R@1": fp32_r1, "text_retrieval_R@1": fp32_r1},
+              "onnx-int8": {"zeroshot_acc1": int8_zeroshot, "image_retrieval_R@1": int8_t2i,
+                            "text_retrieval_R@1": int8_i2t}}
+    cost = {k: 100.0 * (scores["onnx-fp32"][k] - scores["onnx-int8"][k]) for k in scores["onnx-fp32"]}
+    return {**scores, "int8_cost_points": cost}
+
+
+def test_int8_that_costs_more_than_one_point_of_r1_on_a_real_split_is_not_the_default() -> None:
+    images = {"synthetic": 1000, "openclipart": 552, "emoji": 323}
+    # emoji loses 1.5 points of text->image R@1 (0.400 -> 0.385): reported, not recommended
+    costly = int8_verdict({"synthetic": _split(0.10, 0.10, 0.10), "openclipart": _split(0.25, 0.245, 0.25),
+                           "emoji": _split(0.40, 0.40, 0.385)}, images)
+    assert not costly["int8_recommended"]
+    assert costly["worst_real_R@1_cost_points"] == pytest.approx(1.5)
+    assert "more than 1: keep fp32 as the default" in costly["verdict"] and "openclipart, emoji" in costly["verdict"]
+    # synthetic losses and zero-shot losses do not count; 0.8 points of R@1 on real splits is acceptable
+    fine = int8_verdict({"synthetic": _split(0.10, 0.05, 0.05), "openclipart": _split(0.25, 0.242, 0.25, 0.10),
+                         "emoji": _split(0.40, 0.40, 0.40)}, images)
+    assert fine["int8_recommended"] and fine["worst_real_R@1_cost_points"] == pytest.approx(0.8)
+    assert "within 5x of chance" not in fine["verdict"]
+    # a model near chance on a split (R@1 below 5 / 552) is flagged; no real split: never recommended
+    assert "within 5x of chance on openclipart" in int8_verdict({"openclipart": _split(0.005, 0.005, 0.005)},
+                                                                images)["verdict"]
+    none = int8_verdict({"synthetic": _split(0.10, 0.10, 0.10)}, images)
+    assert not none["int8_recommended"] and none["worst_real_R@1_cost_points"] is None
 
 
 def test_family_without_an_exporter(tmp_path: Path) -> None:

@@ -115,10 +115,13 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
     if args.jobs < 1:
         raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: expected at least 1, got {args.threads}")
     output_dir = args.output_dir or str(Path("studies") / Path(args.config).stem)
     command = " ".join(["clipforge", "study", args.config, "--output-dir", output_dir, "--jobs", str(args.jobs)]
                        + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
-    outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command)
+    outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command,
+                        threads=args.threads)
     _write_json(args.output, outcome.summary)
     return 1 if outcome.failed else 0
 
@@ -332,6 +335,8 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="where cells, runs and results go (default: studies/<config name>)")
     p.add_argument("--figures-dir", help="where the figures go (default: OUTPUT_DIR/figures)")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of each cell's process (default: the machine's cores // --jobs)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     p.add_argument("--output", help="also write the results summary as JSON to this file")
     p.set_defaults(handler=cmd_study)

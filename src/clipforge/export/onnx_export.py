@@ -172,6 +172,12 @@ def write_tokenizer(model: nn.Module, folder: Path, text_kind: str) -> dict[str,
     return {"pad_id": 0, "bpe_file": bpe.name, "sot_id": 49406, "eot_id": 49407}
 
 
+def _logit_bias(model: nn.Module) -> float | None:
+    """The sigmoid-loss bias added to the scaled cosines (None for softmax CLIPs), for zero-shot users."""
+    bias = getattr(model, "logit_bias", None)
+    return None if bias is None else float(bias.detach())
+
+
 def check_writable(output: Path) -> None:
     """Fail before the slow part when the output folder cannot be created."""
     try:
@@ -203,7 +209,8 @@ def export_onnx(model: nn.Module, output: str | Path, opts: OnnxExportOptions | 
         atomic_write_text(tmp / "preprocess.json", json.dumps(preprocess_spec(model.image_size), indent=2))
         info = {"format": "clipforge-onnx", "vision": vision, "text": text_kind, "image_size": model.image_size,
                 "context_length": model.context_length, "embed_dim": model.config.embed_dim,
-                "logit_scale": float(model.logit_scale.detach().exp()), "opset": opts.opset, "external_data": external,
+                "logit_scale": float(model.logit_scale.detach().exp()), "logit_bias": _logit_bias(model),
+                "opset": opts.opset, "external_data": external,
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
                 "features": "not normalised: L2-normalise both sides before the dot product",
                 **write_tokenizer(model, tmp, text_kind)}

@@ -107,25 +107,14 @@ def score_split(encoders: dict[str, Any], tokenizer: Any, source: Any) -> tuple[
     return scores, len(captioned.dataset)
 
 
-def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> dict[str, Any]:
-    """PyTorch fp32 and bf16 vs ONNX fp32 and int8 on each split, the int8 cost in points, and whether int8 may be
-    the default (no more than MAX_R1_COST_POINTS of R@1 lost on any real split)."""
-    from ..speed import bf16_inference  # noqa: PLC0415
-
-    encoders = {"torch-fp32": model, "torch-bf16": bf16_inference(copy.deepcopy(model)),
-                "onnx-fp32": OnnxCLIP(folder, "fp32"), "onnx-int8": OnnxCLIP(folder, "int8")}
-    tokenizer = encoders["onnx-fp32"].tokenizer
-    splits, worst, real, near_chance = {}, 0.0, [], []
-    for name, source in _sources(opts, encoders["onnx-fp32"].image_size):
-        scores, images = score_split(encoders, tokenizer, source)
-        cost = {metric: 100.0 * (scores["onnx-fp32"][metric] - scores["onnx-int8"][metric])
-                for metric in scores["onnx-fp32"]}
-        splits[name] = {**scores, "int8_cost_points": cost}
-        if name != "synthetic":
-            real.append(name)
-            worst = max([worst, *(v for k, v in cost.items() if "R@1" in k)])
-            if scores["onnx-fp32"]["image_retrieval_R@1"] < 5.0 / images:  # chance is 1 / images
-                near_chance.append(name)
+def int8_verdict(splits: dict[str, dict[str, Any]], images: dict[str, int]) -> dict[str, Any]:
+    """Whether int8 may be the default, from each split's scores ({encoder: metrics} with "int8_cost_points"):
+    only real splits count (not "synthetic"), and int8 is not recommended when it loses more than
+    MAX_R1_COST_POINTS of retrieval R@1 (either direction) on any of them. `images`: retrieval images per split,
+    to flag a model within 5x of chance (1 / images), whose int8 cost says little."""
+    real = [name for name in splits if name != "synthetic"]
+    worst = max([0.0, *(v for name in real for k, v in splits[name]["int8_cost_points"].items() if "R@1" in k)])
+    near_chance = [name for name in real if splits[name]["onnx-fp32"]["image_retrieval_R@1"] < 5.0 / images[name]]
     if not real:
         verdict = "no real split is prepared (clipforge data prepare openclipart): int8 cost measured on synthetic only"
     elif worst > MAX_R1_COST_POINTS:
@@ -136,5 +125,23 @@ def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> di
     if near_chance:
         verdict += (f" (but the model is within 5x of chance on {', '.join(near_chance)}: its cost there says "
                     "little about a model trained for that data)")
-    return {"splits": splits, "real_splits": real, "worst_real_R@1_cost_points": worst if real else None,
+    return {"real_splits": real, "worst_real_R@1_cost_points": worst if real else None,
             "int8_recommended": bool(real) and worst <= MAX_R1_COST_POINTS, "verdict": verdict}
+
+
+def accuracy_cost(model: torch.nn.Module, folder: Path, opts: CostOptions) -> dict[str, Any]:
+    """PyTorch fp32 and bf16 vs ONNX fp32 and int8 on each split, the int8 cost in points, and whether int8 may be
+    the default (`int8_verdict`)."""
+    from ..speed import bf16_inference  # noqa: PLC0415
+
+    encoders = {"torch-fp32": model, "torch-bf16": bf16_inference(copy.deepcopy(model)),
+                "onnx-fp32": OnnxCLIP(folder, "fp32"), "onnx-int8": OnnxCLIP(folder, "int8")}
+    tokenizer = encoders["onnx-fp32"].tokenizer
+    splits: dict[str, dict[str, Any]] = {}
+    images: dict[str, int] = {}
+    for name, source in _sources(opts, encoders["onnx-fp32"].image_size):
+        scores, images[name] = score_split(encoders, tokenizer, source)
+        cost = {metric: 100.0 * (scores["onnx-fp32"][metric] - scores["onnx-int8"][metric])
+                for metric in scores["onnx-fp32"]}
+        splits[name] = {**scores, "int8_cost_points": cost}
+    return {"splits": splits, **int8_verdict(splits, images)}

@@ -91,6 +91,15 @@ def lock_text_tower(model: nn.Module, unlocked_layers: int = 0) -> None:
     _lock_groups(text_groups(model), unlocked_layers, True, "unlocked_layers", roots)
 
 
+def freeze_batchnorm_stats(model: nn.Module) -> int:
+    """Keep every BatchNorm layer in eval mode (running statistics fixed, used in the forward pass) through
+    `model.train()` / `set_locked_eval`; its affine weights still train. Returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for module in layers:
+        _lock_module(module, freeze_bn_stats=True)
+    return len(layers)
+
+
 def set_locked_eval(model: nn.Module) -> nn.Module:
     """Put every locked module back in eval mode; call after `model.train()`."""
     for module in model.modules():

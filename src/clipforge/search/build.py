@@ -15,7 +15,7 @@ import numpy as np
 
 from ..checkpoint import atomic_write, atomic_write_text, sha256_file
 from .errors import SearchError, require
-from .fingerprint import check_fingerprint
+from .fingerprint import backend_of, check_fingerprint
 from .index import (
     INDEX_FORMAT,
     INFO_FILE,
@@ -106,11 +106,15 @@ def _chunks(sources: list[EmbeddingSet], role: str = "img") -> Iterator[tuple[in
             start += part.rows
 
 
-def open_sources(paths: list[Path], fingerprint: dict[str, Any] | None = None) -> list[EmbeddingSet]:
+def open_sources(paths: list[Path], fingerprint: dict[str, Any] | None = None,
+                 expected_from: str | None = None) -> list[EmbeddingSet]:
+    """The embedding folders `paths`, each checked against `fingerprint` (that of `expected_from`; default: the
+    first folder's): one index never mixes models, backends or precisions."""
     sources = [open_embeddings(p) for p in paths]
     expected = fingerprint or sources[0].fingerprint
     for embeddings in sources:
-        check_fingerprint(expected, embeddings.fingerprint, where=str(embeddings.root))
+        check_fingerprint(expected, embeddings.fingerprint, where=expected_from or str(sources[0].root),
+                          other=str(embeddings.root))
     return sources
 
 
@@ -261,7 +265,8 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
     build = {**params, "factory": factory, "trained_on": trained_on, "seconds": 0.0,
              "options": {k: v for k, v in asdict(opts).items() if v is not None}}
     info = {"format": INDEX_FORMAT, "version": 1, "kind": kind, "build": build, "dim": dim,
-            "fingerprint": sources[0].fingerprint, "model": sources[0].manifest.get("model")}
+            "fingerprint": sources[0].fingerprint, "model": sources[0].manifest.get("model"),
+            "backend": backend_of(sources[0].fingerprint)}
     Path(index_dir).mkdir(parents=True, exist_ok=True)
     build["seconds"] = round(time.perf_counter() - started, 3)
     return finish(Path(index_dir), index, sources, info, opts)
@@ -272,7 +277,7 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
     index_dir = Path(index_dir)
     info = load_index_info(index_dir)
     old = [open_embeddings(resolve_source(index_dir, s["path"])) for s in info["sources"]]
-    new = open_sources([Path(p) for p in embeddings_dirs], info["fingerprint"])
+    new = open_sources([Path(p) for p in embeddings_dirs], info["fingerprint"], f"index {index_dir}")
     known = {s.root.resolve() for s in old}
     for embeddings in new:
         if embeddings.root.resolve() in known:

@@ -115,7 +115,8 @@ def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
                        "the same command resumes; under torchrun the parts are split across ranks.")
     p.add_argument("source", help="an image folder, a .csv/.tsv manifest, tar shards (file, glob, {a..b} range "
                    "or a folder of .tar), or a prepared offline dataset name")
-    p.add_argument("--model", required=True, help="a model file, a run directory or an architecture name")
+    p.add_argument("--model", required=True, help="a model file, a run directory or an architecture name; with "
+                   "--backend onnx/onnx-int8, a folder written by `clipforge export --to onnx [--int8]`")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--split", help="manifest / dataset split to embed (default: all rows)")
     p.add_argument("--root", help="data root of the offline datasets")
@@ -123,8 +124,11 @@ def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="loader processes decoding images (default 2)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if there is one)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="model runtime")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="compute precision of --backend torch")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                   help="model runtime: torch (default), or ONNX Runtime on the CPU with the export's fp32 graphs "
+                   "(onnx) or int8 graphs (onnx-int8); recorded in manifest.json, and an index never mixes them")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_embed)

@@ -26,6 +26,9 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
     p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
     p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
+                   help="the runtime to embed queries with (default, and the only one accepted: the one the index "
+                   "was embedded with, recorded in index.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
     p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file")
     p.set_defaults(handler=cmd_search, terms_after_options=True)
@@ -38,6 +41,9 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
     p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
+                   help="the runtime to embed queries with (default, and the only one accepted: the one the index "
+                   "was embedded with, recorded in index.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
     p.add_argument("--templates", help="prompt templates for /api/classify: a shipped set or a .txt file "
                    "(default: 'a photo of {}.' and three others)")
@@ -47,7 +53,7 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
 def _searcher(args: argparse.Namespace) -> Any:
     from .searcher import Searcher
 
-    return Searcher(args.index, model=args.model, device=args.device)
+    return Searcher(args.index, model=args.model, device=args.device, backend=args.backend)
 
 
 def format_table(answer: dict[str, Any], width: int | None = None) -> str:

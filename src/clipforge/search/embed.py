@@ -137,7 +137,8 @@ def _stream(encoder: Encoder, listing: Listing, batches: list[list[int]], worker
 
 def _run_header(listing: Listing, encoder: Encoder, opts: EmbedOptions) -> dict[str, Any]:
     """What fixes the bytes of every part; a restart into the same folder must present the same header."""
-    return {"model": encoder.spec, "fingerprint": encoder.fingerprint, "dim": int(encoder.fingerprint["dim"]),
+    return {"model": encoder.spec, "backend": encoder.backend, "fingerprint": encoder.fingerprint,
+            "dim": int(encoder.fingerprint["dim"]),
             "has_text": listing.has_text, "source": listing.description, "items": len(listing.items),
             "listing_sha256": listing.digest(), "part_size": opts.part_size, "batch_size": opts.batch_size,
             "precision": getattr(encoder, "precision", "fp32"), "device_type": str(getattr(encoder, "device", "cpu")

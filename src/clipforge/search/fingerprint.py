@@ -1,14 +1,19 @@
-"""A model's identity for the search side: architecture, a hash of its weights and its preprocessing.
+"""A model's identity for the search side: backend, architecture, a hash of its weights and its preprocessing.
 
-Embeddings and an index are only comparable with queries from the same model; the fingerprint is written
-next to both and checked before a query is embedded, so a switched model is refused instead of returning
-silently wrong neighbours.
+Embeddings and an index are only comparable with queries from the same model run by the same backend; the
+fingerprint is written next to both and checked before a query is embedded, so a switched model (or the same
+model through ONNX Runtime, or quantised to int8) is refused instead of returning silently wrong neighbours.
+A torch fingerprint hashes the state dict; an ONNX one the bytes of the graphs the backend runs, export.json,
+preprocess.json and the tokenizer files. Fingerprints written before backends existed have no "backend" key
+and mean "torch".
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +22,7 @@ from ..config import to_dict
 from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .errors import SearchError
 
-__all__ = ["check_fingerprint", "model_fingerprint", "weights_sha256"]
+__all__ = ["check_fingerprint", "model_fingerprint", "onnx_fingerprint", "weights_sha256"]
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -50,11 +55,46 @@ def model_fingerprint(model: torch.nn.Module, image_size: int | None = None) -> 
         raise SearchError(f"cannot fingerprint a {type(model).__name__}: it has no architecture config")
     size = image_size if image_size is not None else config.vision_cfg.image_size
     return {
+        "backend": "torch",
         "architecture": to_dict(config),
         "weights_sha256": weights_sha256(model),
         "preprocessing": preprocessing_spec(size),
         "dim": int(config.embed_dim),
     }
+
+
+def files_sha256(folder: Path, names: list[str]) -> str:
+    """sha256 over (relative name, size, bytes) of the files `names` under `folder`, in the order given."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = folder / name
+        digest.update(f"{name}|{path.stat().st_size}\n".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def onnx_fingerprint(folder: Path, backend: str, graphs: tuple[str, str], info: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint of an export folder run by `backend`: the export's own description of the model, and a
+    hash of every file that decides the features: both graphs (and their external data), export.json,
+    preprocess.json and the tokenizer files."""
+    names = [name for graph in graphs for name in (graph, f"{graph}.data") if (folder / name).is_file()]
+    names += ["export.json", "preprocess.json"]
+    names += sorted(p.relative_to(folder).as_posix() for p in (folder / "tokenizer").rglob("*") if p.is_file())
+    keys = ("format", "vision", "text", "image_size", "context_length", "embed_dim", "opset")
+    return {
+        "backend": backend,
+        "architecture": {key: info.get(key) for key in keys},
+        "files_sha256": files_sha256(folder, names),
+        "preprocessing": json.loads((folder / "preprocess.json").read_text()),
+        "dim": int(info["embed_dim"]),
+    }
+
+
+def backend_of(fingerprint: Mapping[str, Any]) -> str:
+    """The backend a fingerprint was made by ("torch" for those written before backends existed)."""
+    return str(fingerprint.get("backend", "torch"))
 
 
 def _first_difference(expected: Any, actual: Any, path: str) -> str | None:
@@ -76,15 +116,24 @@ def _lookup(tree: Any, path: str) -> Any:
     return tree
 
 
-def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], where: str = "index") -> None:
-    """Raise SearchError naming the first key where the two fingerprints differ."""
+def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], where: str = "index",
+                      other: str = "this model") -> None:
+    """Raise SearchError naming the backends when they differ, else the first key where the fingerprints do.
+    `where` names the side `expected` comes from, `other` the side of `actual`."""
+    if backend_of(expected) != backend_of(actual):
+        raise SearchError(
+            f"backend mismatch: {where} was embedded with --backend {backend_of(expected)}, {other} with "
+            f"--backend {backend_of(actual)}; embeddings of different backends or precisions are not comparable "
+            f"(use --backend {backend_of(expected)}, or embed again)"
+        )
+    expected, actual = {"backend": "torch", **expected}, {"backend": "torch", **actual}
     key = _first_difference(expected, actual, "")
     if key is None:
         return
     want, got = _lookup(expected, key), _lookup(actual, key)
-    if key == "weights_sha256":
+    if key in ("weights_sha256", "files_sha256"):
         want, got = str(want)[:12] + "…", str(got)[:12] + "…"
     raise SearchError(
-        f"model fingerprint mismatch: {key} differs ({where} was built with {want!r}, this model has {got!r}); "
+        f"model fingerprint mismatch: {key} differs ({where} was built with {want!r}, {other} has {got!r}); "
         "embed and index again with this model, or query with the model that built it"
     )

@@ -7,8 +7,9 @@
     for hit in answer["results"]:
         print(hit["score"], hit["key"], hit["caption"], hit["path"])
 
-The model is the one recorded in index.json (or one given), and its fingerprint must equal the index's: a
-query embedded by another model would return wrong neighbours silently, so that is refused at start.
+The model and backend are the ones recorded in index.json (or a model given), and the encoder's fingerprint
+must equal the index's: a query embedded by another model, or by the same model through another backend or
+precision (torch, ONNX fp32, ONNX int8), would return wrong neighbours silently, so that is refused at start.
 Model inference runs under a lock (one forward at a time; torch uses its own threads inside); the faiss
 search itself is thread-safe, so a Searcher may be shared by the threads of a server.
 """
@@ -66,14 +67,16 @@ def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) 
     return spec  # an architecture name, or a path that is gone (the encoder's loader names it)
 
 
-def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None) -> Any:
-    """The encoder `embed` uses (same preprocessing and tokenizer), for a model given or named by a path/name."""
+def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None,
+                       backend: str = "torch") -> Any:
+    """The encoder `embed` uses (same backend, preprocessing and tokenizer), for a model given or named by a
+    path/name (an export folder for the onnx backends)."""
     from .encoder import TorchEncoder, load_encoder, resolve_device
 
     if isinstance(spec, torch.nn.Module):
         return TorchEncoder(spec, type(spec).__name__, resolve_device(None if device is None else str(device)))
     try:
-        return load_encoder(str(spec), device=None if device is None else str(device))
+        return load_encoder(str(spec), backend, device=None if device is None else str(device))
     except FileNotFoundError:
         raise SearchError(f"model {spec}: no such file, run directory or architecture name") from None
 
@@ -83,18 +86,24 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, model: str | Path | torch.nn.Module | None = None,
                  device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 mmap: bool = False) -> None:
-        from .fingerprint import check_fingerprint
+                 mmap: bool = False, backend: str | None = None) -> None:
+        from .fingerprint import backend_of, check_fingerprint
         from .index import open_index
 
         self.index = open_index(index_dir, mmap=mmap)
         self.info: dict[str, Any] = self.index.info
+        recorded_backend = self.info.get("backend") or backend_of(self.index.fingerprint)
+        if backend is not None and backend != recorded_backend:
+            raise SearchError(f"--backend {backend}: index {index_dir} was embedded with --backend "
+                              f"{recorded_backend}; query it with that backend (the default), or embed and "
+                              f"index again with --backend {backend}")
         if model is None:
             recorded = self.info.get("model")
             if not recorded:
                 raise SearchError(f"{index_dir}/index.json records no model; pass one (--model PATH)")
             model = _resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
-        self.encoder = load_query_encoder(model, device)
+        self.encoder = load_query_encoder(model, device, recorded_backend)
+        self.backend: str = recorded_backend
         check_fingerprint(self.index.fingerprint, self.encoder.fingerprint, where=f"index {index_dir}")
         self.model = self.encoder.model
         self.context_length = int(getattr(self.model, "context_length", 77))
@@ -191,10 +200,9 @@ class Searcher:
         per_prompt = torch.from_numpy(self.encode_texts(prompts)).view(len(labels), len(templates), -1)  # [C, T, D]
         classes = torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)  # [C, D]
         image_vec = torch.from_numpy(self.encode_images([image]))  # [1, D]
-        logits = self.model.logit_scale.exp().float().cpu() * image_vec @ classes.t()  # [1, C]
-        bias = getattr(self.model, "logit_bias", None)
-        if bias is not None:
-            probs = torch.sigmoid(logits + bias.float().cpu())[0]
+        logits = self.encoder.logit_scale * image_vec @ classes.t()  # [1, C]
+        if self.encoder.logit_bias is not None:
+            probs = torch.sigmoid(logits + self.encoder.logit_bias)[0]
         else:
             probs = logits.softmax(dim=-1)[0]
         order = probs.argsort(descending=True).tolist()

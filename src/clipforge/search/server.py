@@ -149,7 +149,8 @@ def index_summary(searcher: Searcher) -> dict[str, Any]:
     info = searcher.info
     threshold = info.get("threshold") or {}
     return {"images": len(searcher), "dim": searcher.index.dim, "kind": info.get("kind"),
-            "model": Path(str(info.get("model") or "")).name or None, "recall": info.get("recall"),
+            "model": Path(str(info.get("model") or "")).name or None, "backend": searcher.backend,
+            "recall": info.get("recall"),
             "threshold": {k: threshold[k] for k in ("score", "precision", "recall") if k in threshold} or None,
             "max_k": MAX_K}
 

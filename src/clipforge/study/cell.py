@@ -28,6 +28,7 @@ from ..tokenizer import tokenizer_for
 from ..train.loop import train
 from ..transforms import normalize, to_tensor
 from .config import Cell, CellEval
+from .real import flatten_results
 
 # Streams of the synthetic world that only the linear probe draws from (training uses 0, evaluation 1-3).
 STREAM_PROBE_TRAIN, STREAM_PROBE_TEST = 10, 11
@@ -93,6 +94,17 @@ def evaluate_cell(model: torch.nn.Module, cell: Cell, run_dir: Path) -> tuple[di
     return metrics, margins
 
 
+def evaluate_real_cell(model: torch.nn.Module, cell: Cell) -> dict[str, float]:
+    """The real-data setting: the flat metrics (`study.real`) of the cell's evaluator tasks on held-out splits,
+    and the temperature the model ended with."""
+    model.eval()
+    tasks = cell.eval.tasks
+    results = run_evaluators([Evaluator.from_task(t) for t in tasks], model, tokenizer_for(model.config))
+    metrics = flatten_results(tasks, results)
+    metrics["temperature"] = float(1.0 / model.logit_scale.detach().exp())
+    return metrics
+
+
 def cell_path(output_dir: str | Path, cell: Cell) -> Path:
     return Path(output_dir) / "cells" / f"{cell.id}.json"
 
@@ -117,7 +129,11 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None) -> 
     result = train(cell.train, progress=False)
     assert result.model is not None
     eval_start = time.perf_counter()
-    metrics, margins = evaluate_cell(result.model, cell, result.run_dir)
+    margins: dict[str, object] | None = None  # the synthetic setting's margin report (histograms) only
+    if cell.eval.tasks:
+        metrics = evaluate_real_cell(result.model, cell)
+    else:
+        metrics, margins = evaluate_cell(result.model, cell, result.run_dir)
     metrics["train_seconds"] = result.train_seconds
     metrics["steps_trained"] = float(result.steps)
     if result.early_stop is not None:  # 1: the validation loss plateaued within the step budget

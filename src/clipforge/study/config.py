@@ -39,8 +39,10 @@ from typing import Any, Literal
 
 from ..config import ConfigError, from_dict, read_yaml_mapping, to_dict
 from ..models.config import ModelConfig
+from ..eval.spec import EvalTask
 from ..registry import get_model_config
 from ..train.config import TrainConfig
+from .real import check_tasks, real_columns
 from .stats import CLAIM_METRICS, ClaimSpec
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
@@ -57,6 +59,9 @@ class CellEval:
     probe_*: linear probe on frozen image features of single-object images, 64 colour x shape classes;
     `probe_C` null selects C by the CLIP paper's validation sweep (`eval.linear_probe.linear_probe`), a
     number fixes it.
+    tasks: the real-data setting. When set, each cell runs these evaluator tasks (`eval.tasks` entries of a
+    training config: held-out splits of prepared corpora or manifests) instead of the synthetic battery
+    above, and reports their flat metrics (`study.real`).
     """
 
     zeroshot_per_class: int = 10
@@ -67,9 +72,11 @@ class CellEval:
     probe_test_per_class: int = 8
     probe_C: float | None = None
     keep_models: bool = False
+    tasks: tuple[EvalTask, ...] = ()
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
+        check_tasks(self.tasks, prefix or "eval")
         for name in ("zeroshot_per_class", "probe_train_per_class", "probe_test_per_class"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{p}{name}': expected a positive integer, got {getattr(self, name)}")
@@ -146,7 +153,11 @@ class Cell:
         train = to_dict(self.train)
         for key in ("model", "output_dir", "run_name", "threads"):
             train.pop(key, None)
-        payload = {"model": self.model_config, "train": train, "eval": to_dict(self.eval)}
+        evaluation = to_dict(self.eval)
+        if not evaluation["tasks"]:
+            # the synthetic setting: hashed without the key, so cells finished before it existed still count
+            del evaluation["tasks"]
+        payload = {"model": self.model_config, "train": train, "eval": evaluation}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -248,7 +259,7 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
         raise ConfigError(f"{where} key 'run_first': {unknown[0]!r} is not a variant id; ids: {sorted(seen)}")
     if raw.baseline is not None and raw.baseline not in seen:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
-    _check_claims(raw.claims, [v.id for v in variants], raw.baseline, where)
+    _check_claims(raw.claims, [v.id for v in variants], raw.baseline, claim_metrics(raw.eval), where)
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
                   raw.order, raw.run_first, raw.claims)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
@@ -256,13 +267,22 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
     return study
 
 
-def _check_claims(claims: tuple[ClaimSpec, ...], ids: list[str], baseline: str | None, where: str) -> None:
+def claim_metrics(spec: CellEval) -> tuple[str, ...]:
+    """The metrics whose paired differences a study reports (and a claim may name): the synthetic battery's,
+    or in the real-data setting the flat metrics of its tasks."""
+    if spec.tasks:
+        return tuple(key for key, *_ in real_columns(spec.tasks))
+    return CLAIM_METRICS
+
+
+def _check_claims(claims: tuple[ClaimSpec, ...], ids: list[str], baseline: str | None, metrics: tuple[str, ...],
+                  where: str) -> None:
     for i, claim in enumerate(claims):
         key = f"{where} key 'claims[{i}]'"
         if baseline is None:
             raise ConfigError(f"{key}: claims are paired differences against the baseline; set 'baseline'")
-        if claim.metric not in CLAIM_METRICS:
-            raise ConfigError(f"{key}.metric: {claim.metric!r} is not one of {list(CLAIM_METRICS)}")
+        if claim.metric not in metrics:
+            raise ConfigError(f"{key}.metric: {claim.metric!r} is not one of {list(metrics)}")
         unknown = [v for v in claim.variants if v not in ids]
         if unknown:
             raise ConfigError(f"{key}.variants: {unknown[0]!r} is not a variant id")
@@ -293,7 +313,7 @@ def resolve_cell(study: Study, variant: Variant, seed: int, model_path: str, out
     except ConfigError as exc:
         raise ConfigError(f"variant {variant.id!r}: {exc}") from None
     image_size = study.model_config["vision_cfg"]["image_size"]
-    if train.data.synthetic.image_size != image_size:
+    if train.data.source == "synthetic" and train.data.synthetic.image_size != image_size:
         raise ConfigError(
             f"variant {variant.id!r}: data.synthetic.image_size {train.data.synthetic.image_size} differs from "
             f"the model's image size {image_size}"

@@ -12,8 +12,10 @@ from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write_text
 from ..eval.margins import merge_reports, plot_margin_overlay
-from .config import Cell, Study
-from .stats import CLAIM_METRICS, paired_t_interval, verdict
+from .config import Cell, Study, claim_metrics
+from .figures import MarginPanel, plot_margin_panels
+from .real import real_columns
+from .stats import paired_t_interval, verdict
 
 # (key, column header, scale, decimals): accuracies are shown in percent.
 COLUMNS: tuple[tuple[str, str, float, int], ...] = (
@@ -30,6 +32,14 @@ COLUMNS: tuple[tuple[str, str, float, int], ...] = (
 )
 DIFF_KEYS = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "probe_top1", "margin_i2t",
              "margin_t2i", "positive_similarity")  # fmt: skip
+Column = tuple[str, str, float, int]
+
+
+def study_columns(study: Study) -> list[Column]:
+    """The results table's columns: the synthetic battery's, or the real-data tasks' flat metrics."""
+    if study.eval.tasks:
+        return real_columns(study.eval.tasks) + [c for c in COLUMNS if c[0] in ("temperature", "steps_trained")]
+    return list(COLUMNS)
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -58,13 +68,14 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
         if record["variant"] in by_variant:
             by_variant[record["variant"]][int(record["seed"])] = record
     base = by_variant.get(study.baseline or "", {})
+    columns = study_columns(study)
     variants = []
     for v in study.variants:
         runs = by_variant[v.id]
         entry: dict[str, Any] = {"id": v.id, "name": v.name, "groups": list(v.groups), "overrides": v.overrides,
                                  "seeds": sorted(runs), "metrics": {}, "vs_baseline": {}}  # fmt: skip
         if runs:
-            keys = [k for k, *_ in COLUMNS] + ["train_seconds", "eval_seconds", "probe_C", "stopped_early",
+            keys = [k for k, *_ in columns] + ["train_seconds", "eval_seconds", "probe_C", "stopped_early",
                                                "margin_i2t_frac_negative", "margin_t2i_frac_negative"]
             for key in keys:
                 values = [r["metrics"][key] for _, r in sorted(runs.items()) if key in r["metrics"]]
@@ -72,7 +83,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                     entry["metrics"][key] = {**mean_std(values), "values": values}
             paired = sorted(set(runs) & set(base))
             if study.baseline and v.id != study.baseline and paired:
-                for key in CLAIM_METRICS:
+                for key in claim_metrics(study.eval):
                     if not all(key in runs[s]["metrics"] and key in base[s]["metrics"] for s in paired):
                         continue
                     diffs = [runs[s]["metrics"][key] - base[s]["metrics"][key] for s in paired]
@@ -81,7 +92,9 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                                                  "ci95": [ci.low, ci.high] if ci.n > 1 else None}
         variants.append(entry)
     timed = [r for r in records.values() if "cpu_seconds" in r]
-    return {"claims": judge_claims(study, variants), "baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
+    diff_keys = DIFF_KEYS if not study.eval.tasks else claim_metrics(study.eval)
+    return {"columns": [list(c) for c in columns], "diff_keys": list(diff_keys),
+            "claims": judge_claims(study, variants), "baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
             "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds),
             "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
             "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
@@ -104,10 +117,10 @@ def judge_claims(study: Study, variants: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
-def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
+def claims_markdown(claims: list[dict[str, Any]], columns: Sequence[Column] = COLUMNS) -> list[str]:
     """A table per claim: paired difference vs the baseline, its 95% t interval, the verdict."""
     lines: list[str] = []
-    scales = {k: (s, d) for k, _, s, d in COLUMNS}
+    scales = {k: (s, d) for k, _, s, d in columns}
     for claim in claims:
         scale, decimals = scales.get(claim["metric"], (100.0, 1) if "top1" in claim["metric"] else (1.0, 3))
         unit = " (points)" if scale == 100.0 else ""
@@ -141,20 +154,21 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
     if cpu.get("cells"):
         lines[-1:] = [(f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on "
                        f"average over the {cpu['cells']} cells that recorded it."), ""]
-    header = "| variant | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
-    rule = "|---|---:|" + "---:|" * len(COLUMNS)
+    columns: list[Column] = [tuple(c) for c in summary.get("columns", COLUMNS)]  # type: ignore[misc]
+    header = "| variant | n | " + " | ".join(h for _, h, _, _ in columns) + " |"
+    rule = "|---|---:|" + "---:|" * len(columns)
     variants = summary["variants"]
     for group in groups:
         members = [v for v in variants if group in v["groups"]]
         lines += [f"### {group}", "", header, rule]
         for v in members:
-            cells = [_cell(v["metrics"].get(k), s, d) for k, _, s, d in COLUMNS]
+            cells = [_cell(v["metrics"].get(k), s, d) for k, _, s, d in columns]
             lines.append(f"| {v['name']} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if summary["baseline"]:
         base = next(v["name"] for v in variants if v["id"] == summary["baseline"])
         lines += [f"### paired differences vs {base} (same seed; mean ± std of the per-seed difference)", ""]
-        diff_cols = [c for c in COLUMNS if c[0] in DIFF_KEYS]
+        diff_cols = [c for c in columns if c[0] in summary.get("diff_keys", DIFF_KEYS)]
         lines += ["| variant | n | " + " | ".join(f"Δ {h}" for _, h, _, _ in diff_cols) + " |",
                   "|---|---:|" + "---:|" * len(diff_cols)]  # fmt: skip
         for v in variants:
@@ -163,19 +177,25 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
                 cells = [_cell(v["vs_baseline"].get(k), s, d, signed=True) for k, _, s, d in diff_cols]
                 lines.append(f"| {v['name']} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += claims_markdown(summary.get("claims", []))
+    lines += claims_markdown(summary.get("claims", []), columns)
     return "\n".join(lines)
 
 
-def plot_group_metrics(path: Path, entries: Sequence[dict[str, Any]], title: str) -> Path:
+def plot_group_metrics(path: Path, entries: Sequence[dict[str, Any]], title: str,
+                       columns: Sequence[Column] = COLUMNS) -> Path:
     """Bars with std error bars per variant: accuracies, margins, and positive similarity (own scales)."""
     from ..eval.plots import _save  # noqa: PLC0415 - the shared PNG writer
 
+    kinds = (([c for c in columns if c[2] == 100.0], "accuracy (%)", 3),
+             ([c for c in columns if c[0].startswith("margin")], "mean margin", 1),
+             ([c for c in columns if c[0] == "positive_similarity"], "mean positive similarity", 1))
+    kinds = tuple(k for k in kinds if k[0])
     figure = Figure(figsize=(max(11.0, 1.6 * len(entries) + 6), 5.0))
-    grid = figure.add_gridspec(1, 5)
-    panels = ((figure.add_subplot(grid[0, :3]), COLUMNS[:5], "accuracy (%)"),
-              (figure.add_subplot(grid[0, 3]), COLUMNS[5:7], "mean margin"),
-              (figure.add_subplot(grid[0, 4]), COLUMNS[7:8], "mean positive similarity"))  # fmt: skip
+    grid = figure.add_gridspec(1, sum(width for *_, width in kinds))
+    panels, start = [], 0
+    for cols, ylabel, width in kinds:
+        panels.append((figure.add_subplot(grid[0, start:start + width]), cols, ylabel))
+        start += width
     x = np.arange(len(entries))
     for ax, cols, ylabel in panels:
         width = 0.8 / len(cols)
@@ -210,13 +230,20 @@ def write_report(study: Study, cells: Sequence[Cell], output_dir: str | Path,
         entries = [v for v in summary["variants"] if group in v["groups"] and v["seeds"]]
         if len(entries) < 2:
             continue  # nothing to compare yet
-        written.append(plot_group_metrics(figures / f"study-{group}.png", entries, f"Study: {group}"))
+        written.append(plot_group_metrics(figures / f"study-{group}.png", entries, f"Study: {group}",
+                                          study_columns(study)))
+        if study.eval.tasks:
+            continue  # margin histograms are the synthetic setting's (its cells store their counts)
         reports = {}
         for v in entries:
             cell_reports = [records[f"{v['id']}--seed{s}"]["margins"] for s in v["seeds"]]
             reports[f"{v['name']} (n={len(cell_reports)})"] = merge_reports(cell_reports)
         written.append(plot_margin_overlay(figures / f"study-margins-{group}.png", reports,
                                            f"Margin and positive similarity: {group} (seeds pooled)"))
+        panels = [MarginPanel(label, report, v["metrics"].get("temperature", {}).get("mean"))
+                  for (label, report), v in zip(reports.items(), entries)]
+        written.append(plot_margin_panels(figures / f"study-margin-histograms-{group}.png", panels,
+                                          f"In-batch margins: {group} (seeds pooled)"))
     summary["figures"] = [str(p) for p in written]
     if command:
         summary["command"] = command

@@ -35,6 +35,14 @@ def _worker_init(threads: int) -> None:
     torch.set_num_interop_threads(1)
 
 
+def _brief(metrics: dict[str, float]) -> str:
+    """A cell's headline for the progress log: the synthetic battery's, or the first real-data metrics."""
+    if "zeroshot_seen_top1" in metrics:
+        return (f"zero-shot seen {metrics['zeroshot_seen_top1']:.3f} held-out {metrics['zeroshot_heldout_top1']:.3f}, "
+                f"margin {metrics['margin_i2t']:.3f}")
+    return ", ".join(f"{key} {value:.3f}" for key, value in list(metrics.items())[:3])
+
+
 def _run_pending(pending: list[Cell], output_dir: Path, jobs: int, threads: int,
                  log: Callable[[str], None], outcome: StudyOutcome) -> None:
     def done(cell: Cell, record: dict[str, Any] | None, error: BaseException | None) -> None:
@@ -45,9 +53,7 @@ def _run_pending(pending: list[Cell], output_dir: Path, jobs: int, threads: int,
             return
         assert record is not None
         outcome.ran.append(cell.id)
-        m = record["metrics"]
-        log(f"[{count}/{len(pending)}] {cell.id}: zero-shot seen {m['zeroshot_seen_top1']:.3f} held-out "
-            f"{m['zeroshot_heldout_top1']:.3f}, margin {m['margin_i2t']:.3f}, {record['wall_seconds']:.0f} s")
+        log(f"[{count}/{len(pending)}] {cell.id}: {_brief(record['metrics'])}, {record['wall_seconds']:.0f} s")
 
     if jobs == 1:
         for cell in pending:
@@ -76,10 +82,11 @@ def run_study(
     report_only: bool = False,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    threads: int | None = None,
 ) -> StudyOutcome:
     """Train every unfinished cell of the study in `config` (up to `jobs` at once), then write the report.
 
-    Each process gets max(1, cores // jobs) threads unless the study's train config sets `threads`.
+    Each process gets `threads` torch threads, by default max(1, cores // jobs).
     Finished cells (result JSON present with the current fingerprint) are skipped, so an interrupted study
     resumes where it stopped. With `report_only`, nothing is trained: the report covers the cells finished.
     """
@@ -99,7 +106,10 @@ def run_study(
             outcome.skipped.append(cell.id)
         else:
             pending.append(cell)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    elif threads < 1:
+        raise ValueError(f"threads: expected at least 1, got {threads}")
     log(f"Study {config}: {len(cells)} cells ({len(study.variants)} variants x {len(study.seeds)} seeds), "
         f"{len(outcome.skipped)} already finished, {0 if report_only else len(pending)} to run "
         f"with {jobs} job(s) x {threads} thread(s).")

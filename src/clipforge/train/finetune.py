@@ -30,6 +30,9 @@ class FinetuneConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("attn", "mlp")
+    # BatchNorm layers stay in eval mode: their running statistics keep the start model's values (weights still
+    # train). Fine-tuning on a narrow target otherwise replaces them within tens of steps.
+    freeze_bn_stats: bool = False
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -61,6 +64,10 @@ def apply_locks(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         lock_image_tower(model, unlocked_groups=cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
         lock_text_tower(model, unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.freeze_bn_stats:
+        from ..models.lock import freeze_batchnorm_stats  # noqa: PLC0415
+
+        freeze_batchnorm_stats(model)
     if cfg.lora_rank:
         from ..models.lora import add_lora  # noqa: PLC0415
 

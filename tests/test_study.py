@@ -88,6 +88,25 @@ def test_fingerprint_follows_the_cell_not_its_paths():
     assert other[0].fingerprint() != a[0].fingerprint()
 
 
+def test_a_neutral_new_option_keeps_finished_cells_and_a_set_one_reruns_them():
+    cell = expand_cells(build_study(study_dict()), "m.json")[0]
+    frozen = expand_cells(build_study(study_dict(train={**TINY["train"], "finetune": {"freeze_bn_stats": True}})),
+                          "m.json")[0]
+    assert cell.train.finetune.freeze_bn_stats is False
+    assert frozen.fingerprint() != cell.fingerprint()
+
+
+@pytest.mark.parametrize("config, results", [("study-reduced.yaml", "study-reduced"), ("study-real.yaml", "study-real")])
+def test_the_committed_study_results_still_describe_the_shipped_configs(config, results):
+    """docs/ holds finished cells; a code change that silently alters their fingerprints (a new option hashed at
+    its default) would make `clipforge study` retrain them all and the committed tables unreproducible."""
+    cells = expand_cells(load_study(ROOT / "configs" / config), "model.json")
+    stored = {p.stem: json.loads(p.read_text()) for p in (ROOT / "docs" / results / "cells").glob("*.json")}
+    assert stored and set(stored) <= {c.id for c in cells}
+    mismatched = [c.id for c in cells if c.id in stored and stored[c.id]["fingerprint"] != c.fingerprint()]
+    assert not mismatched
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -128,6 +128,20 @@ class Variant:
     overrides: dict[str, Any]
 
 
+# Training options added after studies were run, at the default that changes nothing: left out of a cell's
+# fingerprint unless set otherwise, so the cells finished before the option existed still count.
+_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("finetune", "freeze_bn_stats"): False}
+
+
+def _drop_neutral_defaults(train: dict[str, Any]) -> None:
+    for path, neutral in _NEUTRAL_DEFAULTS.items():
+        section = train
+        for key in path[:-1]:
+            section = section.get(key, {})
+        if path[-1] in section and section[path[-1]] == neutral:
+            del section[path[-1]]
+
+
 @dataclass(frozen=True)
 class Cell:
     """One training run of the study: a variant at one seed, with its fully resolved config."""
@@ -153,6 +167,7 @@ class Cell:
         train = to_dict(self.train)
         for key in ("model", "output_dir", "run_name", "threads"):
             train.pop(key, None)
+        _drop_neutral_defaults(train)
         evaluation = to_dict(self.eval)
         if not evaluation["tasks"]:
             # the synthetic setting: hashed without the key, so cells finished before it existed still count

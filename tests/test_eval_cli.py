@@ -27,6 +27,8 @@ from clipforge.eval.templates import load_templates
 from clipforge.tokenizer import BPETokenizer
 from clipforge.transforms import EvalTransform, normalize, to_tensor
 
+from manifest_helpers import write_pairs_csv
+
 MICRO = "ViT-Micro-8-32"
 
 
@@ -92,12 +94,7 @@ def write_manifest(folder: Path, rows: list[tuple[str, str, str, str]], colours:
         left, top = 4 * (index % 8), 3 * (index // 8)
         image.paste(tuple(c // 3 for c in colour), (left, top, left + 16, top + 16))
         image.save(folder / f"{name}.png")
-    path = folder / "pairs.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption", "split", "label"])
-        writer.writerows(rows)
-    return path
+    return write_pairs_csv(folder, rows)
 
 
 @pytest.fixture(scope="module")

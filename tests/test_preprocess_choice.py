@@ -4,7 +4,6 @@ transparent PNGs, where the two pipelines differ)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from clipforge.cli import main
 from clipforge.convert import export_hf, export_openai, export_openclip, load_model
 from clipforge.eval.evaluators import EvalOptions, Session
 from clipforge.transforms import EvalTransform, PreprocessConfig
+
+from manifest_helpers import write_pairs_csv
 
 MICRO = "ViT-Micro-8-32"
 
@@ -35,12 +36,7 @@ def palette_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
         image.info["transparency"] = 3
         image.save(folder / f"p{i}.png", transparency=3)
         rows.append((f"p{i}.png", f"a palette picture number {i}", "test", "warm" if i % 2 else "cold"))
-    path = folder / "pairs.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption", "split", "label"])
-        writer.writerows(rows)
-    return path
+    return write_pairs_csv(folder, rows)
 
 
 def micro_with(mode: str) -> torch.nn.Module:

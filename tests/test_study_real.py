@@ -32,6 +32,8 @@ from clipforge.study.report import markdown_tables, summarise
 from clipforge.tokenizer import BPETokenizer
 from clipforge.transforms import model_preprocess
 
+from manifest_helpers import write_pairs_csv
+
 # ---------------------------------------------------------------- margin histograms
 
 
@@ -178,12 +180,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rows.append((f"im{i}.png", f"swatch {i} in {label} tones", split, label))
         if i == 1:
             rows.append((f"im{i}.png", "the first test swatch", split, label))
-    path = folder / "pairs.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption", "split", "label"])
-        writer.writerows(rows)
-    return path
+    return write_pairs_csv(folder, rows)
 
 
 @torch.no_grad()

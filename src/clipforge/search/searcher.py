@@ -92,7 +92,7 @@ class Searcher:
 
         self.index = open_index(index_dir, mmap=mmap)
         self.info: dict[str, Any] = self.index.info
-        recorded_backend = self.info.get("backend") or backend_of(self.index.fingerprint)
+        recorded_backend = backend_of(self.index.fingerprint)  # index.json's "backend" repeats it for readers
         if backend is not None and backend != recorded_backend:
             raise SearchError(f"--backend {backend}: index {index_dir} was embedded with --backend "
                               f"{recorded_backend}; query it with that backend (the default), or embed and "

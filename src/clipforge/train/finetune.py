@@ -58,15 +58,13 @@ class FinetuneConfig:
 
 def apply_locks(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     """Freeze what `cfg` asks for; the optimizer then sees only parameters that still require gradients."""
-    from ..models.lock import lock_image_tower, lock_text_tower  # noqa: PLC0415
+    from ..models.lock import freeze_batchnorm_stats, lock_image_tower, lock_text_tower  # noqa: PLC0415
 
     if cfg.lock_image:
         lock_image_tower(model, unlocked_groups=cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
         lock_text_tower(model, unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.freeze_bn_stats:
-        from ..models.lock import freeze_batchnorm_stats  # noqa: PLC0415
-
         freeze_batchnorm_stats(model)
     if cfg.lora_rank:
         from ..models.lora import add_lora  # noqa: PLC0415

@@ -12,13 +12,13 @@ The numbers come from the same evaluators as `clipforge eval`, so each is reprod
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..config import ConfigError
+from ..study.stats import mean_std
 
 KINDS = ("synthetic", "zeroshot", "retrieval")
 
@@ -72,11 +72,6 @@ def before_score(model: torch.nn.Module, task: BeforeTask, root: str | None = No
     return float(metrics["acc1"]) if task.kind == "zeroshot" else retrieval_r1(metrics)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summary_table(seeds: Sequence[dict[str, Any]], target_label: str, before_labels: dict[str, str],
                   fmt: Callable[[float, float], str] = lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}") -> str:
     """A Markdown table, one row per method: the target and each "before" task as mean ± std over the seeds.
@@ -86,7 +81,8 @@ def summary_table(seeds: Sequence[dict[str, Any]], target_label: str, before_lab
         f"before: {before_labels[spec]} (%)" for spec in before_labels) + " |"
     lines = [header, "|---" + "|---:" * (1 + len(before_labels)) + "|"]
     for method in seeds[0]["target"]:
-        cells = [fmt(*mean_std([s["target"][method] for s in seeds]))]
-        cells += [fmt(*mean_std([s["before"][spec][method] for s in seeds])) for spec in before_labels]
+        columns = [[s["target"][method] for s in seeds], *([s["before"][spec][method] for s in seeds]
+                                                          for spec in before_labels)]
+        cells = [fmt(m["mean"], m["std"]) for m in map(mean_std, columns)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from ..eval.margins import merge_reports, plot_margin_overlay
 from .config import Cell, Study, claim_metrics
 from .figures import MarginPanel, plot_margin_panels
 from .real import real_columns
-from .stats import paired_t_interval, verdict
+from .stats import mean_std, paired_t_interval, verdict
 
 # (key, column header, scale, decimals): accuracies are shown in percent.
 COLUMNS: tuple[tuple[str, str, float, int], ...] = (
@@ -40,13 +40,6 @@ def study_columns(study: Study) -> list[Column]:
     if study.eval.tasks:
         return real_columns(study.eval.tasks) + [c for c in COLUMNS if c[0] in ("temperature", "steps_trained")]
     return list(COLUMNS)
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value) of a list of numbers."""
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
 def load_records(output_dir: str | Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:

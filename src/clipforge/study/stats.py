@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 from scipy.stats import t as student_t
 
 from ..config import ConfigError
@@ -34,6 +35,13 @@ class PairedCI:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "level": self.level}
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of a list of numbers."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
 def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> PairedCI:

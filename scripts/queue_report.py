@@ -1,5 +1,5 @@
 """What a negative queue buys: batch B vs batch B + queue K (with and without a momentum encoder) vs a larger batch,
-same number of steps, on the embedded synthetic world; mean ± std over seeds.
+same number of steps, on the embedded synthetic world or on real data; mean ± std over seeds.
 
 The arms (`--variants`): `batch` (B), `queue` (B + queue K), `momentum` (B + queue K filled by a momentum encoder,
 0.99), `batch4x` (4B), `accum` (batch K by exact accumulation, `--batch_size=K --accum_chunk=C`: as many
@@ -8,13 +8,19 @@ negatives per step as the queue, all of them current and all carrying gradient, 
 
 Each run is `clipforge train` in its own process (so its peak memory is its own, read from wait4's rusage);
 then the final model is scored with the demo's evaluation (zero-shot top-1 over the 64 classes, image->text
-and text->image R@1 over 1,000 pairs). Time per step is the run's training time over its steps.
+and text->image R@1 over 1,000 pairs), or with `--score SPEC...` on prepared datasets' test splits
+(`zeroshot:DATASET`, `retrieval:DATASET`: the specs and numbers of `clipforge.adapt.forgetting`). Time per step
+is the run's training time over its steps.
 
     python scripts/queue_report.py --steps 200 --seeds 0 1 2 --output docs/queue-results.json
     # scaled down so that batch K by accumulation fits a CPU: B = 8, K = 1024, ViT-Micro at 32 px
     python scripts/queue_report.py --steps 128 --batch 8 --queue 1024 --accum-chunk 128 \
         --variants batch queue momentum accum --train-arg=--model=ViT-Micro-8-32 \
         --train-arg=--data.synthetic.image_size=32
+    # the real-data recipe (configs/real-data.yaml: openclipart + Tux Paint + emoji), scored on their test splits
+    python scripts/queue_report.py --steps 200 --variants batch queue momentum accum \
+        --train-arg=--config=configs/real-data.yaml --train-arg=--model=ViT-Micro-8-32 \
+        --score zeroshot:openclipart retrieval:openclipart zeroshot:emoji
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ def variants(arms: list[str], batch: int, queue: int, chunk: int) -> dict[str, l
     return dict(every[arm] for arm in arms)
 
 
-def run_one(name: str, args: list[str], seed: int, steps: int, out: Path) -> dict[str, float]:
+def run_one(name: str, args: list[str], seed: int, steps: int, out: Path, score: list[str]) -> dict[str, float]:
     run_name = f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus').replace('(', '').replace(')', '')}"
     run_name = f"{run_name}-seed{seed}"
     argv = [sys.executable, "-m", "clipforge", "train", "--no-progress", f"--steps={steps}", f"--seed={seed}",
@@ -57,16 +63,19 @@ def run_one(name: str, args: list[str], seed: int, steps: int, out: Path) -> dic
         raise SystemExit(f"{name} seed {seed} failed: {child.stderr.read()[-2000:] if child.stderr else ''}")
     log = [json.loads(line) for line in (out / run_name / "log.jsonl").read_text().splitlines()]
     last = [e for e in log if "elapsed_s" in e][-1]
-    metrics = evaluate(out / run_name)
+    metrics = evaluate(out / run_name, score)
     return {**metrics, "s_per_step": last["elapsed_s"] / steps, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def evaluate(run_dir: Path) -> dict[str, float]:
+def evaluate(run_dir: Path, score: list[str]) -> dict[str, float]:
     import clipforge  # noqa: PLC0415
+    from clipforge.adapt.forgetting import before_score, parse_before  # noqa: PLC0415
     from clipforge.eval.evaluators import synthetic_headline  # noqa: PLC0415
     from clipforge.tokenizer import tokenizer_for  # noqa: PLC0415
 
     model = clipforge.load_model(run_dir / "model.safetensors")
+    if score:
+        return {spec: before_score(model, parse_before(spec)) for spec in score}
     tokenizer = tokenizer_for(model.config)  # the model's own context length
     metrics = synthetic_headline(model, tokenizer, run_dir=run_dir)  # the run's own world (its image size)
     keep = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
@@ -95,17 +104,29 @@ def main() -> None:
     parser.add_argument("--accum-chunk", type=int, default=128, help="pairs embedded at a time in the accum arm")
     parser.add_argument("--variants", nargs="+", default=["batch", "queue", "momentum", "batch4x"], choices=ARMS)
     parser.add_argument("--train-arg", action="append", default=[], help="an option for every run (repeatable)")
+    parser.add_argument("--score", nargs="+", default=[], metavar="SPEC",
+                        help="score on prepared datasets instead of the synthetic world: zeroshot:D, retrieval:D")
     parser.add_argument("--runs-dir", default="runs/queue-report")
     parser.add_argument("--output", default="queue-results.json")
     args = parser.parse_args()
+    from clipforge.adapt.forgetting import parse_before  # noqa: PLC0415
+    from clipforge.config import ConfigError  # noqa: PLC0415
+
+    try:  # a bad spec stops here, in one line, before any training
+        for spec in args.score:
+            parse_before(spec)
+    except ConfigError:
+        raise SystemExit(f"error: --score {spec!r}: expected 'zeroshot:DATASET', 'retrieval:DATASET' or 'synthetic'") from None
     out = Path(args.runs_dir)
     arms = variants(args.variants, args.batch, args.queue, args.accum_chunk)
     results: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
         for name, options in arms.items():
-            results.setdefault(name, []).append(run_one(name, [*options, *args.train_arg], seed, args.steps, out))
+            results.setdefault(name, []).append(run_one(name, [*options, *args.train_arg], seed, args.steps, out,
+                                                                args.score))
             print(name, seed, results[name][-1], flush=True)
-            record = {"steps": args.steps, "seeds": args.seeds, "train_args": args.train_arg, "runs": results}
+            record = {"steps": args.steps, "seeds": args.seeds, "train_args": args.train_arg, "score": args.score,
+                      "runs": results}
             atomic_write_text(args.output, json.dumps(record, indent=1))
     print(summarise(results))
 

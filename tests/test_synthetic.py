@@ -89,6 +89,7 @@ def test_zeroshot_set_labels_and_tensors():
 
 @pytest.mark.parametrize("key,value,match", [
     ("caption_noise", 1.5, "caption_noise"),
+    ("single_attribute_prob", -0.1, "single_attribute_prob"),
     ("heldout", ["red dragon"], "heldout"),
     ("max_objects", 5, "max_objects"),
     ("colour", "red", "unknown config key 'colour'"),
@@ -105,3 +106,39 @@ def test_some_phrases_are_shape_first():
     assert any(p in c for c in captions for p in shape_first)
     plain = [SyntheticWorld(SyntheticConfig(reorder_prob=0.0)).pair(STREAM_TRAIN, i)[1] for i in range(200)]
     assert not any(p in c for c in plain for p in shape_first)
+
+
+def _attributes_named(caption: str) -> tuple[bool, bool]:
+    """(names a colour, names one of the shapes) for a one-object caption."""
+    words = caption.rstrip(".").split()
+    return any(c in words for c in COLOURS), any(s in words for s in SHAPES)
+
+
+def test_single_attribute_phrases_name_the_shape_or_the_colour_at_the_set_rate():
+    n, p = 2000, 0.3
+    world = SyntheticWorld(SyntheticConfig(single_attribute_prob=p))
+    kinds = {"both": 0, "shape": 0, "colour": 0}
+    for i in range(n):
+        objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1)
+        caption = world.describe(objects, rng, complete=True)
+        colour, shape = _attributes_named(caption)
+        assert colour or shape, caption
+        if colour and shape:
+            kinds["both"] += 1
+        elif shape:
+            kinds["shape"] += 1
+        else:
+            assert f"{objects[0].colour} shape" in caption, caption
+            kinds["colour"] += 1
+    # binomial counts: a 5-sigma band around n*p, and each one-attribute kind about half of them
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(kinds["shape"] + kinds["colour"] - n * p) < 5 * sigma, kinds
+    half = (n * p) / 2
+    assert abs(kinds["shape"] - half) < 5 * (n * p * 0.25) ** 0.5, kinds
+
+
+def test_no_single_attribute_phrases_by_default():
+    world = SyntheticWorld(SyntheticConfig())
+    for i in range(300):
+        objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1)
+        assert _attributes_named(world.describe(objects, rng, complete=True)) == (True, True)

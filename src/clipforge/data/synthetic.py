@@ -71,10 +71,13 @@ class SyntheticConfig:
     omit_prob: float = 0.25  # probability that a caption leaves out some of the objects
     attribute_prob: float = 0.3  # probability of naming an object's size, and separately its position
     reorder_prob: float = 0.35  # probability of a shape-first phrase ("a circle in red")
+    # probability that an object is named by one attribute only, its shape ("a ring") or its colour ("a black
+    # shape"), half each; 0 draws no random number for it, so the default stream of captions is unchanged
+    single_attribute_prob: float = 0.0
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob"):
+        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob", "single_attribute_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
@@ -319,9 +322,13 @@ class SyntheticWorld:
             words = []
             if rng.random() < self.cfg.attribute_prob:
                 words.append(obj.size)
+            single = self.cfg.single_attribute_prob > 0 and rng.random() < self.cfg.single_attribute_prob
             # Shape-first phrases keep colour and shape words from always standing side by side, so the text
-            # tower learns them as separate attributes and composes unseen pairs.
-            if rng.random() < self.cfg.reorder_prob:
+            # tower learns them as separate attributes and composes unseen pairs. One-attribute phrases ask the
+            # image tower for a shape feature that holds across colours (and a colour feature across shapes).
+            if single:
+                words += [obj.shape] if rng.random() < 0.5 else [obj.colour, "shape"]
+            elif rng.random() < self.cfg.reorder_prob:
                 words += [obj.shape, "in", obj.colour]
             else:
                 words += [obj.colour, obj.shape]

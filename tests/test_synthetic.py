@@ -120,7 +120,7 @@ def test_single_attribute_phrases_name_the_shape_or_the_colour_at_the_set_rate()
     kinds = {"both": 0, "shape": 0, "colour": 0}
     for i in range(n):
         objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1)
-        caption = world.describe(objects, rng, complete=True)
+        caption = world.describe(objects, rng)
         colour, shape = _attributes_named(caption)
         assert colour or shape, caption
         if colour and shape:
@@ -137,8 +137,10 @@ def test_single_attribute_phrases_name_the_shape_or_the_colour_at_the_set_rate()
     assert abs(kinds["shape"] - half) < 5 * (n * p * 0.25) ** 0.5, kinds
 
 
-def test_no_single_attribute_phrases_by_default():
-    world = SyntheticWorld(SyntheticConfig())
+def test_no_single_attribute_phrases_by_default_nor_in_complete_captions():
+    default, every = SyntheticWorld(SyntheticConfig()), SyntheticWorld(SyntheticConfig(single_attribute_prob=1.0))
     for i in range(300):
-        objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1)
-        assert _attributes_named(world.describe(objects, rng, complete=True)) == (True, True)
+        objects, rng = default.scene(STREAM_TRAIN, i, n_objects=1)
+        assert _attributes_named(default.describe(objects, rng)) == (True, True)
+        objects, rng = every.scene(STREAM_EVAL, i, n_objects=1)
+        assert _attributes_named(every.describe(objects, rng, complete=True)) == (True, True)

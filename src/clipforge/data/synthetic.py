@@ -71,8 +71,8 @@ class SyntheticConfig:
     omit_prob: float = 0.25  # probability that a caption leaves out some of the objects
     attribute_prob: float = 0.3  # probability of naming an object's size, and separately its position
     reorder_prob: float = 0.35  # probability of a shape-first phrase ("a circle in red")
-    # probability that an object is named by one attribute only, its shape ("a ring") or its colour ("a black
-    # shape"), half each; 0 draws no random number for it, so the default stream of captions is unchanged
+    # probability that an object of a training caption is named by one attribute only, its shape ("a ring") or
+    # its colour ("a black shape"), half each; 0 draws no random number, so the default captions are unchanged
     single_attribute_prob: float = 0.0
 
     def validate(self, prefix: str = "") -> None:
@@ -311,7 +311,8 @@ class SyntheticWorld:
         return objects, rng
 
     def describe(self, objects: list[SceneObject], rng: np.random.Generator, complete: bool = False) -> str:
-        """A caption naming some or all objects, with optional size and position words."""
+        """A caption naming some or all objects, with optional size and position words; a `complete` one (the
+        evaluation's) names every object by colour and shape."""
         named = list(objects)
         if not complete and len(named) > 1 and rng.random() < self.cfg.omit_prob:
             keep = int(rng.integers(1, len(named)))
@@ -322,7 +323,8 @@ class SyntheticWorld:
             words = []
             if rng.random() < self.cfg.attribute_prob:
                 words.append(obj.size)
-            single = self.cfg.single_attribute_prob > 0 and rng.random() < self.cfg.single_attribute_prob
+            p_single = 0.0 if complete else self.cfg.single_attribute_prob  # complete captions name both
+            single = p_single > 0 and rng.random() < p_single
             # Shape-first phrases keep colour and shape words from always standing side by side, so the text
             # tower learns them as separate attributes and composes unseen pairs. One-attribute phrases ask the
             # image tower for a shape feature that holds across colours (and a colour feature across shapes).

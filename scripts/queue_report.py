@@ -9,7 +9,7 @@ negatives per step as the queue, all of them current and all carrying gradient, 
 Each run is `clipforge train` in its own process (so its peak memory is its own, read from wait4's rusage);
 then the final model is scored with the demo's evaluation (zero-shot top-1 over the 64 classes, image->text
 and text->image R@1 over 1,000 pairs), or with `--score SPEC...` on prepared datasets' test splits
-(`zeroshot:DATASET`, `retrieval:DATASET`: the specs and numbers of `clipforge.adapt.forgetting`). Time per step
+(`zeroshot:DATASET`: top-1 and class-balanced recall; `retrieval:DATASET`: R@1 both ways). Time per step
 is the run's training time over its steps.
 
     python scripts/queue_report.py --steps 200 --seeds 0 1 2 --output docs/queue-results.json
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from clipforge.checkpoint import atomic_write_text
 
@@ -69,17 +70,30 @@ def run_one(name: str, args: list[str], seed: int, steps: int, out: Path, score:
 
 def evaluate(run_dir: Path, score: list[str]) -> dict[str, float]:
     import clipforge  # noqa: PLC0415
-    from clipforge.adapt.forgetting import before_score, parse_before  # noqa: PLC0415
     from clipforge.eval.evaluators import synthetic_headline  # noqa: PLC0415
     from clipforge.tokenizer import tokenizer_for  # noqa: PLC0415
 
     model = clipforge.load_model(run_dir / "model.safetensors")
-    if score:
-        return {spec: before_score(model, parse_before(spec)) for spec in score}
     tokenizer = tokenizer_for(model.config)  # the model's own context length
+    if score:
+        return {key: value for spec in score for key, value in score_on_dataset(model, tokenizer, spec).items()}
     metrics = synthetic_headline(model, tokenizer, run_dir=run_dir)  # the run's own world (its image size)
     keep = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
     return {k: metrics[k] for k in keep}
+
+
+def score_on_dataset(model: Any, tokenizer: Any, spec: str) -> dict[str, float]:
+    """`zeroshot:D`: top-1 and mean per-class recall (class-balanced: a model that names one class for every
+    image scores 1/C, whatever that class's share of the test split); `retrieval:D`: R@1 both ways."""
+    from clipforge.adapt.forgetting import parse_before  # noqa: PLC0415
+    from clipforge.eval.evaluators import EvalOptions, Evaluator  # noqa: PLC0415
+
+    task = parse_before(spec)
+    metrics = Evaluator(task.kind, task.dataset, EvalOptions(split="test")).run(model, tokenizer)
+    if task.kind == "zeroshot":
+        return {f"{spec} top1": float(metrics["acc1"]), f"{spec} balanced": float(metrics["mean_per_class_recall"])}
+    return {f"{spec} i2t_r1": float(metrics["text_retrieval_recall@1"]),
+            f"{spec} t2i_r1": float(metrics["image_retrieval_recall@1"])}
 
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> str:
@@ -109,14 +123,10 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/queue-report")
     parser.add_argument("--output", default="queue-results.json")
     args = parser.parse_args()
-    from clipforge.adapt.forgetting import parse_before  # noqa: PLC0415
-    from clipforge.config import ConfigError  # noqa: PLC0415
-
-    try:  # a bad spec stops here, in one line, before any training
-        for spec in args.score:
-            parse_before(spec)
-    except ConfigError:
-        raise SystemExit(f"error: --score {spec!r}: expected 'zeroshot:DATASET', 'retrieval:DATASET' or 'synthetic'") from None
+    for spec in args.score:  # a bad spec stops here, in one line, before any training
+        kind, _, dataset = spec.partition(":")
+        if kind not in ("zeroshot", "retrieval") or not dataset:
+            raise SystemExit(f"error: --score {spec!r}: expected 'zeroshot:DATASET' or 'retrieval:DATASET'")
     out = Path(args.runs_dir)
     arms = variants(args.variants, args.batch, args.queue, args.accum_chunk)
     results: dict[str, list[dict[str, float]]] = {}

@@ -122,8 +122,12 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
                        + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
     outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command,
                         threads=args.threads)
+    if outcome.stopped:  # as `train` on a signal: one line, 128 + the signal's number, no --output
+        print(f"Stopped by {outcome.stopped} after {outcome.summary['cells_finished']} of "
+              f"{outcome.summary['cells_total']} cells; run the same command again to resume")
+        return outcome.exit_code
     _write_json(args.output, outcome.summary)
-    return 1 if outcome.failed else 0
+    return outcome.exit_code
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:

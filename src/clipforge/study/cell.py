@@ -2,6 +2,7 @@
 
 A cell's JSON is written only once everything is measured, by rename, so its presence means "finished";
 it records the cell's fingerprint, and a rerun skips a cell only when the stored fingerprint matches.
+A cell whose training a signal stopped raises `CellInterrupted` and writes nothing (`study.resume`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -25,10 +26,11 @@ from ..eval.spec import EvalTask
 from ..eval.synthetic import headline
 from ..eval.zeroshot import encode_images
 from ..tokenizer import tokenizer_for
-from ..train.loop import train
+from ..train.loop import Hook, train
 from ..transforms import normalize, to_tensor
 from .config import Cell, CellEval
 from .real import flatten_results
+from .resume import CellInterrupted, cell_train_config, last_step_entry
 
 # Streams of the synthetic world that only the linear probe draws from (training uses 0, evaluation 1-3).
 STREAM_PROBE_TRAIN, STREAM_PROBE_TEST = 10, 11
@@ -121,12 +123,17 @@ def finished(output_dir: str | Path, cell: Cell) -> bool:
     return stored.get("fingerprint") == cell.fingerprint()
 
 
-def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
-    """Train and evaluate one cell; returns (and writes atomically) its result record."""
+def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None,
+             hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Train (or resume, see `study.resume`) and evaluate one cell; returns (and writes atomically) its result
+    record. `hooks` go to `train`. Raises `CellInterrupted`, writing no record, when a signal stops training."""
     if threads is not None:
         torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = train(cell.train, progress=False)
+    result = train(cell_train_config(cell), progress=False, hooks=hooks)
+    if result.interrupted:
+        checkpoint = str(result.checkpoint) if result.checkpoint is not None else None
+        raise CellInterrupted(cell.id, result.interrupted, result.steps, checkpoint)
     assert result.model is not None
     eval_start = time.perf_counter()
     margins: dict[str, object] | None = None  # the synthetic setting's margin report (histograms) only
@@ -150,7 +157,7 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None) -> 
         "fingerprint": cell.fingerprint(),
         "overrides": cell.variant.overrides,
         "metrics": metrics,
-        "final_log": result.last_log,
+        "final_log": result.last_log or last_step_entry(result.run_dir),
         "early_stop": result.early_stop,
         "margins": margins,
         "config": to_dict(cell.train),

@@ -1,38 +1,90 @@
-"""Running a study: write the architecture, skip finished cells, train the rest in parallel, report."""
+"""Running a study: write the architecture, skip finished cells, train the rest in parallel, report.
+
+The first SIGTERM/SIGINT stops the study: no further cell starts, the cells in training save a checkpoint
+and stop (in pool workers too, told through a shared flag), and `StudyOutcome.stopped` names the signal. The
+next run resumes those cells (`study.resume`). A second signal ends the process at once, as in `train`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoint import atomic_write_text
+from ..train.guard import StopRequest
 from .cell import finished, run_cell
 from .config import Cell, expand_cells, load_study
 from .report import write_report
+from .resume import CellInterrupted
+
+POLL_SECONDS = 0.5  # how often the parent of a pool looks at its stop request while cells train
 
 
 @dataclass
 class StudyOutcome:
-    """What a call of `run_study` did: cells run now, skipped as already finished, failed (id -> error)."""
+    """What a call of `run_study` did: cells run now, skipped as already finished, failed (id -> error), and
+    whether a signal stopped it (its name; `interrupted`: the cells that saved a checkpoint and stopped)."""
 
     output_dir: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None
+    interrupted: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number when a signal stopped the study (as `clipforge train`), else 1 if a cell
+        failed, else 0."""
+        if self.stopped:
+            return 128 + int(signal.Signals[self.stopped])
+        return 1 if self.failed else 0
 
 
-def _worker_init(threads: int) -> None:
+# In a pool worker: the parent's stop flag (a shared int, the signal number; 0 while none), set once by
+# `_worker_init` because shared memory reaches a spawned process only through its creation arguments.
+_WORKER_STOP: Any = None
+
+
+def _worker_init(threads: int, stop_flag: Any) -> None:
     import torch  # noqa: PLC0415
 
+    global _WORKER_STOP  # noqa: PLW0603 - one value per worker process, fixed at its start
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    _WORKER_STOP = stop_flag
+    # The parent decides when the study stops (a Ctrl-C reaches every process of the group): between cells a
+    # worker ignores signals; while training, `train`'s own handlers take them and save a checkpoint.
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _StopWhenFlagged:
+    """A training hook in a pool worker: once the parent raises the flag, send this process the parent's
+    signal, so that the trainer stops the usual way (a checkpoint at the next step boundary)."""
+
+    def __init__(self, flag: Any) -> None:
+        self.flag, self.sent = flag, False
+
+    def __call__(self, *_: Any) -> None:
+        if self.flag.value and not self.sent:
+            self.sent = True
+            signal.raise_signal(self.flag.value)
+
+
+def _pool_cell(cell: Cell, output_dir: str, threads: int) -> dict[str, Any]:
+    """`run_cell` in a pool worker; a cell taken from the queue after the stop is not started."""
+    if _WORKER_STOP.value:
+        raise CellInterrupted(cell.id, signal.Signals(_WORKER_STOP.value).name)
+    return run_cell(cell, output_dir, threads, hooks=(_StopWhenFlagged(_WORKER_STOP),))
 
 
 def _brief(metrics: dict[str, float]) -> str:
@@ -43,35 +95,77 @@ def _brief(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.3f}" for key, value in list(metrics.items())[:3])
 
 
+class _Progress:
+    """Logs each cell as it ends and files it in the outcome; an interrupted cell stops the study."""
+
+    def __init__(self, pending: int, log: Callable[[str], None], outcome: StudyOutcome, stop: StopRequest):
+        self.pending, self.log, self.outcome, self.stop = pending, log, outcome, stop
+
+    def __call__(self, cell: Cell, future: Future) -> None:
+        outcome = self.outcome
+        count = len(outcome.ran) + len(outcome.failed) + len(outcome.interrupted) + 1
+        try:
+            record = future.result()
+        except CellInterrupted as exc:
+            if self.stop.received is None:  # the signal reached the trainer, not this process's handler
+                self.stop.received = exc.signal
+            if exc.checkpoint is not None:
+                outcome.interrupted.append(cell.id)
+                self.log(f"[{count}/{self.pending}] {cell.id} STOPPED by {exc.signal} after step {exc.steps} "
+                         f"(not finished; checkpoint {exc.checkpoint})")
+            return
+        except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the others
+            outcome.failed[cell.id] = f"{type(exc).__name__}: {exc}"
+            self.log(f"[{count}/{self.pending}] {cell.id} FAILED: {outcome.failed[cell.id]}")
+            return
+        outcome.ran.append(cell.id)
+        self.log(f"[{count}/{self.pending}] {cell.id}: {_brief(record['metrics'])}, {record['wall_seconds']:.0f} s")
+
+
+def _settled(call: Callable[[], Any]) -> Future:
+    """A finished future holding call()'s result or exception, so both paths report cells alike."""
+    future: Future = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:  # noqa: BLE001 - reported by _Progress
+        future.set_exception(exc)
+    return future
+
+
+def _run_serial(pending: list[Cell], output_dir: Path, threads: int, report: _Progress) -> None:
+    for cell in pending:
+        if report.stop.requested:  # a signal between cells (during an evaluation): start no other
+            return
+        report(cell, _settled(lambda: run_cell(cell, output_dir, threads)))
+
+
+def _run_pool(pending: list[Cell], output_dir: Path, jobs: int, threads: int, report: _Progress) -> None:
+    context = get_context("spawn")  # not fork: each worker starts a clean interpreter with its own threads
+    flag = context.Value("i", 0)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                             initargs=(threads, flag)) as pool:  # fmt: skip
+        futures = {pool.submit(_pool_cell, cell, str(output_dir), threads): cell for cell in pending}
+        waiting = set(futures)
+        while waiting:
+            ended, waiting = wait(waiting, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in ended:
+                if not future.cancelled():
+                    report(futures[future], future)
+            if report.stop.received is not None and not flag.value:
+                flag.value = int(signal.Signals[report.stop.received])  # running cells save and stop
+                for future in waiting:
+                    future.cancel()  # those not yet handed to a worker; handed ones see the flag
+
+
 def _run_pending(pending: list[Cell], output_dir: Path, jobs: int, threads: int,
                  log: Callable[[str], None], outcome: StudyOutcome) -> None:
-    def done(cell: Cell, record: dict[str, Any] | None, error: BaseException | None) -> None:
-        count = len(outcome.ran) + len(outcome.failed) + 1
-        if error is not None:
-            outcome.failed[cell.id] = f"{type(error).__name__}: {error}"
-            log(f"[{count}/{len(pending)}] {cell.id} FAILED: {outcome.failed[cell.id]}")
-            return
-        assert record is not None
-        outcome.ran.append(cell.id)
-        log(f"[{count}/{len(pending)}] {cell.id}: {_brief(record['metrics'])}, {record['wall_seconds']:.0f} s")
-
-    if jobs == 1:
-        for cell in pending:
-            try:
-                done(cell, run_cell(cell, output_dir, threads), None)
-            except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the others
-                done(cell, None, exc)
-        return
-    # spawn, not fork: each worker starts a clean interpreter with its own thread settings
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:  # fmt: skip
-        futures = {pool.submit(run_cell, cell, output_dir, threads): cell for cell in pending}
-        for future in as_completed(futures):
-            cell = futures[future]
-            try:
-                done(cell, future.result(), None)
-            except Exception as exc:  # noqa: BLE001
-                done(cell, None, exc)
+    with StopRequest() as stop:
+        report = _Progress(len(pending), log, outcome, stop)
+        if jobs == 1:
+            _run_serial(pending, output_dir, threads, report)
+        else:
+            _run_pool(pending, output_dir, jobs, threads, report)
+    outcome.stopped = stop.received
 
 
 def run_study(
@@ -89,6 +183,8 @@ def run_study(
     Each process gets `threads` torch threads, by default max(1, cores // jobs).
     Finished cells (result JSON present with the current fingerprint) are skipped, so an interrupted study
     resumes where it stopped. With `report_only`, nothing is trained: the report covers the cells finished.
+    A SIGTERM/SIGINT stops the study (see the module docstring): `outcome.stopped` names it, and the report
+    still covers the cells finished.
     """
     if jobs < 1:
         raise ValueError(f"--jobs: expected at least 1, got {jobs}")
@@ -117,7 +213,8 @@ def run_study(
         start = time.perf_counter()
         _run_pending(pending, output_dir, jobs, threads, log, outcome)
         log(f"Ran {len(outcome.ran)} cells in {(time.perf_counter() - start) / 60:.1f} min"
-            + (f"; {len(outcome.failed)} failed" if outcome.failed else ""))
+            + (f"; {len(outcome.failed)} failed" if outcome.failed else "")
+            + (f"; stopped by {outcome.stopped}" if outcome.stopped else ""))
     outcome.summary = write_report(study, cells, output_dir, figures_dir, command)
     log(f"Results: {output_dir / 'results.md'} ({outcome.summary['cells_finished']} of "
         f"{outcome.summary['cells_total']} cells); figures: {figures_dir or output_dir / 'figures'}")

@@ -1,0 +1,95 @@
+"""A cell stopped by a signal: never recorded as finished, and continued from its own checkpoint on the next run.
+
+`train` answers SIGTERM/SIGINT by saving a checkpoint and returning early; `run_cell` turns that into
+`CellInterrupted` instead of evaluating a half-trained model. The next `run_study` resumes the cell with the
+trainer's exact resumption when the checkpoint is provably this cell's (`cell_train_config`), and trains it
+from scratch otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text, latest_valid_checkpoint, list_checkpoints
+from ..config import to_dict
+from ..train.config import TrainConfig
+from ..train.setup import MAY_CHANGE_ON_RESUME, run_directory
+from ..train.state import STATE_FILE, config_differences
+from .config import Cell
+
+# In each cell's run directory: which cell configuration (fingerprint) its checkpoints belong to.
+CELL_MARKER = "study-cell.json"
+
+
+class CellInterrupted(Exception):
+    """A cell's training was stopped by `signal` after `steps` steps; `checkpoint` is where it was saved (None:
+    the cell never started). All fields are constructor arguments, so it crosses process boundaries intact."""
+
+    def __init__(self, cell: str, signal: str, steps: int = 0, checkpoint: str | None = None) -> None:
+        super().__init__(cell, signal, steps, checkpoint)
+        self.cell, self.signal, self.steps, self.checkpoint = cell, signal, steps, checkpoint
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return f"{self.cell}: not started ({self.signal})"
+        return f"{self.cell}: stopped by {self.signal} after step {self.steps}; checkpoint {self.checkpoint}"
+
+
+def resumable(cell: Cell) -> bool:
+    """Whether the trainer's resumption reproduces an uninterrupted run of this cell exactly: not with
+    early_stop.patience, whose plateau watch starts afresh after a resume (it may stop at another step)."""
+    return cell.train.early_stop.patience is None
+
+
+def _marked_fingerprint(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / CELL_MARKER).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_training(checkpoint: Path, cfg: TrainConfig) -> bool:
+    """The checkpoint's resolved config equals `cfg` wherever the trainer refuses a resume that differs (a
+    study directory moved since then changes the model path, for one)."""
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not config_differences(saved, to_dict(cfg), set(MAY_CHANGE_ON_RESUME))
+
+
+def cell_train_config(cell: Cell) -> TrainConfig:
+    """The config to train `cell` with: resuming its latest checkpoint when that checkpoint is this very cell
+    configuration's (the run directory's marker holds the cell fingerprint, which also covers the architecture
+    behind the model path) and the resumption is exact; otherwise a fresh start, after removing checkpoints
+    left by another configuration, an unresumable run or a crash (the trainer refuses to start over them)."""
+    run_dir = run_directory(cell.train)
+    root = run_dir / "checkpoints"
+    if list_checkpoints(root):
+        say = lambda m: print(f"clipforge: {cell.id}: {m}", file=sys.stderr)  # noqa: E731
+        latest = latest_valid_checkpoint(root, say) if resumable(cell) else None
+        if (latest is not None and _marked_fingerprint(run_dir) == cell.fingerprint()
+                and _same_training(latest, cell.train)):
+            return replace(cell.train, resume="latest")
+        shutil.rmtree(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CELL_MARKER, json.dumps({"cell": cell.id, "fingerprint": cell.fingerprint()}))
+    return replace(cell.train, resume=None)
+
+
+def last_step_entry(run_dir: Path) -> dict[str, Any]:
+    """The last per-step training entry of the run's log.jsonl ({} if none): what `TrainResult.last_log` holds
+    after an uninterrupted run, needed when a resumed run had no step left to log (stopped after its last step)."""
+    path = run_dir / "log.jsonl"
+    last: dict[str, Any] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if "loss" in entry and "event" not in entry:
+                last = entry
+    return last

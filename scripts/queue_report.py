@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from clipforge.checkpoint import atomic_write_text
+from clipforge.study.stats import mean_std
 
 ARMS = ("batch", "queue", "momentum", "batch4x", "accum")
 
@@ -102,9 +102,8 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> str:
     for name, runs in results.items():
         cells = []
         for key in keys:
-            values = [r[key] for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.3f} ± {std:.3f}")
+            stats = mean_std([r[key] for r in runs])
+            cells.append(f"{stats['mean']:.3f} ± {stats['std']:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

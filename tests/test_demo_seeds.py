@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo_seeds.py"
+from script_loader import load_script
+
 KEYS = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "zeroshot_heldout_top5", "retrieval_i2t_r1", "retrieval_t2i_r1")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("demo_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_result(path: Path, heldout: float) -> Path:
@@ -26,7 +19,7 @@ def write_result(path: Path, heldout: float) -> Path:
 
 def test_mean_and_sample_std_over_seeds(tmp_path: Path, capsys) -> None:
     paths = [write_result(tmp_path / f"s{i}.json", h) for i, h in enumerate((0.80, 0.86, 0.92))]
-    assert load_script().main([str(p) for p in paths]) == 0
+    assert load_script("demo_seeds").main([str(p) for p in paths]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "held-out combinations (ensemble)" in line)
     # mean 86.0; sample std sqrt(((-6)^2 + 0 + 6^2) / 2) = 6.0
     assert row == "| zero-shot top-1, held-out combinations (ensemble) | 80.0% | 86.0% | 92.0% | 86.0 ± 6.0 |"
@@ -35,6 +28,6 @@ def test_mean_and_sample_std_over_seeds(tmp_path: Path, capsys) -> None:
 def test_a_file_without_demo_keys_is_one_clear_error(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"acc1": 0.5}))
-    assert load_script().main([str(bad)]) == 2
+    assert load_script("demo_seeds").main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other.json" in err and "zeroshot_seen_top1" in err

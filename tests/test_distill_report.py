@@ -1,24 +1,19 @@
 """scripts/distill_report.py: mean ± std over seeds and paired differences, against hand-computed values."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import clipforge
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("distill_report", ROOT / "scripts" / "distill_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("distill_report")
 
 
 def _metrics(report, value):

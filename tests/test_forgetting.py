@@ -5,7 +5,6 @@ the mean ± std table."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from clipforge.eval.metrics import retrieval_metrics
 from clipforge.eval.runner import resolve_model
 from clipforge.tokenizer import BPETokenizer
 from clipforge.transforms import EvalTransform
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "adaptation_report.py"
 
 
 def test_parse_before_accepts_the_three_kinds_and_names_a_bad_spec() -> None:
@@ -98,10 +97,7 @@ def test_summary_table_is_mean_and_sample_std_per_method() -> None:
 
 
 def test_report_script_refuses_a_bad_before_task(capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("adaptation_report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("adaptation_report")
     args = script.parse_args(["--model", "m.safetensors", "--before", "synthetic", "retrieval:openclipart"])
     assert [t.spec for t in args.before_tasks] == ["synthetic", "retrieval:openclipart"]
     with pytest.raises(SystemExit) as exit_info:

@@ -1,24 +1,19 @@
 """scripts/queue_report.py: each arm trains with the options it names, scores land in the JSON, the summary is
 mean ± sample std, and a bad --score stops in one line before any training."""
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("queue_report", ROOT / "scripts" / "queue_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("queue_report")
 
 
 def test_arms_name_their_training_options(report):

@@ -23,7 +23,6 @@ from bench_train_step import clipforge_step, hf_step
 from common import pair_forward_flops, random_images, random_tokens, time_interleaved, twin_models
 
 from clipforge import create_model
-from clipforge.speed import compile_model
 
 
 def gpu_matmul_peak(sizes: tuple[int, ...] = (4096, 6144, 8192), repeats: int = 5) -> float:

@@ -6,8 +6,8 @@ import torch
 
 from clipforge.config import ConfigError, from_dict
 from clipforge.data.synthetic import (
-    COLOURS, SHAPES, STREAM_EVAL, STREAM_TRAIN, SyntheticConfig, SyntheticPairs, SyntheticWorld,
-    SyntheticZeroShot, all_classnames, default_heldout,
+    COLOUR_JITTER, COLOURS, SHAPES, STREAM_EVAL, STREAM_TRAIN, STREAM_VALIDATION, SyntheticConfig, SyntheticPairs,
+    SyntheticWorld, SyntheticZeroShot, all_classnames, default_heldout, render,
 )
 
 
@@ -90,6 +90,7 @@ def test_zeroshot_set_labels_and_tensors():
 @pytest.mark.parametrize("key,value,match", [
     ("caption_noise", 1.5, "caption_noise"),
     ("single_attribute_prob", -0.1, "single_attribute_prob"),
+    ("random_colour_prob", 1.2, "random_colour_prob"),
     ("heldout", ["red dragon"], "heldout"),
     ("max_objects", 5, "max_objects"),
     ("colour", "red", "unknown config key 'colour'"),
@@ -144,3 +145,65 @@ def test_no_single_attribute_phrases_by_default_nor_in_complete_captions():
         assert _attributes_named(default.describe(objects, rng)) == (True, True)
         objects, rng = every.scene(STREAM_EVAL, i, n_objects=1)
         assert _attributes_named(every.describe(objects, rng, complete=True)) == (True, True)
+
+
+def test_random_colour_objects_are_named_by_their_shape_alone_at_the_set_rate():
+    n, p = 2000, 0.3
+    world = SyntheticWorld(SyntheticConfig(random_colour_prob=p))
+    recoloured = 0
+    for i in range(n):
+        objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1, random_colour_prob=p)
+        colour, shape = _attributes_named(world.describe(objects, rng))
+        if objects[0].rgb is not None:
+            recoloured += 1
+            assert (colour, shape) == (False, True)
+            assert tuple(objects[0].rgb) not in COLOURS.values()
+        else:
+            assert (colour, shape) == (True, True)
+    assert abs(recoloured - n * p) < 5 * (n * p * (1 - p)) ** 0.5, recoloured
+
+
+def test_random_colours_stay_off_every_heldout_combination_after_jitter():
+    world = SyntheticWorld(SyntheticConfig(random_colour_prob=1.0))
+    names, palette = list(COLOURS), np.array(list(COLOURS.values()), dtype=np.float64)  # [8, 3]
+    heldout = {tuple(c.split()) for c in default_heldout()}
+    steps = np.linspace(-COLOUR_JITTER, COLOUR_JITTER, 5)
+    jitters = np.stack(np.meshgrid(steps, steps, steps), axis=-1).reshape(-1, 3)  # [125, 3]
+    near_heldout_colour = 0
+    for i in range(400):
+        objects, _ = world.scene(STREAM_TRAIN, i, random_colour_prob=1.0)
+        for obj in objects:
+            rendered = np.clip(np.array(obj.rgb) + jitters, 0, 255)  # [125, 3]: every jitter the render may draw
+            nearest = np.linalg.norm(rendered[:, None] - palette[None], axis=-1).argmin(axis=1)  # [125]
+            assert all((names[k], obj.shape) not in heldout for k in nearest), (obj.rgb, obj.shape)
+            # colours near a held-out colour still occur, on the other shapes
+            near = names[int(np.linalg.norm(palette - np.array(obj.rgb), axis=-1).argmin())]
+            near_heldout_colour += any(c == near for c, _ in heldout)
+    assert near_heldout_colour > 0
+
+
+def test_a_random_colour_object_is_drawn_in_its_colour():
+    world = SyntheticWorld(SyntheticConfig(random_colour_prob=1.0))
+    checked = 0
+    for i in range(200):
+        objects, rng = world.scene(STREAM_TRAIN, i, n_objects=1, random_colour_prob=1.0)
+        obj = objects[0]
+        if obj.shape not in ("circle", "square"):
+            continue
+        image = np.asarray(render(objects, rng, 64)).astype(int)  # [64, 64, 3]
+        centre = image[int(obj.y * 64), int(obj.x * 64)]
+        assert np.abs(centre - np.array(obj.rgb)).max() <= COLOUR_JITTER, (centre, obj.rgb)
+        checked += 1
+    assert checked > 20
+
+
+def test_random_colours_touch_the_training_stream_only():
+    plain, recolour = SyntheticWorld(SyntheticConfig()), SyntheticWorld(SyntheticConfig(random_colour_prob=1.0))
+    for stream in (STREAM_EVAL, STREAM_VALIDATION):
+        for i in range(20):
+            (a_img, a_cap), (b_img, b_cap) = plain.pair(stream, i), recolour.pair(stream, i)
+            assert a_cap == b_cap and np.array_equal(np.asarray(a_img), np.asarray(b_img))
+    seen = plain.seen
+    a, b = SyntheticZeroShot(plain, seen, per_class=1), SyntheticZeroShot(recolour, seen, per_class=1)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+    assert any(recolour.pair(STREAM_TRAIN, i)[1] != plain.pair(STREAM_TRAIN, i)[1] for i in range(20))

@@ -29,6 +29,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
 SIZES: dict[str, float] = {"small": 0.14, "large": 0.22}  # object radius as a fraction of the image side
+COLOUR_JITTER = 14  # each channel of an object's colour moves by up to this much in every image
 
 # Streams keep training, evaluation and caption-noise draws independent for the same index.
 STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
@@ -74,10 +75,15 @@ class SyntheticConfig:
     # probability that an object of a training caption is named by one attribute only, its shape ("a ring") or
     # its colour ("a black shape"), half each; 0 draws no random number, so the default captions are unchanged
     single_attribute_prob: float = 0.0
+    # probability that an object of a training image is drawn in a random colour off the palette and named by its
+    # shape alone ("a ring"); the colour is redrawn unless it stays nearer to another palette colour than to any
+    # colour held out for that shape, so no held-out combination appears. 0 draws no random number.
+    random_colour_prob: float = 0.0
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob", "single_attribute_prob"):
+        for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob", "single_attribute_prob",
+                     "random_colour_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
@@ -119,6 +125,7 @@ class SceneObject:
     x: float  # centre, as a fraction of the image side
     y: float
     angle: float  # degrees
+    rgb: tuple[int, int, int] | None = None  # an off-palette colour (random_colour_prob): named by shape alone
 
     @property
     def position(self) -> str:
@@ -200,8 +207,9 @@ def render(objects: list[SceneObject], rng: np.random.Generator, size: int, vari
     big = size * 2
     radii = VARIANT_SIZES if variant == "sizes" else SIZES
     for obj in objects:
-        jitter = rng.integers(-14, 15, size=3)
-        colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[obj.colour], jitter))
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        base = obj.rgb if obj.rgb is not None else COLOURS[obj.colour]
+        colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(base, jitter))
         radius = radii[obj.size] * big * rng.uniform(0.9, 1.1)
         cx, cy = obj.x * big, obj.y * big
         mask = Image.new("L", (big, big), 0)
@@ -276,6 +284,7 @@ class SyntheticWorld:
         heldout = {parse_combo(c) for c in cfg.heldout}
         self.heldout = sorted(heldout)
         self.seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout]
+        self._heldout_colours = {s: {c for c, hs in heldout if hs == s} for s in SHAPES}
         self.classnames = all_classnames()
 
     def _rng(self, stream: int, index: int) -> np.random.Generator:
@@ -295,8 +304,22 @@ class SyntheticWorld:
             placed.append((float(x), float(y), r))
         return [(x, y) for x, y, _ in placed]
 
+    def _random_colour(self, rng: np.random.Generator, shape: str) -> tuple[int, int, int]:
+        """A uniform RGB colour that stays nearer to an allowed palette colour than to any colour held out for
+        `shape` even after the render's jitter moves it (by at most |j| = COLOUR_JITTER * sqrt(3), hence the
+        margin of twice that)."""
+        excluded = self._heldout_colours[shape]
+        margin = 2 * COLOUR_JITTER * math.sqrt(3)
+        while True:
+            rgb = rng.integers(0, 256, size=3)
+            dist = {c: math.dist(rgb.tolist(), ref) for c, ref in COLOURS.items()}
+            allowed = min(d for c, d in dist.items() if c not in excluded)
+            if all(dist[c] > allowed + margin for c in excluded):
+                return int(rgb[0]), int(rgb[1]), int(rgb[2])
+
     def scene(self, stream: int, index: int, combos: list[tuple[str, str]] | None = None,
-              n_objects: int | None = None) -> tuple[list[SceneObject], np.random.Generator]:
+              n_objects: int | None = None, random_colour_prob: float = 0.0,
+              ) -> tuple[list[SceneObject], np.random.Generator]:
         rng = self._rng(stream, index)
         pool = combos if combos is not None else self.seen
         if n_objects is None:
@@ -307,7 +330,11 @@ class SyntheticWorld:
         objects = []
         for size, (x, y) in zip(sizes, centres):
             colour, shape = pool[int(rng.integers(len(pool)))]
-            objects.append(SceneObject(colour, shape, size, x, y, float(rng.uniform(-12, 12))))
+            angle = float(rng.uniform(-12, 12))
+            rgb = None
+            if random_colour_prob > 0 and rng.random() < random_colour_prob:
+                rgb = self._random_colour(rng, shape)
+            objects.append(SceneObject(colour, shape, size, x, y, angle, rgb))
         return objects, rng
 
     def describe(self, objects: list[SceneObject], rng: np.random.Generator, complete: bool = False) -> str:
@@ -328,7 +355,9 @@ class SyntheticWorld:
             # Shape-first phrases keep colour and shape words from always standing side by side, so the text
             # tower learns them as separate attributes and composes unseen pairs. One-attribute phrases ask the
             # image tower for a shape feature that holds across colours (and a colour feature across shapes).
-            if single:
+            if obj.rgb is not None:  # an off-palette colour has no colour word
+                words.append(obj.shape)
+            elif single:
                 words += [obj.shape] if rng.random() < 0.5 else [obj.colour, "shape"]
             elif rng.random() < self.cfg.reorder_prob:
                 words += [obj.shape, "in", obj.colour]
@@ -348,7 +377,8 @@ class SyntheticWorld:
 
     def pair(self, stream: int, index: int, complete: bool = False) -> tuple[Image.Image, str]:
         """(image, caption) number `index` of a stream; caption noise applies to the training stream only."""
-        objects, rng = self.scene(stream, index)
+        recolour = self.cfg.random_colour_prob if stream == STREAM_TRAIN else 0.0
+        objects, rng = self.scene(stream, index, random_colour_prob=recolour)
         image = render(objects, rng, self.cfg.image_size)
         caption = self.describe(objects, rng, complete=complete)
         if stream == STREAM_TRAIN and self.cfg.caption_noise > 0:

@@ -131,7 +131,8 @@ class Variant:
 # Training options added after studies were run, at the default that changes nothing: left out of a cell's
 # fingerprint unless set otherwise, so the cells finished before the option existed still count.
 _NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("finetune", "freeze_bn_stats"): False,
-                                                  ("data", "synthetic", "single_attribute_prob"): 0.0}
+                                                  ("data", "synthetic", "single_attribute_prob"): 0.0,
+                                                  ("data", "synthetic", "random_colour_prob"): 0.0}
 
 
 def _drop_neutral_defaults(train: dict[str, Any]) -> None:

@@ -96,7 +96,8 @@ def test_a_neutral_new_option_keeps_finished_cells_and_a_set_one_reruns_them():
     assert frozen.fingerprint() != cell.fingerprint()
 
 
-@pytest.mark.parametrize("config, results", [("study-reduced.yaml", "study-reduced"), ("study-real.yaml", "study-real")])
+@pytest.mark.parametrize("config, results", [("study-reduced.yaml", "study-reduced"), ("study-real.yaml", "study-real"),
+                                             ("study.yaml", "study-full")])
 def test_the_committed_study_results_still_describe_the_shipped_configs(config, results):
     """docs/ holds finished cells; a code change that silently alters their fingerprints (a new option hashed at
     its default) would make `clipforge study` retrain them all and the committed tables unreproducible."""

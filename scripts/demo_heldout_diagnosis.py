@@ -20,6 +20,7 @@ import torch
 
 from clipforge.checkpoint import atomic_write_text
 from clipforge.data.synthetic import COLOURS, SHAPES, SyntheticConfig, SyntheticWorld, SyntheticZeroShot
+from clipforge.eval.features import encode_images, encode_texts
 from clipforge.factory import resolve_model
 from clipforge.tokenizer import tokenizer_for
 
@@ -35,20 +36,16 @@ def recall_by_class(truth: Sequence[str], predicted: Sequence[str], part: int | 
     return {name: hits[name] / totals[name] for name in sorted(totals)}
 
 
-@torch.no_grad()
-def diagnose(model: torch.nn.Module, per_class: int, batch_size: int = 256) -> dict[str, dict]:
+def diagnose(model: torch.nn.Module, per_class: int) -> dict[str, dict]:
     """The three recalls and the most common 64-way miss, per held-out combination of the default world."""
     world = SyntheticWorld(SyntheticConfig(image_size=model.config.vision_cfg.image_size))
     data = SyntheticZeroShot(world, world.heldout, per_class=per_class)
     tokenize = tokenizer_for(model.config)
-    images = torch.stack([data[i][0] for i in range(len(data))])  # [N, 3, S, S]
-    truth = [world.classnames[data.label(i)] for i in range(len(data))]
-    feats = torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    feats = torch.nn.functional.normalize(feats.float(), dim=-1)  # [N, D]
+    feats, labels = encode_images(model, data, batch_size=256)  # [N, D], normalised
+    truth = [world.classnames[label] for label in labels]
 
     def classify(names: list[str], prompt: str) -> list[str]:
-        text = torch.nn.functional.normalize(model.encode_text(tokenize([prompt.format(n) for n in names])).float(),
-                                            dim=-1)  # [C, D]
+        text = encode_texts(model, tokenize, [prompt.format(n) for n in names])  # [C, D], normalised
         return [names[k] for k in (feats @ text.T).argmax(dim=1).tolist()]
 
     full = classify(world.classnames, "a photo of a {}.")

@@ -29,6 +29,24 @@ def test_bad_values_name_the_key(override, match):
         load_train_config(None, [override])
 
 
+def test_fixed_length_tuples_convert_each_item_to_its_own_type(tmp_path):
+    from dataclasses import dataclass
+
+    from clipforge.config import from_dict
+
+    @dataclass(frozen=True)
+    class Pair:
+        span: tuple[float, int] = (0.0, 0)
+
+    assert from_dict(Pair, {"span": [3, 4]}).span == (3.0, 4)
+    with pytest.raises(ConfigError, match=r"'span\[1\]': expected an integer"):
+        from_dict(Pair, {"span": [3, "x"]})
+    with pytest.raises(ConfigError, match="'span': expected 2 items"):
+        from_dict(Pair, {"span": [3]})
+    cfg = load_train_config(None, ["--data.synthetic.train_background_grey=[20, 235]"])
+    assert cfg.data.synthetic.train_background_grey == (20.0, 235.0)
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_train_config(tmp_path / "nope.yaml")

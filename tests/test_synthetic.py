@@ -91,6 +91,8 @@ def test_zeroshot_set_labels_and_tensors():
     ("caption_noise", 1.5, "caption_noise"),
     ("single_attribute_prob", -0.1, "single_attribute_prob"),
     ("random_colour_prob", 1.2, "random_colour_prob"),
+    ("train_background_grey", [200, 100], "train_background_grey"),
+    ("train_background_grey", [-5, 100], "train_background_grey"),
     ("heldout", ["red dragon"], "heldout"),
     ("max_objects", 5, "max_objects"),
     ("colour", "red", "unknown config key 'colour'"),
@@ -207,3 +209,36 @@ def test_random_colours_touch_the_training_stream_only():
     a, b = SyntheticZeroShot(plain, seen, per_class=1), SyntheticZeroShot(recolour, seen, per_class=1)
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
     assert any(recolour.pair(STREAM_TRAIN, i)[1] != plain.pair(STREAM_TRAIN, i)[1] for i in range(20))
+
+
+def _median_grey(image) -> float:
+    """The median grey level of an image: its background's, as objects cover well under half of it."""
+    return float(np.median(np.asarray(image, dtype=np.float64).mean(axis=2)))
+
+
+def test_training_background_range_sets_the_background_brightness():
+    # a background's grey level is drawn from the range, then tinted by at most +-18 per channel and ramped by a
+    # gradient whose centre moves it by at most 50 * 1.21 (a third of backgrounds): medians stay near the range
+    n = 30
+    def medians(grey):
+        world = SyntheticWorld(SyntheticConfig(train_background_grey=grey))
+        return np.array([_median_grey(world.pair(STREAM_TRAIN, i)[0]) for i in range(n)])
+    dark, default, light = medians((20.0, 20.0)), medians((70.0, 190.0)), medians((235.0, 235.0))
+    assert dark.max() < 20 + 18 + 61 and light.min() > 235 - 18 - 61
+    assert dark.mean() < 45 and light.mean() > 205 and 90 < default.mean() < 160
+    assert (dark < default).all() and (default < light).all()
+
+
+def test_training_background_range_touches_the_training_stream_only():
+    plain = SyntheticWorld(SyntheticConfig())
+    wide = SyntheticWorld(SyntheticConfig(train_background_grey=(10.0, 245.0)))
+    for stream in (STREAM_EVAL, STREAM_VALIDATION):
+        for i in range(20):
+            (a_img, a_cap), (b_img, b_cap) = plain.pair(stream, i), wide.pair(stream, i)
+            assert a_cap == b_cap and np.array_equal(np.asarray(a_img), np.asarray(b_img))
+    a, b = SyntheticZeroShot(plain, plain.heldout, per_class=1), SyntheticZeroShot(wide, wide.heldout, per_class=1)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+    # same scenes and captions in training, only the backgrounds differ
+    for i in range(20):
+        (a_img, a_cap), (b_img, b_cap) = plain.pair(STREAM_TRAIN, i), wide.pair(STREAM_TRAIN, i)
+        assert a_cap == b_cap and not np.array_equal(np.asarray(a_img), np.asarray(b_img))

@@ -30,6 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
 SIZES: dict[str, float] = {"small": 0.14, "large": 0.22}  # object radius as a fraction of the image side
 COLOUR_JITTER = 14  # each channel of an object's colour moves by up to this much in every image
+BACKGROUND_GREY = (70.0, 190.0)  # the range a background's mean grey level is drawn from, before its tint
 
 # Streams keep training, evaluation and caption-noise draws independent for the same index.
 STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
@@ -79,6 +80,10 @@ class SyntheticConfig:
     # shape alone ("a ring"); the colour is redrawn unless it stays nearer to another palette colour than to any
     # colour held out for that shape, so no held-out combination appears. 0 draws no random number.
     random_colour_prob: float = 0.0
+    # the range of a training background's grey level; evaluation images always use BACKGROUND_GREY. A wider
+    # range puts every object colour both above and below its background, so a shape's edges are not tied to one
+    # contrast polarity. The default draws exactly the evaluation range, so default streams are unchanged.
+    train_background_grey: tuple[float, float] = BACKGROUND_GREY
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -100,6 +105,10 @@ class SyntheticConfig:
             raise ConfigError(f"config key '{p}image_size': expected at least 16, got {self.image_size}")
         for combo in self.heldout:
             parse_combo(combo, f"{p}heldout")
+        low, high = self.train_background_grey
+        if not 0.0 <= low <= high <= 255.0:
+            raise ConfigError(f"config key '{p}train_background_grey': expected [low, high] with "
+                              f"0 <= low <= high <= 255, got {list(self.train_background_grey)}")
 
 
 def parse_combo(text: str, key: str = "heldout") -> tuple[str, str]:
@@ -168,13 +177,13 @@ def _shape_points(shape: str, radius: float, angle: float) -> list[tuple[float, 
     return [(radius * (x * c - y * s), radius * (x * s + y * c)) for x, y in pts]
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, grey_range: tuple[float, float] = BACKGROUND_GREY) -> np.ndarray:
     """A smooth low-saturation background (plain, a gradient, or soft blotches) with a little pixel noise.
 
     Backgrounds vary in brightness, tint and texture, but stay free of sharp edges and strong colours so that
     the only shapes and colour words in a scene belong to the objects.
     """
-    grey = rng.uniform(70, 190)
+    grey = rng.uniform(*grey_range)
     tint = rng.uniform(-18, 18, size=3)
     base = np.clip(grey + tint, 0, 255)  # [3]
     kind = rng.integers(3)
@@ -193,17 +202,20 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)  # [S, S, 3]
 
 
-def render(objects: list[SceneObject], rng: np.random.Generator, size: int, variant: str = "default") -> Image.Image:
+def render(objects: list[SceneObject], rng: np.random.Generator, size: int, variant: str = "default",
+           background_grey: tuple[float, float] = BACKGROUND_GREY) -> Image.Image:
     """Draw the objects on a random background.
 
     Each object's mask is drawn at twice the resolution and downsampled (anti-aliased edges), then the object's
     colour is blended through it; the background itself is made at the output size, which keeps rendering
     cheap next to a training step. `variant` selects a shifted rendering for robustness evaluation (see
-    ZEROSHOT_VARIANTS); training images always use "default".
+    ZEROSHOT_VARIANTS); training images always use "default". `background_grey` bounds the smooth
+    background's grey level (SyntheticConfig.train_background_grey).
     """
     if variant not in ZEROSHOT_VARIANTS:
         raise ConfigError(f"unknown synthetic variant '{variant}' (expected one of {', '.join(ZEROSHOT_VARIANTS)})")
-    canvas = Image.fromarray(_textured_background(rng, size) if variant == "backgrounds" else _background(rng, size))
+    canvas = Image.fromarray(_textured_background(rng, size) if variant == "backgrounds"
+                             else _background(rng, size, background_grey))
     big = size * 2
     radii = VARIANT_SIZES if variant == "sizes" else SIZES
     for obj in objects:
@@ -376,10 +388,12 @@ class SyntheticWorld:
         return template.format(body)
 
     def pair(self, stream: int, index: int, complete: bool = False) -> tuple[Image.Image, str]:
-        """(image, caption) number `index` of a stream; caption noise applies to the training stream only."""
-        recolour = self.cfg.random_colour_prob if stream == STREAM_TRAIN else 0.0
-        objects, rng = self.scene(stream, index, random_colour_prob=recolour)
-        image = render(objects, rng, self.cfg.image_size)
+        """(image, caption) number `index` of a stream; caption noise, random colours and the training
+        background range apply to the training stream only."""
+        train = stream == STREAM_TRAIN
+        objects, rng = self.scene(stream, index, random_colour_prob=self.cfg.random_colour_prob if train else 0.0)
+        image = render(objects, rng, self.cfg.image_size,
+                       background_grey=self.cfg.train_background_grey if train else BACKGROUND_GREY)
         caption = self.describe(objects, rng, complete=complete)
         if stream == STREAM_TRAIN and self.cfg.caption_noise > 0:
             noise_rng = self._rng(STREAM_NOISE, index)

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 
 from ..config import ConfigError, from_dict, read_yaml_mapping, to_dict
+from ..data.synthetic import BACKGROUND_GREY
 from ..models.config import ModelConfig
 from ..eval.spec import EvalTask
 from ..registry import get_model_config
@@ -132,7 +133,8 @@ class Variant:
 # fingerprint unless set otherwise, so the cells finished before the option existed still count.
 _NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("finetune", "freeze_bn_stats"): False,
                                                   ("data", "synthetic", "single_attribute_prob"): 0.0,
-                                                  ("data", "synthetic", "random_colour_prob"): 0.0}
+                                                  ("data", "synthetic", "random_colour_prob"): 0.0,
+                                                  ("data", "synthetic", "train_background_grey"): list(BACKGROUND_GREY)}
 
 
 def _drop_neutral_defaults(train: dict[str, Any]) -> None:

@@ -161,13 +161,16 @@ def write_study(tmp_path: Path, data: dict) -> Path:
 def test_run_resume_and_rerun_only_what_changed(tmp_path, monkeypatch):
     config = write_study(tmp_path, TINY)
     out = tmp_path / "out"
-    first = run_study(config, out, jobs=1, log=lambda _: None)
+    first = run_study(config, out, jobs=1, threads=1, log=lambda _: None)
     assert sorted(first.ran) == ["clip--seed0", "reg-0.5--seed0"] and not first.failed
     record = json.loads((out / "cells" / "clip--seed0.json").read_text())
     for key in ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "probe_top1", "margin_i2t",
                 "margin_t2i", "positive_similarity", "temperature"):  # fmt: skip
         assert math.isfinite(record["metrics"][key])
     assert record["final_log"]["step"] == 2 and record["cpu_seconds"] > 0
+    # both cells trained through the render cache; once every cell finished, it is gone
+    assert record["config"]["data"]["render_cache"] == str(out / "runs" / "render-cache")
+    assert not (out / "runs" / "render-cache").exists()
     assert "margin" in json.loads((out / "cells" / "reg-0.5--seed0.json").read_text())["final_log"]
     assert (out / "runs" / "clip--seed0" / "margins.png").is_file()
     assert not (out / "runs" / "clip--seed0" / "model.safetensors").exists()  # keep_models is off
@@ -177,7 +180,7 @@ def test_run_resume_and_rerun_only_what_changed(tmp_path, monkeypatch):
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(study_runner, "run_cell", must_not_run)
-    second = run_study(config, out, jobs=1, log=lambda _: None)
+    second = run_study(config, out, jobs=1, threads=1, log=lambda _: None)
     assert second.ran == [] and sorted(second.skipped) == ["clip--seed0", "reg-0.5--seed0"]
     assert second.summary["cells_finished"] == 2
 
@@ -186,8 +189,20 @@ def test_run_resume_and_rerun_only_what_changed(tmp_path, monkeypatch):
     changed = copy.deepcopy(TINY)
     changed["variants"][1]["sweep"] = {"loss.margin_lambda": [0.5]}
     changed["variants"][1]["set"] = {"loss.margin_form": "hinge"}
-    third = run_study(write_study(tmp_path, changed), out, jobs=1, log=lambda _: None)
+    third = run_study(write_study(tmp_path, changed), out, jobs=1, threads=1, log=lambda _: None)
     assert third.ran == ["reg-0.5--seed0"] and third.skipped == ["clip--seed0"]
+
+
+def test_the_render_cache_changes_no_result(tmp_path):
+    config = write_study(tmp_path, TINY)
+    cached = run_study(config, tmp_path / "cached", jobs=1, threads=1, log=lambda _: None)
+    plain = run_study(config, tmp_path / "plain", jobs=1, threads=1, log=lambda _: None, render_cache=False)
+    assert sorted(cached.ran) == sorted(plain.ran) == ["clip--seed0", "reg-0.5--seed0"]
+    for cell in plain.ran:
+        a, b = (json.loads((tmp_path / d / "cells" / f"{cell}.json").read_text()) for d in ("cached", "plain"))
+        untimed = [{k: v for k, v in r["metrics"].items() if not k.endswith("_seconds")} for r in (a, b)]
+        assert a["fingerprint"] == b["fingerprint"] and untimed[0] == untimed[1] and a["margins"] == b["margins"]
+        assert "render_cache" not in b["config"]["data"] or b["config"]["data"]["render_cache"] is None
 
 
 def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path, monkeypatch):
@@ -199,10 +214,11 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path, monkeypatch)
         return real(cell, *args, **kwargs)
 
     monkeypatch.setattr(study_runner, "run_cell", flaky)
-    outcome = run_study(write_study(tmp_path, TINY), tmp_path / "out", jobs=1, log=lambda _: None)
+    outcome = run_study(write_study(tmp_path, TINY), tmp_path / "out", jobs=1, threads=1, log=lambda _: None)
     assert outcome.failed == {"clip--seed0": "RuntimeError: boom"}
     assert outcome.ran == ["reg-0.5--seed0"]
     assert not (tmp_path / "out" / "cells" / "clip--seed0.json").exists()
+    assert any((tmp_path / "out" / "runs" / "render-cache").rglob("*.npz"))  # kept for the rerun of clip
 
 
 def test_cli_study_then_report_only(tmp_path, capsys):

@@ -121,7 +121,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> int:
     command = " ".join(["clipforge", "study", args.config, "--output-dir", output_dir, "--jobs", str(args.jobs)]
                        + (["--figures-dir", args.figures_dir] if args.figures_dir else []))
     outcome = run_study(args.config, output_dir, args.jobs, args.figures_dir, args.report_only, command=command,
-                        threads=args.threads)
+                        threads=args.threads, render_cache=not args.no_render_cache)
     if outcome.stopped:  # as `train` on a signal: one line, 128 + the signal's number, no --output
         print(f"Stopped by {outcome.stopped} after {outcome.summary['cells_finished']} of "
               f"{outcome.summary['cells_total']} cells; run the same command again to resume")
@@ -342,6 +342,10 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads of each cell's process (default: the machine's cores // --jobs)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.add_argument("--no-render-cache", action="store_true",
+                   help="render every synthetic training pair in every cell instead of keeping each seed's "
+                   "rendered stream in OUTPUT_DIR/runs/render-cache until the study finishes (3 KB per pair "
+                   "at 32 px: 0.4 GB per seed of configs/study.yaml)")
     p.add_argument("--output", help="also write the results summary as JSON to this file")
     p.set_defaults(handler=cmd_study)
 

@@ -61,8 +61,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor [3, H, W] in [0, 1]."""
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image (or uint8 array [H, W, 3]) -> float tensor [3, H, W] in [0, 1]."""
     array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 

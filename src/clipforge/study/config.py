@@ -171,6 +171,7 @@ class Cell:
         train = to_dict(self.train)
         for key in ("model", "output_dir", "run_name", "threads"):
             train.pop(key, None)
+        train["data"].pop("render_cache", None)  # where rendered pairs are kept changes no result
         _drop_neutral_defaults(train)
         evaluation = to_dict(self.eval)
         if not evaluation["tasks"]:

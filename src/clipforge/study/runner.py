@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from .config import Cell, expand_cells, load_study
 from .report import write_report
 from .resume import CellInterrupted
 
+RENDER_CACHE = "render-cache"  # under OUTPUT_DIR/runs: scratch, like the runs of unfinished cells
 POLL_SECONDS = 0.5  # how often the parent of a pool looks at its stop request while cells train
 
 
@@ -168,6 +170,13 @@ def _run_pending(pending: list[Cell], output_dir: Path, jobs: int, threads: int,
     outcome.stopped = stop.received
 
 
+def _with_render_cache(cell: Cell, cache_dir: Path) -> Cell:
+    if cell.train.data.source != "synthetic":
+        return cell
+    data = replace(cell.train.data, render_cache=str(cache_dir))
+    return replace(cell, train=replace(cell.train, data=data))
+
+
 def run_study(
     config: str | Path,
     output_dir: str | Path,
@@ -177,6 +186,7 @@ def run_study(
     log: Callable[[str], None] = print,
     command: str | None = None,
     threads: int | None = None,
+    render_cache: bool = True,
 ) -> StudyOutcome:
     """Train every unfinished cell of the study in `config` (up to `jobs` at once), then write the report.
 
@@ -185,6 +195,9 @@ def run_study(
     resumes where it stopped. With `report_only`, nothing is trained: the report covers the cells finished.
     A SIGTERM/SIGINT stops the study (see the module docstring): `outcome.stopped` names it, and the report
     still covers the cells finished.
+    With `render_cache`, cells on the synthetic world keep their rendered training pairs in
+    OUTPUT_DIR/runs/render-cache, so the cells that share a seed render its stream once (same batches, bit for
+    bit); the folder is removed once every cell has finished.
     """
     if jobs < 1:
         raise ValueError(f"--jobs: expected at least 1, got {jobs}")
@@ -211,7 +224,12 @@ def run_study(
         f"with {jobs} job(s) x {threads} thread(s).")
     if not report_only and pending:
         start = time.perf_counter()
+        cache_dir = output_dir / "runs" / RENDER_CACHE
+        if render_cache:
+            pending = [_with_render_cache(cell, cache_dir) for cell in pending]
         _run_pending(pending, output_dir, jobs, threads, log, outcome)
+        if all(finished(output_dir, cell) for cell in cells) and cache_dir.is_dir():
+            shutil.rmtree(cache_dir, ignore_errors=True)  # no cell left to read it
         log(f"Ran {len(outcome.ran)} cells in {(time.perf_counter() - start) / 60:.1f} min"
             + (f"; {len(outcome.failed)} failed" if outcome.failed else "")
             + (f"; stopped by {outcome.stopped}" if outcome.stopped else ""))

@@ -37,6 +37,9 @@ class DataConfig:
     datasets: tuple[str, ...] = ()  # offline: prepared caption corpora whose train splits are used together
     root: str | None = None  # offline: data root (null: $CLIPFORGE_DATA or ~/.cache/clipforge/data)
     preload: bool = False  # manifest/offline: decode and shrink every image once, keep it in memory
+    # synthetic: keep the rendered training pairs in this folder, shared by runs that train on the same world
+    # (a study's cells with one seed); null renders every pair. Bit-for-bit the same batches either way.
+    render_cache: str | None = None
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -44,6 +47,9 @@ class DataConfig:
             raise ConfigError(f"config key '{p}path': required when {p}source is '{self.source}'")
         if self.source == "offline" and not self.datasets:
             raise ConfigError(f"config key '{p}datasets': list the offline datasets when {p}source is 'offline'")
+        if self.render_cache is not None and self.source != "synthetic":
+            raise ConfigError(f"config key '{p}render_cache': only the synthetic source renders its pairs "
+                              f"(source is '{self.source}'); expected null")
         if self.num_workers < 0:
             raise ConfigError(f"config key '{p}num_workers': expected >= 0, got {self.num_workers}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -147,7 +147,12 @@ def build_train_dataset(cfg: TrainConfig, image_size: int) -> tuple[Dataset, boo
                 f"config key 'data.synthetic.image_size': {data.synthetic.image_size} differs from model "
                 f"'{cfg.model}' input size {image_size}"
             )
-        return SyntheticPairs(SyntheticWorld(data.synthetic), STREAM_TRAIN), False
+        pairs = SyntheticPairs(SyntheticWorld(data.synthetic), STREAM_TRAIN)
+        if data.render_cache:
+            from ..data.render_cache import CachedSyntheticPairs  # noqa: PLC0415
+
+            return CachedSyntheticPairs(pairs, data.render_cache), False
+        return pairs, False
     if data.source == "manifest" and not data.preload:
         # Files are read lazily through the bad-data wrapper: unreadable or missing images are counted and skipped.
         from ..data.robust import RobustPairs, manifest_pairs  # noqa: PLC0415

@@ -53,7 +53,7 @@ from .step import Stepper, build_stepper
 MAY_CHANGE_ON_RESUME = frozenset({
     "resume", "output_dir", "run_name", "log_every", "save_every", "keep_checkpoints", "threads",
     "max_nonfinite_steps", "debug", "eval", "log", "grad_checkpointing", "data.num_workers", "data.max_bad_fraction",
-    "data.bad_min_samples", "accum_chunk", "compile", "channels_last", "loss.chunk_size",
+    "data.bad_min_samples", "data.render_cache", "accum_chunk", "compile", "channels_last", "loss.chunk_size",
 })
 
 

@@ -185,6 +185,8 @@ def test_duplicates_finds_the_planted_groups(tmp_path):
     build_index([emb], tmp_path / "i", BuildOptions(kind="flat"))
     result = find_duplicates(tmp_path / "i", threshold=0.98)
     assert [[m["id"] for m in g] for g in result["groups"]] == [[3, 10, 250], [77, 200]]
+    assert result["pairs"] == 4  # 3-10, 3-250, 10-250, 77-200, each found from both ends, counted once
+    assert find_duplicates(tmp_path / "i", threshold=0.98, batch=50) == result  # batches across part boundaries
     assert main(["index", "duplicates", str(tmp_path / "i"), "--threshold", "0.98",
                  "--output", str(tmp_path / "d.json")]) == 0
     assert json.loads((tmp_path / "d.json").read_text())["groups"] == result["groups"]

@@ -11,7 +11,7 @@ import numpy as np
 from ..checkpoint import sha256_file
 from .build import BuildOptions, ground_truth, measure_recall, query_sets
 from .errors import SearchError
-from .index import VectorIndex, open_index
+from .index import VectorIndex, open_index, stored_rows
 
 __all__ = ["check_index", "find_duplicates"]
 
@@ -91,21 +91,27 @@ def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10,
     if not -1.0 <= threshold <= 1.0:
         raise SearchError(f"--threshold: a cosine similarity in [-1, 1], got {threshold}")
     index = open_index(index_dir)
-    pairs: set[tuple[int, int]] = set()
+    confirmed: set[tuple[int, int]] = set()
     start = 0
     for source in index.sources:
         for part in source.parts:
             vectors = np.asarray(source.vectors(part, "img"), dtype=np.float32)
             for lo in range(0, part.rows, batch):
-                chunk = vectors[lo:lo + batch]
-                _, ids = index.search(chunk, min(k + 1, len(index)))
-                for row, found in enumerate(ids):
-                    own = start + lo + row
-                    pairs.update((min(own, int(j)), max(own, int(j))) for j in found if j >= 0 and j != own)
+                chunk = vectors[lo:lo + batch]  # [b, dim]
+                _, ids = index.search(chunk, min(k + 1, len(index)))  # [b, k+1]
+                own = np.arange(start + lo, start + lo + len(chunk), dtype=np.int64)[:, None]  # [b, 1]
+                keep = (ids >= 0) & (ids != own)  # [b, k+1]
+                rows, cols = np.nonzero(keep)
+                if not len(rows):
+                    continue
+                # confirm every candidate in one read of the stored vectors: an approximate index's scores
+                # are estimates
+                neighbours = stored_rows(index.sources, ids[rows, cols].astype(np.int64))  # [m, dim]
+                hit = np.einsum("md,md->m", chunk[rows], neighbours) >= threshold  # [m]
+                found = np.stack([own[rows[hit], 0], ids[rows[hit], cols[hit]]], axis=1)  # [h, 2]
+                confirmed.update(zip(found.min(axis=1).tolist(), found.max(axis=1).tolist()))
             start += part.rows
-    confirmed = [(a, b) for a, b in sorted(pairs)
-                 if float(index.image_vector(a) @ index.image_vector(b)) >= threshold]
-    groups = _groups(confirmed)
+    groups = _groups(sorted(confirmed))
     records = index.metadata([i for g in groups for i in g]) if groups else []
     by_id = {r["id"]: r for r in records}
     return {"threshold": threshold, "k": k, "pairs": len(confirmed), "groups": [

@@ -24,6 +24,7 @@ from clipforge.losses import LossConfig, clip_loss
 from clipforge.losses_queue import check_queue_size, queue_clip_loss
 from clipforge.train.loop import train
 from clipforge.train.queue import NegativeQueue
+from clipforge.train.setup import prepare_model
 from clipforge.train.state import load_training_checkpoint
 from run_helpers import (assert_bitwise_equal, events, fork_cli, step_log, tiny_args, tiny_config, wait_exit,
                          wait_for_step, weights)
@@ -117,6 +118,27 @@ def test_sigkill_then_resume_with_queue_is_bitwise_identical(tmp_path, momentum)
         assert torch.equal(queue[key], ref_queue[key])
     if momentum is not None:
         assert_bitwise_equal(queue["encoder"], ref_queue["encoder"], "momentum encoder")
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_accumulation_with_a_queue_equals_the_batch_in_one_piece(tmp_path, momentum):
+    """Exact accumulation (accum_chunk) embeds the batch in chunks but scores it against the queue once: the
+    weights and the queue after 5 steps (the queue full from step 3) match the run of each batch in one piece
+    to fp32 rounding."""
+    common = ["--steps=5", "--save_every=5", "--batch_size=8", "--loss.queue_size=20", "--optim.schedule=constant",
+              "--optim.warmup_steps=0"] + ([f"--loss.queue_momentum={momentum}"] if momentum is not None else [])
+    one = train(tiny_config(tmp_path, "one", *common), progress=False)
+    acc = train(tiny_config(tmp_path, "acc", *common, "--accum_chunk=3"), progress=False)  # chunks 3, 3, 2
+    start = prepare_model(tiny_config(tmp_path, "start", *common), torch.device("cpu")).state_dict()
+    a, b = weights(acc.run_dir), weights(one.run_dir)
+    moved = sum(((b[k].double() - start[k].double()) ** 2).sum() for k in b if b[k].is_floating_point()) ** 0.5
+    apart = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b if b[k].is_floating_point()) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved, f"accumulated run {apart:.3g} from one piece, weights moved {moved:.3g}"
+    queues = [load_training_checkpoint(list_checkpoints(r.run_dir / "checkpoints")[-1][1]).extra["queue"]
+              for r in (acc, one)]
+    assert queues[0]["count"] == queues[1]["count"] == 20
+    for key in ("image", "text"):
+        torch.testing.assert_close(queues[0][key], queues[1][key], rtol=1e-3, atol=1e-4)
 
 
 # --- DDP: 2 gloo ranks, two steps (the second reads the queue the first filled) -----------------------------

@@ -88,8 +88,6 @@ class CachedSyntheticPairs(torch.utils.data.Dataset):
         loaded = self._load(path, expected) if path.exists() else None
         if loaded is None:
             loaded = self._render(chunk)
-            # write beside the target, then rename: a reader never sees half a chunk; two writers of the same
-            # chunk write the same bytes, and the last rename wins
             self._store(path, *loaded)
             self.rendered += 1
         else:

@@ -129,7 +129,8 @@ def test_figures_are_written(tmp_path):
         reports[label] = margin_report(batch_margins(f, g, 16), 16)
     one = plot_margin_histogram(tmp_path / "one.png", reports["tight"])
     both = plot_margin_overlay(tmp_path / "both.png", reports, "overlay")
-    for path in (one, both):
+    many = plot_margin_overlay(tmp_path / "many.png", {f"model {i}": reports["tight"] for i in range(16)}, "16")
+    for path in (one, both, many):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no reports"):
         plot_margin_overlay(tmp_path / "none.png", {}, "empty")

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -241,6 +242,9 @@ def plot_margin_histogram(path: str | Path, report: Mapping[str, object], title:
     return _save(figure, path)
 
 
+OVERLAY_INLINE = 6  # lines a margin overlay labels inside its panels
+
+
 def plot_margin_overlay(
     path: str | Path,
     reports: Mapping[str, Mapping[str, object]],
@@ -250,26 +254,39 @@ def plot_margin_overlay(
     """One line per model: the margin density of `series` (left) and the positive-similarity density (right)."""
     if not reports:
         raise ValueError("plot_margin_overlay: no reports to draw")
-    figure = Figure(figsize=(10, 4))
-    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    for label, report in reports.items():
+    # Up to OVERLAY_INLINE lines: a legend in each panel. More: one key beside the panels (both means per line),
+    # and colours from a 20-colour map so that no two lines share one.
+    many = len(reports) > OVERLAY_INLINE
+    figure = Figure(figsize=(14, 4 + 0.1 * max(0, len(reports) - 14)) if many else (10, 4))
+    grid = figure.add_gridspec(1, 3 if many else 2, width_ratios=[1, 1, 0.8] if many else [1, 1])
+    left, right = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
+    palette = matplotlib.colormaps["tab20"].colors if len(reports) > 10 else [None] * len(reports)
+    handles, keys = [], []
+    for (label, report), colour in zip(reports.items(), palette):
         _, density = _density(report, series)
         mean = float(report[series]["mean"])  # type: ignore[index]
-        line = left.stairs(density, bin_edges(series), label=f"{label} ({mean:.3f})")
+        positive = float(report["positive"]["mean"])  # type: ignore[index]
+        line = left.stairs(density, bin_edges(series), label=f"{label} ({mean:.3f})", color=colour)
         _, density = _density(report, "positive")
-        right.stairs(density, bin_edges("positive"), color=line.get_edgecolor(),
-                     label=f"{label} ({float(report['positive']['mean']):.3f})")  # type: ignore[index]  # fmt: skip
+        right.stairs(density, bin_edges("positive"), color=line.get_edgecolor(), label=f"{label} ({positive:.3f})")
+        handles.append(line)
+        keys.append(f"{label}: margin {mean:.3f}, pos. {positive:.3f}")
     for ax, name in ((left, series), (right, "positive")):
         ax.set_xlim(*_occupied_range([r for r in reports.values()], name))
     direction = {"i2t": "image → text", "t2i": "text → image"}.get(series, series)
     batch = next(iter(reports.values()))["batch_size"]
     left.axvline(0.0, color="grey", linestyle=":")
-    left.set_xlabel(f"{direction} margin within batches of {batch} (legend: mean)")
+    left.set_xlabel(f"{direction} margin within batches of {batch}" + ("" if many else " (legend: mean)"))
     left.set_ylabel("density")
-    right.set_xlabel("positive similarity ⟨f_i, g_i⟩ (legend: mean)")
+    right.set_xlabel("positive similarity ⟨f_i, g_i⟩" + ("" if many else " (legend: mean)"))
     for ax in (left, right):
-        ax.legend(fontsize="x-small")
+        if not many:
+            ax.legend(fontsize="x-small")
         ax.grid(alpha=0.3)
+    if many:
+        key = figure.add_subplot(grid[0, 2])
+        key.axis("off")
+        key.legend(handles, keys, loc="center left", fontsize="x-small", frameon=False, title="mean of each")
     figure.suptitle(title)
     return _save(figure, path)
 

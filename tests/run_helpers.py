@@ -46,6 +46,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors" if path.is_dir() else path)
 
 
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights (float64), over the floating-point tensors."""
+    return sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in b if b[k].is_floating_point()) ** 0.5
+
+
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], context: str = "") -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]

@@ -26,7 +26,7 @@ from clipforge.train.loop import train
 from clipforge.train.queue import NegativeQueue
 from clipforge.train.setup import prepare_model
 from clipforge.train.state import load_training_checkpoint
-from run_helpers import (assert_bitwise_equal, events, fork_cli, step_log, tiny_args, tiny_config, wait_exit,
+from run_helpers import (assert_bitwise_equal, distance, events, fork_cli, step_log, tiny_args, tiny_config, wait_exit,
                          wait_for_step, weights)
 from test_dist import _free_port, make_batch
 
@@ -131,8 +131,7 @@ def test_accumulation_with_a_queue_equals_the_batch_in_one_piece(tmp_path, momen
     acc = train(tiny_config(tmp_path, "acc", *common, "--accum_chunk=3"), progress=False)  # chunks 3, 3, 2
     start = prepare_model(tiny_config(tmp_path, "start", *common), torch.device("cpu")).state_dict()
     a, b = weights(acc.run_dir), weights(one.run_dir)
-    moved = sum(((b[k].double() - start[k].double()) ** 2).sum() for k in b if b[k].is_floating_point()) ** 0.5
-    apart = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b if b[k].is_floating_point()) ** 0.5
+    moved, apart = distance(b, start), distance(a, b)
     assert moved > 0 and apart < 1e-3 * moved, f"accumulated run {apart:.3g} from one piece, weights moved {moved:.3g}"
     queues = [load_training_checkpoint(list_checkpoints(r.run_dir / "checkpoints")[-1][1]).extra["queue"]
               for r in (acc, one)]

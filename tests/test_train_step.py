@@ -21,7 +21,7 @@ from clipforge.train.setup import prepare_model
 from clipforge.train.step import build_stepper, forward_backward, train_step
 from clipforge.tokenizer import tokenizer_for
 from clipforge.registry import get_model_config
-from run_helpers import assert_bitwise_equal, tiny_config, weights
+from run_helpers import assert_bitwise_equal, distance, tiny_config, weights
 from test_ddp_train import run_ranks
 
 STEPS = 3
@@ -41,11 +41,6 @@ def float64_reference(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[s
         lr = lr_at(step, cfg.optim.lr, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         train_step(stepper, batch.images.double(), batch.tokens, lr)
     return start, model.state_dict()
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Euclidean distance between two sets of weights (float64), over the floating-point tensors."""
-    return sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in b if b[k].is_floating_point()) ** 0.5
 
 
 def assert_as_exact_as_one_piece(run: dict, one_piece: dict, start: dict, exact: dict) -> None:

@@ -395,7 +395,7 @@ class SyntheticWorld:
         image = render(objects, rng, self.cfg.image_size,
                        background_grey=self.cfg.train_background_grey if train else BACKGROUND_GREY)
         caption = self.describe(objects, rng, complete=complete)
-        if stream == STREAM_TRAIN and self.cfg.caption_noise > 0:
+        if train and self.cfg.caption_noise > 0:
             noise_rng = self._rng(STREAM_NOISE, index)
             if noise_rng.random() < self.cfg.caption_noise:
                 other = int(noise_rng.integers(2**62))

@@ -260,9 +260,10 @@ def plot_margin_overlay(
     figure = Figure(figsize=(14, 4 + 0.1 * max(0, len(reports) - 14)) if many else (10, 4))
     grid = figure.add_gridspec(1, 3 if many else 2, width_ratios=[1, 1, 0.8] if many else [1, 1])
     left, right = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
-    palette = matplotlib.colormaps["tab20"].colors if len(reports) > 10 else [None] * len(reports)
+    palette = matplotlib.colormaps["tab20"].colors if len(reports) > 10 else [None]
     handles, keys = [], []
-    for (label, report), colour in zip(reports.items(), palette):
+    for i, (label, report) in enumerate(reports.items()):
+        colour = palette[i % len(palette)]  # past 20 lines colours repeat, but no line is dropped
         _, density = _density(report, series)
         mean = float(report[series]["mean"])  # type: ignore[index]
         positive = float(report["positive"]["mean"])  # type: ignore[index]

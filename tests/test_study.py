@@ -120,6 +120,12 @@ def test_the_committed_study_results_still_describe_the_shipped_configs(config, 
         ({"baseline": "nope"}, "'baseline'"),
         ({"run_first": ["clip", "nope"]}, "'run_first'"),
         ({"seeds": []}, "'seeds'"),
+        ({"extra_seeds": {"nope": [3]}}, "'extra_seeds.nope'.*not a variant id"),
+        ({"extra_seeds": {"clip": [0]}}, "seed 0 is already one of the study's seeds"),
+        ({"extra_seeds": {"clip": []}}, "non-empty list of distinct integers"),
+        ({"extra_seeds": {"clip": [3, 3]}}, "non-empty list of distinct integers"),
+        ({"extra_seeds": {"clip": 3}}, "non-empty list of distinct integers"),
+        ({"baseline": "clip", "extra_seeds": {"reg-0.5": [3, 4], "clip": [3]}}, "seed 4 has no baseline cell"),
         ({"variants": [{"id": "a", "set": {"data.synthetic.image_size": 64}}]}, "image size 32"),
         ({"eval": {"margin_pairs": 4, "margin_batch_size": 8}}, "margin_pairs"),
         ({"wat": 1}, "wat"),
@@ -128,6 +134,22 @@ def test_the_committed_study_results_still_describe_the_shipped_configs(config, 
 def test_bad_study_is_a_clear_error(changes, message):
     with pytest.raises(ConfigError, match=message):
         build_study(study_dict(**{"baseline": None, **changes}))
+
+
+def test_extra_seeds_run_after_the_study_and_pair_with_the_baseline():
+    study = build_study(study_dict(seeds=[0, 1, 2], extra_seeds={"clip": [3, 4], "reg-0.5": [4]}))
+    cells = expand_cells(study, "model.json")
+    assert [c.id for c in cells] == ["clip--seed0", "clip--seed1", "clip--seed2", "reg-0.5--seed0", "reg-0.5--seed1",
+                                     "reg-0.5--seed2", "clip--seed3", "clip--seed4", "reg-0.5--seed4"]  # fmt: skip
+    assert cells[-1].train.seed == 4 and cells[-1].train.data.synthetic.seed == 4
+    assert study.seeds_of("reg-0.5") == (0, 1, 2, 4) and study.cell_count() == 9
+    # Differences are paired over the seeds both variants finished: 0, 1, 2 and 4, not the baseline's seed 3.
+    records = {f"clip--seed{s}": fake_record("clip", s, margin_i2t=0.1 * s) for s in range(5)}
+    records |= {f"reg-0.5--seed{s}": fake_record("reg-0.5", s, margin_i2t=0.1 * s + 0.01 * s) for s in (0, 1, 2, 4)}
+    summary = summarise(study, records)
+    diff = summary["variants"][1]["vs_baseline"]["margin_i2t"]
+    assert diff["n"] == 4 and diff["values"] == pytest.approx([0.0, 0.01, 0.02, 0.04])
+    assert summary["cells_finished"] == 9 and summary["cells_total"] == 9
 
 
 def test_the_shipped_studies_load():

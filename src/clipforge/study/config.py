@@ -3,6 +3,8 @@
 A study file (YAML) has these top-level keys:
 
     seeds: [0, 1, 2]            # every variant is trained once per seed
+    extra_seeds: {clip: [3, 4], r-mean-0.3: [3, 4]}  # optional: more seeds for the variants where the spread
+                                # is large; they run after every other cell, and the baseline needs them too
     order: variants             # run all seeds of a variant before the next (default), or `seeds`
     run_first: [clip, square]   # optional: these variants' cells run before the rest, in this order
     baseline: clip              # the variant id that paired differences are taken against
@@ -112,6 +114,7 @@ class StudyFile:
     variants: tuple[VariantSpec, ...]
     order: Literal["variants", "seeds"] = "variants"
     run_first: tuple[str, ...] = ()
+    extra_seeds: dict[str, Any] = field(default_factory=dict)
     baseline: str | None = None
     model: Any = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -192,12 +195,20 @@ class Study:
     order: str = "variants"
     run_first: tuple[str, ...] = ()
     claims: tuple[ClaimSpec, ...] = ()
+    extra_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
             if v.id == variant_id:
                 return v
         raise KeyError(variant_id)
+
+    def seeds_of(self, variant_id: str) -> tuple[int, ...]:
+        """The seeds variant `variant_id` is trained at: the study's, then its extra seeds."""
+        return self.seeds + self.extra_seeds.get(variant_id, ())
+
+    def cell_count(self) -> int:
+        return sum(len(self.seeds_of(v.id)) for v in self.variants)
 
     def groups(self) -> list[str]:
         """Every group name, in order of first appearance."""
@@ -280,11 +291,38 @@ def build_study(data: dict[str, Any], where: str = "study") -> Study:
     if raw.baseline is not None and raw.baseline not in seen:
         raise ConfigError(f"{where} key 'baseline': {raw.baseline!r} is not a variant id; ids: {sorted(seen)}")
     _check_claims(raw.claims, [v.id for v in variants], raw.baseline, claim_metrics(raw.eval), where)
+    extra = _extra_seeds(raw.extra_seeds, raw.seeds, seen, raw.baseline, where)
     study = Study(raw.seeds, tuple(variants), raw.baseline, _model_config(raw.model), dict(raw.train), raw.eval,
-                  raw.order, raw.run_first, raw.claims)
+                  raw.order, raw.run_first, raw.claims, extra)
     for v in variants:  # resolve one cell per variant now, so a bad override fails before any training
         resolve_cell(study, v, raw.seeds[0], "model.json")
     return study
+
+
+def _extra_seeds(data: dict[str, Any], seeds: tuple[int, ...], ids: set[str], baseline: str | None,
+                 where: str) -> dict[str, tuple[int, ...]]:
+    """Validate `extra_seeds`: known variant ids, each a list of new distinct integer seeds, every one of which
+    the baseline also runs (a paired difference needs both cells of the seed)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for variant_id, values in data.items():
+        key = f"{where} key 'extra_seeds.{variant_id}'"
+        if variant_id not in ids:
+            raise ConfigError(f"{key}: {variant_id!r} is not a variant id; ids: {sorted(ids)}")
+        if (not isinstance(values, list) or not values or len(set(values)) != len(values)
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in values)):
+            raise ConfigError(f"{key}: expected a non-empty list of distinct integers, got {values!r}")
+        repeated = sorted(set(values) & set(seeds))
+        if repeated:
+            raise ConfigError(f"{key}: seed {repeated[0]} is already one of the study's seeds {list(seeds)}")
+        out[variant_id] = tuple(values)
+    if baseline is not None:
+        base = set(out.get(baseline, ()))
+        for variant_id, values in out.items():
+            missing = [s for s in values if s not in base]
+            if missing:
+                raise ConfigError(f"{where} key 'extra_seeds.{variant_id}': seed {missing[0]} has no baseline cell to "
+                                  f"pair with; add it to 'extra_seeds.{baseline}'")
+    return out
 
 
 def claim_metrics(spec: CellEval) -> tuple[str, ...]:
@@ -347,7 +385,8 @@ def expand_cells(study: Study, model_path: str, output_dir: str = "runs") -> lis
     order "variants": all seeds of the first variant, then the next, so a study stopped early has complete
     mean ± std for the variants listed first (list them by priority). order "seeds": one seed of every
     variant, then the next seed, so a partial study covers every variant with fewer seeds. Variants named
-    in `run_first` come before all others (tables keep the order of the file).
+    in `run_first` come before all others (tables keep the order of the file). The cells of `extra_seeds`
+    come last, seed by seed in the same variant order, so they never delay the study's own seeds.
     """
     first = [study.variant(v) for v in study.run_first]
     rest = [v for v in study.variants if v.id not in study.run_first]
@@ -355,4 +394,6 @@ def expand_cells(study: Study, model_path: str, output_dir: str = "runs") -> lis
         pairs = [(v, s) for group in (first, rest) for s in study.seeds for v in group]
     else:
         pairs = [(v, s) for v in first + rest for s in study.seeds]
+    extra = sorted({s for values in study.extra_seeds.values() for s in values})
+    pairs += [(v, s) for s in extra for v in first + rest if s in study.extra_seeds.get(v.id, ())]
     return [resolve_cell(study, v, s, model_path, output_dir) for v, s in pairs]

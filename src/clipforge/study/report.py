@@ -88,7 +88,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
     diff_keys = DIFF_KEYS if not study.eval.tasks else claim_metrics(study.eval)
     return {"columns": [list(c) for c in columns], "diff_keys": list(diff_keys),
             "claims": judge_claims(study, variants), "baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
-            "cells_finished": len(records), "cells_total": len(study.variants) * len(study.seeds),
+            "cells_finished": len(records), "cells_total": study.cell_count(),
             "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
             "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
 

@@ -219,7 +219,9 @@ def run_study(
         threads = max(1, (os.cpu_count() or 1) // jobs)
     elif threads < 1:
         raise ValueError(f"threads: expected at least 1, got {threads}")
-    log(f"Study {config}: {len(cells)} cells ({len(study.variants)} variants x {len(study.seeds)} seeds), "
+    extra = len(cells) - len(study.variants) * len(study.seeds)
+    log(f"Study {config}: {len(cells)} cells ({len(study.variants)} variants x {len(study.seeds)} seeds"
+        + (f" + {extra} at extra seeds" if extra else "") + "), "
         f"{len(outcome.skipped)} already finished, {0 if report_only else len(pending)} to run "
         f"with {jobs} job(s) x {threads} thread(s).")
     if not report_only and pending:

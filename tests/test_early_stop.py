@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from clipforge.config import ConfigError
 from clipforge.losses import clip_loss
 from clipforge.train.config import load_train_config
 from clipforge.train.early_stop import PlateauStopper, validation_batches, validation_loss
+from clipforge.train import loop
 from clipforge.train.loop import train
 
 from run_helpers import events, tiny_args
@@ -122,3 +127,53 @@ def test_manifest_validation_split(tmp_path):
     cfg = load_train_config(None, [*args, "--batch_size=8"])
     with pytest.raises(ConfigError, match="early_stop.split.*4 pairs, fewer than one batch of 8"):
         validation_batches(cfg, 32, tokenizer)
+
+
+PLATEAU_ARGS = ("--steps=40", "--early_stop.patience=2", "--early_stop.every=5", "--early_stop.min_delta=100",
+                "--early_stop.batches=1")  # as above: the first validation (step 5) stays the best; stop at 15
+
+
+def _signal_after(after_step: int):
+    """A hook that sends this process SIGTERM after `after_step`; the run stops (and saves) after the next step."""
+    def sender(_ctx, _progress, step):
+        if step == after_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return sender
+
+
+def _validations(run_dir) -> list[tuple[int, float]]:
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
+
+
+# Stops landing at step 7 (between validations), 10 (right after one) and 15 (right after the rule fired).
+@pytest.mark.parametrize("after_step", [6, 9, 14])
+def test_a_resumed_run_stops_where_the_uninterrupted_one_does(tmp_path, after_step):
+    reference = train(load_train_config(None, tiny_args(tmp_path, "ref", *PLATEAU_ARGS)), progress=False)
+    assert reference.steps == 15
+    cfg = load_train_config(None, tiny_args(tmp_path, "cut", *PLATEAU_ARGS))
+    first = train(cfg, progress=False, hooks=(_signal_after(after_step),))
+    assert first.interrupted == "SIGTERM" and first.steps == after_step + 1
+    resumed = train(dataclasses.replace(cfg, resume="latest"), progress=False)
+    assert resumed.resumed_from is not None and resumed.interrupted is None
+    # A rule restarted at the resume would take the first validation after it as its best and stop 5-10 steps later.
+    assert resumed.steps == 15 and resumed.early_stop == reference.early_stop
+    assert resumed.stopped_early is not None and not events(resumed.run_dir, "plateau_restarted")
+    assert dict(_validations(resumed.run_dir)) == dict(_validations(reference.run_dir))
+    ours, theirs = load_file(str(resumed.run_dir / "model.safetensors")), load_file(str(reference.run_dir / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_checkpoint_without_plateau_state_restarts_the_rule_and_says_so(tmp_path, monkeypatch):
+    """Checkpoints written before the rule's state was saved: the run resumes, the rule starts afresh at the
+    resume (its first validation, step 10, becomes the best), so it stops at 20, and the log says why."""
+    cfg = load_train_config(None, tiny_args(tmp_path, "old", *PLATEAU_ARGS))
+    real = loop.extra_state
+    monkeypatch.setattr(loop, "extra_state", lambda ctx, progress: {k: v for k, v in real(ctx, progress).items()
+                                                                    if k != "plateau"})  # fmt: skip
+    assert train(cfg, progress=False, hooks=(_signal_after(6),)).steps == 7
+    monkeypatch.undo()
+    resumed = train(dataclasses.replace(cfg, resume="latest"), progress=False)
+    assert resumed.steps == 20 and resumed.early_stop["best_step"] == 10
+    assert len(events(resumed.run_dir, "plateau_restarted")) == 1

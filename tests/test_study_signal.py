@@ -18,6 +18,7 @@ from clipforge.cli import main
 from clipforge.study import run_study
 from clipforge.study import cell as study_cell
 from clipforge.study.resume import CELL_MARKER
+from clipforge.train import loop
 from test_study import TINY, write_study
 
 # TINY at 4 steps, so that a signal after step 1 leaves steps to resume (the stop lands at the next boundary).
@@ -112,13 +113,40 @@ def test_a_changed_cell_starts_over_instead_of_resuming(tmp_path, monkeypatch, u
         uninterrupted[FIRST]["fingerprint"]
 
 
-def test_an_early_stopping_cell_is_trained_again_rather_than_resumed(tmp_path, monkeypatch):
-    """Its plateau watch restarts on resume, so resuming would not reproduce the uninterrupted cell."""
+def _early_stopping_study(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     data = copy.deepcopy(SIGNAL_STUDY)
     data.update(variants=[TINY["variants"][0]])
+    data["train"]["steps"] = 6
     data["train"]["early_stop"] = {"patience": 2, "every": 2, "batches": 1}
-    config, out = write_study(tmp_path, data), tmp_path / "out"
+    return write_study(root, data)
+
+
+def test_an_early_stopping_cell_resumes_exactly(tmp_path, monkeypatch):
+    """The plateau rule's state travels in the checkpoint, so the resumed cell equals the uninterrupted one."""
+    reference = run_study(_early_stopping_study(tmp_path / "ref"), tmp_path / "ref" / "out", jobs=1, threads=1,
+                          log=quiet)
+    assert reference.ran == [FIRST]
+    config, out = _early_stopping_study(tmp_path), tmp_path / "out"
+    signal_during_training(monkeypatch, FIRST, 2)  # lands at step 3, after the first validation (step 2)
+    assert run_study(config, out, jobs=1, threads=1, log=quiet).interrupted == [FIRST]
+    monkeypatch.undo()
+    outcome = run_study(config, out, jobs=1, threads=1, log=quiet)
+    assert outcome.ran == [FIRST] and not outcome.failed
+    assert '"resumed"' in (out / "runs" / FIRST / "log.jsonl").read_text()
+    record, expected = (json.loads((root / "cells" / f"{FIRST}.json").read_text())
+                        for root in (out, tmp_path / "ref" / "out"))  # fmt: skip
+    assert record["early_stop"] == expected["early_stop"]
+    assert without_timing(record["metrics"]) == without_timing(expected["metrics"])
+
+
+def test_an_early_stopping_cell_without_plateau_state_is_trained_again(tmp_path, monkeypatch):
+    """A checkpoint saved without the rule's state (older code) would not reproduce the cell: trained afresh."""
+    config, out = _early_stopping_study(tmp_path), tmp_path / "out"
     signal_during_training(monkeypatch, FIRST, 1)
+    real = loop.extra_state
+    monkeypatch.setattr(loop, "extra_state", lambda ctx, progress: {k: v for k, v in real(ctx, progress).items()
+                                                                    if k != "plateau"})  # fmt: skip
     assert run_study(config, out, jobs=1, threads=1, log=quiet).interrupted == [FIRST]
     assert list((out / "runs" / FIRST / "checkpoints").iterdir())
     monkeypatch.undo()

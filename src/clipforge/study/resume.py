@@ -40,10 +40,16 @@ class CellInterrupted(Exception):
         return f"{self.cell}: stopped by {self.signal} after step {self.steps}; checkpoint {self.checkpoint}"
 
 
-def resumable(cell: Cell) -> bool:
-    """Whether the trainer's resumption reproduces an uninterrupted run of this cell exactly: not with
-    early_stop.patience, whose plateau watch starts afresh after a resume (it may stop at another step)."""
-    return cell.train.early_stop.patience is None
+def resumable(cell: Cell, checkpoint: Path) -> bool:
+    """Whether the trainer's resumption from `checkpoint` reproduces an uninterrupted run of this cell exactly:
+    with early_stop.patience only if the checkpoint holds the plateau rule's state (saved since that state was
+    checkpointed; without it the rule would start afresh and might stop at another step)."""
+    if cell.train.early_stop.patience is None:
+        return True
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())["extra"]["plateau"] is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _marked_fingerprint(run_dir: Path) -> str | None:
@@ -72,8 +78,8 @@ def cell_train_config(cell: Cell) -> TrainConfig:
     root = run_dir / "checkpoints"
     if list_checkpoints(root):
         say = lambda m: print(f"clipforge: {cell.id}: {m}", file=sys.stderr)  # noqa: E731
-        latest = latest_valid_checkpoint(root, say) if resumable(cell) else None
-        if (latest is not None and _marked_fingerprint(run_dir) == cell.fingerprint()
+        latest = latest_valid_checkpoint(root, say)
+        if (latest is not None and resumable(cell, latest) and _marked_fingerprint(run_dir) == cell.fingerprint()
                 and _same_training(latest, cell.train)):
             return replace(cell.train, resume="latest")
         shutil.rmtree(root)

@@ -54,6 +54,15 @@ class PlateauStopper:
     def state(self) -> dict[str, float | int | None]:
         return {"best_val_loss": self.best, "best_step": self.best_step, "stopped_step": self.stopped_step}
 
+    def state_dict(self) -> dict[str, float | int | None]:
+        """Everything `observe` depends on, JSON-safe (no observation yet: best None), for checkpoints."""
+        best = None if math.isinf(self.best) else self.best
+        return {"best": best, "best_step": self.best_step, "stale": self.stale, "stopped_step": self.stopped_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = math.inf if state["best"] is None else float(state["best"])
+        self.best_step, self.stale, self.stopped_step = state["best_step"], int(state["stale"]), state["stopped_step"]
+
 
 def validation_batches(cfg: TrainConfig, image_size: int, tokenizer: Callable) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed validation batches [(images [B, 3, S, S], tokens [B, L])] of the run's training source."""
@@ -119,11 +128,12 @@ def validation_loss(model: CLIP, batches: list[tuple[torch.Tensor, torch.Tensor]
 class ValidationWatch:
     """Every `early_stop.every` steps: the validation loss, logged; True once the plateau rule says stop."""
 
-    def __init__(self, cfg: TrainConfig, model: CLIP, tokenizer: Callable, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, model: CLIP, tokenizer: Callable, device: torch.device,
+                 stopper: PlateauStopper | None = None) -> None:
         assert cfg.early_stop.patience is not None
         self.cfg, self.model, self.device = cfg, model, device
         self.batches = validation_batches(cfg, model.image_size, tokenizer)
-        self.stopper = PlateauStopper(cfg.early_stop.patience, cfg.early_stop.min_delta)
+        self.stopper = stopper or PlateauStopper(cfg.early_stop.patience, cfg.early_stop.min_delta)
 
     def __call__(self, step: int, log: Callable[[dict], None], agree: Callable[[bool], bool] = bool) -> bool:
         """`agree` turns this rank's decision into the run's (under DDP: rank 0's, so all ranks stop together)."""
@@ -137,10 +147,14 @@ class ValidationWatch:
         return stop
 
 
-def plateau_watch(run: Any) -> ValidationWatch | None:
+def plateau_watch(run: Any, saved: dict[str, Any] | None = None) -> ValidationWatch | None:
     """The watch for a run (`train.setup.RunContext`) whose config sets early_stop.patience, else None.
 
-    A resumed run starts a fresh watch: the plateau is judged on validations after the restart."""
+    `saved`: the stopper's state from the checkpoint a run resumes (`PlateauStopper.state_dict`), so the
+    resumed run stops where the uninterrupted one would; None starts afresh."""
     if run.cfg.early_stop.patience is None:
         return None
-    return ValidationWatch(run.cfg, run.core, run.tokenizer, run.place.device)
+    stopper = PlateauStopper(run.cfg.early_stop.patience, run.cfg.early_stop.min_delta)
+    if saved is not None:
+        stopper.load_state_dict(saved)
+    return ValidationWatch(run.cfg, run.core, run.tokenizer, run.place.device, stopper)

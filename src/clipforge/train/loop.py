@@ -96,14 +96,22 @@ def save_checkpoint(ctx: RunContext, progress: Progress, step: int) -> Path | No
                 "elapsed_s": time.perf_counter() - progress.clock}
     state = TrainingState(step=step, rng=rng, data=data, config=to_dict(ctx.cfg), counters=counters,
                           world_size=ctx.place.world_size, version=ctx.version)
-    queue = ctx.stepper.queue
-    extra = {"queue": queue.state_dict()} if queue is not None else None
     path = save_training_checkpoint(ctx.ckpt_root / checkpoint_dir_name(step), ctx.core, ctx.stepper.optimizer,
-                                    state, extra)
+                                    state, extra_state(ctx, progress) or None)
     prune_checkpoints(ctx.ckpt_root, ctx.cfg.keep_checkpoints)
     ctx.log.write({"step": step, "event": "checkpoint", "path": str(path)})
     progress.last_checkpoint = path
     return path
+
+
+def extra_state(ctx: RunContext, progress: Progress) -> dict[str, Any]:
+    """The checkpoint's state of other stateful parts: the negative queue, the plateau rule."""
+    extra: dict[str, Any] = {}
+    if ctx.stepper.queue is not None:
+        extra["queue"] = ctx.stepper.queue.state_dict()
+    if progress.plateau is not None:
+        extra["plateau"] = progress.plateau.state_dict()
+    return extra
 
 
 def report_samples(ctx: RunContext, progress: Progress, batch: TrainBatch, consensus: StepConsensus,
@@ -215,6 +223,17 @@ def run_steps(ctx: RunContext, progress: Progress, stop: StopRequest, bar: tqdm,
     return result_of(ctx, progress, cfg.steps)
 
 
+def resume_plateau_watch(ctx: RunContext, progress: Progress) -> ValidationWatch | None:
+    """The run's plateau watch, continuing the rule's state from the checkpoint resumed, so a resumed run stops
+    where the uninterrupted one would. A checkpoint saved without that state (older code) restarts the rule."""
+    if progress.resumed_from is not None and progress.plateau_saved is None and ctx.cfg.early_stop.patience:
+        ctx.log.notice(f"checkpoint {progress.resumed_from} holds no plateau-stopping state: the validation "
+                       "plateau is judged afresh from here", step=progress.start_step, event="plateau_restarted")
+    watch = plateau_watch(ctx, progress.plateau_saved)
+    progress.plateau = watch.stopper if watch is not None else None
+    return watch
+
+
 class PlateauHook:
     """`early_stop.patience`: end the run once the validation loss stops falling (rank 0 decides for all)."""
 
@@ -241,11 +260,15 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, da
     ctx, state = setup_run(cfg, device, dataset)
     bar = tqdm(total=cfg.steps, initial=state.start_step, disable=not (progress and ctx.place.is_main),
                desc="train", dynamic_ncols=True)
-    watch = plateau_watch(ctx)  # a resumed run judges the plateau on validations after the restart
+    watch = resume_plateau_watch(ctx, state)
     plateaus = [PlateauHook(watch)] if watch is not None else []
     try:
         with StopRequest() as stop:
-            result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *plateaus, *hooks))
+            if watch is not None and watch.stopper.stopped_step is not None:
+                # stopped by a signal right after the plateau rule fired: the uninterrupted run ended there
+                result = result_of(ctx, state, state.start_step, stopped_early="validation loss plateaued")
+            else:
+                result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *plateaus, *hooks))
         result.early_stop = watch.stopper.state() if watch is not None else None
         if result.interrupted is None:  # finished, or stopped early by a hook: the final model is written
             finish(ctx, state, result.steps)

@@ -246,6 +246,10 @@ class Progress:
     shown: dict[str, int] = field(default_factory=dict)  # bad samples printed, per kind
     last_log: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, Any] = field(default_factory=dict)  # {evaluator name: metrics} (rank 0)
+    # early_stop: the plateau rule's state in the checkpoint resumed (None: fresh, or a checkpoint without it),
+    # and the live rule (`early_stop.PlateauStopper`) whose state every checkpoint saves
+    plateau_saved: dict[str, Any] | None = None
+    plateau: Any = None
 
 
 def finish(ctx: RunContext, progress: Progress, steps: int) -> None:
@@ -290,6 +294,7 @@ def _restore_progress(ctx: RunContext, loaded: LoadedCheckpoint) -> Progress:
                         guard=NonFiniteGuard(ctx.cfg.max_nonfinite_steps))
     progress.tally.load_state_dict(state.counters["bad_data"])
     progress.guard.load_state_dict(state.counters["nonfinite"])
+    progress.plateau_saved = loaded.extra.get("plateau")
     if ctx.place.is_main:
         for step, path in list_checkpoints(ctx.ckpt_root):
             if step > state.step:  # from the timeline being abandoned (and possibly the corrupt one)

@@ -243,6 +243,9 @@ class PlateauHook:
     def __call__(self, ctx: RunContext, progress: Progress, step: int) -> str | None:
         if not self.watch(step, ctx.log.write, lambda decision: ctx.gather(decision)[0]):
             return None
+        return self.reason()
+
+    def reason(self) -> str:
         best = self.watch.stopper
         return f"validation loss plateaued (best {best.best:.4f} at step {best.best_step})"
 
@@ -264,9 +267,9 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, da
     plateaus = [PlateauHook(watch)] if watch is not None else []
     try:
         with StopRequest() as stop:
-            if watch is not None and watch.stopper.stopped_step is not None:
+            if plateaus and watch.stopper.stopped_step is not None:
                 # stopped by a signal right after the plateau rule fired: the uninterrupted run ended there
-                result = result_of(ctx, state, state.start_step, stopped_early="validation loss plateaued")
+                result = result_of(ctx, state, state.start_step, stopped_early=plateaus[0].reason())
             else:
                 result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *plateaus, *hooks))
         result.early_stop = watch.stopper.state() if watch is not None else None

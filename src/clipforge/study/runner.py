@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..checkpoint import atomic_write_text
 from ..train.guard import StopRequest
 from .cell import finished, run_cell
-from .config import Cell, expand_cells, load_study
+from .config import Cell, Study, expand_cells, load_study
 from .report import write_report
 from .resume import CellInterrupted
 
@@ -177,6 +177,12 @@ def _with_render_cache(cell: Cell, cache_dir: Path) -> Cell:
     return replace(cell, train=replace(cell.train, data=data))
 
 
+def _grid(study: Study, cells: int) -> str:
+    extra = cells - len(study.variants) * len(study.seeds)
+    return (f"{cells} cells ({len(study.variants)} variants x {len(study.seeds)} seeds"
+            + (f" + {extra} at extra seeds)" if extra else ")"))
+
+
 def run_study(
     config: str | Path,
     output_dir: str | Path,
@@ -219,10 +225,8 @@ def run_study(
         threads = max(1, (os.cpu_count() or 1) // jobs)
     elif threads < 1:
         raise ValueError(f"threads: expected at least 1, got {threads}")
-    extra = len(cells) - len(study.variants) * len(study.seeds)
-    log(f"Study {config}: {len(cells)} cells ({len(study.variants)} variants x {len(study.seeds)} seeds"
-        + (f" + {extra} at extra seeds" if extra else "") + "), "
-        f"{len(outcome.skipped)} already finished, {0 if report_only else len(pending)} to run "
+    log(f"Study {config}: {_grid(study, len(cells))}, {len(outcome.skipped)} already finished, "
+        f"{0 if report_only else len(pending)} to run "
         f"with {jobs} job(s) x {threads} thread(s).")
     if not report_only and pending:
         start = time.perf_counter()

@@ -91,6 +91,7 @@ def test_zeroshot_set_labels_and_tensors():
     ("caption_noise", 1.5, "caption_noise"),
     ("single_attribute_prob", -0.1, "single_attribute_prob"),
     ("random_colour_prob", 1.2, "random_colour_prob"),
+    ("shape_twin_prob", 2.0, "shape_twin_prob"),
     ("train_background_grey", [200, 100], "train_background_grey"),
     ("train_background_grey", [-5, 100], "train_background_grey"),
     ("heldout", ["red dragon"], "heldout"),
@@ -242,3 +243,42 @@ def test_training_background_range_touches_the_training_stream_only():
     for i in range(20):
         (a_img, a_cap), (b_img, b_cap) = plain.pair(STREAM_TRAIN, i), wide.pair(STREAM_TRAIN, i)
         assert a_cap == b_cap and not np.array_equal(np.asarray(a_img), np.asarray(b_img))
+
+
+def _shape_words(caption: str) -> list[str]:
+    return [w.strip(".,") for w in caption.split() if w.strip(".,") in SHAPES]
+
+
+def test_shape_twins_differ_from_the_pair_before_in_one_named_shape_only():
+    plain = SyntheticWorld(SyntheticConfig())
+    world = SyntheticWorld(SyntheticConfig(shape_twin_prob=1.0))
+    heldout, twins = set(world.cfg.heldout), 0
+    for i in range(0, 200, 2):
+        (a_img, a_cap), (b_img, b_cap) = world.pair(STREAM_TRAIN, i), world.pair(STREAM_TRAIN, i + 1)
+        assert plain.pair(STREAM_TRAIN, i)[1] == a_cap  # even pairs are the default stream's
+        if b_cap == plain.pair(STREAM_TRAIN, i + 1)[1]:
+            continue  # no object of that scene could change shape (rare): the default pair
+        twins += 1
+        a_words, b_words = a_cap.split(), b_cap.split()
+        changed = [(x, y) for x, y in zip(a_words, b_words) if x != y]
+        # one word differs, a shape for a shape (an "a"/"an" in front of it may follow the new word)
+        assert len(a_words) == len(b_words) and 1 <= len(changed) <= 2
+        assert sum(1 for x, y in changed if x.strip(".,") in SHAPES and y.strip(".,") in SHAPES) == 1
+        for combo in heldout:
+            colour, shape = combo.split()
+            assert f"{colour} {shape}" not in b_cap and f"{shape} in {colour}" not in b_cap
+        a, b = np.asarray(a_img).astype(int), np.asarray(b_img).astype(int)
+        differs = np.abs(a - b).sum(axis=2) > 0  # [S, S]
+        assert 0 < differs.mean() < 0.3  # the same background and other objects: only one object's pixels change
+    assert twins >= 90
+
+
+def test_shape_twins_follow_the_set_rate_and_touch_the_training_stream_only():
+    plain = SyntheticWorld(SyntheticConfig())
+    world = SyntheticWorld(SyntheticConfig(shape_twin_prob=0.5))
+    changed = [plain.pair(STREAM_TRAIN, i)[1] != world.pair(STREAM_TRAIN, i)[1] for i in range(1, 801, 2)]
+    assert 0.42 < np.mean(changed) < 0.58  # 400 odd pairs at p = 0.5 (a few scenes cannot change)
+    for stream in (STREAM_EVAL, STREAM_VALIDATION):
+        for i in range(1, 40, 2):
+            (a_img, a_cap), (b_img, b_cap) = plain.pair(stream, i), world.pair(stream, i)
+            assert a_cap == b_cap and np.array_equal(np.asarray(a_img), np.asarray(b_img))

@@ -35,6 +35,7 @@ BACKGROUND_GREY = (70.0, 190.0)  # the range a background's mean grey level is d
 # Streams keep training, evaluation and caption-noise draws independent for the same index.
 STREAM_TRAIN, STREAM_EVAL, STREAM_ZEROSHOT, STREAM_NOISE = 0, 1, 2, 3
 STREAM_VALIDATION = 4  # the validation pairs that plateau stopping (train.early_stop) measures
+STREAM_TWIN = 5  # the draws that make a training pair the shape twin of the one before it (shape_twin_prob)
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "{}.",
@@ -84,11 +85,16 @@ class SyntheticConfig:
     # range puts every object colour both above and below its background, so a shape's edges are not tied to one
     # contrast polarity. The default draws exactly the evaluation range, so default streams are unchanged.
     train_background_grey: tuple[float, float] = BACKGROUND_GREY
+    # probability that an odd-indexed training pair is the "shape twin" of the pair before it: the same scene,
+    # rendering and caption wording with one named object's shape changed to another shape seen in its colour.
+    # A batch reads consecutive indices, so each twin meets its original as an in-batch hard negative that
+    # differs in one shape alone (NegCLIP-style hard negatives, as whole pairs). 0 draws no random number.
+    shape_twin_prob: float = 0.0
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
         for name in ("caption_noise", "omit_prob", "attribute_prob", "reorder_prob", "single_attribute_prob",
-                     "random_colour_prob"):
+                     "random_colour_prob", "shape_twin_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"config key '{p}{name}': expected a fraction in [0, 1], got {value}")
@@ -391,10 +397,17 @@ class SyntheticWorld:
         """(image, caption) number `index` of a stream; caption noise, random colours and the training
         background range apply to the training stream only."""
         train = stream == STREAM_TRAIN
-        objects, rng = self.scene(stream, index, random_colour_prob=self.cfg.random_colour_prob if train else 0.0)
-        image = render(objects, rng, self.cfg.image_size,
-                       background_grey=self.cfg.train_background_grey if train else BACKGROUND_GREY)
-        caption = self.describe(objects, rng, complete=complete)
+        twin = None
+        if train and self.cfg.shape_twin_prob > 0 and index % 2 == 1:
+            twin = self._shape_twin(index)
+        if twin is not None:
+            image, caption = twin
+        else:
+            objects, rng = self.scene(stream, index,
+                                      random_colour_prob=self.cfg.random_colour_prob if train else 0.0)
+            image = render(objects, rng, self.cfg.image_size,
+                           background_grey=self.cfg.train_background_grey if train else BACKGROUND_GREY)
+            caption = self.describe(objects, rng, complete=complete)
         if train and self.cfg.caption_noise > 0:
             noise_rng = self._rng(STREAM_NOISE, index)
             if noise_rng.random() < self.cfg.caption_noise:
@@ -402,6 +415,34 @@ class SyntheticWorld:
                 other_objects, other_rng = self.scene(STREAM_NOISE, other)
                 caption = self.describe(other_objects, other_rng)
         return image, caption
+
+    def _shape_twin(self, index: int) -> tuple[Image.Image, str] | None:
+        """Training pair `index` (odd) as the shape twin of pair index - 1, or None where the draw says no, or no
+        object named in the caption can change shape without making a held-out combination or an off-palette
+        object (whose allowed colours depend on its shape)."""
+        choice = self._rng(STREAM_TWIN, index)
+        if choice.random() >= self.cfg.shape_twin_prob:
+            return None
+        objects, rng = self.scene(STREAM_TRAIN, index - 1, random_colour_prob=self.cfg.random_colour_prob)
+        state = rng.bit_generator.state  # the original's rendering and caption draws, replayed for the twin
+
+        def draw(scene: list[SceneObject]) -> tuple[Image.Image, str]:
+            rng.bit_generator.state = state
+            image = render(scene, rng, self.cfg.image_size, background_grey=self.cfg.train_background_grey)
+            return image, self.describe(scene, rng)
+
+        original = draw(objects)[1]
+        seen = set(self.seen)
+        for k in choice.permutation(len(objects)).tolist():
+            obj = objects[k]
+            shapes = [s for s in SHAPES if s != obj.shape and (obj.colour, s) in seen]
+            if obj.rgb is not None or not shapes:
+                continue
+            shape = shapes[int(choice.integers(len(shapes)))]
+            image, caption = draw([replace(o, shape=shape) if j == k else o for j, o in enumerate(objects)])
+            if caption != original:  # object k is named (a caption may leave objects out)
+                return image, caption
+        return None
 
     def zeroshot_example(self, index: int, combos: list[tuple[str, str]],
                          variant: str = "default") -> tuple[Image.Image, int]:

@@ -137,6 +137,7 @@ class Variant:
 _NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("finetune", "freeze_bn_stats"): False,
                                                   ("data", "synthetic", "single_attribute_prob"): 0.0,
                                                   ("data", "synthetic", "random_colour_prob"): 0.0,
+                                                  ("data", "synthetic", "shape_twin_prob"): 0.0,
                                                   ("data", "synthetic", "train_background_grey"): list(BACKGROUND_GREY)}
 
 

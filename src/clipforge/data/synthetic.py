@@ -399,7 +399,7 @@ class SyntheticWorld:
         train = stream == STREAM_TRAIN
         twin = None
         if train and self.cfg.shape_twin_prob > 0 and index % 2 == 1:
-            twin = self._shape_twin(index)
+            twin = self._shape_twin(index, complete)
         if twin is not None:
             image, caption = twin
         else:
@@ -416,7 +416,7 @@ class SyntheticWorld:
                 caption = self.describe(other_objects, other_rng)
         return image, caption
 
-    def _shape_twin(self, index: int) -> tuple[Image.Image, str] | None:
+    def _shape_twin(self, index: int, complete: bool = False) -> tuple[Image.Image, str] | None:
         """Training pair `index` (odd) as the shape twin of pair index - 1, or None where the draw says no, or no
         object named in the caption can change shape without making a held-out combination or an off-palette
         object (whose allowed colours depend on its shape)."""
@@ -429,7 +429,7 @@ class SyntheticWorld:
         def draw(scene: list[SceneObject]) -> tuple[Image.Image, str]:
             rng.bit_generator.state = state
             image = render(scene, rng, self.cfg.image_size, background_grey=self.cfg.train_background_grey)
-            return image, self.describe(scene, rng)
+            return image, self.describe(scene, rng, complete=complete)
 
         original = draw(objects)[1]
         seen = set(self.seen)

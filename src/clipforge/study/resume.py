@@ -40,16 +40,23 @@ class CellInterrupted(Exception):
         return f"{self.cell}: stopped by {self.signal} after step {self.steps}; checkpoint {self.checkpoint}"
 
 
-def resumable(cell: Cell, checkpoint: Path) -> bool:
-    """Whether the trainer's resumption from `checkpoint` reproduces an uninterrupted run of this cell exactly:
-    with early_stop.patience only if the checkpoint holds the plateau rule's state (saved since that state was
-    checkpointed; without it the rule would start afresh and might stop at another step)."""
+def _saved_state(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's state.json, or None if unreadable."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def resumable(cell: Cell, state: dict[str, Any]) -> bool:
+    """Whether the trainer's resumption from a checkpoint with this `state` reproduces an uninterrupted run of
+    this cell exactly: with early_stop.patience only if it holds the plateau rule's state (saved since that state
+    was checkpointed; without it the rule would start afresh and might stop at another step)."""
     if cell.train.early_stop.patience is None:
         return True
-    try:
-        return json.loads((checkpoint / STATE_FILE).read_text())["extra"]["plateau"] is not None
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    extra = state.get("extra")
+    return isinstance(extra, dict) and extra.get("plateau") is not None
 
 
 def _marked_fingerprint(run_dir: Path) -> str | None:
@@ -59,14 +66,11 @@ def _marked_fingerprint(run_dir: Path) -> str | None:
         return None
 
 
-def _same_training(checkpoint: Path, cfg: TrainConfig) -> bool:
+def _same_training(state: dict[str, Any], cfg: TrainConfig) -> bool:
     """The checkpoint's resolved config equals `cfg` wherever the trainer refuses a resume that differs (a
     study directory moved since then changes the model path, for one)."""
-    try:
-        saved = json.loads((checkpoint / STATE_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return not config_differences(saved, to_dict(cfg), set(MAY_CHANGE_ON_RESUME))
+    saved = state.get("config")
+    return isinstance(saved, dict) and not config_differences(saved, to_dict(cfg), set(MAY_CHANGE_ON_RESUME))
 
 
 def cell_train_config(cell: Cell) -> TrainConfig:
@@ -79,8 +83,9 @@ def cell_train_config(cell: Cell) -> TrainConfig:
     if list_checkpoints(root):
         say = lambda m: print(f"clipforge: {cell.id}: {m}", file=sys.stderr)  # noqa: E731
         latest = latest_valid_checkpoint(root, say)
-        if (latest is not None and resumable(cell, latest) and _marked_fingerprint(run_dir) == cell.fingerprint()
-                and _same_training(latest, cell.train)):
+        state = _saved_state(latest) if latest is not None else None
+        if (state is not None and resumable(cell, state) and _marked_fingerprint(run_dir) == cell.fingerprint()
+                and _same_training(state, cell.train)):
             return replace(cell.train, resume="latest")
         shutil.rmtree(root)
     run_dir.mkdir(parents=True, exist_ok=True)

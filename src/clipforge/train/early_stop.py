@@ -129,11 +129,14 @@ class ValidationWatch:
     """Every `early_stop.every` steps: the validation loss, logged; True once the plateau rule says stop."""
 
     def __init__(self, cfg: TrainConfig, model: CLIP, tokenizer: Callable, device: torch.device,
-                 stopper: PlateauStopper | None = None) -> None:
+                 saved: dict[str, Any] | None = None) -> None:
+        """`saved`: the rule's state from the checkpoint a run resumes (`PlateauStopper.state_dict`)."""
         assert cfg.early_stop.patience is not None
         self.cfg, self.model, self.device = cfg, model, device
         self.batches = validation_batches(cfg, model.image_size, tokenizer)
-        self.stopper = stopper or PlateauStopper(cfg.early_stop.patience, cfg.early_stop.min_delta)
+        self.stopper = PlateauStopper(cfg.early_stop.patience, cfg.early_stop.min_delta)
+        if saved is not None:
+            self.stopper.load_state_dict(saved)
 
     def __call__(self, step: int, log: Callable[[dict], None], agree: Callable[[bool], bool] = bool) -> bool:
         """`agree` turns this rank's decision into the run's (under DDP: rank 0's, so all ranks stop together)."""
@@ -154,7 +157,4 @@ def plateau_watch(run: Any, saved: dict[str, Any] | None = None) -> ValidationWa
     resumed run stops where the uninterrupted one would; None starts afresh."""
     if run.cfg.early_stop.patience is None:
         return None
-    stopper = PlateauStopper(run.cfg.early_stop.patience, run.cfg.early_stop.min_delta)
-    if saved is not None:
-        stopper.load_state_dict(saved)
-    return ValidationWatch(run.cfg, run.core, run.tokenizer, run.place.device, stopper)
+    return ValidationWatch(run.cfg, run.core, run.tokenizer, run.place.device, saved)

@@ -19,7 +19,7 @@ from clipforge.cli import main  # noqa: E402
 from clipforge.search import SearchError, open_index  # noqa: E402
 from clipforge.search.build import BuildOptions, add_to_index, build_index, choose_kind  # noqa: E402
 from clipforge.search.check import check_index, find_duplicates  # noqa: E402
-from clipforge.search.measure import exact_topk, no_match_threshold, recall_at_k  # noqa: E402
+from clipforge.search.measure import UNSEPARATED, exact_topk, no_match_threshold, recall_at_k  # noqa: E402
 
 DIM = 32
 
@@ -151,6 +151,29 @@ def test_no_match_threshold_on_hand_made_scores():
     # F1 = 6/7; at 0.4: P = R = 3/4; every other cut is worse
     assert t["score"] == 0.35 and t["precision"] == 0.8 and t["recall"] == 1.0
     assert abs(t["margin_mean"] - np.mean(positive - negative)) < 1e-12
+
+
+def test_no_threshold_when_the_best_cut_accepts_every_unmatched_query():
+    positive = np.array([0.9, 0.8])
+    negative = np.array([0.95, 0.85])
+    t = no_match_threshold(positive, negative)
+    # cuts: 0.95 -> P = 0; 0.9 -> P = R = 1/2, F1 1/2; 0.85 -> P = 1/3, R = 1/2, F1 2/5; 0.8 accepts all four:
+    # P = 1/2, R = 1, F1 = 2/3, the best, and it rejects no unmatched query: no threshold
+    assert t["score"] is None and t["reason"] == UNSEPARATED
+    assert t["precision"] == 0.5 and t["recall"] == 1.0 and t["pairs"] == 2
+    # one unmatched query below the best cut is enough for a threshold
+    assert no_match_threshold(np.array([0.9, 0.8]), np.array([0.95, 0.1]))["score"] == 0.8
+
+
+def test_index_summary_names_a_missing_threshold_and_why():
+    from clipforge.search.cli_embed import _summary
+
+    info = {"kind": "flat", "build": {"factory": "Flat"}, "rows": 10, "dim": 4, "bytes_per_vector": 16,
+            "search": {}, "recall": {"metric": "10-recall@10", "text": 1.0},
+            "threshold": {"score": None, "reason": UNSEPARATED}}
+    assert _summary(info).endswith(f"; no no-match threshold: {UNSEPARATED}")
+    info["threshold"] = {"score": 0.25, "precision": 0.8, "recall": 1.0}
+    assert _summary(info).endswith("; no-match threshold 0.250 (precision 0.800, recall 1.000)")
 
 
 def test_threshold_separates_matched_from_unmatched_queries(data, tmp_path):

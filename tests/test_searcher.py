@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -103,18 +104,41 @@ def test_search_by_id_leaves_itself_out(built, searcher):
     assert [h["id"] for h in answer["results"]][:3] == [i for i in ids.tolist() if i != 11][:3]
 
 
+def _with_threshold(built, name, threshold):
+    """A Searcher over a copy of the built index whose index.json stores `threshold` (index.json is not
+    checksummed: it holds the checksums). The copy sits beside the index: it finds the embeddings relatively."""
+    from clipforge import Searcher
+
+    folder = built.index_dir.parent / f"index-{name}"
+    shutil.copytree(built.index_dir, folder)
+    info = json.loads((folder / "index.json").read_text())
+    info["threshold"] = threshold
+    (folder / "index.json").write_text(json.dumps(info))
+    return Searcher(folder)
+
+
 def test_no_good_match_uses_the_index_threshold(built, searcher):
-    threshold = json.loads((built.index_dir / "index.json").read_text())["threshold"]["score"]
-    assert searcher.threshold == pytest.approx(threshold)
-    answer = searcher.search(text="a red circle", k=3)
-    best = answer["results"][0]["score"]
-    assert answer["threshold"] == pytest.approx(threshold)
-    assert answer["no_good_match"] == (best < threshold)
+    stored = json.loads((built.index_dir / "index.json").read_text())["threshold"]
+    assert searcher.threshold == (None if stored["score"] is None else pytest.approx(stored["score"]))
+    best = searcher.search(text="a red circle", k=3)["results"][0]["score"]
+    for name, score, flagged in (("above", best + 1e-3, True), ("below", best - 1e-3, False)):
+        judged = _with_threshold(built, name, {**stored, "score": score})
+        answer = judged.search(text="a red circle", k=3)
+        assert answer["threshold"] == pytest.approx(score) and answer["no_good_match"] is flagged
+        assert len(answer["results"]) == 3  # still listed
     # the same vector judged against a threshold above / below its best score
     vector = searcher.query_vector([QueryTerm("text", "a red circle")])
     assert searcher.search_vector(vector, 3, threshold=best + 1e-3)["no_good_match"] is True
     assert searcher.search_vector(vector, 3, threshold=best - 1e-3)["no_good_match"] is False
-    assert len(searcher.search_vector(vector, 3, threshold=best + 1e-3)["results"]) == 3  # still listed
+
+
+def test_an_uncalibrated_threshold_judges_nothing(built):
+    from clipforge.search.measure import UNSEPARATED
+
+    judged = _with_threshold(built, "none", {"score": None, "reason": UNSEPARATED, "pairs": 50})
+    assert judged.threshold is None
+    answer = judged.search(text="a red circle", k=3)
+    assert answer["threshold"] is None and answer["no_good_match"] is False
 
 
 def test_k_larger_than_index(searcher):

@@ -60,7 +60,9 @@ def check_index(index_dir: str | Path, seed: int = 1, queries: int | None = None
                                       "tolerance": round(tolerance, 4), "ok": passed}
         report["ok"] &= passed
     threshold = index.info.get("threshold")
-    if threshold and "pairs" in truth:
+    if threshold and threshold.get("score") is None:
+        report["threshold"] = {"score": None, "reason": threshold.get("reason")}
+    elif threshold and "pairs" in truth:
         stored_pr = {key: threshold[key] for key in ("precision", "recall")}
         report["threshold"] = {"score": threshold["score"], "stored": stored_pr,
                                "measured": _threshold_on(truth["pairs"], threshold["score"])}

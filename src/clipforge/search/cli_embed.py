@@ -58,8 +58,10 @@ def _summary(info: dict[str, Any]) -> str:
     line = (f"{info['kind']} index ({info['build']['factory']}) of {info['rows']} x {info['dim']}, "
             f"{info['bytes_per_vector']} bytes/vector, search {info['search'] or 'exact'}; "
             f"{info['recall']['metric']}: {recall}")
-    if info.get("threshold"):
-        t = info["threshold"]
+    t = info.get("threshold")
+    if t and t.get("score") is None:
+        line += f"; no no-match threshold: {t['reason']}"
+    elif t:
         line += f"; no-match threshold {t['score']:.3f} (precision {t['precision']:.3f}, recall {t['recall']:.3f})"
     return line
 

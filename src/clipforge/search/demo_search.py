@@ -38,6 +38,15 @@ def _show(answer: dict, words: tuple[str, ...] = ()) -> list[str]:
     return lines
 
 
+def _threshold_words(threshold: dict | None) -> str:
+    if not threshold:
+        return "no no-good-match threshold (no held-out captions)"
+    if threshold.get("score") is None:
+        return f"no no-good-match threshold: {threshold['reason']}"
+    return (f"no-good-match threshold {threshold['score']:.3f} with precision {threshold['precision']:.2f} / "
+            f"recall {threshold['recall']:.2f} on held-out captions")
+
+
 def run_search_demo(run_dir: str | Path, synthetic: SyntheticConfig, count: int = 2000, k: int = 5,
                     progress: bool = True) -> list[str]:
     """Embed `count` new images with the run's model, index them, and print two text searches and one image
@@ -55,11 +64,8 @@ def run_search_demo(run_dir: str | Path, synthetic: SyntheticConfig, count: int 
     info = build_index([root / "embeddings"], root / "index", BuildOptions(kind="flat", queries=500))
     searcher = Searcher(root / "index", device="cpu")
     seconds = time.perf_counter() - started
-    threshold = info.get("threshold") or {}
-    lines = [(f"\nSearch: embedded and indexed {count} new images of the synthetic world in {seconds:.0f} s "
-              f"({info['kind']} index, no-good-match threshold {threshold.get('score', float('nan')):.3f} with "
-              f"precision {threshold.get('precision', float('nan')):.2f} / recall "
-              f"{threshold.get('recall', float('nan')):.2f} on held-out captions).")]
+    lines = [f"\nSearch: embedded and indexed {count} new images of the synthetic world in {seconds:.0f} s "
+             f"({info['kind']} index, {_threshold_words(info.get('threshold'))})."]
     held_colour, held_shape = world.heldout[0]
     for colour, shape in (("red", "circle"), (held_colour, held_shape)):
         text = f"a {colour} {shape}"

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
+__all__ = ["UNSEPARATED", "drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
+
+UNSEPARATED = ("no score separates matched from unmatched held-out captions: each caption scores another image "
+               "as high as its own (near-duplicate captions or images?), so no query is judged 'no good match'")
 
 
 def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +65,8 @@ def tune(candidates: list[int], recall_with: Callable[[int], dict[str, float]], 
 def no_match_threshold(positive: np.ndarray, best_negative: np.ndarray) -> dict[str, Any]:
     """The score that best separates matched text queries from unmatched ones (max F1), with its P and R.
 
+    `score` is None (with a `reason`) when that best cut still accepts every unmatched query.
+
     `positive[i]` is held-out caption i's similarity to its own image (a query whose answer is in the
     collection); `best_negative[i]` its best similarity among the other images (the same query once its
     image is gone: what an unmatched query scores). Their difference is the margin of Chen et al.
@@ -78,5 +83,10 @@ def no_match_threshold(positive: np.ndarray, best_negative: np.ndarray) -> dict[
         if not best or f1 > best["f1"]:
             best = {"score": float(threshold), "precision": precision, "recall": recall, "f1": f1}
     margin = positive.astype(np.float64) - best_negative
-    return {**best, "pairs": int(len(positive)), "margin_mean": float(margin.mean()),
-            "margin_std": float(margin.std()), "method": "max-F1 split of positive-pair vs best-negative scores"}
+    out = {**best, "pairs": int(len(positive)), "margin_mean": float(margin.mean()),
+           "margin_std": float(margin.std()), "method": "max-F1 split of positive-pair vs best-negative scores"}
+    if bool((best_negative >= best["score"]).all()):
+        # The best cut accepts every unmatched query, so it would never flag one: storing it would claim a
+        # calibration that does not exist (collections of near-identical captions and images end here).
+        out.update(score=None, reason=UNSEPARATED)
+    return out

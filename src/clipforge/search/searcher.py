@@ -110,7 +110,8 @@ class Searcher:
         self.max_pixels = max_pixels
         self._lock = threading.Lock()  # one forward pass at a time; the index search needs no lock
         threshold = self.info.get("threshold") or {}
-        self.threshold: float | None = float(threshold["score"]) if "score" in threshold else None
+        score = threshold.get("score")  # None: not calibrated (measure.UNSEPARATED)
+        self.threshold: float | None = float(score) if score is not None else None
 
     def __len__(self) -> int:
         return len(self.index)

@@ -189,7 +189,11 @@ async function loadInfo() {
     const info = await callApi("/api/info");
     const parts = [`${info.images.toLocaleString()} images`, `${info.dim}-d`, info.kind];
     if (info.model) parts.push(`model ${info.model}`);
-    if (info.threshold) parts.push(`no-good-match threshold ${info.threshold.score.toFixed(3)}`);
+    if (info.threshold && info.threshold.score !== null) {
+      parts.push(`no-good-match threshold ${info.threshold.score.toFixed(3)}`);
+    } else if (info.threshold) {
+      parts.push("no no-good-match threshold (matched and unmatched captions score alike here)");
+    }
     $("info").textContent = parts.filter(Boolean).join(" · ");
   } catch (err) {
     $("info").textContent = `index info unavailable: ${err.message}`;

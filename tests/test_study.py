@@ -285,6 +285,9 @@ def test_summary_means_stds_and_paired_differences():
     assert summary["cells_finished"] == 5 and summary["cells_total"] == 6
     text = markdown_tables(summary, ["objective"])
     assert "| CLIP | 3 | 20.0 ± 10.0 |" in text
+    # the baseline again over the seeds the variant ran (0.1, 0.2): a row comparable with the variant's
+    assert "| CLIP, seeds 0, 1 only | 2 | 15.0 ± 7.1 |" in text
+    assert clip["on_seeds"][0]["seeds"] == [0, 1] and r.get("on_seeds") is None
     assert "| CLIP + R λ=0.5 | 2 | +10.0 ± 7.1 |" in text
     assert mean_std([2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
 

@@ -68,12 +68,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
         entry: dict[str, Any] = {"id": v.id, "name": v.name, "groups": list(v.groups), "overrides": v.overrides,
                                  "seeds": sorted(runs), "metrics": {}, "vs_baseline": {}}  # fmt: skip
         if runs:
-            keys = [k for k, *_ in columns] + ["train_seconds", "eval_seconds", "probe_C", "stopped_early",
-                                               "margin_i2t_frac_negative", "margin_t2i_frac_negative"]
-            for key in keys:
-                values = [r["metrics"][key] for _, r in sorted(runs.items()) if key in r["metrics"]]
-                if values:
-                    entry["metrics"][key] = {**mean_std(values), "values": values}
+            entry["metrics"] = _metric_stats(runs, columns)
             paired = sorted(set(runs) & set(base))
             if study.baseline and v.id != study.baseline and paired:
                 for key in claim_metrics(study.eval):
@@ -84,6 +79,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                     entry["vs_baseline"][key] = {**mean_std(diffs), "values": diffs,
                                                  "ci95": [ci.low, ci.high] if ci.n > 1 else None}
         variants.append(entry)
+    _baseline_on_fewer_seeds(variants, base, study.baseline, columns)
     timed = [r for r in records.values() if "cpu_seconds" in r]
     diff_keys = DIFF_KEYS if not study.eval.tasks else claim_metrics(study.eval)
     return {"columns": [list(c) for c in columns], "diff_keys": list(diff_keys),
@@ -91,6 +87,30 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
             "cells_finished": len(records), "cells_total": study.cell_count(),
             "wall_seconds_sum": sum(float(r.get("wall_seconds", 0.0)) for r in records.values()),
             "cpu_seconds": {"cells": len(timed), "sum": sum(float(r["cpu_seconds"]) for r in timed)}}  # fmt: skip
+
+
+def _metric_stats(runs: dict[int, dict[str, Any]], columns: Sequence[Column]) -> dict[str, Any]:
+    keys = [k for k, *_ in columns] + ["train_seconds", "eval_seconds", "probe_C", "stopped_early",
+                                       "margin_i2t_frac_negative", "margin_t2i_frac_negative"]
+    out = {}
+    for key in keys:
+        values = [r["metrics"][key] for _, r in sorted(runs.items()) if key in r["metrics"]]
+        if values:
+            out[key] = {**mean_std(values), "values": values}
+    return out
+
+
+def _baseline_on_fewer_seeds(variants: list[dict[str, Any]], base: dict[int, dict[str, Any]],
+                             baseline: str | None, columns: Sequence[Column]) -> None:
+    """The baseline's stats again over each smaller seed set another variant ran (`on_seeds`), so that a
+    table whose baseline ran extra seeds still has a row comparable with the others' means."""
+    entry = next((v for v in variants if v["id"] == baseline), None)
+    if entry is None:
+        return
+    subsets = {tuple(v["seeds"]) for v in variants
+               if v["id"] != baseline and v["seeds"] and set(v["seeds"]) < set(base)}
+    entry["on_seeds"] = [{"seeds": list(seeds), "metrics": _metric_stats({s: base[s] for s in seeds}, columns)}
+                         for seeds in sorted(subsets)]
 
 
 def judge_claims(study: Study, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,6 +177,10 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
         for v in members:
             cells = [_cell(v["metrics"].get(k), s, d) for k, _, s, d in columns]
             lines.append(f"| {v['name']} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
+            for sub in v.get("on_seeds", []):
+                cells = [_cell(sub["metrics"].get(k), s, d) for k, _, s, d in columns]
+                seeds = ", ".join(str(seed) for seed in sub["seeds"])
+                lines.append(f"| {v['name']}, seeds {seeds} only | {len(sub['seeds'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if summary["baseline"]:
         base = next(v["name"] for v in variants if v["id"] == summary["baseline"])

@@ -177,3 +177,135 @@ def test_a_checkpoint_without_plateau_state_restarts_the_rule_and_says_so(tmp_pa
     resumed = train(dataclasses.replace(cfg, resume="latest"), progress=False)
     assert resumed.steps == 20 and resumed.early_stop["best_step"] == 10
     assert len(events(resumed.run_dir, "plateau_restarted")) == 1
+
+
+def test_recall_is_maximised():
+    """monitor recall: higher is better; 0.305 is not 0.01 above 0.3, so steps 3 and 4 are stale: stop at 4."""
+    stopper = PlateauStopper(patience=2, min_delta=0.01, maximize=True, key="val_r1")
+    assert _first_stop(stopper, [0.1, 0.3, 0.305, 0.2], every=1) == 4
+    assert stopper.state() == {"best_val_r1": 0.3, "best_step": 2, "stopped_step": 4}
+    fresh = PlateauStopper(patience=2, min_delta=0.01, maximize=True, key="val_r1")
+    fresh.load_state_dict(PlateauStopper(2, maximize=True).state_dict())  # no observation yet: best stays -inf
+    assert fresh.improves(-1e9)
+
+
+class _LookupModel(torch.nn.Module):
+    """Returns fixed unit features for the pair indices the 'images' carry, and a logit scale."""
+
+    def __init__(self, image_features: list[list[float]], text_features: list[list[float]], scale: float) -> None:
+        super().__init__()
+        norm = lambda rows: torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)  # noqa: E731
+        self.images, self.texts, self.scale = norm(image_features), norm(text_features), torch.tensor(scale)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        index = images[:, 0].long()
+        return self.images[index], self.texts[index], self.scale
+
+
+def _cross_entropy(row: list[float], target: int) -> float:
+    return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+
+def test_validation_metrics_by_hand():
+    """Four pairs in two batches; pairs 1 and 2 have the same caption. Image-to-text: I0 -> T0 (right), I1 -> T2
+    (pair 2's caption, the same text: right), I2 -> T3 and I3 -> T0 (wrong): 2/4. Text-to-image: T0 -> I0, T1 -> I2
+    and T2 -> I1 (images captioned the same: right), T3 -> I2 (wrong): 3/4. R@1 0.625 (by index it would be 0.25).
+    The losses: per batch, the symmetric cross-entropy written out, at the model's scale and at 1/0.05."""
+    from clipforge.train.early_stop import validation_metrics
+
+    image_rows = [[1, 0, 0], [0, 0, 1], [0, 0.6, 0.8], [0.8, 0.5, 0]]
+    text_rows = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]]
+    model = _LookupModel(image_rows, text_rows, scale=3.0).eval()
+    captions = torch.tensor([[7, 1], [7, 2], [7, 2], [7, 3]])
+    batches = [(torch.tensor([[0.0], [1.0]]), captions[:2]), (torch.tensor([[2.0], [3.0]]), captions[2:])]
+    got = validation_metrics(model, batches, torch.device("cpu"), fixed_temperature=0.05)
+    assert got["val_r1"] == pytest.approx(0.625)
+
+    unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+    imgs, txts = [unit(r) for r in image_rows], [unit(r) for r in text_rows]
+
+    def loss(scale: float) -> float:
+        total = 0.0
+        for pairs in ((0, 1), (2, 3)):
+            sim = [[scale * sum(a * b for a, b in zip(imgs[i], txts[j])) for j in pairs] for i in pairs]
+            rows = sum(_cross_entropy(sim[k], k) for k in range(2)) / 2
+            cols = sum(_cross_entropy([sim[i][k] for i in range(2)], k) for k in range(2)) / 2
+            total += (rows + cols) / 2
+        return total / 2
+
+    assert got["val_loss"] == pytest.approx(loss(3.0), rel=1e-6)
+    assert got["val_loss_fixed_t"] == pytest.approx(loss(20.0), rel=1e-6)
+
+
+def test_early_stop_config_errors():
+    with pytest.raises(ConfigError, match="early_stop.monitor.*loss, fixed_t_loss, recall.*'r1'"):
+        load_train_config(None, ["--early_stop.monitor=r1"])
+    with pytest.raises(ConfigError, match="early_stop.fixed_temperature"):
+        load_train_config(None, ["--early_stop.fixed_temperature=0"])
+
+
+def _keep_weights_at(step_wanted: int, kept: dict):
+    def hook(ctx, _progress, step):
+        if step == step_wanted:
+            kept.update({k: v.detach().clone() for k, v in ctx.core.state_dict().items()})
+
+    return hook
+
+
+def test_restore_best_keeps_the_best_checks_weights(tmp_path):
+    """PLATEAU_ARGS: the best check is step 5, the run stops at 15. With restore_best the final model file and
+    the returned model hold step 5's weights exactly (and the file says so); without it, step 15's."""
+    at5: dict = {}
+    result = train(load_train_config(None, tiny_args(tmp_path, "best", *PLATEAU_ARGS, "--early_stop.restore_best=true")),
+                   progress=False, hooks=(_keep_weights_at(5, at5),))
+    assert result.steps == 15 and result.early_stop["best_step"] == 5 and result.early_stop["restored_step"] == 5
+    saved = load_file(str(result.run_dir / "model.safetensors"))
+    assert saved.keys() == at5.keys() and all(torch.equal(saved[k], at5[k]) for k in at5)
+    assert all(torch.equal(v, at5[k]) for k, v in result.model.state_dict().items())
+    from safetensors import safe_open
+
+    with safe_open(str(result.run_dir / "model.safetensors"), "pt") as handle:
+        assert handle.metadata()["restored_step"] == "5" and handle.metadata()["step"] == "15"
+    assert [e["restored_step"] for e in events(result.run_dir, "restored_best")] == [5]
+
+    plain = train(load_train_config(None, tiny_args(tmp_path, "last", *PLATEAU_ARGS)), progress=False)
+    final = load_file(str(plain.run_dir / "model.safetensors"))
+    assert any(not torch.equal(final[k], at5[k]) for k in at5)  # the last step's weights differ from step 5's
+
+
+def test_restore_best_refuses_a_file_from_another_step(tmp_path):
+    """A best-model file that is not the best check's (here overwritten at step 12) is not loaded: the final
+    model stays the last step's, and the log says why."""
+    from clipforge.checkpoint import save_model
+
+    def overwrite(ctx, _progress, step):
+        if step == 12:
+            save_model(ctx.core, ctx.run_dir / loop.BEST_MODEL, {"step": "12"})
+
+    at15: dict = {}
+    result = train(load_train_config(None, tiny_args(tmp_path, "odd", *PLATEAU_ARGS, "--early_stop.restore_best=true")),
+                   progress=False, hooks=(overwrite, _keep_weights_at(15, at15)))
+    assert result.early_stop["restored_step"] == 15
+    assert len(events(result.run_dir, "restore_best_failed")) == 1
+    saved = load_file(str(result.run_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], at15[k]) for k in at15)
+
+
+def test_restore_best_survives_a_resume(tmp_path):
+    """Interrupted after step 9 (the best check, 5, already kept on disk), resumed: the final model is the same
+    step-5 model as the uninterrupted run's."""
+    args = (*PLATEAU_ARGS, "--early_stop.restore_best=true")
+    reference = train(load_train_config(None, tiny_args(tmp_path, "ref", *args)), progress=False)
+    cfg = load_train_config(None, tiny_args(tmp_path, "cut", *args))
+    assert train(cfg, progress=False, hooks=(_signal_after(9),)).interrupted == "SIGTERM"
+    resumed = train(dataclasses.replace(cfg, resume="latest"), progress=False)
+    assert resumed.early_stop == reference.early_stop and resumed.early_stop["restored_step"] == 5
+    ours, theirs = load_file(str(resumed.run_dir / "model.safetensors")), load_file(str(reference.run_dir / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_monitor_keys_match_the_config():
+    from clipforge.train.config import EARLY_STOP_MONITORS
+    from clipforge.train.early_stop import MONITOR_KEYS
+
+    assert set(MONITOR_KEYS) == set(EARLY_STOP_MONITORS)

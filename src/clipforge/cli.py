@@ -39,7 +39,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if result.interrupted:
         print(f"Stopped by {result.interrupted} after step {result.steps}; checkpoint: {result.checkpoint}")
         return result.exit_code
-    plateau = " (validation loss plateaued)" if result.early_stop and result.early_stop["stopped_step"] else ""
+    plateau = ""
+    if result.early_stop and result.early_stop["stopped_step"]:
+        plateau = f" ({result.stopped_early or 'validation plateaued'})"
+    restored = (result.early_stop or {}).get("restored_step")
+    if restored is not None and restored != result.steps:
+        plateau += f"; the model kept is step {restored}'s (early_stop.restore_best)"
     print(f"Finished {result.steps} steps{plateau} in {result.train_seconds:.1f} s; run directory: {result.run_dir}")
     early = {"early_stop": result.early_stop} if result.early_stop is not None else {}
     _write_json(args.output, {"run_dir": str(result.run_dir), "train_seconds": result.train_seconds,

@@ -26,7 +26,7 @@ from ..eval.spec import EvalTask
 from ..eval.synthetic import headline
 from ..eval.zeroshot import encode_images
 from ..tokenizer import tokenizer_for
-from ..train.loop import Hook, train
+from ..train.loop import BEST_MODEL, Hook, train
 from ..transforms import normalize, to_tensor
 from .config import Cell, CellEval
 from .real import flatten_results
@@ -143,12 +143,14 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None,
         metrics, margins = evaluate_cell(result.model, cell, result.run_dir)
     metrics["train_seconds"] = result.train_seconds
     metrics["steps_trained"] = float(result.steps)
-    if result.early_stop is not None:  # 1: the validation loss plateaued within the step budget
+    if result.early_stop is not None:  # 1: the validation signal plateaued within the step budget
         metrics["stopped_early"] = float(result.early_stop["stopped_step"] is not None)
+        if "restored_step" in result.early_stop:  # restore_best: the step whose weights were evaluated
+            metrics["model_step"] = float(result.early_stop["restored_step"])
     metrics["eval_seconds"] = time.perf_counter() - eval_start
-    model_file = result.run_dir / "model.safetensors"
-    if not cell.eval.keep_models and model_file.exists():
-        model_file.unlink()  # a study keeps numbers, not dozens of weight files
+    if not cell.eval.keep_models:  # a study keeps numbers, not dozens of weight files
+        for name in ("model.safetensors", BEST_MODEL):
+            (result.run_dir / name).unlink(missing_ok=True)
     record = {
         "cell": cell.id,
         "variant": cell.variant.id,

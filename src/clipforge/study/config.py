@@ -138,7 +138,10 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("finetune", "freeze_bn_stats")
                                                   ("data", "synthetic", "single_attribute_prob"): 0.0,
                                                   ("data", "synthetic", "random_colour_prob"): 0.0,
                                                   ("data", "synthetic", "shape_twin_prob"): 0.0,
-                                                  ("data", "synthetic", "train_background_grey"): list(BACKGROUND_GREY)}
+                                                  ("data", "synthetic", "train_background_grey"): list(BACKGROUND_GREY),
+                                                  ("early_stop", "monitor"): "loss",
+                                                  ("early_stop", "fixed_temperature"): 0.07,
+                                                  ("early_stop", "restore_best"): False}
 
 
 def _drop_neutral_defaults(train: dict[str, Any]) -> None:

@@ -140,6 +140,9 @@ class DebugConfig:
                 raise ConfigError(f"config key '{p}nan_steps': step numbers start at 1, got {step}")
 
 
+EARLY_STOP_MONITORS = ("loss", "fixed_t_loss", "recall")
+
+
 @dataclass(frozen=True)
 class EarlyStopConfig:
     """`patience` null (the default) trains for exactly `steps`; a number turns plateau stopping on."""
@@ -149,9 +152,19 @@ class EarlyStopConfig:
     every: int = 50  # steps between validations
     batches: int = 4  # validation batches of `batch_size` pairs, the same ones every time
     split: str = "val"  # manifest / offline sources: the split that holds the validation rows
+    # the signal the rule follows: loss (at the learned temperature), fixed_t_loss, recall (`train.early_stop`)
+    monitor: str = "loss"
+    fixed_temperature: float = 0.07  # the temperature of fixed_t_loss (CLIP's initial one)
+    restore_best: bool = False  # the final model is the one at the best check, not the last step
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
+        if self.monitor not in EARLY_STOP_MONITORS:
+            raise ConfigError(f"config key '{p}monitor': expected one of {', '.join(EARLY_STOP_MONITORS)}, "
+                              f"got '{self.monitor}'")
+        if not (math.isfinite(self.fixed_temperature) and self.fixed_temperature > 0.0):
+            raise ConfigError(f"config key '{p}fixed_temperature': expected a positive number, "
+                              f"got {self.fixed_temperature}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"config key '{p}patience': expected a positive integer or null, got {self.patience}")
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0.0):

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_dir_name, prune_checkpoints
+from ..checkpoint import checkpoint_dir_name, prune_checkpoints, save_model
 from ..config import to_dict
 from ..data.robust import SKIPPED_KINDS, BadDataTally
 from ..models.clip import CLIP
 from .config import TrainConfig
-from .early_stop import ValidationWatch, plateau_watch
+from .early_stop import PlateauStopper, ValidationWatch, plateau_watch
 from .evaluation import eval_hook
 from .feed import TrainBatch
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
@@ -54,7 +56,8 @@ class TrainResult:
     skipped_steps: int = 0  # non-finite steps whose update was skipped
     is_main: bool = True  # rank 0 (the one that writes), or the only process
     stopped_early: str | None = None  # a hook's reason for ending before cfg.steps
-    # With early_stop.patience: best_val_loss, best_step, stopped_step (None: the loss still fell at `steps`)
+    # With early_stop.patience: best_<signal> (best_val_loss by default), best_step, stopped_step (None: the
+    # signal still improved at `steps`), and with restore_best restored_step (the step of the final model)
     early_stop: dict[str, Any] | None = None
 
 
@@ -229,9 +232,41 @@ def resume_plateau_watch(ctx: RunContext, progress: Progress) -> ValidationWatch
     if progress.resumed_from is not None and progress.plateau_saved is None and ctx.cfg.early_stop.patience:
         ctx.log.notice(f"checkpoint {progress.resumed_from} holds no plateau-stopping state: the validation "
                        "plateau is judged afresh from here", step=progress.start_step, event="plateau_restarted")
-    watch = plateau_watch(ctx, progress.plateau_saved)
+    keep = (lambda step: keep_best(ctx, step)) if ctx.cfg.early_stop.restore_best else None
+    watch = plateau_watch(ctx, progress.plateau_saved, keep)
     progress.plateau = watch.stopper if watch is not None else None
     return watch
+
+
+BEST_MODEL = "best-model.safetensors"  # restore_best: the weights at the best validation check
+
+
+def keep_best(ctx: RunContext, step: int) -> None:
+    """Rank 0 keeps the weights of the check at `step`, the best so far (atomically: a crash leaves the previous
+    best)."""
+    if ctx.place.is_main:
+        save_model(ctx.core, ctx.run_dir / BEST_MODEL, {"step": str(step)})
+
+
+def restore_best(ctx: RunContext, stopper: PlateauStopper, steps: int) -> int | None:
+    """restore_best at the end of the run (rank 0): load the best check's weights into the model, so the final
+    model file and `TrainResult.model` are those. Returns the step restored, or None (no check yet, the best is
+    the last step, or the file kept is not that check's: the final weights stay, and the log says why)."""
+    best = stopper.best_step
+    if best is None or best == steps or not ctx.place.is_main:
+        return None
+    path = ctx.run_dir / BEST_MODEL
+    kept = None
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            kept = (handle.metadata() or {}).get("step")
+    if kept != str(best):
+        ctx.log.notice(f"early_stop.restore_best: {path} holds step {kept}, not the best check (step {best}); "
+                       f"the final model is the last step's", step=steps, event="restore_best_failed")
+        return None
+    ctx.core.load_state_dict(load_file(str(path), device=str(ctx.place.device)), strict=True)
+    ctx.log.write({"step": steps, "event": "restored_best", "restored_step": best})
+    return best
 
 
 class PlateauHook:
@@ -247,7 +282,7 @@ class PlateauHook:
 
     def reason(self) -> str:
         best = self.watch.stopper
-        return f"validation loss plateaued (best {best.best:.4f} at step {best.best_step})"
+        return f"{best.key} plateaued (best {best.best:.4f} at step {best.best_step})"
 
 
 def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, dataset: Any = None,
@@ -274,7 +309,11 @@ def train(cfg: TrainConfig, progress: bool = True, device: str | None = None, da
                 result = run_steps(ctx, state, stop, bar, (*eval_hook(ctx, bar), *plateaus, *hooks))
         result.early_stop = watch.stopper.state() if watch is not None else None
         if result.interrupted is None:  # finished, or stopped early by a hook: the final model is written
-            finish(ctx, state, result.steps)
+            if watch is not None and ctx.cfg.early_stop.restore_best:
+                assert result.early_stop is not None
+                restored = restore_best(ctx, watch.stopper, result.steps)
+                result.early_stop["restored_step"] = restored if restored is not None else result.steps
+            finish(ctx, state, result.steps, restored_step=(result.early_stop or {}).get("restored_step"))
         return result
     finally:
         bar.close()

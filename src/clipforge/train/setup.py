@@ -252,11 +252,13 @@ class Progress:
     plateau: Any = None
 
 
-def finish(ctx: RunContext, progress: Progress, steps: int) -> None:
-    """After the last step (`steps`): the final model file, the data summary, and every rank done."""
+def finish(ctx: RunContext, progress: Progress, steps: int, restored_step: int | None = None) -> None:
+    """After the last step (`steps`): the final model file, the data summary, and every rank done.
+    `restored_step`: the step whose weights the model holds (early_stop.restore_best), recorded in the file."""
     tally = progress.tally
     if ctx.place.is_main:
-        save_model(ctx.core, ctx.run_dir / "model.safetensors", {"step": str(steps)})
+        restored = {"restored_step": str(restored_step)} if restored_step is not None else {}
+        save_model(ctx.core, ctx.run_dir / "model.safetensors", {"step": str(steps), **restored})
     if tally.counts:
         skipped = ", ".join(f"{k}={tally.counts[k]}" for k in SKIPPED_KINDS if k in tally.counts)
         converted = ", ".join(f"{k}={tally.counts[k]}" for k in CONVERTED_KINDS if k in tally.counts)

@@ -157,3 +157,38 @@ def test_compiled_step_trains_like_the_eager_one(tmp_path):
     compiled = train(tiny_config(tmp_path, "compiled", *CONSTANT, "--compile=true"), progress=False)
     start, exact = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
     assert_as_exact_as_one_piece(weights(compiled.run_dir), weights(eager.run_dir), start, exact)
+
+
+@pytest.mark.parametrize("max_norm_of", [lambda n: None, lambda n: 10 * n, lambda n: n, lambda n: n / 10,
+                                         lambda n: n - 5e-7])
+def test_clip_gradients_is_torchs_clip_grad_norm_bit_for_bit(max_norm_of):
+    """Far below, at, just over and far over the limit (at it, torch's 1e-6 guard makes the factor < 1, so
+    gradients are scaled), and no limit: the same norm and the same gradients as clip_grad_norm_."""
+    from clipforge.train.step import clip_gradients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(37, 5), torch.randn(300), torch.randn(2, 3, 4)]
+    norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+    max_norm = max_norm_of(norm)
+
+    def params():
+        out = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(out, grads):
+            p.grad = g.clone()
+        return out
+
+    ours, theirs = params(), params()
+    got = clip_gradients(ours, max_norm)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm if max_norm is not None else float("inf"))
+    assert torch.equal(got, want)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    scaled = max_norm is not None and max_norm / (norm + 1e-6) < 1
+    assert all(torch.equal(a.grad, g) for a, g in zip(ours, grads)) != scaled
+
+
+def test_clip_gradients_scales_a_non_finite_norm_as_torch_does():
+    from clipforge.train.step import clip_gradients
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    assert torch.isnan(clip_gradients([p], 1.0)) and torch.isnan(p.grad).all()

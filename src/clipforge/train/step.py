@@ -152,6 +152,20 @@ def forward_backward(s: Stepper, images: torch.Tensor, tokens: torch.Tensor,
     return {k: v.detach() for k, v in parts.items()}
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (returns the total norm before clipping), bit for bit, minus one pass.
+
+    torch always multiplies every gradient by min(1, max_norm / (norm + 1e-6)), to avoid a host-device sync;
+    when that factor is 1 the pass changes nothing and costs ~2-3% of a CPU training step (151M fp32 gradients
+    of ViT-B-32 read and written). The trainer reads the norm on the host every step anyway (non-finite guard,
+    log), so deciding here moves that sync rather than adding one. A NaN/inf norm still multiplies, as torch does.
+    """
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm is not None and not bool(max_norm / (norm + 1e-6) >= 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def train_step(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, lr: float,
                skip: Callable[[torch.Tensor, torch.Tensor], bool] | None = None, poison: bool = False) -> StepOutput:
     """One optimizer step at learning rate `lr`. `skip(loss, grad_norm)`, when given, decides after the
@@ -163,7 +177,7 @@ def train_step(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, lr: float
     if s.master is not None:
         s.master.grads_to_master()
     params = [p for p in s.core.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip is not None else float("inf"))
+    grad_norm = clip_gradients(params, s.grad_clip)
     skipped = skip(parts["loss"], grad_norm) if skip is not None else False
     if not skipped:
         s.update()

@@ -309,3 +309,17 @@ def test_monitor_keys_match_the_config():
     from clipforge.train.early_stop import MONITOR_KEYS
 
     assert set(MONITOR_KEYS) == set(EARLY_STOP_MONITORS)
+
+
+def test_validation_signals_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(load_train_config(None, tiny_args(tmp_path, "tb", *PLATEAU_ARGS, "--log.tensorboard=true")),
+                   progress=False)
+    board = EventAccumulator(str(result.run_dir / "tensorboard"))
+    board.Reload()
+    logged = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    for key in ("val_loss", "val_loss_fixed_t", "val_r1"):
+        expected = {e["step"]: e[key] for e in logged if key in e}
+        assert sorted(expected) == [5, 10, 15]
+        assert {e.step: e.value for e in board.Scalars(f"val/{key}")} == pytest.approx(expected, rel=1e-6)

@@ -26,7 +26,7 @@ from ..config import to_dict
 from ..data.robust import SKIPPED_KINDS, BadDataTally
 from ..models.clip import CLIP
 from .config import TrainConfig
-from .early_stop import PlateauStopper, ValidationWatch, plateau_watch
+from .early_stop import MONITOR_KEYS, PlateauStopper, ValidationWatch, plateau_watch
 from .evaluation import eval_hook
 from .feed import TrainBatch
 from .guard import StepConsensus, StopRequest, TrainingAborted, reach_consensus, step_is_finite
@@ -276,7 +276,11 @@ class PlateauHook:
         self.watch = watch
 
     def __call__(self, ctx: RunContext, progress: Progress, step: int) -> str | None:
-        if not self.watch(step, ctx.log.write, lambda decision: ctx.gather(decision)[0]):
+        def log(entry: dict[str, Any]) -> None:
+            ctx.log.write(entry)
+            ctx.log.scalars({k: entry[k] for k in MONITOR_KEYS.values()}, step, prefix="val")  # TensorBoard, W&B
+
+        if not self.watch(step, log, lambda decision: ctx.gather(decision)[0]):
             return None
         return self.reason()
 

@@ -212,3 +212,22 @@ def test_a_signal_stops_the_pool_workers_and_cancels_the_queue(tmp_path):
     for seed in (0, 1):
         steps = [int(p.name.split("-")[1]) for p in (out / "runs" / f"clip--seed{seed}" / "checkpoints").iterdir()]
         assert len(steps) == 1 and 0 < steps[0] < 500
+
+
+def test_a_restore_best_cell_is_evaluated_at_its_best_check(tmp_path):
+    """min_delta far above any change: step 2's check stays the best, step 4's is stale (patience 1), so the
+    cell stops at 4 and evaluates step 2's weights; the record and the table say so, and no weights are kept."""
+    root = tmp_path / "s"
+    root.mkdir()
+    data = copy.deepcopy(SIGNAL_STUDY)
+    data.update(variants=[TINY["variants"][0]])
+    data["train"]["steps"] = 6
+    data["train"]["early_stop"] = {"patience": 1, "every": 2, "batches": 1, "min_delta": 100, "restore_best": True}
+    out = tmp_path / "out"
+    assert run_study(write_study(root, data), out, jobs=1, threads=1, log=quiet).ran == [FIRST]
+    record = json.loads((out / "cells" / f"{FIRST}.json").read_text())
+    assert record["metrics"]["steps_trained"] == 4 and record["metrics"]["model_step"] == 2
+    assert record["early_stop"]["restored_step"] == 2
+    assert not list((out / "runs" / FIRST).glob("*.safetensors"))
+    header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| variant"))
+    assert header.endswith("| steps | model step |")

@@ -35,11 +35,19 @@ DIFF_KEYS = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", 
 Column = tuple[str, str, float, int]
 
 
+MODEL_STEP: Column = ("model_step", "model step", 1.0, 0)  # early_stop.restore_best: the step evaluated
+
+
 def study_columns(study: Study) -> list[Column]:
-    """The results table's columns: the synthetic battery's, or the real-data tasks' flat metrics."""
+    """The results table's columns: the synthetic battery's, or the real-data tasks' flat metrics; with
+    early_stop.restore_best, the step whose weights were evaluated after `steps`."""
     if study.eval.tasks:
-        return real_columns(study.eval.tasks) + [c for c in COLUMNS if c[0] in ("temperature", "steps_trained")]
-    return list(COLUMNS)
+        columns = real_columns(study.eval.tasks) + [c for c in COLUMNS if c[0] in ("temperature", "steps_trained")]
+    else:
+        columns = list(COLUMNS)
+    if (study.train.get("early_stop") or {}).get("restore_best"):
+        columns.append(MODEL_STEP)
+    return columns
 
 
 def load_records(output_dir: str | Path, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:

@@ -156,9 +156,10 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> 
     """`torch.nn.utils.clip_grad_norm_` (returns the total norm before clipping), bit for bit, minus one pass.
 
     torch always multiplies every gradient by min(1, max_norm / (norm + 1e-6)), to avoid a host-device sync;
-    when that factor is 1 the pass changes nothing and costs ~2-3% of a CPU training step (151M fp32 gradients
-    of ViT-B-32 read and written). The trainer reads the norm on the host every step anyway (non-finite guard,
-    log), so deciding here moves that sync rather than adding one. A NaN/inf norm still multiplies, as torch does.
+    when that factor is 1 the pass changes nothing and costs ~2% of a CPU training step (151M fp32 gradients of
+    ViT-B-32 read and written: aten::mul_ in docs/benchmarks/profile-amx.md). The trainer reads the norm on the
+    host every step anyway (non-finite guard, log), so deciding here moves that sync rather than adding one.
+    A NaN/inf norm still multiplies, as torch does.
     """
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm is not None and not bool(max_norm / (norm + 1e-6) >= 1.0):

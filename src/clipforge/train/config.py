@@ -140,7 +140,9 @@ class DebugConfig:
                 raise ConfigError(f"config key '{p}nan_steps': step numbers start at 1, got {step}")
 
 
-EARLY_STOP_MONITORS = ("loss", "fixed_t_loss", "recall")
+# early_stop.monitor -> the log key of the validation signal it follows (`train.early_stop` logs all three)
+MONITOR_KEYS = {"loss": "val_loss", "fixed_t_loss": "val_loss_fixed_t", "recall": "val_r1"}
+EARLY_STOP_MONITORS = tuple(MONITOR_KEYS)
 
 
 @dataclass(frozen=True)

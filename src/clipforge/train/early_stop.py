@@ -25,16 +25,13 @@ import torch
 from ..config import ConfigError
 from ..losses import clip_loss
 
-from .config import EarlyStopConfig, TrainConfig
+from .config import MONITOR_KEYS, EarlyStopConfig, TrainConfig
 
 if TYPE_CHECKING:
     from ..models.clip import CLIP
 
 __all__ = ["MONITOR_KEYS", "EarlyStopConfig", "PlateauStopper", "ValidationWatch", "plateau_watch",
            "validation_batches", "validation_loss", "validation_metrics"]
-
-# early_stop.monitor -> the log key of the signal it follows (every check logs all three)
-MONITOR_KEYS = {"loss": "val_loss", "fixed_t_loss": "val_loss_fixed_t", "recall": "val_r1"}
 
 
 class PlateauStopper:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..allocator import reuse_freed_memory
 from ..config import ConfigError
 from . import TASKS
 from .evaluators import EvalOptions, Evaluator
@@ -48,6 +49,7 @@ def run_eval(task: str, model_spec: str, dataset: str, opts: EvalOptions | None 
     opts = opts or EvalOptions()
     check_options(task, opts)
     device = eval_device(opts.device)  # a bad --device stops before the model is loaded
+    reuse_freed_memory()
     start = time.perf_counter()
     model, run_dir = resolve_model(model_spec, device, opts.load)
     tokenizer = model_tokenizer(model, model_spec)

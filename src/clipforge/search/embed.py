@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..allocator import reuse_freed_memory
 from ..checkpoint import atomic_write_text
 from ..data.robust import BadSample
 from .encoder import Encoder, load_encoder
@@ -230,6 +231,7 @@ def embed_collection(source: str, model: str, output: str | Path, opts: EmbedOpt
                      device: str | None = None, precision: str = "fp32") -> dict[str, Any]:
     """List `source`, load the encoder for `model`, and embed into `output` (resuming what is there)."""
     _, _, local_rank = rank_and_world()
+    reuse_freed_memory()
     listing = list_source(source, split, data_root)
     encoder = load_encoder(model, backend, device, precision, local_rank)
     return run_embedding(Path(output), listing, encoder, opts or EmbedOptions())

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..allocator import reuse_freed_memory
 from .errors import SearchError, require
 
 require("fastapi"), require("python_multipart"), require("uvicorn")  # the `search` extra, or one line naming it
@@ -292,6 +293,7 @@ def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upl
     """Run the server until interrupted."""
     import uvicorn
 
+    reuse_freed_memory()
     app = create_app(searcher, max_upload_mb, templates)
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {len(searcher)} images at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)

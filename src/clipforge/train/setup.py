@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from ..allocator import reuse_freed_memory
 from ..checkpoint import (MANIFEST_NAME, atomic_write_text, latest_valid_checkpoint, list_checkpoints,
                           remove_checkpoint, remove_stale_temporaries, save_model, verify_checkpoint_dir)
 from ..config import ConfigError, to_dict
@@ -321,6 +322,7 @@ def _open_feed(cfg: TrainConfig, place: Placement, tokenizer: Callable, image_si
 def setup_run(cfg: TrainConfig, device: str | None, dataset: Any = None) -> tuple[RunContext, Progress]:
     """Check, place, resume and build everything a run needs, in an order that keeps resumption exact."""
     check_run_name(cfg.run_name)
+    reuse_freed_memory()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     place = place_process(device)

@@ -1,0 +1,119 @@
+"""Freed memory kept in the process (`clipforge.allocator`) against glibc's default, in one run.
+
+The allocator's thresholds are set once per process, so each setting runs in its own child process and the
+two take turns (`--turns` of each, in alternation) on the same model, batch and threads: a ViT-B-32 bf16
+training step (the trainer's `train_step`, autocast, fused AdamW, batch 16) and bf16 image embedding (batch 32).
+Each child reports, per timed call: wall time, minor page faults, user and system CPU time; and its peak
+resident memory. Only the ratios between the two settings inside this run mean anything.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_allocator.py --threads 2 \
+        --output docs/benchmarks/allocator-amx-2thread.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import hardware_note, median, random_images, write_atomic
+
+SETTINGS = {"glibc default": "0", "keep freed memory": "1"}
+
+
+def child(kind: str, model_name: str, batch: int, calls: int, warmup: int, threads: int) -> dict:
+    """Run `calls` timed calls after `warmup` in this process; the allocator switch came from the environment."""
+    from clipforge import create_model, get_model_config  # noqa: PLC0415
+    from clipforge.allocator import reuse_freed_memory  # noqa: PLC0415
+    from clipforge.speed import bf16_inference  # noqa: PLC0415
+
+    threshold = reuse_freed_memory()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = get_model_config(model_name)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "train":
+        from profile_step import train_call  # noqa: PLC0415
+
+        call = train_call(model_name, batch, "cpu")
+    else:
+        model = bf16_inference(create_model(model_name))
+        images = random_images(cfg, batch, gen).to(torch.bfloat16)
+
+        def call() -> object:
+            with torch.inference_mode():
+                return model.encode_image(images)
+
+    for _ in range(warmup):
+        call()
+    rows = []
+    for _ in range(calls):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        call()
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        rows.append({"wall_s": wall, "minor_faults": after.ru_minflt - before.ru_minflt,
+                     "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime})
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mmap_threshold": threshold, "calls": rows, "peak_rss_mb": peak_mb}
+
+
+def summarise(turns: list[dict]) -> dict:
+    calls = [row for turn in turns for row in turn["calls"]]
+    return {key: median([row[key] for row in calls]) for key in ("wall_s", "minor_faults", "user_s", "sys_s")} | {
+        "peak_rss_mb": max(turn["peak_rss_mb"] for turn in turns), "timed_calls": len(calls),
+        "mmap_threshold": turns[0]["mmap_threshold"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--kinds", default="train,image", help="comma-separated: train, image")
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--image-batch", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=3, help="child processes per setting, in alternation")
+    parser.add_argument("--calls", type=int, default=4, help="timed calls per child")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        batch = args.train_batch if args.child == "train" else args.image_batch
+        print(json.dumps(child(args.child, args.model, batch, args.calls, args.warmup, args.threads)))
+        return 0
+
+    results: dict = {"hardware": hardware_note(args.threads), "model": args.model, "kinds": {}}
+    for kind in args.kinds.split(","):
+        turns: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        for _ in range(args.turns):
+            for name, switch in SETTINGS.items():
+                env = dict(os.environ, CLIPFORGE_KEEP_FREED_MEMORY=switch, OMP_NUM_THREADS=str(args.threads))
+                out = subprocess.run([sys.executable, __file__, "--child", kind, "--model", args.model,
+                                      "--threads", str(args.threads), "--calls", str(args.calls),
+                                      "--warmup", str(args.warmup), "--train-batch", str(args.train_batch),
+                                      "--image-batch", str(args.image_batch)],
+                                     capture_output=True, text=True, env=env, check=True)
+                turns[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        summary = {name: summarise(runs) for name, runs in turns.items()}
+        base, kept = summary["glibc default"], summary["keep freed memory"]
+        summary["speed-up (median wall, default / kept)"] = base["wall_s"] / kept["wall_s"]
+        summary["raw"] = turns
+        results["kinds"][kind] = summary
+        print(f"{kind}: default {base['wall_s']:.3f} s ({base['minor_faults']:.0f} faults, sys {base['sys_s']:.3f} s,"
+              f" peak {base['peak_rss_mb']:.0f} MB); kept {kept['wall_s']:.3f} s ({kept['minor_faults']:.0f} faults,"
+              f" sys {kept['sys_s']:.3f} s, peak {kept['peak_rss_mb']:.0f} MB); "
+              f"{base['wall_s'] / kept['wall_s']:.3f}x", flush=True)
+    print(results["hardware"])
+    if args.output:
+        write_atomic(args.output, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

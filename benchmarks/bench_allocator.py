@@ -4,7 +4,9 @@ The allocator's thresholds are set once per process, so each setting runs in its
 two take turns (`--turns` of each, in alternation) on the same model, batch and threads: a ViT-B-32 bf16
 training step (the trainer's `train_step`, autocast, fused AdamW, batch 16) and bf16 image embedding (batch 32).
 Each child reports, per timed call: wall time, minor page faults, user and system CPU time; and its peak
-resident memory. Only the ratios between the two settings inside this run mean anything.
+resident memory. Only the ratios between the two settings inside this run mean anything. MFU is model FLOPs
+(3x the forward for a training step, as `bench_train_step.py` counts them) per second over the best bf16 matmul
+rate measured by the parent before the turns start.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_allocator.py --threads 2 \
         --output docs/benchmarks/allocator-amx-2thread.json
@@ -22,7 +24,7 @@ import time
 
 import torch
 
-from common import hardware_note, median, random_images, write_atomic
+from common import hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, random_images, write_atomic
 
 SETTINGS = {"glibc default": "0", "keep freed memory": "1"}
 
@@ -88,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.model, batch, args.calls, args.warmup, args.threads)))
         return 0
 
-    results: dict = {"hardware": hardware_note(args.threads), "model": args.model, "kinds": {}}
+    from clipforge import get_model_config  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak(torch.bfloat16)
+    cfg = get_model_config(args.model)
+    work = {"train": 3 * pair_forward_flops(args.model, cfg)[0] * args.train_batch,
+            "image": image_forward_flops(args.model, cfg)[0] * args.image_batch} if cfg.vision_cfg.patch_size else {}
+    results: dict = {"hardware": hardware_note(args.threads), "model": args.model, "bf16_peak_flops": peak,
+                     "kinds": {}}
     for kind in args.kinds.split(","):
         turns: dict[str, list[dict]] = {name: [] for name in SETTINGS}
         for _ in range(args.turns):
@@ -103,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = {name: summarise(runs) for name, runs in turns.items()}
         base, kept = summary["glibc default"], summary["keep freed memory"]
         summary["speed-up (median wall, default / kept)"] = base["wall_s"] / kept["wall_s"]
+        for row in (base, kept):
+            row["mfu_of_bf16_peak"] = work[kind] / row["wall_s"] / peak if work else float("nan")  # ViTs only
         summary["raw"] = turns
         results["kinds"][kind] = summary
         print(f"{kind}: default {base['wall_s']:.3f} s ({base['minor_faults']:.0f} faults, sys {base['sys_s']:.3f} s,"
-              f" peak {base['peak_rss_mb']:.0f} MB); kept {kept['wall_s']:.3f} s ({kept['minor_faults']:.0f} faults,"
-              f" sys {kept['sys_s']:.3f} s, peak {kept['peak_rss_mb']:.0f} MB); "
+              f" peak {base['peak_rss_mb']:.0f} MB, MFU {base['mfu_of_bf16_peak']:.1%}); kept {kept['wall_s']:.3f} s ({kept['minor_faults']:.0f} faults,"
+              f" sys {kept['sys_s']:.3f} s, peak {kept['peak_rss_mb']:.0f} MB, MFU {kept['mfu_of_bf16_peak']:.1%}); "
               f"{base['wall_s'] / kept['wall_s']:.3f}x", flush=True)
-    print(results["hardware"])
+    print(f"bf16 matmul peak {peak / 1e12:.2f} TFLOP/s; {results['hardware']}")
     if args.output:
         write_atomic(args.output, json.dumps(results, indent=2) + "\n")
     return 0

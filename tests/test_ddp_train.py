@@ -8,6 +8,7 @@ import signal
 import socket
 
 import pytest
+import torch
 
 from clipforge.checkpoint import list_checkpoints, verify_checkpoint_dir
 from clipforge.train.loop import train
@@ -70,6 +71,38 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, world):
     statuses = run_ranks(tiny_config(tmp_path, "ddp", "--steps=1", "--batch_size=8"), world=world)
     assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 1 for s in statuses)
     assert not (tmp_path / "ddp" / "log.jsonl").exists()
+
+
+def test_restore_best_gives_every_rank_the_best_checks_weights(tmp_path):
+    """Under torchrun, restore_best loads the best check's file on rank 0 and sends those weights to the other
+    ranks: every rank's returned model equals the kept best-model file (step 5), which differs from the last
+    step's weights."""
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(tmp_path, "ddp", "--steps=40", "--batch_size=8", "--early_stop.patience=2",
+                      "--early_stop.every=5", "--early_stop.min_delta=100", "--early_stop.batches=1",
+                      "--early_stop.restore_best=true")
+    port = free_port()
+
+    def rank_main(rank: int) -> int:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        result = train(cfg, progress=False)
+        assert result.early_stop["restored_step"] == 5 and result.steps == 15
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+                  str(tmp_path / f"returned-rank{rank}.safetensors"))
+        return result.exit_code
+
+    statuses = [wait_exit(pid, timeout=180) for pid in [fork_call(lambda r=r: rank_main(r)) for r in range(WORLD)]]
+    assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
+    best = weights(tmp_path / "ddp" / "best-model.safetensors")
+    final = weights(tmp_path / "ddp")
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    for rank in range(WORLD):
+        returned = weights(tmp_path / f"returned-rank{rank}.safetensors")
+        assert returned.keys() == best.keys() and all(torch.equal(returned[k], best[k]) for k in best), rank
+    last = weights(tmp_path / "ddp" / "checkpoints" / "step-00000015" / "model.safetensors")  # saved at the stop
+    assert any(not torch.equal(last[k], best[k]) for k in best)
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):

@@ -234,6 +234,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every rank's parameters and buffers with rank `src`'s, in place (nothing for one process)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:  # the same order on every rank
+            dist.broadcast(tensor.data, src=src)
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's `obj` (picklable), in rank order; `[obj]` for a single process."""
     if not is_distributed():

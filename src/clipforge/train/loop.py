@@ -249,11 +249,23 @@ def keep_best(ctx: RunContext, step: int) -> None:
 
 
 def restore_best(ctx: RunContext, stopper: PlateauStopper, steps: int) -> int | None:
-    """restore_best at the end of the run (rank 0): load the best check's weights into the model, so the final
-    model file and `TrainResult.model` are those. Returns the step restored, or None (no check yet, the best is
-    the last step, or the file kept is not that check's: the final weights stay, and the log says why)."""
+    """restore_best at the end of the run: rank 0 loads the best check's weights into the model, and under
+    torchrun sends them to every rank, so the final model file and every rank's `TrainResult.model` are those
+    (a collective: every rank calls it). Returns the step restored, or None (no check yet, the best is the last
+    step, or the file kept is not that check's: the final weights stay, and the log says why)."""
+    restored = _load_best(ctx, stopper, steps) if ctx.place.is_main else None
+    restored = ctx.gather(restored)[0]  # rank 0's outcome, on every rank
+    if restored is not None and ctx.place.distributed:
+        from ..dist import broadcast_module  # noqa: PLC0415
+
+        broadcast_module(ctx.core)
+    return restored
+
+
+def _load_best(ctx: RunContext, stopper: PlateauStopper, steps: int) -> int | None:
+    """Rank 0's half of restore_best: check that the kept file is the best check's, and load it."""
     best = stopper.best_step
-    if best is None or best == steps or not ctx.place.is_main:
+    if best is None or best == steps:
         return None
     path = ctx.run_dir / BEST_MODEL
     kept = None

@@ -212,7 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="consecutive steps per turn, the first not timed (1: strict alternation, one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", metavar="FILE.json")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="clipforge.allocator.reuse_freed_memory() first, as `clipforge train` does; it is "
+                             "process-wide, so the references get it too (bench_allocator.py measures its gain)")
     args = parser.parse_args(argv)
+    allocator = "glibc default"
+    if args.keep_freed_memory:
+        from clipforge.allocator import reuse_freed_memory  # noqa: PLC0415
+
+        threshold = reuse_freed_memory()
+        allocator = f"freed memory kept (mmap threshold {threshold})" if threshold else "glibc default (not glibc?)"
+    print(f"allocator: {allocator}")
     torch.set_num_threads(args.threads)
     precisions = args.precisions.split(",")
     print(hardware_note(args.threads))
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hardware_note(args.threads))
     if args.output:
         write_atomic(args.output, json.dumps({"machine": hardware_note(args.threads), "threads": args.threads,
-                                              "peaks": peaks, "results": reports}, indent=2))
+                                              "allocator": allocator, "peaks": peaks, "results": reports}, indent=2))
     return 0
 
 

@@ -10,7 +10,8 @@ The usual cure is to preload jemalloc or tcmalloc (`LD_PRELOAD`), which needs a 
 own `mallopt` gets the same effect from inside the process: with the mmap threshold and the trim threshold
 raised, freed blocks stay in the heap and the next step's allocations of the same sizes reuse them (a handful
 of faults per step). The cost is that memory freed at the end of a step is not handed back to the system
-while the process lives, as with any caching allocator; peak memory does not change.
+while the process lives, as with any caching allocator, and that a heap can fragment: the peak resident memory
+of the steps measured (README, Benchmarks) did not grow, but a pattern of ever-new block sizes could hold more.
 
 `reuse_freed_memory()` is called by the trainer, `clipforge eval`, `clipforge embed` and the search server.
 `CLIPFORGE_KEEP_FREED_MEMORY=0` in the environment turns it off. Where the C library is not glibc (macOS,
@@ -27,8 +28,8 @@ import platform
 ENV_SWITCH = "CLIPFORGE_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-# Blocks up to 1 GiB come from the heap, and up to 1 GiB of free memory at its top stays there. glibc releases
-# before 2.36 refuse an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2); then that is used.
+# Blocks up to 1 GiB come from the heap, and up to 1 GiB of free memory at its top stays there. A glibc that
+# refuses an mmap threshold above 32 MiB (its documented maximum on 64-bit systems) gets that maximum instead.
 _THRESHOLDS = (1 << 30, 32 << 20)
 
 _state: dict[str, int | None] = {"mmap_threshold": None}

@@ -24,34 +24,19 @@ import time
 
 import torch
 
-from common import hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, random_images, write_atomic
+from common import hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, write_atomic
 
 SETTINGS = {"glibc default": "0", "keep freed memory": "1"}
 
 
 def child(kind: str, model_name: str, batch: int, calls: int, warmup: int, threads: int) -> dict:
     """Run `calls` timed calls after `warmup` in this process; the allocator switch came from the environment."""
-    from clipforge import create_model, get_model_config  # noqa: PLC0415
     from clipforge.allocator import reuse_freed_memory  # noqa: PLC0415
-    from clipforge.speed import bf16_inference  # noqa: PLC0415
+    from profile_step import inference_call, train_call  # noqa: PLC0415
 
     threshold = reuse_freed_memory()
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = get_model_config(model_name)
-    gen = torch.Generator().manual_seed(0)
-    if kind == "train":
-        from profile_step import train_call  # noqa: PLC0415
-
-        call = train_call(model_name, batch, "cpu")
-    else:
-        model = bf16_inference(create_model(model_name))
-        images = random_images(cfg, batch, gen).to(torch.bfloat16)
-
-        def call() -> object:
-            with torch.inference_mode():
-                return model.encode_image(images)
-
+    call = (train_call if kind == "train" else inference_call)(model_name, batch, "cpu")
     for _ in range(warmup):
         call()
     rows = []

@@ -24,14 +24,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ranks(cfg, world: int = WORLD) -> list[int]:
-    """Train `cfg` in `world` forked processes set up as torchrun would; their pids."""
+def start_ranks(cfg, world: int = WORLD, then=None) -> list[int]:
+    """Train `cfg` in `world` forked processes set up as torchrun would; their pids. `then(rank, result)`, if
+    given, runs in each rank after training."""
     port = free_port()
 
     def rank_main(rank: int) -> int:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-        return train(cfg, progress=False).exit_code
+        result = train(cfg, progress=False)
+        if then is not None:
+            then(rank, result)
+        return result.exit_code
 
     return [fork_call(lambda r=r: rank_main(r)) for r in range(world)]
 
@@ -82,18 +86,13 @@ def test_restore_best_gives_every_rank_the_best_checks_weights(tmp_path):
     cfg = tiny_config(tmp_path, "ddp", "--steps=40", "--batch_size=8", "--early_stop.patience=2",
                       "--early_stop.every=5", "--early_stop.min_delta=100", "--early_stop.batches=1",
                       "--early_stop.restore_best=true")
-    port = free_port()
 
-    def rank_main(rank: int) -> int:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        result = train(cfg, progress=False)
+    def keep_returned_model(rank, result) -> None:
         assert result.early_stop["restored_step"] == 5 and result.steps == 15
         save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
                   str(tmp_path / f"returned-rank{rank}.safetensors"))
-        return result.exit_code
 
-    statuses = [wait_exit(pid, timeout=180) for pid in [fork_call(lambda r=r: rank_main(r)) for r in range(WORLD)]]
+    statuses = [wait_exit(pid, timeout=180) for pid in start_ranks(cfg, then=keep_returned_model)]
     assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses
     best = weights(tmp_path / "ddp" / "best-model.safetensors")
     final = weights(tmp_path / "ddp")

@@ -8,6 +8,12 @@ resident memory. Only the ratios between the two settings inside this run mean a
 (3x the forward for a training step, as `bench_train_step.py` counts them) per second over the best bf16 matmul
 rate measured by the parent before the turns start.
 
+`--open-clip` adds open_clip's CLIP with the same weights to the turns, under both settings: its training step as
+its trainer runs it with `--precision amp_bf16 --grad-clip-norm 1.0` (autocast, clipped gradients, fused AdamW) and
+its documented CPU inference path (`model.to(torch.bfloat16)`). Its children then give two comparisons in one run:
+clipforge against open_clip under the same allocator setting, and each as it ships (clipforge keeps freed memory,
+open_clip leaves glibc's default).
+
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_allocator.py --threads 2 \
         --output docs/benchmarks/allocator-amx-2thread.json
 """
@@ -21,22 +27,59 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
-from common import hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, write_atomic
+from common import (hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, random_images,
+                    random_tokens, write_atomic)
+
+from clipforge import get_model_config
 
 SETTINGS = {"glibc default": "0", "keep freed memory": "1"}
 
 
-def child(kind: str, model_name: str, batch: int, calls: int, warmup: int, threads: int) -> dict:
+def run_name(impl: str, setting: str) -> str:
+    """clipforge's rows keep their bare setting names, so results of runs without --open-clip read the same."""
+    return setting if impl == "clipforge" else f"{impl}, {setting}"
+
+
+def openclip_call(kind: str, model_name: str, batch: int) -> Callable[[], object]:
+    """open_clip's bf16 training step (grad norm clipped to 1.0, as clipforge's trainer does by default) or bf16
+    image embedding, on the weights and inputs `profile_step` gives clipforge."""
+    from bench_train_step import openclip_step, openclip_twin  # noqa: PLC0415
+
+    from clipforge import create_model  # noqa: PLC0415
+
+    cfg = get_model_config(model_name)
+    torch.manual_seed(0)
+    twin = openclip_twin(create_model(model_name))  # train mode, clipforge's seed-0 weights
+    gen = torch.Generator().manual_seed(0)
+    images = random_images(cfg, batch, gen)
+    if kind == "train":
+        tokens = random_tokens(batch, cfg.text_cfg.context_length, gen)
+        return openclip_step(twin, images, tokens, "bf16", grad_clip=1.0)
+    twin = twin.to(torch.bfloat16).eval()
+    images = images.to(torch.bfloat16)
+
+    def call() -> object:
+        with torch.inference_mode():
+            return twin.encode_image(images)
+
+    return call
+
+
+def child(kind: str, impl: str, model_name: str, batch: int, calls: int, warmup: int, threads: int) -> dict:
     """Run `calls` timed calls after `warmup` in this process; the allocator switch came from the environment."""
     from clipforge.allocator import reuse_freed_memory  # noqa: PLC0415
     from profile_step import inference_call, train_call  # noqa: PLC0415
 
     threshold = reuse_freed_memory()
     torch.set_num_threads(threads)
-    call = (train_call if kind == "train" else inference_call)(model_name, batch, "cpu")
+    if impl == "open_clip":
+        call = openclip_call(kind, model_name, batch)
+    else:
+        call = (train_call if kind == "train" else inference_call)(model_name, batch, "cpu")
     for _ in range(warmup):
         call()
     rows = []
@@ -67,15 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=3, help="child processes per setting, in alternation")
     parser.add_argument("--calls", type=int, default=4, help="timed calls per child")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--open-clip", action="store_true",
+                        help="also time open_clip's CLIP (same weights) under both settings")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default="clipforge", choices=("clipforge", "open_clip"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         batch = args.train_batch if args.child == "train" else args.image_batch
-        print(json.dumps(child(args.child, args.model, batch, args.calls, args.warmup, args.threads)))
+        print(json.dumps(child(args.child, args.impl, args.model, batch, args.calls, args.warmup, args.threads)))
         return 0
-
-    from clipforge import get_model_config  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak(torch.bfloat16)
@@ -84,28 +128,41 @@ def main(argv: list[str] | None = None) -> int:
             "image": image_forward_flops(args.model, cfg)[0] * args.image_batch} if cfg.vision_cfg.patch_size else {}
     results: dict = {"hardware": hardware_note(args.threads), "model": args.model, "bf16_peak_flops": peak,
                      "kinds": {}}
+    impls = ("clipforge", "open_clip") if args.open_clip else ("clipforge",)
     for kind in args.kinds.split(","):
-        turns: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        runs = [(impl, name) for impl in impls for name in SETTINGS]
+        turns: dict[str, list[dict]] = {run_name(impl, name): [] for impl, name in runs}
         for _ in range(args.turns):
-            for name, switch in SETTINGS.items():
-                env = dict(os.environ, CLIPFORGE_KEEP_FREED_MEMORY=switch, OMP_NUM_THREADS=str(args.threads))
-                out = subprocess.run([sys.executable, __file__, "--child", kind, "--model", args.model,
-                                      "--threads", str(args.threads), "--calls", str(args.calls),
+            for impl, name in runs:
+                env = dict(os.environ, CLIPFORGE_KEEP_FREED_MEMORY=SETTINGS[name], OMP_NUM_THREADS=str(args.threads))
+                out = subprocess.run([sys.executable, __file__, "--child", kind, "--impl", impl, "--model",
+                                      args.model, "--threads", str(args.threads), "--calls", str(args.calls),
                                       "--warmup", str(args.warmup), "--train-batch", str(args.train_batch),
                                       "--image-batch", str(args.image_batch)],
                                      capture_output=True, text=True, env=env, check=True)
-                turns[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        summary = {name: summarise(runs) for name, runs in turns.items()}
+                turns[run_name(impl, name)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        summary = {name: summarise(rows) for name, rows in turns.items()}
         base, kept = summary["glibc default"], summary["keep freed memory"]
         summary["speed-up (median wall, default / kept)"] = base["wall_s"] / kept["wall_s"]
-        for row in (base, kept):
+        for name in turns:
+            row = summary[name]
             row["mfu_of_bf16_peak"] = work[kind] / row["wall_s"] / peak if work else float("nan")  # ViTs only
+        if args.open_clip:
+            oc_base, oc_kept = summary[run_name("open_clip", "glibc default")], summary[run_name("open_clip", "keep freed memory")]
+            summary["clipforge vs open_clip, both glibc default"] = oc_base["wall_s"] / base["wall_s"]
+            summary["clipforge vs open_clip, both keeping freed memory"] = oc_kept["wall_s"] / kept["wall_s"]
+            summary["clipforge vs open_clip, as each ships"] = oc_base["wall_s"] / kept["wall_s"]
         summary["raw"] = turns
         results["kinds"][kind] = summary
         print(f"{kind}: default {base['wall_s']:.3f} s ({base['minor_faults']:.0f} faults, sys {base['sys_s']:.3f} s,"
               f" peak {base['peak_rss_mb']:.0f} MB, MFU {base['mfu_of_bf16_peak']:.1%}); kept {kept['wall_s']:.3f} s ({kept['minor_faults']:.0f} faults,"
               f" sys {kept['sys_s']:.3f} s, peak {kept['peak_rss_mb']:.0f} MB, MFU {kept['mfu_of_bf16_peak']:.1%}); "
               f"{base['wall_s'] / kept['wall_s']:.3f}x", flush=True)
+        for name, value in summary.items():
+            if name.startswith("clipforge vs open_clip"):
+                oc = summary[run_name("open_clip", "glibc default" if "default" in name else "keep freed memory")]
+                print(f"  {name}: {value:.3f}x (open_clip {oc['wall_s']:.3f} s, MFU {oc['mfu_of_bf16_peak']:.1%})"
+                      if "ships" not in name else f"  {name}: {value:.3f}x", flush=True)
     print(f"bf16 matmul peak {peak / 1e12:.2f} TFLOP/s; {results['hardware']}")
     if args.output:
         write_atomic(args.output, json.dumps(results, indent=2) + "\n")

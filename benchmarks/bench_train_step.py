@@ -101,8 +101,10 @@ def openclip_twin(model):
     return twin.train()
 
 
-def openclip_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
-    """open_clip's training step as its trainer runs it: autocast, forward, CLIP loss, backward, fused AdamW."""
+def openclip_step(model, images, tokens, precision: str, device: str = "cpu",
+                  grad_clip: float | None = None) -> Callable[[], None]:
+    """open_clip's training step as its trainer runs it: autocast, forward, CLIP loss, backward, the gradient
+    norm clipped to `grad_clip` when given (its `--grad-clip-norm`), fused AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step() -> None:
@@ -110,6 +112,8 @@ def openclip_step(model, images, tokens, precision: str, device: str = "cpu") ->
         with autocast(device, precision):
             image_features, text_features, scale = model(images, tokens)
         clip_loss(image_features.float(), text_features.float(), scale.float()).backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
 
     return step

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clipforge.cli import main
+from clipforge.train.config import load_train_config
 
 TINY = ["--model=ViT-Micro-8-32", "--data.synthetic.image_size=32", "--batch_size=8", "--steps=3",
         "--log_every=1", "--data.num_workers=0", "--precision=fp32", "--optim.warmup_steps=1"]
@@ -49,6 +50,8 @@ def test_demo_numbers_are_reproduced_exactly_by_clipforge_eval(tmp_path, capsys)
 
     # The same model, read back from its run directory by `clipforge eval`, gives the same numbers, exactly.
     run = tmp_path / "demo"
+    # trained with the demo's recipe (its weight decay), not the trainer's bare defaults
+    assert load_train_config(run / "config.yaml").optim.weight_decay == 3.0
     zs_file, ret_file = tmp_path / "zs.json", tmp_path / "ret.json"
     assert main(["eval", "zeroshot", "--model", str(run), "--per-class", "2", "--no-cache", "--output",
                  str(zs_file)]) == 0

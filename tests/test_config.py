@@ -1,5 +1,7 @@
 """Strict config loading: unknown keys, wrong types and impossible values name the key."""
 
+from dataclasses import replace
+
 import pytest
 
 from clipforge.config import ConfigError
@@ -76,10 +78,16 @@ def test_scientific_notation_override_is_a_number():
     assert cfg.optim.lr == pytest.approx(0.002)
 
 
-def test_demo_config_file_restates_the_defaults():
+def test_demo_config_file_restates_the_demo_recipe():
     from pathlib import Path
 
+    from clipforge.demo import demo_config
     from clipforge.train.config import TrainConfig
 
     path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    assert load_train_config(path) == TrainConfig()
+    assert load_train_config(path) == demo_config()
+    # the recipe differs from the trainer's defaults in the weight decay alone
+    assert demo_config() == replace(TrainConfig(), optim=replace(TrainConfig().optim, weight_decay=3.0))
+    # a config file replaces the recipe; overrides win over both
+    assert demo_config(path, ["--optim.weight_decay=0.5"]).optim.weight_decay == 0.5
+    assert demo_config(None, ["--optim.weight_decay=0.5"]).optim.weight_decay == 0.5

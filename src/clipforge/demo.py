@@ -75,9 +75,23 @@ def check_demo_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'eval.tasks': the demo reports '{missing[0]}'; add that evaluator")
 
 
+# The demo's recipe is the trainer's defaults with a far stronger weight decay. With AdamW's usual 0.1 the held-out
+# colour x shape combinations depended on the seed (71.2-85.6% over seeds 0-2); with 3.0 they reached 90-96%, the
+# shapes held out in one colour now recognised in it (README, "What the demo shows"). It stays out of the trainer's
+# defaults, which other models and data also start from. `configs/demo.yaml` restates it.
+DEMO_OVERRIDES: tuple[str, ...] = ("--optim.weight_decay=3.0",)
+
+
+def demo_config(config: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The demo's training configuration: `config` (a YAML file) if given, else the trainer's defaults with
+    `DEMO_OVERRIDES`; then `overrides` (`--key=value`), which win."""
+    recipe = [] if config is not None else list(DEMO_OVERRIDES)
+    return load_train_config(config, recipe + list(overrides or []))
+
+
 def run_demo(output: str | Path | None = None, overrides: list[str] | None = None, progress: bool = True,
              config: str | Path | None = None) -> dict[str, Any]:
-    cfg = load_train_config(config, overrides or [])
+    cfg = demo_config(config, overrides)
     check_demo_config(cfg)
     print(f"Training {cfg.model} on the embedded synthetic world: {cfg.steps} steps of {cfg.batch_size} pairs "
           f"({len(cfg.data.synthetic.heldout)} colour x shape combinations held out of training).")

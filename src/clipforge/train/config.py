@@ -1,6 +1,7 @@
 """The training configuration: frozen dataclasses loaded strictly from YAML plus `--key=value` overrides.
 
-The defaults are the demo run (`clipforge demo`), so `configs/demo.yaml` only restates them.
+The defaults are the demo run (`clipforge demo`) but for its weight decay (`demo.DEMO_OVERRIDES`), so
+`configs/demo.yaml` restates them with that one change.
 """
 
 from __future__ import annotations

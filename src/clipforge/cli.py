@@ -327,7 +327,8 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a CLIP from a YAML config",
                        description="Train a CLIP. Any --section.key=value argument overrides the config, "
                        "e.g. --steps=100 --optim.lr=5e-4 --data.synthetic.caption_noise=0.2")
-    p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's")
+    p.add_argument("--config", help="training config YAML (see configs/); defaults are the demo's but for its weight "
+                   "decay (0.1 here, 3.0 in the demo: configs/demo.yaml)")
     p.add_argument("--init", help="start from this checkpoint (any format `clipforge.load_model` reads)")
     p.add_argument("--output", help="write a JSON summary to this file")
     p.add_argument("--resume", metavar="auto|latest|PATH",

@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"hardware": hardware_note(args.threads), "model": args.model, "bf16_peak_flops": peak,
                      "kinds": {}}
     impls = ("clipforge", "open_clip") if args.open_clip else ("clipforge",)
+    runs = [(impl, name) for impl in impls for name in SETTINGS]
     for kind in args.kinds.split(","):
-        runs = [(impl, name) for impl in impls for name in SETTINGS]
         turns: dict[str, list[dict]] = {run_name(impl, name): [] for impl, name in runs}
         for _ in range(args.turns):
             for impl, name in runs:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in turns:
             row = summary[name]
             row["mfu_of_bf16_peak"] = work[kind] / row["wall_s"] / peak if work else float("nan")  # ViTs only
-        comparisons = {}  # (clipforge's setting, open_clip's) -> speed ratio of clipforge over open_clip
+        comparisons = {}  # which settings the two ran under -> clipforge's speed over open_clip's
         if args.open_clip:
             oc = {name: summary[run_name("open_clip", name)]["wall_s"] for name in SETTINGS}
             comparisons = {"both glibc default": oc["glibc default"] / base["wall_s"],

@@ -144,6 +144,58 @@ def test_int8_stays_above_the_accuracy_floor_on_the_synthetic_heldout_set(traine
     assert model.precision == "int8"
 
 
+def _int8_weights(graph: Path) -> list:
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    proto = onnx.load(str(graph))
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+    assert weights, f"{graph} holds no int8 weights"
+    return weights
+
+
+def test_int8_weights_use_7_bits_unless_8_are_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Symmetric per-channel quantisation maps each output channel's largest |w| to the top code: 64 with 7 bits
+    (no int16 overflow in 2 * 255 * 64), 127 with 8. Graphs with 8-bit weights warn where they saturate."""
+    import warnings  # noqa: PLC0415
+
+    from clipforge import speed  # noqa: PLC0415
+
+    model = _model("ViT-Micro-8-32")
+    monkeypatch.setattr(speed, "int8_pair_sums_saturate", lambda: True)  # as on an AVX2-only CPU
+    monkeypatch.setattr(onnx_export, "int8_pair_sums_saturate", lambda: True)
+    for bits, top in ((7, 64), (8, 127)):
+        folder = tmp_path / f"b{bits}"
+        opts = OnnxExportOptions(int8=True, int8_weight_bits=bits, cost=CostOptions(datasets=()))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_onnx(model, folder, opts)
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        expected = (f"{folder}: --int8-weight-bits 8 on a CPU without VNNI or AMX: the int8 parity and accuracy "
+                    "measured here include int16 saturation that CPUs with them do not have")
+        assert said == ([expected] if bits == 8 else []), said
+        assert json.loads((folder / "export.json").read_text())["int8"]["weight_bits"] == bits
+        for graph in ("visual.int8.onnx", "textual.int8.onnx"):
+            for w in _int8_weights(folder / graph):  # [out, in] or [in, out]: one channel axis reaches the top
+                assert int(abs(w.astype(int)).max()) == top, (graph, bits)
+    with pytest.warns(RuntimeWarning, match="8-bit weights, whose products saturate on this CPU"):
+        OnnxCLIP(tmp_path / "b8", "int8")
+    info = json.loads((tmp_path / "b8" / "export.json").read_text())
+    del info["int8"]  # an export from before the entry existed had 8-bit weights
+    (tmp_path / "b8" / "export.json").write_text(json.dumps(info))
+    with pytest.warns(RuntimeWarning, match="re-export"):
+        OnnxCLIP(tmp_path / "b8", "int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxCLIP(tmp_path / "b7", "int8")  # 7-bit weights: exact on this CPU too
+        OnnxCLIP(tmp_path / "b8", "fp32")
+        monkeypatch.setattr(speed, "int8_pair_sums_saturate", lambda: False)
+        OnnxCLIP(tmp_path / "b8", "int8")  # VNNI/AMX: 8 bits are fine
+    with pytest.raises(ExportError, match="--int8-weight-bits 6: expected one of"):
+        export_onnx(model, tmp_path / "b6", OnnxExportOptions(int8=True, int8_weight_bits=6))
+
+
 def _split(fp32_r1: float, int8_i2t: float, int8_t2i: float, int8_zeroshot: float = 0.30) -> dict:
     scores = {"onnx-fp32": {"zeroshot_acc1": 0.30, "image_retrieval_R@1": fp32_r1, "text_retrieval_R@1": fp32_r1},
               "onnx-int8": {"zeroshot_acc1": int8_zeroshot, "image_retrieval_R@1": int8_t2i,
@@ -215,6 +267,9 @@ def test_bad_opset_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "--opset 9: expected 17 to 23" in capsys.readouterr().err
     assert main(["export", "--to", "hf", "--int8", "--model", str(path), "--output", str(tmp_path / "h")]) == 2
     assert "--int8 and --opset apply to --to onnx only" in capsys.readouterr().err
+    assert main(["export", "--to", "onnx", "--int8-weight-bits", "8", "--model", str(path), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "--int8-weight-bits applies with --int8 only" in capsys.readouterr().err
 
 
 def test_runtime_bad_folder_and_backend(tmp_path: Path) -> None:

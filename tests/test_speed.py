@@ -17,7 +17,7 @@ from clipforge.losses import clip_loss
 from clipforge.models.attention import attention, explicit_attention
 from clipforge.models.layers import LayerNorm
 from clipforge.speed import (MasterWeights, autocast, bf16_inference, channels_last, channels_last_input,
-                             compile_model, cpu_supports_bf16, resolve_precision)
+                             compile_model, cpu_supports_bf16, int8_pair_sums_saturate, resolve_precision)
 
 CAPTIONS = ["a red circle on the left", "two small green hearts and a blue star at the top", "x"]
 
@@ -54,6 +54,23 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(tmp_path):
     assert not cpu_supports_bf16(str(without))
     assert cpu_supports_bf16(str(arm))
     assert not cpu_supports_bf16(str(tmp_path / "missing"))
+
+
+def test_int8_saturation_needs_x86_without_vnni_or_amx(tmp_path):
+    """ONNX Runtime's int8 MatMul sums pairs of u8 x s8 products in int16 only on x86 without VNNI/AMX."""
+    cases = {"fpu sse2 avx avx2 fma": True,  # AVX2 only (the AMD EPYC without AVX-512 seen here)
+             "fpu avx2 avx512f avx512bw": True,  # AVX-512 without VNNI (Skylake-SP)
+             "fpu avx2 avx512f avx512_vnni avx512_bf16": False,  # the AMD EPYC with AVX-512 bf16
+             "fpu avx2 avx_vnni": False,
+             "fpu avx2 avx512f amx_bf16 amx_int8 amx_tile": False}  # the Intel Xeon with AMX
+    for i, (flags, saturates) in enumerate(cases.items()):
+        cpuinfo = tmp_path / f"x86-{i}"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+        assert int8_pair_sums_saturate(str(cpuinfo)) is saturates, flags
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert not int8_pair_sums_saturate(str(arm))
+    assert not int8_pair_sums_saturate(str(tmp_path / "missing"))
 
 
 def test_precision_names():

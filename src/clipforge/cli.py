@@ -214,11 +214,14 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"unrecognised arguments: {' '.join(extra)}")
     if args.to != "onnx" and (args.int8 or args.opset is not None):
         raise UserError("--int8 and --opset apply to --to onnx only")
+    if args.int8_weight_bits is not None and not args.int8:
+        raise UserError("--int8-weight-bits applies with --int8 only")
     model, _ = resolve_model(args.model, load_options(args))  # a run directory, as for eval
     if args.to == "onnx":
         from .export.onnx_export import OnnxExportOptions, export_onnx, summary  # noqa: PLC0415
 
-        report = export_onnx(model, args.output, OnnxExportOptions(opset=args.opset or 18, int8=args.int8))
+        bits = {} if args.int8_weight_bits is None else {"int8_weight_bits": args.int8_weight_bits}
+        report = export_onnx(model, args.output, OnnxExportOptions(opset=args.opset or 18, int8=args.int8, **bits))
         print(summary(args.output, report))
         return 0
     writers = {"hf": convert.export_hf, "openclip": convert.export_openclip, "openai": convert.export_openai,
@@ -372,6 +375,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    "--to openclip when it has no extension)")
     p.add_argument("--int8", action="store_true", help="onnx: also write int8 graphs (dynamic quantisation of "
                    "MatMul/Gemm) and measure their accuracy cost against fp32")
+    p.add_argument("--int8-weight-bits", type=int, choices=(7, 8), help="onnx --int8: bits of the int8 weights "
+                   "(default 7, accurate on every x86 CPU; 8 saturates on CPUs without VNNI or AMX, so use it only "
+                   "for graphs that run on CPUs with them)")
     p.add_argument("--opset", type=int, help="onnx: ONNX opset, 17 to 23 (default: 18)")
     add_load_arguments(p)
     p.set_defaults(handler=cmd_export)

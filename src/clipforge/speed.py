@@ -21,6 +21,7 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "bf16-master")  # bf16-master: bf16 weights, fp32 master copies
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags for native bf16 dot products
+CPU_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 flags for int8 dot products into int32
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
@@ -38,6 +39,14 @@ def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU computes bf16 dot products natively (AVX-512 BF16 or AMX; ARM bf16)."""
     flags = cpu_flags(cpuinfo)
     return any(flag in flags for flag in CPU_BF16_FLAGS) or "bf16" in flags
+
+
+def int8_pair_sums_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on an x86 CPU whose uint8 x int8 products go through int16 pair sums (AVX2/AVX-512 without VNNI or
+    AMX: VPMADDUBSW), which ONNX Runtime's int8 MatMul uses there. A pair of products with 8-bit weights reaches
+    2 * 255 * 127 and is clamped at 32767; with 7-bit weights (|w| <= 64) it stays below 2 * 255 * 64 = 32640."""
+    flags = cpu_flags(cpuinfo)
+    return "avx2" in flags and not any(flag in flags for flag in CPU_INT8_DOT_FLAGS)
 
 
 def bf16_supported(device: torch.device | str) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,15 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_directory, atomic_write_text
+from ..speed import int8_pair_sums_saturate
 from .parity import Tolerance, check_parity, tower_parity
-from .quantize import CostOptions, accuracy_cost, quantize_folder
+from .quantize import (
+    DEFAULT_INT8_WEIGHT_BITS,
+    INT8_WEIGHT_BITS,
+    CostOptions,
+    accuracy_cost,
+    quantize_folder,
+)
 from .runtime import ExportError, OnnxCLIP, require
 
 OPSETS = range(17, 24)  # LayerNormalization needs 17; ONNX Runtime 1.2x runs up to 23
@@ -41,6 +49,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB; keep a marg
 class OnnxExportOptions:
     opset: int = 18
     int8: bool = False
+    int8_weight_bits: int = DEFAULT_INT8_WEIGHT_BITS  # 7 unless every CPU it runs on has VNNI/AMX (quantize.py)
     tolerance: Tolerance = field(default_factory=Tolerance)
     cost: CostOptions = field(default_factory=CostOptions)
     external_data_bytes: int = EXTERNAL_DATA_BYTES
@@ -201,6 +210,8 @@ def export_onnx(model: nn.Module, output: str | Path, opts: OnnxExportOptions | 
         require(module)
     if opts.opset not in OPSETS:
         raise ExportError(f"--opset {opts.opset}: expected {OPSETS.start} to {OPSETS.stop - 1}")
+    if opts.int8_weight_bits not in INT8_WEIGHT_BITS:
+        raise ExportError(f"--int8-weight-bits {opts.int8_weight_bits}: expected one of {INT8_WEIGHT_BITS}")
     output = Path(output)
     check_writable(output)
     model = model.float().eval()
@@ -214,13 +225,22 @@ def export_onnx(model: nn.Module, output: str | Path, opts: OnnxExportOptions | 
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
                 "features": "not normalised: L2-normalise both sides before the dot product",
                 **write_tokenizer(model, tmp, text_kind)}
+        if opts.int8:
+            info["int8"] = {"weight_bits": opts.int8_weight_bits, "weights": "symmetric, per output channel",
+                            "activations": "uint8, per tensor, quantised at run time"}
         atomic_write_text(tmp / "export.json", json.dumps(info, indent=2))
         report: dict[str, Any] = {"tolerance": vars(opts.tolerance), "fp32": tower_parity(model, OnnxCLIP(tmp))}
         check_parity(report["fp32"], opts.tolerance)
         if opts.int8:
-            quantize_folder(tmp, external)
-            report["int8"] = tower_parity(model, OnnxCLIP(tmp, "int8"))
-            report["int8_accuracy"] = accuracy_cost(model, tmp, opts.cost)
+            quantize_folder(tmp, external, opts.int8_weight_bits)
+            with warnings.catch_warnings():  # said once below, naming the output rather than the temporary folder
+                warnings.filterwarnings("ignore", message=".*8-bit weights", category=RuntimeWarning)
+                report["int8"] = tower_parity(model, OnnxCLIP(tmp, "int8"))
+                report["int8_accuracy"] = accuracy_cost(model, tmp, opts.cost)
+            if opts.int8_weight_bits == 8 and int8_pair_sums_saturate():
+                warnings.warn(f"{output}: --int8-weight-bits 8 on a CPU without VNNI or AMX: the int8 parity and "
+                              "accuracy measured here include int16 saturation that CPUs with them do not have",
+                              RuntimeWarning, stacklevel=2)
         atomic_write_text(tmp / "parity.json", json.dumps(report, indent=2))
     return report
 

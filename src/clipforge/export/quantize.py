@@ -2,7 +2,10 @@
 
 `quantize_folder` writes `visual.int8.onnx` and `textual.int8.onnx`: the weights of every MatMul/Gemm whose
 second input is a constant are stored as int8 (per output channel), activations are quantised on the fly
-per tensor (uint8). Attention's activation-by-activation products stay fp32 (`MatMulConstBOnly`): they hold
+per tensor (uint8). The weights use 7 bits by default: on x86 CPUs without VNNI, ONNX Runtime sums pairs of
+uint8 x int8 products in int16, which 8-bit weights overflow (clamped: on an AVX2-only AMD EPYC a trained
+text tower's int8 features fell to cosine 0.983 of fp32; 0.9995 with 7 bits), and an export may run on any CPU.
+8 bits are for graphs that only ever run on CPUs with VNNI or AMX (`speed.int8_pair_sums_saturate`). Attention's activation-by-activation products stay fp32 (`MatMulConstBOnly`): they hold
 no weights to shrink and quantising both sides costs accuracy. Convolutions stay fp32 (ONNX Runtime's
 ConvInteger is slower than its fp32 convolution), so ResNet image towers gain little.
 
@@ -21,9 +24,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .runtime import OnnxCLIP, PRECISION_FILES, require
+from .runtime import ExportError, OnnxCLIP, PRECISION_FILES, require
 
 REAL_DATASETS = ("openclipart", "emoji")
+INT8_WEIGHT_BITS = (7, 8)
+DEFAULT_INT8_WEIGHT_BITS = 7  # exact on every x86 CPU; see the module docstring
 MAX_R1_COST_POINTS = 1.0  # int8 that loses more retrieval R@1 than this on a real split is not the default
 
 
@@ -38,14 +43,18 @@ class CostOptions:
     root: str | None = None  # data root of the offline datasets
 
 
-def quantize_folder(folder: Path, external_data: bool = False) -> None:
-    """Write the int8 versions of both graphs of an export folder beside the fp32 ones."""
+def quantize_folder(folder: Path, external_data: bool = False,
+                    weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> None:
+    """Write the int8 versions of both graphs of an export folder beside the fp32 ones, with weights of
+    `weight_bits` (7: in [-64, 64]; 8: in [-127, 127]; symmetric, one scale per output channel)."""
+    if weight_bits not in INT8_WEIGHT_BITS:
+        raise ExportError(f"int8 weight bits {weight_bits}: expected one of {INT8_WEIGHT_BITS}")
     quantization = require("onnxruntime.quantization")
     for source, target in zip(PRECISION_FILES["fp32"], PRECISION_FILES["int8"]):
         quantization.quantize_dynamic(
             folder / source, folder / target, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-            weight_type=quantization.QuantType.QInt8, use_external_data_format=external_data,
-            extra_options={"MatMulConstBOnly": True})
+            weight_type=quantization.QuantType.QInt8, reduce_range=weight_bits == 7,
+            use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
 
 
 def _sources(opts: CostOptions, image_size: int) -> list[tuple[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,18 @@ def session(path: Path, threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def warn_if_int8_saturates(folder: Path, info: dict[str, Any]) -> None:
+    """Warn when an export's int8 graphs have 8-bit weights (exports before 7 became the default have no "int8"
+    entry and are 8-bit) and this CPU sums int8 products in int16, where they saturate and lose accuracy."""
+    from ..speed import int8_pair_sums_saturate  # noqa: PLC0415
+
+    bits = int(info.get("int8", {}).get("weight_bits", 8))
+    if bits == 8 and int8_pair_sums_saturate():
+        warnings.warn(f"{folder}: its int8 graphs have 8-bit weights, whose products saturate on this CPU (no VNNI "
+                      "or AMX) and lose accuracy; re-export with `clipforge export --to onnx --int8` (7-bit weights)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -89,6 +102,8 @@ class OnnxCLIP:
                 hint = " (export with --int8)" if precision == "int8" else ""
                 raise ExportError(f"{path}: missing{hint}")
         self.precision = precision
+        if precision == "int8":
+            warn_if_int8_saturates(self.folder, self.info)
         self.visual = session(visual, threads)
         self.textual = session(textual, threads)
         self.image_size = self.preprocess.size

@@ -10,8 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from run_helpers import assert_bitwise_equal, distance, events, tiny_config, weights
+from test_ddp_train import run_ranks
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from clipforge.registry import get_model_config
+from clipforge.tokenizer import tokenizer_for
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import build_train_dataset
 from clipforge.train.feed import LoaderSpec, build_loader
@@ -19,10 +23,6 @@ from clipforge.train.loop import train
 from clipforge.train.schedule import lr_at
 from clipforge.train.setup import prepare_model
 from clipforge.train.step import build_stepper, forward_backward, train_step
-from clipforge.tokenizer import tokenizer_for
-from clipforge.registry import get_model_config
-from run_helpers import assert_bitwise_equal, distance, tiny_config, weights
-from test_ddp_train import run_ranks
 
 STEPS = 3
 CONSTANT = ["--optim.schedule=constant", "--optim.warmup_steps=0", "--optim.lr=1e-3", f"--steps={STEPS}",
@@ -89,7 +89,29 @@ def test_batchnorm_statistics_are_updated_once_per_sample(tmp_path):
         torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_master_trains_fp32_masters_and_saves_them(tmp_path):
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """The bf16 modes under test on every CPU: without AVX-512 BF16 or AMX the trainer would fall back to fp32
+    (emulated bf16 computes the same values, only slower)."""
+    from clipforge import speed  # noqa: PLC0415
+
+    monkeypatch.setattr(speed, "cpu_supports_bf16", lambda cpuinfo="/proc/cpuinfo": True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, monkeypatch, precision):
+    from clipforge import speed  # noqa: PLC0415
+
+    monkeypatch.setattr(speed, "cpu_supports_bf16", lambda cpuinfo="/proc/cpuinfo": False)  # as on AVX2 only
+    asked = train(tiny_config(tmp_path, "asked", *CONSTANT, f"--precision={precision}"), progress=False)
+    fp32 = train(tiny_config(tmp_path, "fp32", *CONSTANT), progress=False)
+    assert_bitwise_equal(weights(fp32.run_dir), weights(asked.run_dir), f"{precision} without native bf16")
+    [event] = events(asked.run_dir, "precision")
+    assert (event["requested"], event["used"]) == (precision, "fp32")
+    assert not events(fp32.run_dir, "precision")
+
+
+def test_bf16_master_trains_fp32_masters_and_saves_them(tmp_path, native_bf16):
     result = train(tiny_config(tmp_path, "bf16m", *CONSTANT, "--precision=bf16-master"), progress=False)
     saved = weights(result.run_dir)
     assert all(v.dtype == torch.float32 for v in saved.values())
@@ -97,10 +119,11 @@ def test_bf16_master_trains_fp32_masters_and_saves_them(tmp_path):
     start, _ = float64_reference(tiny_config(tmp_path, "ref", *CONSTANT))
     # bf16 compute changes the gradients by about 2^-8 relative: the same training, not the same rounding
     assert distance(saved, fp32) < 0.1 * distance(fp32, start)
+    assert 0 < distance(saved, fp32), "the bf16 compute path was not taken"
     assert saved.keys() == fp32.keys()
 
 
-def test_a_hook_stops_the_run_and_it_resumes_exactly(tmp_path):
+def test_a_hook_stops_the_run_and_it_resumes_exactly(tmp_path, native_bf16):
     modes = ["--precision=bf16-master", "--accum_chunk=3", "--steps=4"]
     whole = train(tiny_config(tmp_path, "whole", *CONSTANT, *modes), progress=False)
 
@@ -141,8 +164,9 @@ def test_tensorboard_gets_the_logged_numbers_and_evaluations(tmp_path):
 def test_wandb_asked_for_but_not_installed_is_one_clear_line(tmp_path, capsys):
     import importlib.util
 
-    from clipforge.cli import main
     from run_helpers import tiny_args
+
+    from clipforge.cli import main
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here: the run would log to it")

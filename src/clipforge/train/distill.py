@@ -18,9 +18,11 @@ from ..losses_distill import DistillConfig, distill_loss
 class Teacher:
     def __init__(self, cfg: DistillConfig, device: torch.device, student_context: int) -> None:
         from ..convert import load_model  # noqa: PLC0415
+        from ..speed import cpu_supports_bf16  # noqa: PLC0415
 
         self.cfg = cfg
         self.model = load_model(cfg.teacher).to(device).eval().requires_grad_(False)
+        self.bf16 = torch.device(device).type == "cpu" and cpu_supports_bf16()  # emulated bf16 is slower than fp32
         if self.model.config.text_cfg.hf_model_path is not None:
             raise ConfigError(f"loss.distill.teacher {cfg.teacher}: its text tower uses another tokenizer than "
                               "the student's; distillation needs a teacher with CLIP's BPE text tower")
@@ -34,7 +36,7 @@ class Teacher:
         size = self.model.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cpu"):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             image_features, text_features, scale = self.model(images, tokens)
         return image_features.float(), text_features.float(), scale.float()
 

@@ -386,6 +386,9 @@ def _setup(cfg: TrainConfig, place: Placement, dataset: Any, lock: RunLock | Non
     feed = _open_feed(cfg, place, tokenizer, core.image_size, dataset, resume_step or 0, saved)
     ctx = RunContext(cfg, place, run_dir, stepper, tokenizer, log, feed,
                      version=code_version() if place.is_main else {}, lock=lock)
+    if stepper.precision != cfg.precision:
+        log.notice(f"precision {cfg.precision}: {place.device} has no fast bf16 (a CPU needs AVX-512 BF16 or AMX); "
+                   "training in fp32", event="precision", requested=cfg.precision, used=stepper.precision)
     progress = _restore_progress(ctx, loaded) if loaded else Progress(guard=NonFiniteGuard(cfg.max_nonfinite_steps))
     if loaded is not None:  # last: building the model and the DataLoader iterator draw from the generators
         rng = loaded.state.rng

@@ -4,7 +4,9 @@
 is fixed once, in `build_stepper`, from the config:
 
 - precision: `fp32`; `bf16` (autocast); `bf16-master` (the model computes with bf16 matmul weights and no
-  autocast, the optimizer updates fp32 master copies, which checkpoints save and evaluators read);
+  autocast, the optimizer updates fp32 master copies, which checkpoints save and evaluators read); both bf16
+  modes fall back to fp32 on a device without fast bf16 (`speed.resolve_precision`: a CPU without AVX-512 BF16
+  or AMX emulates bf16, and the demo's step took 25 s instead of about 0.5 s on an AVX2-only AMD EPYC);
 - `accum_chunk`: exact contrastive accumulation (`gradcache`): each rank's batch is embedded in chunks
   without a graph, the loss is taken over the whole batch, then each chunk is replayed with its gradient;
 - `compile`: `torch.compile` of the model that computes (DDP-wrapped under torchrun);
@@ -22,7 +24,7 @@ from torch import nn
 
 from ..losses import LossConfig, compute_loss
 from ..models.clip import CLIP
-from ..speed import MasterWeights, autocast
+from ..speed import MasterWeights, autocast, resolve_precision
 from .config import TrainConfig
 from .gradcache import gradcache_backward
 from .optim import build_optimizer
@@ -190,7 +192,8 @@ def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False, queue
     """The step's pieces for `core` (already initialised or restored): precision, optimizer, DDP, compile."""
     master = None
     compute: nn.Module = core
-    if cfg.precision == "bf16-master":
+    precision = resolve_precision(cfg.precision, next(core.parameters()).device)
+    if precision == "bf16-master":
         master = MasterWeights(core)  # casts `core` in place to the bf16 compute model
         compute, core = master.model, master.master  # type: ignore[assignment]
     optimizer = build_optimizer(core, cfg.optim)
@@ -203,5 +206,5 @@ def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False, queue
         no_sync = compute.no_sync
     if cfg.compile:
         compute = torch.compile(compute)  # type: ignore[assignment]
-    return Stepper(compute, core, optimizer, build_loss(cfg.loss, distributed, queue, teacher), cfg.precision,
+    return Stepper(compute, core, optimizer, build_loss(cfg.loss, distributed, queue, teacher), precision,
                    cfg.accum_chunk, cfg.optim.grad_clip, master, no_sync, queue)

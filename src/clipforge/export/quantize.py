@@ -2,10 +2,11 @@
 
 `quantize_folder` writes `visual.int8.onnx` and `textual.int8.onnx`: the weights of every MatMul/Gemm whose
 second input is a constant are stored as int8 (per output channel), activations are quantised on the fly
-per tensor (uint8). The weights use 7 bits by default: on x86 CPUs without VNNI, ONNX Runtime sums pairs of
-uint8 x int8 products in int16, which 8-bit weights overflow (clamped: on an AVX2-only AMD EPYC a trained
-text tower's int8 features fell to cosine 0.983 of fp32; 0.9995 with 7 bits), and an export may run on any CPU.
-8 bits are for graphs that only ever run on CPUs with VNNI or AMX (`speed.int8_pair_sums_saturate`). Attention's activation-by-activation products stay fp32 (`MatMulConstBOnly`): they hold
+per tensor (uint8). The weights use 7 bits by default: on x86 CPUs without VNNI or AMX, ONNX Runtime adds
+pairs of uint8 x int8 products in int16, which 8-bit weights overflow (clamped: on an AVX2-only AMD EPYC a
+trained ViT-Micro's int8 text features fell to min cosine 0.985 of PyTorch's, 0.9998 with 7 bits), and an export
+may run on any CPU; 8 bits are for graphs that only run on CPUs with VNNI or AMX (`speed.int8_pair_sums_saturate`).
+Attention's activation-by-activation products stay fp32 (`MatMulConstBOnly`): they hold
 no weights to shrink and quantising both sides costs accuracy. Convolutions stay fp32 (ONNX Runtime's
 ConvInteger is slower than its fp32 convolution), so ResNet image towers gain little.
 

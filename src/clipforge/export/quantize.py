@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .runtime import ExportError, OnnxCLIP, PRECISION_FILES, require
+from .runtime import OnnxCLIP, PRECISION_FILES, require
 
 REAL_DATASETS = ("openclipart", "emoji")
 INT8_WEIGHT_BITS = (7, 8)
@@ -47,9 +47,8 @@ class CostOptions:
 def quantize_folder(folder: Path, external_data: bool = False,
                     weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> None:
     """Write the int8 versions of both graphs of an export folder beside the fp32 ones, with weights of
-    `weight_bits` (7: in [-64, 64]; 8: in [-127, 127]; symmetric, one scale per output channel)."""
-    if weight_bits not in INT8_WEIGHT_BITS:
-        raise ExportError(f"int8 weight bits {weight_bits}: expected one of {INT8_WEIGHT_BITS}")
+    `weight_bits` (7: in [-64, 64]; 8: in [-127, 127]; symmetric, one scale per output channel); `export_onnx`
+    checks it against INT8_WEIGHT_BITS before any work."""
     quantization = require("onnxruntime.quantization")
     for source, target in zip(PRECISION_FILES["fp32"], PRECISION_FILES["int8"]):
         quantization.quantize_dynamic(

@@ -18,11 +18,11 @@ from ..losses_distill import DistillConfig, distill_loss
 class Teacher:
     def __init__(self, cfg: DistillConfig, device: torch.device, student_context: int) -> None:
         from ..convert import load_model  # noqa: PLC0415
-        from ..speed import cpu_supports_bf16  # noqa: PLC0415
+        from ..speed import bf16_supported  # noqa: PLC0415
 
         self.cfg = cfg
         self.model = load_model(cfg.teacher).to(device).eval().requires_grad_(False)
-        self.bf16 = torch.device(device).type == "cpu" and cpu_supports_bf16()  # emulated bf16 is slower than fp32
+        self.bf16 = torch.device(device).type == "cpu" and bf16_supported(device)  # CPU autocast, never emulated
         if self.model.config.text_cfg.hf_model_path is not None:
             raise ConfigError(f"loss.distill.teacher {cfg.teacher}: its text tower uses another tokenizer than "
                               "the student's; distillation needs a teacher with CLIP's BPE text tower")

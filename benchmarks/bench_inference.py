@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hardware_note(args.threads), flush=True)
     meter = PeakMeter()
     first = meter.measure()
-    print(f"matmul peak at the start ({args.threads} thread(s), square 1024/2048/3072): fp32 "
+    print(f"matmul peak at the start ({args.threads} thread(s), square 1024/2048/3072{meter.note}): fp32 "
           f"{first['fp32'] / 1e9:.1f} GFLOP/s, bf16 {first['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         calls, info = build_calls(args, Path(tmp) / "onnx")

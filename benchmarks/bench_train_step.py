@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hardware_note(args.threads))
     meter = PeakMeter()
     first = meter.measure()
-    print(f"matmul peak at the start ({args.threads} thread(s), square 1024/2048/3072): fp32 "
+    print(f"matmul peak at the start ({args.threads} thread(s), square 1024/2048/3072{meter.note}): fp32 "
           f"{first['fp32'] / 1e9:.1f} GFLOP/s, bf16 {first['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     results = []
     for item in args.models.split(","):

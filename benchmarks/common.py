@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from clipforge.models.config import ModelConfig
+from clipforge.speed import cpu_supports_bf16
 
 EOT_TOKEN = 49407
 SOT_TOKEN = 49406
@@ -149,10 +150,15 @@ class PeakMeter:
 
     def __init__(self) -> None:
         self.best = {"fp32": 0.0, "bf16": 0.0}
+        # emulated bf16 (no AVX-512 BF16 / AMX) runs ~1 GFLOP/s: the default sizes would take minutes per call
+        self.bf16_emulated = not cpu_supports_bf16()
+        self.note = "; bf16 emulated, 512/1024" if self.bf16_emulated else ""
 
     def measure(self) -> dict[str, float]:
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            self.best[name] = max(self.best[name], matmul_peak(dtype))
+            small = dtype == torch.bfloat16 and self.bf16_emulated
+            rate = matmul_peak(dtype, sizes=(512, 1024), repeats=2) if small else matmul_peak(dtype)
+            self.best[name] = max(self.best[name], rate)
         return self.best
 
 

@@ -238,6 +238,38 @@ def test_fp16_on_cpu_is_refused(collection, tmp_path):
         embed_collection(str(images), str(model), tmp_path / "o", precision="fp16", device="cpu")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_cpu_stays_close_to_float64_and_warns_where_it_is_emulated(collection, monkeypatch, native):
+    """bf16 weights (8 mantissa bits) give features within 2e-2 of the float64 model; on a CPU without
+    native bf16 the explicit request is kept and a RuntimeWarning says it is slower than fp32."""
+    import warnings
+
+    from clipforge import speed
+    from clipforge.convert import load_model
+    from clipforge.data.robust import load_image
+    from clipforge.search.encoder import load_encoder
+
+    images, model_path = collection
+    monkeypatch.setattr(speed, "bf16_supported", lambda device: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder = load_encoder(str(model_path), "torch", "cpu", "bf16")
+    emulated = [w for w in caught if "no native bf16" in str(w.message)]
+    assert len(emulated) == (0 if native else 1) and all(w.category is RuntimeWarning for w in emulated)
+    paths = sorted(p for p in images.rglob("*.png") if p.stat().st_size > 100)[:6]
+    pixels = torch.stack([encoder.preprocess(load_image(p).convert("RGB")) for p in paths])
+    captions = ["a red square", "two blue circles on a green field"]
+    model = load_model(model_path).eval().double()
+    with torch.no_grad():
+        ref = model.encode_image(pixels.double(), normalize=True).numpy()
+        ref_text = model.encode_text(encoder.tokenizer(captions), normalize=True).numpy()
+    got, got_text = encoder.encode_image(pixels), encoder.encode_text(captions)
+    assert got.dtype == np.float32 and got.shape == ref.shape and got_text.shape == ref_text.shape
+    # bf16 rounds weights and activations to 2^-9 relative (measured: 4e-3 at most); fp32 would be ~1e-7
+    assert 1e-5 < np.abs(got - ref).max() < 2e-2 and np.abs(got_text - ref_text).max() < 2e-2
+    assert (got * ref).sum(1).min() > 0.999 and (got_text * ref_text).sum(1).min() > 0.999
+
+
 def test_prepared_offline_dataset_by_name(collection, clean, tmp_path):
     """A prepared dataset (info.json + manifest.tsv under the data root, as `clipforge data prepare` leaves
     it) embedded by name, one split, with its category labels as an extra column."""

@@ -10,6 +10,7 @@ An encoder maps preprocessed pixels [B, 3, H, W] and caption strings to L2-norma
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -79,8 +80,12 @@ class TorchEncoder:
         # CPU bf16: bf16 matmul weights (the model's own bf16 fast paths) beat autocast's per-call casts
         self.input_dtype = torch.float32
         if precision == "bf16" and device.type == "cpu":
-            from ..speed import bf16_inference  # noqa: PLC0415
+            from ..speed import bf16_inference, bf16_supported  # noqa: PLC0415
 
+            if not bf16_supported(device):
+                # an explicit request is honoured (the embeddings record their precision), but said to be slow
+                warnings.warn("--precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "
+                              "emulated and slower than fp32; use --precision fp32 here", RuntimeWarning, stacklevel=2)
             self.model, self.input_dtype = bf16_inference(self.model), torch.bfloat16
         self.preprocess = image_transform(int(model.config.vision_cfg.image_size))
         self.tokenizer = model_tokenizer(model)

@@ -23,6 +23,9 @@ eager fp32 features.
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks:tests python benchmarks/bench_inference.py --threads 1 \
         --kinds image --paths torch --compile compiled,compiled-frozen,autotuned-frozen \
         --compile-precisions bf16-weights --sdpa --output docs/benchmarks/inference-avx512-1thread.json
+    # a CPU without native bf16 (AVX2 only), where bf16 is emulated: fp32 paths only
+    OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests python benchmarks/bench_inference.py --threads 2 \
+        --precisions fp32 --paths torch,onnx --output docs/benchmarks/inference-avx2-2thread-fp32.json
 """
 
 from __future__ import annotations
@@ -132,9 +135,10 @@ def build_calls(args: argparse.Namespace, onnx_dir: Path) -> tuple[dict[str, Cal
     short_hf = short[:, :longest]  # what transformers' tokenizer gives with padding=True
     paths, kinds = args.paths.split(","), args.kinds.split(",")
     cfg, ours, hf, openclip, onnx = reference_models(args.model, images, onnx_dir if "onnx" in paths else None)
-    models = {"fp32": (ours, hf, openclip),
-              "bf16-weights": (bf16_inference(copy.deepcopy(ours)), copy.deepcopy(hf).to(torch.bfloat16),
-                               copy.deepcopy(openclip).to(torch.bfloat16))}
+    models = {"fp32": (ours, hf, openclip)}
+    if "bf16-weights" in args.precisions.split(","):
+        models["bf16-weights"] = (bf16_inference(copy.deepcopy(ours)), copy.deepcopy(hf).to(torch.bfloat16),
+                                  copy.deepcopy(openclip).to(torch.bfloat16))
     variants = [v for v in args.compile.split(",") if v]
     calls: dict[str, Callable[[], object]] = {}
     for precision, (model, ref, oc) in models.items():
@@ -200,10 +204,14 @@ def best_ratios(rates: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def image_mfu(rates: dict[str, float], image_flops: float, peaks: dict[str, float]) -> dict[str, float]:
-    """Model FLOP/s of each image path as a fraction of the matmul peak of its precision (int8: of bf16)."""
-    return {key: rate * image_flops / (peaks["fp32"] if " fp32" in key else peaks["bf16"])
-            for key, rate in rates.items() if key.startswith("image")}
+def image_mfu(rates: dict[str, float], image_flops: float, peaks: dict[str, float],
+              bf16_emulated: bool = False) -> dict[str, float]:
+    """Model FLOP/s of each image path as a fraction of the matmul peak of its precision (int8: of bf16, or of
+    fp32 where bf16 is emulated and its peak says nothing about the hardware)."""
+    def peak(key: str) -> float:
+        return peaks["fp32"] if " fp32" in key or (bf16_emulated and " int8" in key) else peaks["bf16"]
+
+    return {key: rate * image_flops / peak(key) for key, rate in rates.items() if key.startswith("image")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default="compiled-frozen",
                         help=f"compiled clipforge image paths in both precisions: any of {', '.join(COMPILE_VARIANTS)}"
                              " (empty: none)")
+    parser.add_argument("--precisions", default="fp32,bf16-weights",
+                        help="fp32 (always) and bf16-weights; leave bf16 out where it is emulated (AVX2-only CPUs)")
     parser.add_argument("--compile-precisions", default="fp32,bf16-weights", help="those --compile applies to")
     parser.add_argument("--sdpa", action="store_true", help="also time bf16 images with PyTorch's fused attention")
     parser.add_argument("--output", metavar="FILE.json")
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
           f"short captions are {info['short_caption_tokens']} tokens at most; matmul peak (best of start and end): "
           f"fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; image FLOPs {source}")
     rates = {k: (args.image_batch if k.startswith("image") else args.text_batch) / v for k, v in secs.items()}
-    mfu = image_mfu(rates, flops, peaks)
+    mfu = image_mfu(rates, flops, peaks, meter.bf16_emulated)
     for key, rate in rates.items():
         extra = f"  MFU {mfu[key]:6.1%}  max |feature diff| vs eager fp32 {info['max_feature_diff'][key]:.1e}" \
             if key in mfu else ""

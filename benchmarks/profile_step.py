@@ -12,7 +12,9 @@ structural rules: everything under the optimizer's `Optimizer.step` / `zero_grad
 kernels of gradient clipping) is "optimizer", and `aten::bmm` is "attention" (in these towers batched matmuls
 are only attention's q k^T and weights @ v; linear layers run as `addmm`/`mm`). QuickGELU, x * sigmoid(1.702 x),
 shows as `sigmoid` (counted as gelu) and multiplications (left in elementwise). On a GPU (`--device cuda`)
-the device time of the kernels each operator launched is used instead of CPU time.
+the device time of the kernels each operator launched is used instead of CPU time. `--precision fp32`
+profiles the fp32 step and fp32 inference instead: the path on CPUs without native bf16 (AVX2 only), where the
+trainer's bf16 falls back to fp32 anyway and bf16 weights would be emulated.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/profile_step.py --threads 1 \
         --output docs/benchmarks/profile-avx512.md
@@ -32,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import hardware_note, random_images, random_tokens, write_atomic
 
 from clipforge import create_model, get_model_config
-from clipforge.speed import bf16_inference
+from clipforge.speed import bf16_inference, resolve_precision
 from clipforge.train.config import OptimConfig, TrainConfig
 from clipforge.train.step import build_stepper, train_step
 
@@ -112,22 +114,25 @@ def profile_calls(fn: Callable[[], object], calls: int, warmup: int, device: str
     return {"wall_us": wall / calls * 1e6, "ops": ops, "groups": groups}
 
 
-def train_call(name: str, batch: int, device: str) -> Callable[[], object]:
+def train_call(name: str, batch: int, device: str, precision: str = "bf16") -> Callable[[], object]:
     cfg = get_model_config(name)
     torch.manual_seed(0)
     model = create_model(name).to(device).train()
     gen = torch.Generator().manual_seed(0)
     images = random_images(cfg, batch, gen).to(device)
     tokens = random_tokens(batch, cfg.text_cfg.context_length, gen).to(device)
-    stepper = build_stepper(TrainConfig(precision="bf16", optim=OptimConfig(lr=1e-5, grad_clip=1.0)), model)
+    stepper = build_stepper(TrainConfig(precision=precision, optim=OptimConfig(lr=1e-5, grad_clip=1.0)), model)
     return lambda: train_step(stepper, images, tokens, lr=1e-5)
 
 
-def inference_call(name: str, batch: int, device: str) -> Callable[[], object]:
+def inference_call(name: str, batch: int, device: str, precision: str = "bf16") -> Callable[[], object]:
     cfg = get_model_config(name)
     torch.manual_seed(0)
-    model = bf16_inference(create_model(name).to(device))
-    images = random_images(cfg, batch, torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    model = create_model(name).to(device).eval()
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    if dtype == torch.bfloat16:
+        model = bf16_inference(model)
+    images = random_images(cfg, batch, torch.Generator().manual_seed(0)).to(device, dtype)
 
     def call() -> object:
         with torch.inference_mode():
@@ -166,17 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--output", metavar="FILE.md", help="the Markdown tables (and FILE.json beside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     note = hardware_note(args.threads, args.device)
     print(note, flush=True)
+    trained = resolve_precision(args.precision, args.device)  # what build_stepper runs on this device
+    train_title = {"bf16": "bf16 autocast", "fp32": "fp32"}[trained]
+    if trained != args.precision:
+        train_title += f" ({args.precision} asked; no native bf16 here)"
+    infer_title = "bf16 weights" if args.precision == "bf16" else "fp32"
     results = {
-        f"training step, bf16 autocast, batch {args.train_batch}":
-            profile_calls(train_call(args.model, args.train_batch, args.device), args.calls, args.warmup, args.device),
-        f"image inference, bf16 weights, batch {args.infer_batch}":
-            profile_calls(inference_call(args.model, args.infer_batch, args.device), args.calls, args.warmup,
-                          args.device),
+        f"training step, {train_title}, batch {args.train_batch}":
+            profile_calls(train_call(args.model, args.train_batch, args.device, args.precision), args.calls,
+                          args.warmup, args.device),
+        f"image inference, {infer_title}, batch {args.infer_batch}":
+            profile_calls(inference_call(args.model, args.infer_batch, args.device, args.precision), args.calls,
+                          args.warmup, args.device),
     }
     lines = [f"Profile of {args.model} on {note}; {args.calls} profiled calls after {args.warmup} warm-up calls.",
              "Command: `OMP_NUM_THREADS=%d PYTHONPATH=src:benchmarks python benchmarks/profile_step.py %s`"

@@ -111,3 +111,30 @@ def test_channels_last_resnet_gives_the_same_features():
         after = model.encode_image(images)
     assert model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_inference_loaders_give_resnets_channels_last_with_the_same_features_and_fingerprint(tmp_path):
+    """`clipforge eval` (eval.resolve) and embed/search (search.encoder) store a ResNet's convolutions NHWC, as
+    training does; features match the float64 NCHW model and the index fingerprint ignores the layout."""
+    from clipforge.checkpoint import save_model
+    from clipforge.convert import load_model
+    from clipforge.eval.resolve import resolve_model
+    from clipforge.search.encoder import load_encoder
+    from clipforge.search.fingerprint import model_fingerprint
+
+    torch.manual_seed(0)
+    path = save_model(clipforge.create_model("RN-Tiny-64").eval(), tmp_path / "rn.safetensors")
+    plain = load_model(path).eval()
+    assert plain.visual.conv1.weight.is_contiguous()  # loaded NCHW
+    model, _ = resolve_model(str(path))
+    encoder = load_encoder(str(path), "torch", "cpu")
+    for loaded in (model, encoder.model):
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in loaded.visual.modules() if isinstance(m, torch.nn.Conv2d))
+    assert encoder.fingerprint == model_fingerprint(plain)  # indexes built before keep matching
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = plain.double().encode_image(images.double(), normalize=True)
+        got = model.encode_image(images, normalize=True)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(encoder.encode_image(images)).double(), want, rtol=0, atol=1e-5)

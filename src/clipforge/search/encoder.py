@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..speed import channels_last
 from ..transforms import image_transform
 from .errors import SearchError
 from .fingerprint import model_fingerprint, onnx_fingerprint
@@ -76,6 +77,7 @@ class TorchEncoder:
         bias = getattr(model, "logit_bias", None)
         self.logit_bias = None if bias is None else float(bias.detach().float())
         self.model = model.to(device).eval()
+        channels_last(self.model)  # ResNet towers: NHWC convolutions (a no-op for ViTs)
         self.spec, self.device, self.precision = spec, device, precision
         # CPU bf16: bf16 matmul weights (the model's own bf16 fast paths) beat autocast's per-call casts
         self.input_dtype = torch.float32

@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import hardware_note, random_images, random_tokens, write_atomic
 
 from clipforge import create_model, get_model_config
-from clipforge.speed import bf16_inference, resolve_precision
+from clipforge.speed import bf16_inference, channels_last, resolve_precision
 from clipforge.train.config import OptimConfig, TrainConfig
 from clipforge.train.step import build_stepper, train_step
 
@@ -118,6 +118,7 @@ def train_call(name: str, batch: int, device: str, precision: str = "bf16") -> C
     cfg = get_model_config(name)
     torch.manual_seed(0)
     model = create_model(name).to(device).train()
+    channels_last(model)  # ResNet towers NHWC, as `clipforge train` stores them (a no-op for ViTs)
     gen = torch.Generator().manual_seed(0)
     images = random_images(cfg, batch, gen).to(device)
     tokens = random_tokens(batch, cfg.text_cfg.context_length, gen).to(device)
@@ -129,6 +130,7 @@ def inference_call(name: str, batch: int, device: str, precision: str = "bf16") 
     cfg = get_model_config(name)
     torch.manual_seed(0)
     model = create_model(name).to(device).eval()
+    channels_last(model)  # as eval / embed load ResNet towers
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     if dtype == torch.bfloat16:
         model = bf16_inference(model)

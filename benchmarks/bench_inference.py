@@ -175,14 +175,16 @@ def torchao_calls(ours: torch.nn.Module, images: torch.Tensor, full: torch.Tenso
 @torch.inference_mode()
 def feature_diffs(calls: dict[str, Callable[[], object]], images: torch.Tensor, batch: int) -> dict[str, float]:
     """Largest |difference| of each image path's normalised features from clipforge's eager fp32 ones. The
-    call is also each path's warm-up (and compilation)."""
-    want = F.normalize(calls["image clipforge fp32"]().float(), dim=-1)  # [B, D]
-    diffs = {}
+    call is also each path's warm-up (and compilation); text paths get one warm-up call here too."""
+    diffs: dict[str, float] = {}
+    reference = calls.get("image clipforge fp32")
+    want = F.normalize(reference().float(), dim=-1) if reference else None  # [B, D]
     for key, fn in calls.items():
-        if key.startswith("image"):
-            out = fn()
-            got = getattr(out, "pooler_output", out)  # transformers may return an output object
-            diffs[key] = float((F.normalize(torch.as_tensor(got).float(), dim=-1) - want).abs().max())
+        out = fn()
+        if want is None or not key.startswith("image"):
+            continue
+        got = getattr(out, "pooler_output", out)  # transformers may return an output object
+        diffs[key] = float((F.normalize(torch.as_tensor(got).float(), dim=-1) - want).abs().max())
     return diffs
 
 

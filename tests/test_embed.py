@@ -244,13 +244,13 @@ def test_bf16_on_cpu_stays_close_to_float64_and_warns_where_it_is_emulated(colle
     native bf16 the explicit request is kept and a RuntimeWarning says it is slower than fp32."""
     import warnings
 
-    from clipforge import speed
     from clipforge.convert import load_model
     from clipforge.data.robust import load_image
+    from clipforge.search import encoder as encoder_module
     from clipforge.search.encoder import load_encoder
 
     images, model_path = collection
-    monkeypatch.setattr(speed, "bf16_supported", lambda device: native)
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda device: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoder = load_encoder(str(model_path), "torch", "cpu", "bf16")

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..speed import channels_last
+from ..speed import bf16_inference, bf16_supported, channels_last
 from ..transforms import image_transform
 from .errors import SearchError
 from .fingerprint import model_fingerprint, onnx_fingerprint
@@ -82,8 +82,6 @@ class TorchEncoder:
         # CPU bf16: bf16 matmul weights (the model's own bf16 fast paths) beat autocast's per-call casts
         self.input_dtype = torch.float32
         if precision == "bf16" and device.type == "cpu":
-            from ..speed import bf16_inference, bf16_supported  # noqa: PLC0415
-
             if not bf16_supported(device):
                 # an explicit request is honoured (the embeddings record their precision), but said to be slow
                 warnings.warn("--precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs "

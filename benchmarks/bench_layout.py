@@ -15,11 +15,10 @@ import argparse
 import copy
 import json
 import sys
-import time
 
 import torch
 
-from common import hardware_note, median, random_images, write_atomic
+from common import hardware_note, median, random_images, time_interleaved, write_atomic
 
 from clipforge import create_model, get_model_config
 from clipforge.speed import bf16_inference, channels_last, cpu_supports_bf16
@@ -36,14 +35,10 @@ def bench(name: str, batch: int, precision: str, repeats: int) -> dict:
         raise SystemExit(f"{name}: no convolutional tower; the layout changes nothing")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     images = random_images(get_model_config(name), batch, torch.Generator().manual_seed(0)).to(dtype)
-    times: dict[str, list[float]] = {"NCHW": [], "NHWC": []}
     with torch.inference_mode():
         diff = float((nchw.encode_image(images).float() - nhwc.encode_image(images).float()).abs().max())  # warm-up
-        for _ in range(repeats):
-            for layout, model in (("NCHW", nchw), ("NHWC", nhwc)):
-                start = time.perf_counter()
-                model.encode_image(images)
-                times[layout].append(time.perf_counter() - start)
+        times = time_interleaved({"NCHW": lambda: nchw.encode_image(images),
+                                  "NHWC": lambda: nhwc.encode_image(images)}, repeats, warmup=0)
     secs = {k: median(v) for k, v in times.items()}
     return {"model": name, "batch": batch, "precision": precision, "max_feature_diff": diff, "seconds": secs,
             "images_per_s": {k: batch / v for k, v in secs.items()}, "nhwc_speedup": secs["NCHW"] / secs["NHWC"],

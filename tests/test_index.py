@@ -19,7 +19,7 @@ from clipforge.cli import main  # noqa: E402
 from clipforge.search import SearchError, open_index  # noqa: E402
 from clipforge.search.build import BuildOptions, add_to_index, build_index, choose_kind  # noqa: E402
 from clipforge.search.check import check_index, find_duplicates  # noqa: E402
-from clipforge.search.measure import UNSEPARATED, exact_topk, no_match_threshold, recall_at_k  # noqa: E402
+from clipforge.search.measure import UNSEPARATED, exact_topk, no_match_threshold, recall_at_k, tune  # noqa: E402
 
 DIM = 32
 
@@ -96,6 +96,56 @@ def test_recall_is_measured_against_exact_search(data, tmp_path):
     found = index.search(text.astype(np.float16)[ids].astype(np.float32), 10)[1]
     by_hand = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
     assert abs(by_hand - info["recall"]["text"]) < 1e-4
+
+
+def test_tune_takes_the_first_value_reaching_the_target_else_where_recall_saturates():
+    curve = {1: {"image": 0.50, "text": 0.40}, 2: {"image": 0.86, "text": 0.80},
+             4: {"image": 0.90, "text": 0.849}, 8: {"image": 0.93, "text": 0.85}, 16: {"image": 0.95, "text": 0.851}}
+    asked = []
+
+    def recall_with(value: int) -> dict[str, float]:
+        asked.append(value)
+        return curve[value]
+
+    assert tune(list(curve), recall_with, 0.8) == (2, curve[2], True) and asked == [1, 2]  # stops at the first
+    # 0.9 is never reached on text: the worst modality's best is 0.851, and 4 is the first within 0.005 of it
+    assert tune(list(curve), recall_with, 0.9) == (4, curve[4], False)
+
+
+def test_ivfpq_rescores_deeper_when_no_nprobe_reaches_the_target(data, tmp_path):
+    """2-byte PQ codes rank candidates too coarsely for 0.95 with the default rescoring of the top 40 even when
+    every list is scanned (checked here by brute force); tuning doubles the depth until the target is met."""
+    from clipforge.search.index import search_faiss
+
+    emb, img, text = data
+    info = build_index([emb], tmp_path / "i", BuildOptions(kind="ivfpq", pq_m=2, target_recall=0.95, queries=300))
+    assert info["build"]["factory"].endswith("PQ2x8")
+    assert info["recall"]["target_met"] and min(info["recall"]["image"], info["recall"]["text"]) >= 0.95
+    assert 4 < info["search"]["rerank"] <= 64 and info["search"]["nprobe"] < info["build"]["nlist"]
+    index = open_index(tmp_path / "i")
+    queries = text.astype(np.float16)[:200].astype(np.float32)  # captions, whose images stay in the index
+    truth = brute_force(img.astype(np.float16), queries, 10)[1]
+
+    def recall(nprobe: int, rerank: int) -> float:
+        index.faiss_index.nprobe = nprobe
+        found = search_faiss(index.faiss_index, index.sources, queries, 10, rerank)[1]
+        return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())]))
+
+    assert recall(info["build"]["nlist"], 4) < 0.95  # the default depth cannot get there at any nprobe
+    assert recall(info["search"]["nprobe"], info["search"]["rerank"]) >= 0.93  # the tuned pair, new queries
+    report = check_index(tmp_path / "i", seed=7)
+    assert report["ok"], report
+
+
+def test_an_unreachable_target_is_recorded_and_said_without_scanning_every_list(data, tmp_path, capsys):
+    emb, _, _ = data
+    assert main(["index", "build", str(emb), "--index", str(tmp_path / "i"), "--kind", "ivfpq", "--pq-m", "2",
+                 "--rerank", "0", "--target-recall", "0.95", "--queries", "300"]) == 0
+    info = json.loads((tmp_path / "i" / "index.json").read_text())
+    assert info["recall"]["target_met"] is False and "rerank" not in info["search"]  # 0 keeps rescoring off
+    assert min(info["recall"]["image"], info["recall"]["text"]) < 0.95
+    assert info["search"]["nprobe"] < info["build"]["nlist"]  # PQ limits recall long before every list is read
+    assert "target 0.95 not reached" in capsys.readouterr().out
 
 
 def test_modality_gap_training_on_images_alone_serves_text_queries_better(data, tmp_path):

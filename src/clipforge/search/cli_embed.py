@@ -58,6 +58,9 @@ def _summary(info: dict[str, Any]) -> str:
     line = (f"{info['kind']} index ({info['build']['factory']}) of {info['rows']} x {info['dim']}, "
             f"{info['bytes_per_vector']} bytes/vector, search {info['search'] or 'exact'}; "
             f"{info['recall']['metric']}: {recall}")
+    if info["recall"].get("target_met") is False:
+        line += (f" (target {info['recall']['target']} not reached: the widest search gains nothing more; "
+                 "a larger --pq-m or --kind hnsw/flat can)")
     t = info.get("threshold")
     if t and t.get("score") is None:
         line += f"; no no-match threshold: {t['reason']}"
@@ -106,7 +109,8 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
                    help="ivfpq: train the quantisers on image vectors (default; measured better for text queries "
                    "too) or on image + caption vectors")
     q.add_argument("--rerank", type=int, default=4,
-                   help="ivfpq: rescore k x RERANK candidates exactly with the stored vectors (0: off; default 4)")
+                   help="ivfpq: rescore k x RERANK candidates exactly with the stored vectors (0: off; default 4); "
+                        "doubled, up to 64, where no nprobe reaches --target-recall without it")
 
 
 def add_embed_parsers(sub: argparse._SubParsersAction) -> None:

@@ -52,14 +52,25 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def tune(candidates: list[int], recall_with: Callable[[int], dict[str, float]], target: float) -> tuple[int, dict]:
-    """The smallest candidate whose recall reaches `target` on every query modality (else the largest)."""
-    measured: dict[str, float] = {}
+SATURATED = 0.005  # recall within this of the best measured: a wider search would only cost time
+
+
+def tune(candidates: list[int], recall_with: Callable[[int], dict[str, float]],
+         target: float) -> tuple[int, dict[str, float], bool]:
+    """The smallest candidate whose recall reaches `target` on every query modality, its recall, and True.
+
+    When none does: the smallest candidate whose worst-modality recall is within SATURATED of the best one
+    measured, and False. Past that point the quantiser, not the search breadth, limits recall, and the largest
+    candidate (for IVF, a scan of every list) would only make each query slower."""
+    measured: list[tuple[int, dict[str, float]]] = []
     for value in candidates:
-        measured = recall_with(value)
-        if min(measured.values()) >= target:
-            return value, measured
-    return candidates[-1], measured
+        recall = recall_with(value)
+        if min(recall.values()) >= target:
+            return value, recall, True
+        measured.append((value, recall))
+    best = max(min(r.values()) for _, r in measured)
+    value, recall = next((v, r) for v, r in measured if min(r.values()) >= best - SATURATED)
+    return value, recall, False
 
 
 def no_match_threshold(positive: np.ndarray, best_negative: np.ndarray) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import machine_note
+from common import hardware_note
 
 from clipforge.data.shards import ShardDataset, ShardLoader, expand_shards, scan_shard
 from clipforge.data.synthetic import STREAM_TRAIN, SyntheticConfig, SyntheticWorld
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", metavar="FILE.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(machine_note(1))
+    print(hardware_note(1))
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_source_shards(Path(tmp), args.images, args.source_size, args.per_shard)
         size_mb = sum(Path(p).stat().st_size for p in paths) / 1e6
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             key = f"ShardLoader, {args.workers} workers + tokenizer"
             results[key] = measure_loader(paths, args.size, args.workers, args.batch, args.images)
             print(f"  {key:40s} {results[key]:8.1f} images/s ({results[key] / args.workers:.1f} per worker)")
-    print(machine_note(1))
+    print(hardware_note(1))
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump({"machine": machine_note(1), "images_per_s": results, **vars(args)}, handle, indent=2)
+            json.dump({"machine": hardware_note(1), "images_per_s": results, **vars(args)}, handle, indent=2)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from common import hardware_note, median, random_images, time_interleaved, write_atomic
+from common import format_ratio, hardware_note, median, random_images, round_ratios, time_interleaved, write_atomic
 
 from clipforge import create_model, get_model_config
 from clipforge.speed import bf16_inference, channels_last, cpu_supports_bf16
@@ -42,7 +42,7 @@ def bench(name: str, batch: int, precision: str, repeats: int) -> dict:
     secs = {k: median(v) for k, v in times.items()}
     return {"model": name, "batch": batch, "precision": precision, "max_feature_diff": diff, "seconds": secs,
             "images_per_s": {k: batch / v for k, v in secs.items()}, "nhwc_speedup": secs["NCHW"] / secs["NHWC"],
-            "all_seconds": times}
+            "nhwc_speedup_rounds": round_ratios(times["NHWC"], times["NCHW"]), "all_seconds": times}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             r = bench(name, int(batch), precision, args.repeats)
             results.append(r)
             print(f"  {name} batch {batch} {precision}: NCHW {r['images_per_s']['NCHW']:.1f}, NHWC "
-                  f"{r['images_per_s']['NHWC']:.1f} images/s = {r['nhwc_speedup']:.2f}x "
+                  f"{r['images_per_s']['NHWC']:.1f} images/s = {format_ratio(r['nhwc_speedup'], r['nhwc_speedup_rounds'])} "
                   f"(features differ by {r['max_feature_diff']:.1e})", flush=True)
     if args.output:
         write_atomic(args.output, json.dumps({"machine": note, "threads": args.threads, "results": results}, indent=2))

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine_note, twin_models
+from common import hardware_note, twin_models, write_atomic
 
 from clipforge.search.build import BuildOptions, build_index
 from clipforge.search.index import open_index
@@ -178,17 +178,30 @@ def bench_embedding(name: str = "ViT-B-32", count: int = 192, batch: int = 32, w
             "ratios": {k: round(v, 3) for k, v in ratios.items()}}
 
 
-def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0) -> Path:
-    """Clustered unit image vectors (2,000 centres) and captions offset by a common direction, as parts."""
+def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0,
+                         centres: int = 2000, noise: float = 0.045, subcentres: int = 0) -> Path:
+    """Clustered unit image vectors and captions offset from them by a common direction, as parts.
+
+    Flat (`subcentres` 0): `centres` random centres with Gaussian `noise` per coordinate; every image's
+    neighbourhood sits inside its cluster, so one probed IVF list finds it. Two-level (`subcentres` > 0): each
+    centre has that many random sub-directions (weight 0.8) and an image is centre + one of them + noise: the
+    nearest neighbours share the sub-direction, the next ones only the centre, and a centre's images are split
+    over several IVF lists, closer to the nested neighbourhoods of real embeddings."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((2000, dim)).astype(np.float32)
+    centres = rng.standard_normal((centres, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     gap = rng.standard_normal(dim).astype(np.float32)
     gap /= np.linalg.norm(gap)
+    subs = None
+    if subcentres:  # drawn after the flat model's draws, so flat collections stay as they were
+        subs = rng.standard_normal((len(centres), subcentres, dim)).astype(np.float32)
+        subs *= 0.8 / np.linalg.norm(subs, axis=2, keepdims=True)
     parts = []
     for number, start in enumerate(range(0, rows, part_rows)):
         n = min(part_rows, rows - start)
-        img = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, dim), dtype=np.float32) * 0.045
+        which = rng.integers(0, len(centres), n)
+        base = centres[which] if subs is None else centres[which] + subs[which, rng.integers(0, subs.shape[1], n)]
+        img = base + rng.standard_normal((n, dim), dtype=np.float32) * noise
         img /= np.linalg.norm(img, axis=1, keepdims=True)
         text = img + 0.6 * gap + rng.standard_normal((n, dim), dtype=np.float32) * 0.03
         text /= np.linalg.norm(text, axis=1, keepdims=True)
@@ -220,7 +233,8 @@ def _latency(index_dir: Path, queries: np.ndarray, repeats: int) -> dict[str, fl
 
 
 def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, threads: int = 2,
-                kinds: tuple[str, ...] = ("flat", "ivfpq"), target_recall: float = 0.9, repeats: int = 200) -> dict:
+                kinds: tuple[str, ...] = ("flat", "ivfpq"), target_recall: float = 0.9, repeats: int = 200,
+                centres: int = 2000, noise: float = 0.045, subcentres: int = 0) -> dict:
     """Build time, bytes/vector, recall per modality and batch-1 latency of each kind at each size."""
     import faiss  # noqa: PLC0415
 
@@ -229,7 +243,8 @@ def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, t
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rows in sizes:
-            emb = synthetic_collection(Path(tmp) / f"emb{rows}", rows, dim)
+            emb = synthetic_collection(Path(tmp) / f"emb{rows}", rows, dim, centres=centres, noise=noise,
+                                       subcentres=subcentres)
             pick = np.sort(np.random.default_rng(1).choice(min(rows, 100_000), 64, replace=False))
             queries = np.load(emb / "text_emb" / "text_emb_0.npy")[pick].astype(np.float32)  # captions as queries
             for kind in kinds:
@@ -242,9 +257,12 @@ def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, t
                     "build_s": info["build"]["seconds"], "build_and_measure_s": round(total, 1),
                     "bytes_per_vector": info["bytes_per_vector"],
                     "recall_image": info["recall"]["image"], "recall_text": info["recall"]["text"],
+                    "target_met": info["recall"]["target_met"],
                     **_latency(Path(tmp) / f"{kind}{rows}", queries, repeats)}
                 print(f"  {kind} {rows}: {json.dumps(results[f'{kind} {rows}'])}", flush=True)
-    return {"dim": dim, "vectors": "synthetic clustered unit vectors + offset captions", "threads": threads,
+    shape = f"{centres} centres x {subcentres} sub-directions" if subcentres else f"{centres} centres"
+    return {"dim": dim, "vectors": f"synthetic: {shape}, noise {noise} per coordinate; offset captions",
+            "centres": centres, "subcentres": subcentres, "noise": noise, "threads": threads, "faiss": faiss.__version__,
             "target_recall": target_recall, "results": results}
 
 
@@ -378,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dim", type=int, default=512)
     g.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
     g.add_argument("--target-recall", type=float, default=0.9)
+    g.add_argument("--centres", type=int, default=2000, help="cluster centres of the synthetic vectors")
+    g.add_argument("--noise", type=float, default=0.045, help="Gaussian noise per coordinate around a centre")
+    g.add_argument("--subcentres", type=int, default=0,
+                   help="sub-directions per centre (0: flat clusters; > 0: two-level neighbourhoods)")
     g = parser.add_argument_group("server")
     g.add_argument("--server-rows", type=int, default=100_000)
     g.add_argument("--server-model", help="model the server embeds queries with (default: RN-Tiny-64, seed-0 weights)")
@@ -387,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
     sections = args.section or ["embedding", "index", "server"]
-    report: dict[str, Any] = {"machine": machine_note(args.threads)}
+    report: dict[str, Any] = {"machine": hardware_note(args.threads)}
     print(report["machine"], flush=True)
     if "embedding" in sections:
         report["embedding"] = bench_embedding(args.model, args.images, args.batch, args.workers, args.threads,
@@ -395,15 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["embedding"], indent=2), flush=True)
     if "index" in sections:
         report["index"] = bench_index(tuple(args.sizes), args.dim, args.threads, tuple(args.kinds),
-                                      args.target_recall)
+                                      args.target_recall, centres=args.centres, noise=args.noise,
+                                      subcentres=args.subcentres)
     if "server" in sections:
         report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
                                         args.port)
         print(json.dumps(report["server"], indent=2), flush=True)
-    report["machine_after"] = machine_note(args.threads)
+    report["machine_after"] = hardware_note(args.threads)
     print(report["machine_after"])
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        write_atomic(args.output, json.dumps(report, indent=2))
     return 0
 
 

@@ -36,8 +36,8 @@ from typing import Callable
 
 import torch
 
-from common import (PeakMeter, hardware_note, median, pair_forward_flops, random_images, random_tokens,
-                    time_interleaved, twin_models, write_atomic)
+from common import (PeakMeter, format_ratio, hardware_note, median, pair_forward_flops, random_images, random_tokens,
+                    round_ratios, time_interleaved, twin_models, write_atomic)
 
 from clipforge.losses import clip_loss
 from clipforge.speed import autocast, cpu_flags, cpu_supports_bf16, resolve_precision
@@ -193,13 +193,15 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
         print(f"  {run:40s} {batch / seconds:7.2f} samples/s  step {seconds:7.3f} s  {rate / 1e9:6.1f} GFLOP/s  "
               f"MFU {rate / peak:6.1%} of {'fp32' if precision == 'fp32' else 'bf16'} peak"
               + (f" ({rate / peaks['bf16']:.1%} of bf16)" if native_bf16 else ""))
-    ratios = {}
+    ratios, rounds = {}, {}
     for run in secs:
         if run.startswith("clipforge"):
             precision = run.split()[1]
             theirs = their_precision(precision)
             for ref in ("transformers", "open_clip"):
-                ratios[f"{precision} vs {ref} {theirs}"] = secs[f"{ref} {theirs} (with {precision})"] / secs[run]
+                label, other = f"{precision} vs {ref} {theirs}", f"{ref} {theirs} (with {precision})"
+                ratios[label] = secs[other] / secs[run]
+                rounds[label] = round_ratios(result["all_seconds"][run], result["all_seconds"][other])
     for run in secs:
         precision = run.split()[1]
         if run.startswith("clipforge compiled-") and f"clipforge {precision.removeprefix('compiled-')}" in secs:
@@ -208,10 +210,11 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
             ratios[f"{precision} vs {eager} (through {ref})"] = (
                 ratios[f"{precision} vs {ref}"] / ratios[f"{eager} vs {ref}"])
     for label, ratio in ratios.items():
-        print(f"  speed ratio clipforge {label}: {ratio:.2f}x")
+        print(f"  speed ratio clipforge {label}: " + (format_ratio(ratio, rounds[label]) if label in rounds
+                                                       else f"{ratio:.2f}x"))
     if any(row["mfu"] > 1 for row in rows.values()):
         print("  (MFU above 100%: the machine was busier while the peak was measured; rerun when it is quiet)")
-    return {**result, "rows": rows, "ratios": ratios}
+    return {**result, "rows": rows, "ratios": ratios, "ratio_rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions",
                         default="fp32,bf16,bf16-master,compiled-fp32,compiled-bf16,compiled-bf16-master",
                         help="trainer modes: fp32, bf16, bf16-master, compiled-<mode> (torch.compile)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per variant (default %(default)s: a ratio's per-round range then covers its "
+                             "median with 94%% probability)")
     parser.add_argument("--block", type=int, default=2,
                         help="consecutive steps per turn, the first not timed (1: strict alternation, one warm-up)")
     parser.add_argument("--threads", type=int, default=1)

@@ -340,6 +340,26 @@ def test_exact_topk_and_recall_helpers_on_toy_input():
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])) == pytest.approx(2 / 3)
 
 
+def test_exact_topk_matches_a_full_sort_with_ties_across_chunks():
+    """Many exact ties (vectors drawn from 3 values per coordinate, repeated rows), chunks smaller and larger
+    than k: the result is the full sort of every score, by score descending and then id ascending."""
+    rng = np.random.default_rng(3)
+    vectors = rng.choice([-1.0, 0.0, 1.0], size=(700, 4)).astype(np.float32)
+    vectors[350:] = vectors[:350]  # every row also appears 350 ids later
+    queries = rng.choice([-1.0, 0.0, 1.0], size=(40, 4)).astype(np.float32)
+    bounds = [0, 5, 12, 300, 301, 700]  # chunks of 5, 7, 288, 1 and 399 rows
+    chunks = [(a, vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    scores, ids = exact_topk(chunks, queries, 10)
+    full = queries @ vectors.T  # [40, 700]; small integers, exact in float32
+    columns = np.arange(700)
+    for row in range(40):
+        want = np.lexsort((columns, -full[row]))[:10]
+        assert ids[row].tolist() == want.tolist()
+        assert scores[row].tolist() == full[row, want].tolist()
+    short_scores, short_ids = exact_topk([(0, vectors[:3])], queries[:1], 5)  # fewer rows than k: padded
+    assert short_ids[0, 3:].tolist() == [-1, -1] and np.isneginf(short_scores[0, 3:]).all()
+
+
 def test_missing_faiss_names_the_extra(monkeypatch):
     import builtins
 

@@ -189,10 +189,10 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
     IVF-PQ: when no nprobe reaches the target with `opts.rerank`, PQ's ranking of the candidates is the limit
     (more lists only bring more vectors whose approximate scores misplace them), so the rescoring depth doubles,
     up to MAX_RERANK, until a scan of every list would reach the target; nprobe is then tuned at that depth."""
-    depth = {"rerank": opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0}
+    rerank = opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0
 
     def search(queries: np.ndarray, k: int) -> tuple:
-        return search_faiss(index, sources, queries, k, depth["rerank"])
+        return search_faiss(index, sources, queries, k, rerank)  # the depth in force when called
 
     if kind == "flat":
         return {}, measure_recall(search, sets, truth, opts.k), True
@@ -206,14 +206,14 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
         return measure_recall(search, sets, truth, opts.k)
 
     value, recall, met = tune(candidates, recall_with, opts.target_recall)
-    if not met and depth["rerank"]:
-        while depth["rerank"] < MAX_RERANK:
-            depth["rerank"] = min(MAX_RERANK, depth["rerank"] * 2)
+    if not met and rerank:
+        while rerank < MAX_RERANK:
+            rerank = min(MAX_RERANK, rerank * 2)
             if min(recall_with(candidates[-1]).values()) >= opts.target_recall:
                 break
         value, recall, met = tune(candidates, recall_with, opts.target_recall)
     apply_search_params(index, {name: value})
-    return {name: value, **({"rerank": depth["rerank"]} if depth["rerank"] else {})}, recall, met
+    return {name: value, **({"rerank": rerank} if rerank else {})}, recall, met
 
 
 def write_index(index_dir: Path, index: Any, info: dict[str, Any]) -> dict[str, Any]:

@@ -56,10 +56,10 @@ def _chunk_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.argpartition(-scores, k - 1, axis=1)[:, :k].astype(np.int64)  # [n, k], unordered
     top = np.take_along_axis(scores, ids, axis=1)
     tied = (scores >= top.min(axis=1, keepdims=True)).sum(axis=1) > k  # a tie at the k-th left columns out
-    for row in np.flatnonzero(tied):
-        columns = np.arange(m, dtype=np.int64)
-        ids[row] = columns[np.lexsort((columns, -scores[row]))[:k]]
-        top[row] = scores[row, ids[row]]
+    if tied.any():
+        columns = np.broadcast_to(np.arange(m, dtype=np.int64), (int(tied.sum()), m))
+        ids[tied] = _by_score_then_id(scores[tied], columns)[:, :k]
+        top[tied] = np.take_along_axis(scores[tied], ids[tied], axis=1)
     return top, ids
 
 

@@ -30,8 +30,10 @@ class BuiltIndex:
 
 
 @torch.no_grad()
-def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", seed: int = 0) -> BuiltIndex:
-    """Images with caption sidecars -> `clipforge embed` -> `clipforge index build --kind flat`, as a user would."""
+def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", seed: int = 0,
+                      copies: dict[int, int] | None = None) -> BuiltIndex:
+    """Images with caption sidecars -> `clipforge embed` -> `clipforge index build --kind flat`, as a user would.
+    `copies` {i: n} adds n byte-identical copies of image i (`img_0000i_copyJ.png`, ids in file-name order)."""
     torch.manual_seed(seed)
     model = create_model(arch).eval()
     model_path = save_model(model, root / "model.safetensors")
@@ -46,11 +48,17 @@ def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", se
         path.with_suffix(".txt").write_text(caption)
         paths.append(path)
         captions.append(caption)
+        for j in range((copies or {}).get(i, 0)):
+            copy = images_dir / f"img_{i:05d}_copy{j}.png"
+            copy.write_bytes(path.read_bytes())
+            copy.with_suffix(".txt").write_text(caption)
+            paths.append(copy)
+            captions.append(caption)
     emb, index_dir = root / "emb", root / "index"
     assert main(["embed", str(images_dir), "--model", str(model_path), "--output", str(emb), "--workers", "0",
-                 "--part-size", str(count // 2 + 7), "--no-progress"]) == 0  # two parts: ids cross a boundary
+                 "--part-size", str(len(paths) // 2 + 7), "--no-progress"]) == 0  # two parts: ids cross a boundary
     assert main(["index", "build", str(emb), "--index", str(index_dir), "--kind", "flat",
-                 "--queries", str(min(50, count // 2))]) == 0
+                 "--queries", str(min(50, len(paths) // 2))]) == 0
     stored = np.concatenate([np.load(p) for p in sorted((emb / "img_emb").glob("img_emb_*.npy"),
                                                          key=lambda p: int(p.stem.split("_")[-1]))])
     return BuiltIndex(index_dir, model_path, model, stored.astype(np.float32), captions, paths)

@@ -6,9 +6,10 @@ These tests fail (they do not skip) when chromium or chromedriver is missing: in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 from search_index import build_small_index, running_server
@@ -16,6 +17,9 @@ from search_index import build_small_index, running_server
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900")
 WAIT_S = 30
+# The page's "hide near-duplicates" threshold for this index: a random ResNet embeds every pair of these images
+# above 0.998, so the default 0.95 would leave one result; this one hides some and keeps most.
+PAGE_DEDUP = 0.99995
 
 
 def find_browser() -> tuple[str, str]:
@@ -38,7 +42,7 @@ def server(built):
     from clipforge.search.server import create_app
 
     searcher = Searcher(built.index_dir)
-    with running_server(create_app(searcher)) as base:
+    with running_server(create_app(searcher, dedup=PAGE_DEDUP)) as base:
         yield base, searcher
 
 
@@ -207,3 +211,36 @@ def test_bad_query_shows_the_error(server, browser):
     browser.find_element(By.ID, "query").send_keys("word " * 100, Keys.ENTER)
     assert "tokens long" in wait_status(browser, "tokens long")
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+def test_hide_near_duplicates_and_download_the_answer(server, browser):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    browser.get(base + "/?q=a%20red%20circle&k=12")
+    wait_status(browser, "12 results for")
+    wait_for(browser, lambda d: str(PAGE_DEDUP) in d.find_element(By.ID, "dedup-label").get_attribute("title"),
+             "the server's dedup threshold never reached the page")
+    browser.find_element(By.ID, "dedup").click()
+    expected = searcher.search(text="a red circle", k=12, dedup=PAGE_DEDUP)
+    assert expected["hidden"] > 0
+    wait_status(browser, f"({expected['hidden']} near-duplicates hidden)")
+    assert card_ids(browser) == [h["id"] for h in expected["results"]]
+    badges = {int(card.get_attribute("data-id")): card.find_elements(By.CSS_SELECTOR, ".dups")
+              for card in browser.find_elements(By.CSS_SELECTOR, "#results .card")}
+    for hit in expected["results"]:
+        shown = [b.text for b in badges[hit["id"]]]
+        assert shown == ([f"+{len(hit['duplicates'])}"] if hit["duplicates"] else [])
+    assert parse_qs(urlparse(browser.current_url).query)["dedup"] == [str(PAGE_DEDUP)]
+    # the download is the API's answer, exactly
+    link = browser.find_element(By.ID, "download")
+    head, _, payload = link.get_attribute("href").partition(",")
+    assert head == "data:application/json;charset=utf-8" and link.get_attribute("download").endswith(".json")
+    api = httpx.get(base + "/api/search", params={"text": "a red circle", "k": 12, "dedup": PAGE_DEDUP}).json()
+    assert json.loads(unquote(payload)) == api and link.is_displayed()
+    # a shared URL with dedup reproduces it, with the toggle on
+    browser.get(base + f"/?q=a%20red%20circle&k=12&dedup={PAGE_DEDUP}")
+    wait_status(browser, "near-duplicates hidden")
+    assert browser.find_element(By.ID, "dedup").is_selected()
+    assert card_ids(browser) == [h["id"] for h in expected["results"]]

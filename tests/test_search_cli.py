@@ -98,6 +98,7 @@ def test_fingerprint_mismatch_refused_at_start(built, tmp_path, capsys):
     (["--port", "0"], "--port: expected 1..65535"),
     (["--max-upload-mb", "0"], "--max-upload-mb: expected a positive number"),
     (["--templates", "no-such-set"], "no template set 'no-such-set'"),
+    (["--dedup", "1.5"], "--dedup: expected a cosine similarity in (-1, 1], got 1.5"),
 ])
 def test_serve_bad_options(built, capsys, args, fragment):
     assert main(["serve", str(built.index_dir), *args]) == 2

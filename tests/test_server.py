@@ -277,3 +277,62 @@ def test_live_server_raw_path_traversal(live_server):
         assert b"root:" not in answer and b"import " not in answer
     answer = raw_request(address, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+# --- /metrics ----------------------------------------------------------------------------------------------
+
+
+def scrape(app_client) -> dict[str, dict[tuple, float]]:
+    """{sample name: {sorted label items: value}} of one GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = app_client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_count_what_was_asked(searcher, client, built):
+    app_client = TestClient(create_app(searcher, max_upload_mb=LIMIT_MB))
+    assert app_client.get("/api/search", params={"text": "a red circle", "k": 3}).status_code == 200
+    assert app_client.get("/api/search", params={"text": "a blue square - a red circle"}).status_code == 200
+    assert app_client.get("/api/search", params={"id": 4}).status_code == 200  # no model forward
+    assert app_client.get("/api/search", params={"text": "cat", "k": "0"}).status_code == 400  # refused first
+    assert app_client.get("/api/image/4").status_code == 200
+    assert app_client.get("/nothing-here").status_code == 404
+    assert app_client.delete("/api/search").status_code == 405
+    assert app_client.post("/api/search", content=b"x" * 10, headers={
+        "content-type": "multipart/form-data; boundary=x", "content-length": "999999999"}).status_code == 413
+    assert app_client.post("/api/search", files={"image": ("q.png", built.paths[9].read_bytes(), "image/png")},
+                           data={"k": "2"}).status_code == 200
+    assert client.get("/api/search", params={"text": "a green star"}).status_code == 200  # another app's request
+    samples = scrape(app_client)
+
+    requests = {dict(labels)["route"] + " " + dict(labels)["method"] + " " + dict(labels)["status"]: value
+                for labels, value in samples["clipforge_http_requests_total"].items()}
+    assert requests == {"/api/search GET 200": 3, "/api/search GET 400": 1, "/api/image/{image_id} GET 200": 1,
+                        "other GET 404": 1, "/api/search DELETE 405": 1, "/api/search POST 413": 1,
+                        "/api/search POST 200": 1}
+    latency = {dict(labels)["route"]: value for labels, value in
+               samples["clipforge_http_request_duration_seconds_count"].items()}
+    assert latency == {"/api/search": 7, "/api/image/{image_id}": 1, "other": 1}
+    stages = {dict(labels)["stage"]: value for labels, value in samples["clipforge_query_stage_seconds_count"].items()}
+    # two text queries (the second embeds its two texts in one call), one upload; four searches reach the index
+    assert stages == {"encode_text": 2, "encode_image": 1, "knn": 4, "metadata": 4}
+    assert samples["clipforge_index_images"][()] == 60
+    assert samples["clipforge_http_requests_in_flight"][()] == 1  # the scrape itself
+    assert scrape(app_client)["clipforge_http_requests_total"][
+        (("method", "GET"), ("route", "/metrics"), ("status", "200"))] == 1  # the first scrape, counted once done
+
+
+def test_metrics_without_prometheus_client(searcher, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # any import of it now raises ImportError
+    app_client = TestClient(create_app(searcher))
+    monkeypatch.undo()
+    assert_error(app_client.get("/metrics"), 404, "needs prometheus_client")
+    assert app_client.get("/api/search", params={"text": "a red circle"}).status_code == 200

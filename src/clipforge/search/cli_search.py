@@ -13,6 +13,7 @@ SEARCH_EPILOG = """query language:
   clipforge search runs/idx "a red circle"
   clipforge search runs/idx "beach" + photo.jpg - "people"
   clipforge search runs/idx "2:golden retriever" - 0.5:grass -k 20 --output hits.json
+  clipforge search runs/idx "a red circle" --dedup 0.95   # near-duplicates listed under a better hit
 The query vector is the weighted sum of the terms' normalised embeddings, normalised again."""
 
 
@@ -25,6 +26,9 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", nargs="*", help="query terms (see below)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
     p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    p.add_argument("--dedup", type=float, metavar="COSINE",
+                   help="collapse near-duplicates: a result within this cosine of a better one is counted under it "
+                   "instead of taking a place in the top k (0.95 is `index duplicates`' default)")
     p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
                    help="the runtime to embed queries with (default, and the only one accepted: the one the index "
@@ -47,6 +51,9 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
     p.add_argument("--templates", help="prompt templates for /api/classify: a shipped set or a .txt file "
                    "(default: 'a photo of {}.' and three others)")
+    p.add_argument("--dedup", type=float, default=0.95, metavar="COSINE",
+                   help="the cosine of the page's 'hide near-duplicates' toggle (default: 0.95; API requests give "
+                   "their own dedup=)")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -59,9 +66,11 @@ def _searcher(args: argparse.Namespace) -> Any:
 def format_table(answer: dict[str, Any], width: int | None = None) -> str:
     """rank, score, key, caption, path as aligned columns, long cells cut to fit the terminal."""
     width = width or shutil.get_terminal_size((120, 20)).columns
-    rows = [(str(n), f"{h['score']:.4f}", str(h["key"] or ""), str(h["caption"] or ""), str(h["path"] or ""))
+    dedup = "dedup" in answer
+    rows = [(str(n), f"{h['score']:.4f}" + (f" +{len(h['duplicates'])}" if dedup and h["duplicates"] else ""),
+             str(h["key"] or ""), str(h["caption"] or ""), str(h["path"] or ""))
             for n, h in enumerate(answer["results"], 1)]
-    header = ("rank", "score", "key", "caption", "path")
+    header = ("rank", "score +dups" if dedup else "score", "key", "caption", "path")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     spare = max(20, width - sum(widths[:3]) - 8)
     widths[3] = min(widths[3], spare // 2)
@@ -94,14 +103,24 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     query: Sequence[str] = [*args.query, *extra]  # terms after an option reach here as `extra`
     if not query and not args.image:
         raise UserError("search: give a query text, an image (--image PATH), or both")
+    if args.dedup is not None:
+        from .dedup import check_threshold
+
+        try:
+            check_threshold(args.dedup, "--dedup")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     try:
         terms = (parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
         searcher = _searcher(args)
-        answer = searcher.search_terms(terms, args.k)
+        answer = searcher.search_terms(terms, args.k, args.dedup)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     print(f"Query: {' '.join(t.describe() for t in terms)}  ({len(searcher)} images)")
     print(format_table(answer))
+    if "dedup" in answer:
+        print(f"{answer['hidden']} near-duplicates (cosine >= {answer['dedup']:g} to a better result) hidden; "
+              "+N after a score counts those under it (ids in --output)")
     notice = no_match_line(answer)
     if notice:
         print(notice)
@@ -122,6 +141,12 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"--port: expected 1..65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise UserError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb}")
+    from .dedup import check_threshold
+
+    try:
+        check_threshold(args.dedup, "--dedup")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     templates = DEFAULT_LABEL_TEMPLATES
     if args.templates:
         from ..eval.templates import load_templates
@@ -132,7 +157,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     except SearchError as exc:
         raise UserError(str(exc)) from None
     try:
-        serve(searcher, args.host, args.port, args.max_upload_mb, templates)
+        serve(searcher, args.host, args.port, args.max_upload_mb, templates, args.dedup)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     return 0

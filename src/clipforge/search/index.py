@@ -171,6 +171,13 @@ class VectorIndex:
         self._locate(id_)
         return stored_rows(self.sources, np.array([int(id_)], dtype=np.int64))[0]
 
+    def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored image embeddings of valid ids as float32 [len(ids), dim]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= int(self._offsets[-1])):
+            raise SearchError(f"ids: expected 0..{int(self._offsets[-1]) - 1}, got {int(ids.min())}..{int(ids.max())}")
+        return stored_rows(self.sources, ids) if ids.size else np.empty((0, self.dim), dtype=np.float32)
+
     def _tar_member(self, shard: str, member: str) -> tuple[int, int]:
         with self._tar_lock:
             members = self._tar_members.get(shard)

@@ -12,18 +12,25 @@ must equal the index's: a query embedded by another model, or by the same model 
 precision (torch, ONNX fp32, ONNX int8), would return wrong neighbours silently, so that is refused at start.
 Model inference runs under a lock (one forward at a time; torch uses its own threads inside); the faiss
 search itself is thread-safe, so a Searcher may be shared by the threads of a server.
+
+`dedup=T` collapses near-duplicates (`dedup.collapse`): a hit within cosine T of a better one is listed under it
+(`duplicates`) instead of taking a place in the top k. Listeners added with `add_timing_listener` hear how long
+each stage of a query took (the server's /metrics).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
+from .dedup import check_threshold, collapse
 from .errors import SearchError
 from .query import (
     DEFAULT_MAX_PIXELS,
@@ -35,9 +42,15 @@ from .query import (
 )
 
 DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.", "{}.")
+# With dedup, candidates are fetched k x DEDUP_FETCH at first, then 4x more until k distinct are found or this
+# many were examined: a query that hits a cluster of thousands of copies answers with fewer than k results
+# rather than scanning the collection.
+DEDUP_FETCH = 4
+DEDUP_MAX_CANDIDATES = 8192
+STAGES = ("encode_text", "encode_image", "knn", "metadata")  # what timing listeners hear about
 
 
-class SearchHit(TypedDict):
+class _Hit(TypedDict):
     id: int
     score: float
     key: str | None
@@ -45,10 +58,19 @@ class SearchHit(TypedDict):
     path: str | None
 
 
-class SearchAnswer(TypedDict):
+class SearchHit(_Hit, total=False):
+    duplicates: list[int]  # with dedup: ids hidden under this hit, best first
+
+
+class _Answer(TypedDict):
     results: list[SearchHit]
     no_good_match: bool
     threshold: float | None
+
+
+class SearchAnswer(_Answer, total=False):
+    dedup: float  # with dedup: the cosine threshold
+    hidden: int  # with dedup: candidates hidden (under a hit, or as copies of the query image)
 
 
 def token_count(tokenizer: Any, text: str) -> int:
@@ -112,9 +134,27 @@ class Searcher:
         threshold = self.info.get("threshold") or {}
         score = threshold.get("score")  # None: not calibrated (measure.UNSEPARATED)
         self.threshold: float | None = float(score) if score is not None else None
+        self._listeners: list[Callable[[str, float], None]] = []
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def add_timing_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Call `listener(stage, seconds)` after each stage of each query (stages: `STAGES`; encode times
+        include waiting for the model lock). Adding the same listener again has no effect."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        if not self._listeners:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        for listener in self._listeners:
+            listener(stage, elapsed)
 
     def check_text(self, text: str) -> str:
         """The text, stripped; SearchError when it is empty or longer than the model's context."""
@@ -129,14 +169,15 @@ class Searcher:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised text embeddings [n, d] (float32)."""
         texts = [self.check_text(t) for t in texts]
-        with self._lock:
+        with self._timed("encode_text"), self._lock:
             return self.encoder.encode_text(texts)
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Normalised image embeddings [n, d] (float32) of paths, bytes or PIL images."""
-        pixels = torch.stack([self.encoder.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
-        with self._lock:
-            return self.encoder.encode_image(pixels)
+        with self._timed("encode_image"):
+            pixels = torch.stack([self.encoder.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
+            with self._lock:
+                return self.encoder.encode_image(pixels)
 
     def query_vector(self, terms: Sequence[QueryTerm]) -> np.ndarray:
         """The normalised weighted sum of the terms' embeddings [d]."""
@@ -154,40 +195,82 @@ class Searcher:
         return combine(np.concatenate(vectors), weights)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None,
-                      exclude: int | None = None) -> SearchAnswer:
+                      exclude: int | None = None, dedup: float | None = None) -> SearchAnswer:
         """Top-k hits of a normalised query vector [d]; `no_good_match` when the best score is under
-        `threshold` (None: not judged). `exclude` drops one id (the query's own image)."""
+        `threshold` (None: not judged). `exclude` drops one id (the query's own image, whose copies `dedup`
+        hides too). `dedup`: a cosine; hits that close to a better hit are listed under it, not in the top k."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k: expected a positive integer, got {k!r}")
+        if dedup is not None:
+            try:
+                dedup = check_threshold(dedup)
+            except ValueError as exc:
+                raise SearchError(str(exc)) from None
         k = min(int(k), len(self.index))
-        scores, ids = self.index.search(vector[None, :], k + (exclude is not None))  # [1, k(+1)]
-        keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude][:k]
-        records = self.index.metadata([i for _, i in keep]) if keep else []
+        if dedup is None:
+            keep = self._candidates(vector, k, exclude)[:k]
+            duplicates: dict[int, list[int]] | None = None
+            hidden = 0
+        else:
+            keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup)
+        with self._timed("metadata"):
+            records = self.index.metadata([i for _, i in keep]) if keep else []
         hits: list[SearchHit] = []
         for (score, id_), meta in zip(keep, records):
             path = meta.get("path") or (f"{meta['shard']}:{meta['member']}" if meta.get("shard") else None)
-            hits.append({"id": id_, "score": score, "key": meta.get("key"), "caption": meta.get("caption"),
-                         "path": None if path is None else str(path)})
+            hit: SearchHit = {"id": id_, "score": score, "key": meta.get("key"), "caption": meta.get("caption"),
+                              "path": None if path is None else str(path)}
+            if duplicates is not None:
+                hit["duplicates"] = duplicates[id_]
+            hits.append(hit)
         best = hits[0]["score"] if hits else float("-inf")
-        return {"results": hits, "no_good_match": threshold is not None and best < threshold,
-                "threshold": threshold}
+        answer: SearchAnswer = {"results": hits, "no_good_match": threshold is not None and best < threshold,
+                                "threshold": threshold}
+        if dedup is not None:
+            answer["dedup"], answer["hidden"] = dedup, hidden
+        return answer
 
-    def search_terms(self, terms: Sequence[QueryTerm], k: int = 10) -> SearchAnswer:
+    def _candidates(self, vector: np.ndarray, fetch: int, exclude: int | None) -> list[tuple[float, int]]:
+        """(score, id) of the best `fetch` ids, best first and equal scores by id (faiss leaves their order
+        open: byte-identical copies would swap places between runs), without `exclude` and faiss's -1 padding."""
+        with self._timed("knn"):
+            scores, ids = self.index.search(vector[None, :], min(fetch + (exclude is not None), len(self.index)))
+        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude]
+        return sorted(found, key=lambda hit: (-hit[0], hit[1]))
+
+    def _distinct(self, vector: np.ndarray, k: int, exclude: int | None,
+                  dedup: float) -> tuple[list[tuple[float, int]], dict[int, list[int]], int]:
+        """Up to k near-duplicate-free hits, the ids hidden under each, and how many were hidden in all."""
+        seed = self.index.image_vector(exclude) if exclude is not None else None
+        fetch = min(k * DEDUP_FETCH, len(self.index), DEDUP_MAX_CANDIDATES)
+        while True:
+            candidates = self._candidates(vector, fetch, exclude)
+            outcome = collapse(self.index.image_vectors([i for _, i in candidates]), dedup, k, seed)
+            if outcome.complete or fetch >= min(len(self.index), DEDUP_MAX_CANDIDATES):
+                break
+            fetch = min(fetch * 4, len(self.index), DEDUP_MAX_CANDIDATES)
+        keep = [candidates[p] for p in outcome.shown]
+        duplicates = {candidates[p][1]: [candidates[q][1] for q in outcome.hidden_under[p]] for p in outcome.shown}
+        return keep, duplicates, outcome.hidden
+
+    def search_terms(self, terms: Sequence[QueryTerm], k: int = 10, dedup: float | None = None) -> SearchAnswer:
         """Search with parsed terms. The no-good-match threshold is calibrated on caption -> image scores, so it
         judges text-only queries; for queries with an image the answer's threshold is None."""
         text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
-        return self.search_vector(self.query_vector(terms), k, self.threshold if text_only else None)
+        return self.search_vector(self.query_vector(terms), k, self.threshold if text_only else None, dedup=dedup)
 
-    def search(self, text: Any = None, image: Any = None, k: int = 10) -> SearchAnswer:
+    def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None) -> SearchAnswer:
         """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
         (negative weights push away); texts may also be a {text: weight} dict. Images are paths, bytes or
-        PIL images. Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"}."""
-        return self.search_terms(as_terms(text, "text") + as_terms(image, "image"), k)
+        PIL images. Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"};
+        with `dedup` (a cosine, e.g. 0.95) near-duplicates of a better hit go into its "duplicates" list."""
+        return self.search_terms(as_terms(text, "text") + as_terms(image, "image"), k, dedup)
 
-    def search_by_id(self, id_: int, k: int = 10) -> SearchAnswer:
-        """Images most like image `id_` of the index (itself left out)."""
+    def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None) -> SearchAnswer:
+        """Images most like image `id_` of the index (itself, and with `dedup` its copies, left out)."""
         vector = self.index.image_vector(id_)
-        return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=int(id_))
+        return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=int(id_),
+                                  dedup=dedup)
 
     @torch.no_grad()
     def classify(self, image: ImageInput, labels: Sequence[str],

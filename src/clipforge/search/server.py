@@ -6,8 +6,10 @@
     GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
     GET  /api/search?id=N&k=…   images like image N of the index
     POST /api/search            multipart: `image` file and/or `text`, `k`
+                                (all three take `dedup=T`: near-duplicates within cosine T go under a better hit)
     GET  /api/image/{id}        the image file of an id, found from the index's metadata only
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
+    GET  /metrics               Prometheus text format: requests, latencies, time per query stage
 
 Every bad request gets a 4xx answer `{"error": "..."}` and the server goes on. Request bodies are limited
 (Content-Length checked first, then the bytes actually received), uploads are decoded with a pixel limit, and
@@ -34,6 +36,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from .dedup import DEFAULT_DEDUP, check_threshold
+from .metrics import (
+    UNAVAILABLE,
+    MetricsMiddleware,
+    ServerMetrics,
+    record_stage,
+    server_metrics,
+)
 from .query import QueryTerm, parse_query
 from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
@@ -118,6 +128,18 @@ def parse_k(value: Any, default: int = 12) -> int:
     return int(text)
 
 
+def parse_dedup(value: Any) -> float | None:
+    """None (no collapsing) when absent or empty, else a cosine in (-1, 1]."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    try:
+        return check_threshold(float(text))
+    except ValueError:
+        raise RequestError(400, f"dedup: expected a cosine similarity in (-1, 1], e.g. {DEFAULT_DEDUP}, "
+                           f"got {text[:40]!r}") from None
+
+
 def parse_id(value: Any, size: int) -> int:
     text = str(value).strip()
     if not _ID.match(text) or int(text) >= size:
@@ -141,19 +163,27 @@ def parse_labels(value: Any) -> list[str]:
 
 def public_answer(answer: SearchAnswer) -> dict[str, Any]:
     """The JSON of a search answer: no filesystem paths, an image URL per hit."""
-    results = [{"id": h["id"], "score": round(h["score"], 5), "key": h["key"], "caption": h["caption"],
-                "image_url": f"/api/image/{h['id']}"} for h in answer["results"]]
-    return {"results": results, "no_good_match": answer["no_good_match"], "threshold": answer["threshold"]}
+    results = []
+    for hit in answer["results"]:
+        row = {"id": hit["id"], "score": round(hit["score"], 5), "key": hit["key"], "caption": hit["caption"],
+               "image_url": f"/api/image/{hit['id']}"}
+        if "duplicates" in hit:
+            row["duplicates"] = hit["duplicates"]
+        results.append(row)
+    out = {"results": results, "no_good_match": answer["no_good_match"], "threshold": answer["threshold"]}
+    if "dedup" in answer:
+        out["dedup"], out["hidden"] = answer["dedup"], answer.get("hidden", 0)
+    return out
 
 
-def index_summary(searcher: Searcher) -> dict[str, Any]:
+def index_summary(searcher: Searcher, dedup: float = DEFAULT_DEDUP) -> dict[str, Any]:
     info = searcher.info
     threshold = info.get("threshold") or {}
     return {"images": len(searcher), "dim": searcher.index.dim, "kind": info.get("kind"),
             "model": Path(str(info.get("model") or "")).name or None, "backend": searcher.backend,
             "recall": info.get("recall"),
             "threshold": {k: threshold[k] for k in ("score", "precision", "recall") if k in threshold} or None,
-            "max_k": MAX_K}
+            "max_k": MAX_K, "dedup": dedup}
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -189,7 +219,7 @@ def add_error_handlers(app: FastAPI) -> None:
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, labels)")
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, dedup, labels)")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts
@@ -220,37 +250,38 @@ def add_page_routes(app: FastAPI) -> None:
         return FileResponse(files[name], headers=PAGE_HEADERS)
 
 
-def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int) -> None:
+def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int, dedup: float) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "images": len(searcher)}
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return index_summary(searcher)
+        return index_summary(searcher, dedup)
 
     @app.get("/api/search")
-    def search_get(text: str | None = None, k: str | None = None, id: str | None = None) -> dict[str, Any]:
-        count = parse_k(k)
+    def search_get(text: str | None = None, k: str | None = None, id: str | None = None,
+                   dedup: str | None = None) -> dict[str, Any]:
+        count, threshold = parse_k(k), parse_dedup(dedup)
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
         if id is not None:
-            return public_answer(searcher.search_by_id(parse_id(id, len(searcher)), count))
+            return public_answer(searcher.search_by_id(parse_id(id, len(searcher)), count, threshold))
         if text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
-        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), count))
+        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), count, threshold))
 
     @app.post("/api/search")
     async def search_post(request: Request) -> dict[str, Any]:
         image, fields = await read_form(request, max_bytes)
-        count = parse_k(fields.get("k"))
+        count, threshold = parse_k(fields.get("k")), parse_dedup(fields.get("dedup"))
         text = fields.get("text", "").strip()
         if image is None and not text:
             raise RequestError(400, "give an image file, a text, or both")
         terms = parse_query(text, allow_paths=False) if text else []
         if image is not None:
             terms.append(QueryTerm("image", image, 1.0))
-        return public_answer(await run_in_threadpool(searcher.search_terms, terms, count))
+        return public_answer(await run_in_threadpool(searcher.search_terms, terms, count, threshold))
 
 
 def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates: tuple[str, ...]) -> None:
@@ -274,27 +305,43 @@ def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates
         return {"labels": ranked}
 
 
+def add_metrics_route(app: FastAPI, metrics: ServerMetrics | None) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    def scrape() -> Response:
+        if metrics is None:
+            raise RequestError(404, UNAVAILABLE)
+        body, content_type = metrics.exposition()
+        return Response(content=body, media_type=content_type)
+
+
 def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
-               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> FastAPI:
+               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP) -> FastAPI:
     """The FastAPI application serving `searcher`. Sync endpoints run in the thread pool; the model's
-    forward passes are serialised by the Searcher's lock, faiss searches run concurrently."""
+    forward passes are serialised by the Searcher's lock, faiss searches run concurrently. `dedup` is the
+    threshold the page's "hide near-duplicates" toggle sends (API requests give their own)."""
+    dedup = check_threshold(dedup)
     app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages would load from a CDN
     max_bytes = int(max_upload_mb * 2**20)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    metrics = server_metrics(len(searcher))
+    if metrics is not None:  # outermost (added last), so the body limit's own 413s are counted too
+        app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+        searcher.add_timing_listener(record_stage)  # once per searcher, however many apps serve it
     add_error_handlers(app)
     add_page_routes(app)
-    add_search_routes(app, searcher, max_bytes)
+    add_search_routes(app, searcher, max_bytes, dedup)
     add_image_routes(app, searcher, max_bytes, templates)
+    add_metrics_route(app, metrics)
     return app
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
-          templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES) -> None:
+          templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
     reuse_freed_memory()
-    app = create_app(searcher, max_upload_mb, templates)
+    app = create_app(searcher, max_upload_mb, templates, dedup)
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {len(searcher)} images at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):

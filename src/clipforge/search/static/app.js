@@ -1,9 +1,11 @@
 // The clipforge search page: talks to the JSON API of `clipforge serve` (see README, "Search a collection").
-// The query lives in the page URL (?q=…&k=… or ?id=…) so a search can be shared; an uploaded image cannot be.
+// The query lives in the page URL (?q=…&k=…[&dedup=…] or ?id=…) so a search can be shared; an uploaded image
+// cannot be.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { image: null, classifyImage: null };
+// dedup: the cosine of the "hide near-duplicates" toggle (the server's, from /api/info, unless the URL gives one)
+const state = { image: null, classifyImage: null, dedup: 0.95, dedupFromUrl: false };
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -47,6 +49,13 @@ function card(hit) {
   const score = document.createElement("div");
   score.className = "score";
   score.textContent = hit.score.toFixed(3);
+  if (hit.duplicates && hit.duplicates.length) {
+    const dups = document.createElement("span");
+    dups.className = "dups";
+    dups.textContent = `+${hit.duplicates.length}`;
+    dups.title = `${hit.duplicates.length} near-duplicate(s) hidden: ${hit.duplicates.map((i) => `#${i}`).join(" ")}`;
+    score.append(dups);
+  }
   const caption = document.createElement("div");
   caption.className = "caption";
   caption.textContent = hit.caption || "";
@@ -79,28 +88,44 @@ function render(answer, label) {
     notice.textContent = `No good match: the best score ${best} is under this index's calibrated threshold ` +
       `${answer.threshold.toFixed(3)}. These are the closest images anyway.`;
   }
-  setStatus(`${answer.results.length} results for ${label}`);
+  const hidden = answer.hidden ? ` (${answer.hidden} near-duplicates hidden)` : "";
+  setStatus(`${answer.results.length} results for ${label}${hidden}`);
+  offerDownload(answer);
+}
+
+// The answer as a JSON file, exactly as the API gave it (a data: URL: the page's CSP lets it be saved, and
+// nothing has to be revoked).
+function offerDownload(answer) {
+  $("download").hidden = !answer;
+  if (answer) {
+    $("download").href = `data:application/json;charset=utf-8,${encodeURIComponent(JSON.stringify(answer, null, 2))}`;
+  } else {
+    $("download").removeAttribute("href");
+  }
 }
 
 // Run a query {text, id, image} and, when `push`, record it in the URL.
 async function run(query, push) {
   const k = $("k").value;
+  const dedup = $("dedup").checked ? String(state.dedup) : null;
+  const extra = dedup === null ? "" : `&dedup=${encodeURIComponent(dedup)}`;
   let url = null;
   let options;
   let label;
   if (query.id !== undefined) {
-    url = `/api/search?id=${encodeURIComponent(query.id)}&k=${k}`;
+    url = `/api/search?id=${encodeURIComponent(query.id)}&k=${k}${extra}`;
     label = `images like #${query.id}`;
   } else if (query.image) {
     const form = new FormData();
     form.append("image", query.image, "query-image");
     if (query.text) form.append("text", query.text);
     form.append("k", k);
+    if (dedup !== null) form.append("dedup", dedup);
     url = "/api/search";
     options = { method: "POST", body: form };
     label = query.text ? `the image + “${query.text}”` : "the image";
   } else if (query.text) {
-    url = `/api/search?text=${encodeURIComponent(query.text)}&k=${k}`;
+    url = `/api/search?text=${encodeURIComponent(query.text)}&k=${k}${extra}`;
     label = `“${query.text}”`;
   } else {
     setStatus("Type a query, or drop, paste or pick an image.", true);
@@ -111,6 +136,7 @@ async function run(query, push) {
     if (query.id !== undefined) params.set("id", query.id);
     else if (query.text && !query.image) params.set("q", query.text);
     params.set("k", k);
+    if (dedup !== null) params.set("dedup", dedup);
     history.pushState(null, "", `?${params}`);
   }
   setStatus("searching…");
@@ -119,6 +145,7 @@ async function run(query, push) {
   } catch (err) {
     $("results").replaceChildren();
     $("no-match").hidden = true;
+    offerDownload(null);
     setStatus(err.message, true);
   }
 }
@@ -133,6 +160,11 @@ function setK(value) {
 function fromUrl() {
   const params = new URLSearchParams(location.search);
   if (params.has("k")) setK(params.get("k"));
+  $("dedup").checked = params.has("dedup");
+  if (params.has("dedup")) {
+    state.dedup = params.get("dedup");
+    state.dedupFromUrl = true;
+  }
   if (params.has("id")) {
     $("query").value = "";
     run({ id: params.get("id") }, false);
@@ -195,6 +227,8 @@ async function loadInfo() {
       parts.push("no no-good-match threshold (matched and unmatched captions score alike here)");
     }
     $("info").textContent = parts.filter(Boolean).join(" · ");
+    if (typeof info.dedup === "number" && !state.dedupFromUrl) state.dedup = info.dedup;
+    $("dedup-label").title = `Show one image of each group whose cosine similarity is at least ${state.dedup}`;
   } catch (err) {
     $("info").textContent = `index info unavailable: ${err.message}`;
   }
@@ -225,6 +259,13 @@ function wire() {
       event.preventDefault();
       takeFile(item.getAsFile());
     }
+  });
+  $("dedup").addEventListener("change", () => {
+    const text = $("query").value.trim();
+    const params = new URLSearchParams(location.search);
+    if (state.image) run({ image: state.image, text }, true);
+    else if (params.has("id")) run({ id: params.get("id") }, true);
+    else if (text) run({ text }, true);
   });
   $("classify-button").addEventListener("click", classify);
   $("labels").addEventListener("keydown", (event) => { if (event.key === "Enter") classify(); });

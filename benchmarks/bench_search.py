@@ -22,7 +22,10 @@ architecture: its text tower's size, not its training, sets the speed; metadata 
 `--clients` threads send text queries (colour x shape phrases; every one a text-tower forward, nothing cached)
 over keep-alive HTTP/1.1 on loopback: closed loop (each client sends its next query when the last is answered:
 the capacity) and open loop at `--rate` queries/s in total (latency at that offered load). Any answer other
-than 200 is a failure.
+than 200 is a failure. Then `--dedup-rounds` closed-loop rounds alternate plain queries and the same queries
+with `dedup=0.95` (near-duplicate collapsing: 4k candidates fetched and their stored vectors compared; random
+vectors have no duplicates, so this is its cost when it hides nothing), reported as the per-round ratio of mean
+latencies; and the server's own /metrics give the mean time of each query stage over every request sent.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
     PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import hardware_note, twin_models, write_atomic
+from common import format_ratio, hardware_note, round_ratios, twin_models, write_atomic
 
 from clipforge.search.build import BuildOptions, build_index
 from clipforge.search.index import open_index
@@ -321,7 +324,8 @@ def start_server(index: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("clipforge serve did not answer /healthz within 120 s")
 
 
-def run_clients(base: str, clients: int, per_client: int, rate: float | None) -> dict[str, Any]:
+def run_clients(base: str, clients: int, per_client: int, rate: float | None,
+                dedup: float | None = None) -> dict[str, Any]:
     """Latencies (s) and failures of `clients` threads sending `per_client` text queries each."""
     import httpx
 
@@ -339,7 +343,10 @@ def run_clients(base: str, clients: int, per_client: int, rate: float | None) ->
                 text = texts[(n * per_client + i) % len(texts)]
                 began = time.perf_counter()
                 try:
-                    ok = http.get("/api/search", params={"text": text, "k": 10}).status_code == 200
+                    params: dict[str, Any] = {"text": text, "k": 10}
+                    if dedup is not None:
+                        params["dedup"] = dedup
+                    ok = http.get("/api/search", params=params).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 latencies[n].append(time.perf_counter() - began)
@@ -359,8 +366,37 @@ def run_clients(base: str, clients: int, per_client: int, rate: float | None) ->
             "mean_ms": round(1000 * statistics.fmean(flat), 2)}
 
 
+def stage_means(base: str) -> dict[str, float]:
+    """Mean milliseconds per query stage over everything the server answered, from its /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "clipforge_query_stage_seconds_sum":
+                sums[sample.labels["stage"]] = sample.value
+            elif sample.name == "clipforge_query_stage_seconds_count":
+                counts[sample.labels["stage"]] = sample.value
+    return {stage: round(1000 * sums[stage] / counts[stage], 3) for stage in sums if counts.get(stage)}
+
+
+def dedup_cost(base: str, clients: int, per_client: int, rounds: int) -> dict[str, Any]:
+    """Closed-loop rounds alternating plain and dedup=0.95 queries: per-round ratio of mean latencies."""
+    plain, dedup = [], []
+    for _ in range(rounds):
+        plain.append(run_clients(base, clients, per_client, None)["mean_ms"])
+        dedup.append(run_clients(base, clients, per_client, None, dedup=0.95)["mean_ms"])
+    ratio = statistics.median(dedup) / statistics.median(plain)
+    rounds_ = round_ratios(plain, dedup)  # per round: dedup mean latency / plain mean latency
+    print(f"dedup=0.95 latency / plain: {format_ratio(ratio, rounds_)}", flush=True)
+    return {"plain_mean_ms": plain, "dedup_mean_ms": dedup, "latency_ratio": round(ratio, 3),
+            "latency_ratio_rounds": rounds_}
+
+
 def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, rate: float = 20.0,
-                 model: str | None = None, port: int = 8765) -> dict[str, Any]:
+                 model: str | None = None, port: int = 8765, dedup_rounds: int = 5) -> dict[str, Any]:
     """Build the random index, serve it, and measure closed-loop and open-loop latency and throughput."""
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         started = time.perf_counter()
@@ -372,11 +408,14 @@ def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, ra
             run_clients(base, clients, 5, None)  # warm-up: first forward passes, connections
             closed = run_clients(base, clients, per_client, None)
             opened = run_clients(base, clients, per_client, rate)
+            dedup = dedup_cost(base, clients, per_client, dedup_rounds) if dedup_rounds else None
+            stages = stage_means(base)
         finally:
             server.terminate()
             server.wait(timeout=30)
     return {"rows": rows, "clients": clients, "index_setup_s": round(build_s, 1), "closed_loop": closed,
-            f"open_loop_{rate:g}_qps": opened, "targets": {"p50_ms": 50, "queries_per_s": 20}}
+            f"open_loop_{rate:g}_qps": opened, "dedup": dedup, "stage_mean_ms": stages,
+            "targets": {"p50_ms": 50, "queries_per_s": 20}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--requests", type=int, default=50, help="requests per client and measurement")
     g.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
     g.add_argument("--port", type=int, default=8765)
+    g.add_argument("--dedup-rounds", type=int, default=5, help="plain / dedup=0.95 round pairs (0: skip)")
     args = parser.parse_args(argv)
     sections = args.section or ["embedding", "index", "server"]
     report: dict[str, Any] = {"machine": hardware_note(args.threads)}
@@ -421,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                                       subcentres=args.subcentres)
     if "server" in sections:
         report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
-                                        args.port)
+                                        args.port, args.dedup_rounds)
         print(json.dumps(report["server"], indent=2), flush=True)
     report["machine_after"] = hardware_note(args.threads)
     print(report["machine_after"])

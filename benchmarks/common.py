@@ -253,33 +253,15 @@ def format_ratio(ratio: float, rounds: dict[str, float]) -> str:
             f"{rounds['coverage']:.0%})")
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's description elsewhere)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform  # noqa: PLC0415
-
-    return platform.processor() or platform.machine()
-
-
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def hardware_note(threads: int, device: str = "cpu") -> str:
     """The machine a number was measured on: CPU model and its matmul-relevant flags (or the GPU), torch,
     threads and load."""
-    from clipforge.speed import cpu_flags  # noqa: PLC0415
+    from clipforge.speed import cpu_description  # noqa: PLC0415
 
     if device == "cuda":
         where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
-        flags = cpu_flags()
-        where = f"{cpu_model()} [{' '.join(f for f in SPEED_FLAGS if f in flags) or 'no AVX-512/AMX flags'}]"
+        where = cpu_description()
     return f"{where}; {machine_note(threads)}"
 
 

@@ -17,7 +17,8 @@ from clipforge.losses import clip_loss
 from clipforge.models.attention import attention, explicit_attention
 from clipforge.models.layers import LayerNorm
 from clipforge.speed import (MasterWeights, autocast, bf16_inference, channels_last, channels_last_input,
-                             compile_model, cpu_supports_bf16, int8_pair_sums_saturate, resolve_precision)
+                             compile_model, cpu_description, cpu_supports_bf16, int8_pair_sums_saturate,
+                             resolve_precision)
 
 CAPTIONS = ["a red circle on the left", "two small green hearts and a blue star at the top", "x"]
 
@@ -54,6 +55,17 @@ def test_cpu_bf16_detection_reads_cpuinfo_flags(tmp_path):
     assert not cpu_supports_bf16(str(without))
     assert cpu_supports_bf16(str(arm))
     assert not cpu_supports_bf16(str(tmp_path / "missing"))
+
+
+def test_cpu_description_names_model_and_kernel_flags(tmp_path):
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\n"
+                   "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8 fma\n\n")
+    assert cpu_description(str(amx)) == ("Intel(R) Xeon(R) Platinum 8480C "
+                                         "[avx2 avx512f avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8]")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2\n\n")
+    assert cpu_description(str(old)) == "AMD EPYC [no AVX2/AVX-512/AMX flags]"
 
 
 def test_int8_saturation_needs_x86_without_vnni_or_amx(tmp_path):

@@ -194,6 +194,9 @@ def test_run_resume_and_rerun_only_what_changed(tmp_path, monkeypatch):
                 "margin_t2i", "positive_similarity", "temperature"):  # fmt: skip
         assert math.isfinite(record["metrics"][key])
     assert record["final_log"]["step"] == 2 and record["cpu_seconds"] > 0
+    from clipforge.speed import cpu_description
+
+    assert record["machine"] == {"cpu": cpu_description(), "torch": torch.__version__, "threads": 1}
     # both cells trained through the render cache; once every cell finished, it is gone
     assert record["config"]["data"]["render_cache"] == str(out / "runs" / "render-cache")
     assert not (out / "runs" / "render-cache").exists()

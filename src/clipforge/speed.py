@@ -35,6 +35,29 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's description elsewhere)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """`AMD EPYC [avx2]`: the CPU model and the flags that decide its matmul kernels (and so its rounding)."""
+    flags = cpu_flags(cpuinfo)
+    return f"{cpu_model(cpuinfo)} [{' '.join(f for f in SPEED_FLAGS if f in flags) or 'no AVX2/AVX-512/AMX flags'}]"
+
+
 def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU computes bf16 dot products natively (AVX-512 BF16 or AMX; ARM bf16)."""
     flags = cpu_flags(cpuinfo)

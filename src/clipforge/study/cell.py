@@ -25,6 +25,7 @@ from ..eval.evaluators import Evaluator, run_evaluators
 from ..eval.spec import EvalTask
 from ..eval.synthetic import headline
 from ..eval.zeroshot import encode_images
+from ..speed import cpu_description
 from ..tokenizer import tokenizer_for
 from ..train.loop import BEST_MODEL, Hook, train
 from ..transforms import normalize, to_tensor
@@ -166,6 +167,8 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None,
         "wall_seconds": time.perf_counter() - start,
         # CPU time of this process: on a shared machine the honest measure of what a cell costs
         "cpu_seconds": time.process_time() - cpu_start,
+        # where it ran: CPUs round differently (their matmul kernels), so a cell rerun elsewhere differs
+        "machine": {"cpu": cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     atomic_write_text(cell_path(output_dir, cell), json.dumps(record, indent=1))
     return record

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .index import (
     resolve_source,
     search_faiss,
     stored_rows,
+    vector_chunks,
 )
 from .measure import drop_self, exact_topk, no_match_threshold, recall_at_k, tune
 from .parts import EmbeddingSet, open_embeddings
@@ -98,15 +99,6 @@ def factory_string(kind: str, rows: int, dim: int, opts: BuildOptions) -> tuple[
     return f"IVF{nlist},PQ{m}x8", {"nlist": nlist, "pq_m": m, "pq_bits": 8}
 
 
-def _chunks(sources: list[EmbeddingSet], role: str = "img") -> Iterator[tuple[int, np.ndarray]]:
-    """(first global id, float32 vectors) of every part, in id order."""
-    start = 0
-    for embeddings in sources:
-        for part in embeddings.parts:
-            yield start, np.asarray(embeddings.vectors(part, role), dtype=np.float32)
-            start += part.rows
-
-
 def open_sources(paths: list[Path], fingerprint: dict[str, Any] | None = None,
                  expected_from: str | None = None) -> list[EmbeddingSet]:
     """The embedding folders `paths`, each checked against `fingerprint` (that of `expected_from`; default: the
@@ -154,7 +146,7 @@ def ground_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, 
     """Exact top-k ids per modality, plus for text the exact (positive, best-negative) pair scores."""
     truth: dict[str, Any] = {}
     for modality, (ids, vectors) in sets.items():
-        scores, found = exact_topk(_chunks(sources), vectors, k + 1)
+        scores, found = exact_topk(vector_chunks(sources), vectors, k + 1)
         truth[modality] = drop_self(found, ids, k) if modality == "image" else found[:, :k]
         if modality == "text":
             truth["pairs"] = pair_scores(sources, ids, vectors, scores, found)
@@ -271,7 +263,7 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
         # not use, and their annealing dominates training time
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
         index.train(sample)
-    for _, vectors in _chunks(sources):
+    for _, vectors in vector_chunks(sources):
         index.add(vectors)
     build = {**params, "factory": factory, "trained_on": trained_on, "seconds": 0.0,
              "options": {k: v for k, v in asdict(opts).items() if v is not None}}
@@ -294,7 +286,7 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
         if embeddings.root.resolve() in known:
             raise SearchError(f"{embeddings.root}: already in the index {index_dir}")
     index = read_faiss(index_dir / info["index_file"]["name"], int(info["index_file"]["bytes"]))
-    for _, vectors in _chunks(new):
+    for _, vectors in vector_chunks(new):
         index.add(vectors)
     base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                    if k in BuildOptions.__dataclass_fields__})

@@ -16,6 +16,12 @@ SEARCH_EPILOG = """query language:
   clipforge search runs/idx "a red circle" --dedup 0.95   # near-duplicates listed under a better hit
 The query vector is the weighted sum of the terms' normalised embeddings, normalised again."""
 
+FILTER_EPILOG = """examples:
+  clipforge filter runs/idx "a photo of a cat" --manifest cats.csv            # cut at the index's threshold
+  clipforge filter runs/idx "a red circle" --min-score 0.3 --copy-to red/      # copy the matches out
+  clipforge filter runs/idx --image query.jpg --min-score 0.9 --limit 500 --manifest similar.csv
+  clipforge data shards --from cats.csv --out cat-shards/                       # then: WebDataset shards"""
+
 
 def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `search` and `serve` (argparse wiring only: nothing heavy is imported here)."""
@@ -36,6 +42,28 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
     p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file")
     p.set_defaults(handler=cmd_search, terms_after_options=True)
+
+    p = sub.add_parser("filter", help="every image a query matches above a score, as a manifest or a folder",
+                       description="Write every image of an index whose score against the query is at least "
+                       "--min-score (an exact scan of the stored embeddings, whatever the index kind), best first, "
+                       "as a manifest CSV that embed/train/data shards read, or copied into a folder with caption "
+                       "sidecars.", epilog=FILTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", help="index directory")
+    p.add_argument("query", nargs="*", help="query terms (the query language of `clipforge search`)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
+    p.add_argument("--min-score", type=float, metavar="COSINE",
+                   help="keep images scoring at least this (default, for text queries: the index's calibrated "
+                   "no-good-match threshold)")
+    p.add_argument("--limit", type=int, metavar="N", help="keep at most the N best (default: all that pass)")
+    p.add_argument("--manifest", metavar="OUT.csv", help="write image,caption,score,id,key rows (absolute paths)")
+    p.add_argument("--copy-to", metavar="DIR", help="copy the images (tar shard members too) into a new folder, "
+                   "with .txt captions and manifest.csv")
+    p.add_argument("--model", help="the model to embed the query with (default: the one recorded in index.json)")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
+                   help="the runtime to embed the query with (default, and the only one accepted: the index's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    p.add_argument("--output", metavar="F.json", help="write a summary (query, threshold, counts, score range)")
+    p.set_defaults(handler=cmd_filter, terms_after_options=True)
 
     p = sub.add_parser("serve", help="serve an index: HTTP JSON API and a search page",
                        description="Serve an index over HTTP: the search page at / and the JSON API under "
@@ -95,14 +123,7 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cli_common import UserError
     from ..cli_common import write_json as _write_json
     from .errors import SearchError
-    from .query import QueryTerm, parse_query
 
-    unknown = [a for a in extra if a.startswith("--")]
-    if unknown:
-        raise UserError(f"search: unrecognised option {unknown[0]} (see clipforge search --help)")
-    query: Sequence[str] = [*args.query, *extra]  # terms after an option reach here as `extra`
-    if not query and not args.image:
-        raise UserError("search: give a query text, an image (--image PATH), or both")
     if args.dedup is not None:
         from .dedup import check_threshold
 
@@ -111,7 +132,7 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     try:
-        terms = (parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
+        terms = _query_terms("search", args, extra)
         searcher = _searcher(args)
         answer = searcher.search_terms(terms, args.k, args.dedup)
     except SearchError as exc:
@@ -126,6 +147,61 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
         print(notice)
     payload = {"query": [t.describe() for t in terms], **answer}
     _write_json(args.output, json.loads(json.dumps(payload, default=str)))
+    return 0
+
+
+def _query_terms(command: str, args: argparse.Namespace, extra: list[str]) -> list[Any]:
+    """The parsed query of `search`/`filter`: its words (also those after an option) and --image files."""
+    from ..cli_common import UserError
+    from .query import QueryTerm, parse_query
+
+    unknown = [a for a in extra if a.startswith("--")]
+    if unknown:
+        raise UserError(f"{command}: unrecognised option {unknown[0]} (see clipforge {command} --help)")
+    query: Sequence[str] = [*args.query, *extra]  # terms after an option reach here as `extra`
+    if not query and not args.image:
+        raise UserError(f"{command}: give a query text, an image (--image PATH), or both")
+    return (parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
+
+
+def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..cli_common import UserError
+    from ..cli_common import write_json as _write_json
+    from .errors import SearchError
+    from .filter import copy_matches, matching, write_manifest
+
+    if not args.manifest and not args.copy_to:
+        raise UserError("filter: say where the matches go: --manifest OUT.csv and/or --copy-to DIR")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit: expected a positive integer, got {args.limit}")
+    if args.min_score is not None and not -1 <= args.min_score <= 1:
+        raise UserError(f"--min-score: expected a cosine similarity in [-1, 1], got {args.min_score:g}")
+    try:
+        terms = _query_terms("filter", args, extra)
+        searcher = _searcher(args)
+        cut = searcher.filter_score(terms, args.min_score)
+        ids, scores = matching(searcher.index, searcher.query_vector(terms), cut, args.limit)
+        summary: dict[str, Any] = {"query": [t.describe() for t in terms], "min_score": cut, "matches": len(ids),
+                                   "of": len(searcher), "scores": [float(scores[0]), float(scores[-1])]
+                                   if len(ids) else None}
+        if args.manifest:
+            summary["manifest"] = str(write_manifest(searcher.index, ids, scores, args.manifest))
+        if args.copy_to:
+            summary.update(copy_matches(searcher.index, ids, scores, args.copy_to), copy_to=args.copy_to)
+    except SearchError as exc:
+        raise UserError(str(exc).replace("min_score:", "--min-score:", 1)) from None
+    source = "" if args.min_score is not None else " (the index's no-good-match threshold)"
+    print(f"Query: {' '.join(summary['query'])}: {len(ids)} of {len(searcher)} images score >= {cut:.4f}{source}"
+          + (f", best {scores[0]:.4f}, last {scores[-1]:.4f}" if len(ids) else ""))
+    if args.manifest:
+        print(f"Manifest: {summary['manifest']}")
+    if args.copy_to:
+        print(f"Copied {summary['copied']} images to {args.copy_to}/ (with manifest.csv)")
+        for bad in summary["unreadable"][:5]:
+            print(f"  not copied: {bad['error']}")
+        if len(summary["unreadable"]) > 5:
+            print(f"  … and {len(summary['unreadable']) - 5} more not copied (see --output)")
+    _write_json(args.output, summary)
     return 0
 
 

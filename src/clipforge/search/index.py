@@ -18,7 +18,7 @@ import json
 import mimetypes
 import tarfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import numpy as np
 from .errors import SearchError, require
 from .parts import EmbeddingSet, open_embeddings
 
-__all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_info", "open_index", "search_faiss"]
+__all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_info", "open_index", "search_faiss",
+           "vector_chunks"]
 
 INDEX_FORMAT = "clipforge-index"
 INFO_FILE = "index.json"
@@ -90,6 +91,15 @@ def stored_rows(sources: Sequence[EmbeddingSet], ids: np.ndarray, role: str = "i
         mask = which == index
         out[mask] = sources[index].rows(ids[mask] - offsets[index], role)
     return out
+
+
+def vector_chunks(sources: Sequence[EmbeddingSet], role: str = "img") -> Iterator[tuple[int, np.ndarray]]:
+    """(first global id, float32 vectors [rows, dim]) of every part, in id order: one part in memory at a time."""
+    start = 0
+    for embeddings in sources:
+        for part in embeddings.parts:
+            yield start, np.asarray(embeddings.vectors(part, role), dtype=np.float32)
+            start += part.rows
 
 
 def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,

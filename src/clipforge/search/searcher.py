@@ -213,16 +213,10 @@ class Searcher:
             hidden = 0
         else:
             keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup)
-        with self._timed("metadata"):
-            records = self.index.metadata([i for _, i in keep]) if keep else []
-        hits: list[SearchHit] = []
-        for (score, id_), meta in zip(keep, records):
-            path = meta.get("path") or (f"{meta['shard']}:{meta['member']}" if meta.get("shard") else None)
-            hit: SearchHit = {"id": id_, "score": score, "key": meta.get("key"), "caption": meta.get("caption"),
-                              "path": None if path is None else str(path)}
-            if duplicates is not None:
-                hit["duplicates"] = duplicates[id_]
-            hits.append(hit)
+        hits = self.hits([i for _, i in keep], [s for s, _ in keep])
+        if duplicates is not None:
+            for hit in hits:
+                hit["duplicates"] = duplicates[hit["id"]]
         best = hits[0]["score"] if hits else float("-inf")
         answer: SearchAnswer = {"results": hits, "no_good_match": threshold is not None and best < threshold,
                                 "threshold": threshold}
@@ -271,6 +265,45 @@ class Searcher:
         vector = self.index.image_vector(id_)
         return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=int(id_),
                                   dedup=dedup)
+
+    def filter(self, text: Any = None, image: Any = None, min_score: float | None = None,
+               limit: int | None = None) -> list[SearchHit]:
+        """Every image scoring at least `min_score` against the query (the `search` query forms), best first:
+        an exact scan of the stored embeddings (`filter.matching`). `min_score` defaults to the index's
+        calibrated no-good-match threshold for text-only queries and is required otherwise."""
+        return self.filter_terms(as_terms(text, "text") + as_terms(image, "image"), min_score, limit)
+
+    def filter_terms(self, terms: Sequence[QueryTerm], min_score: float | None = None,
+                     limit: int | None = None) -> list[SearchHit]:
+        from .filter import matching
+
+        ids, scores = matching(self.index, self.query_vector(terms), self.filter_score(terms, min_score), limit)
+        return self.hits(ids.tolist(), scores.tolist())
+
+    def filter_score(self, terms: Sequence[QueryTerm], min_score: float | None) -> float:
+        """The score a filter cuts at: `min_score`, or the calibrated threshold where it judges the query."""
+        if min_score is not None:
+            if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not -1 <= min_score <= 1:
+                raise SearchError(f"min_score: expected a cosine similarity in [-1, 1], got {min_score!r}")
+            return float(min_score)
+        if not all(t.kind == "text" and t.weight > 0 for t in terms):
+            raise SearchError("min_score: required for a query with an image or a negative term (the index's "
+                              "threshold is calibrated on caption -> image scores only)")
+        if self.threshold is None:
+            reason = (self.info.get("threshold") or {}).get("reason") or "none was calibrated"
+            raise SearchError(f"min_score: required: this index has no no-good-match threshold ({reason})")
+        return self.threshold
+
+    def hits(self, ids: Sequence[int], scores: Sequence[float]) -> list[SearchHit]:
+        """Search hits (id, score, key, caption, path) of ids and their scores."""
+        with self._timed("metadata"):
+            records = self.index.metadata(list(ids)) if len(ids) else []
+        hits: list[SearchHit] = []
+        for score, meta in zip(scores, records):
+            path = meta.get("path") or (f"{meta['shard']}:{meta['member']}" if meta.get("shard") else None)
+            hits.append({"id": int(meta["id"]), "score": float(score), "key": meta.get("key"),
+                         "caption": meta.get("caption"), "path": None if path is None else str(path)})
+        return hits
 
     @torch.no_grad()
     def classify(self, image: ImageInput, labels: Sequence[str],

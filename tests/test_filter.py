@@ -78,7 +78,10 @@ def test_manifest_then_shards(built, searcher, tmp_path, capsys):
     assert main(["data", "shards", "--from", str(manifest), "--out", str(shards)]) == 0  # a manifest clipforge reads
     import tarfile
 
-    members = [m for tar in sorted(shards.glob("*.tar")) for m in tarfile.open(tar).getnames()]
+    members = []
+    for path in sorted(shards.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members += tar.getnames()
     assert sum(m.endswith(".txt") for m in members) == len(rows)
 
 

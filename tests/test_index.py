@@ -137,6 +137,23 @@ def test_ivfpq_rescores_deeper_when_no_nprobe_reaches_the_target(data, tmp_path)
     assert report["ok"], report
 
 
+def test_rerank_max_bounds_the_depth_tuning_may_choose(data, tmp_path, capsys):
+    """The 2-byte codes above need deeper rescoring than 4 for 0.95: pinned at 4 (--rerank-max 4) the target is
+    not met and said so; capped at 8, tuning stops there whatever it reaches."""
+    emb, _, _ = data
+    assert main(["index", "build", str(emb), "--index", str(tmp_path / "pinned"), "--kind", "ivfpq", "--pq-m", "2",
+                 "--rerank-max", "4", "--target-recall", "0.95", "--queries", "300"]) == 0
+    info = json.loads((tmp_path / "pinned" / "index.json").read_text())
+    assert info["search"]["rerank"] == 4 and info["recall"]["target_met"] is False
+    assert "target 0.95 not reached" in capsys.readouterr().out
+    capped = build_index([emb], tmp_path / "capped", BuildOptions(kind="ivfpq", pq_m=2, target_recall=0.95,
+                                                                   queries=300, rerank_max=8))
+    assert capped["search"]["rerank"] <= 8
+    assert main(["index", "build", str(emb), "--index", str(tmp_path / "bad"), "--rerank", "8",
+                 "--rerank-max", "4"]) == 2
+    assert "expected 0 <= --rerank <= --rerank-max" in capsys.readouterr().err
+
+
 def test_an_unreachable_target_is_recorded_and_said_without_scanning_every_list(data, tmp_path, capsys):
     emb, _, _ = data
     assert main(["index", "build", str(emb), "--index", str(tmp_path / "i"), "--kind", "ivfpq", "--pq-m", "2",

@@ -35,7 +35,7 @@ __all__ = ["BuildOptions", "add_to_index", "build_index", "choose_kind", "parse_
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
 FLAT_MAX_SCAN = 2.6e8  # rows x dim a flat query may scan (~1 GB of float32, ~0.1 s on one core) before IVF-PQ
 ID_BYTES = 8  # IVF lists store an int64 id per vector
-MAX_RERANK = 64  # ivfpq: deepest exact rescoring tuning may choose (k x 64 float16 rows read per query)
+MAX_RERANK = 64  # ivfpq: default deepest exact rescoring tuning may choose (k x 64 float16 rows read per query)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class BuildOptions:
     hnsw_m: int = 32
     train_on: str = "image"  # ivfpq: "image" or "mixed" (image + caption vectors); see training_sample
     rerank: int = 4  # ivfpq: rescore k x rerank candidates with the stored vectors (0: PQ scores as they are)
+    rerank_max: int = MAX_RERANK  # ivfpq: the deepest rescoring tuning may double `rerank` to (= rerank: pinned)
 
 
 def parse_memory(text: str) -> int:
@@ -180,7 +181,8 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
 
     IVF-PQ: when no nprobe reaches the target with `opts.rerank`, PQ's ranking of the candidates is the limit
     (more lists only bring more vectors whose approximate scores misplace them), so the rescoring depth doubles,
-    up to MAX_RERANK, until a scan of every list would reach the target; nprobe is then tuned at that depth."""
+    up to `opts.rerank_max`, until a scan of every list would reach the target; nprobe is then tuned at that
+    depth."""
     rerank = opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0
 
     def search(queries: np.ndarray, k: int) -> tuple:
@@ -199,8 +201,8 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
 
     value, recall, met = tune(candidates, recall_with, opts.target_recall)
     if not met and rerank:
-        while rerank < MAX_RERANK:
-            rerank = min(MAX_RERANK, rerank * 2)
+        while rerank < opts.rerank_max:
+            rerank = min(opts.rerank_max, rerank * 2)
             if min(recall_with(candidates[-1]).values()) >= opts.target_recall:
                 break
         value, recall, met = tune(candidates, recall_with, opts.target_recall)
@@ -246,6 +248,9 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
         raise SearchError(f"--kind: expected one of {', '.join(KINDS)}, got {opts.kind!r}")
     if opts.train_on not in ("image", "mixed"):
         raise SearchError(f"--train-on: expected image or mixed, got {opts.train_on!r}")
+    if opts.rerank < 0 or (opts.rerank > 1 and opts.rerank_max < opts.rerank):
+        raise SearchError(f"--rerank {opts.rerank} / --rerank-max {opts.rerank_max}: expected 0 <= --rerank <= "
+                          "--rerank-max (equal pins the depth)")
     sources = open_sources([Path(p) for p in embeddings_dirs])
     rows, dim = sum(len(s) for s in sources), sources[0].dim
     if rows == 0:

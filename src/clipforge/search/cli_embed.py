@@ -50,7 +50,7 @@ def _build_options(args: argparse.Namespace) -> Any:
     return BuildOptions(kind=args.kind, memory=parse_memory(args.memory) if args.memory else None,
                         target_recall=args.target_recall, queries=args.queries, seed=args.seed,
                         nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m, train_on=args.train_on,
-                        rerank=args.rerank)
+                        rerank=args.rerank, rerank_max=args.rerank_max)
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -110,7 +110,10 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
                    "too) or on image + caption vectors")
     q.add_argument("--rerank", type=int, default=4,
                    help="ivfpq: rescore k x RERANK candidates exactly with the stored vectors (0: off; default 4); "
-                        "doubled, up to 64, where no nprobe reaches --target-recall without it")
+                        "doubled, up to --rerank-max, where no nprobe reaches --target-recall without it")
+    q.add_argument("--rerank-max", type=int, default=64,
+                   help="ivfpq: the deepest rescoring tuning may choose (default 64; equal to --rerank pins it, "
+                        "bounding the rows read per query)")
 
 
 def add_embed_parsers(sub: argparse._SubParsersAction) -> None:

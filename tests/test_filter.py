@@ -172,3 +172,18 @@ def test_refusals(built, tmp_path, monkeypatch, capsys, args, fragment):
     assert main(["filter", str(built.index_dir), *args]) == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_duplicates_keep_manifest_drops_all_but_one_of_each_group(built, tmp_path, capsys):
+    raw = built.vectors.astype(np.float64) @ built.vectors.astype(np.float64).T  # `index duplicates` compares dots
+    pairs = np.triu(np.ones_like(raw, dtype=bool), 1)
+    pairs[3, 4] = False  # the one planted copy (image 3 and its copy, id 4)
+    assert raw[pairs].max() < raw[3, 4] - 2e-5, "two different images embed as close as the copies"
+    threshold = float(raw[pairs].max() + raw[3, 4]) / 2
+    kept = tmp_path / "kept.csv"
+    assert main(["index", "duplicates", str(built.index_dir), "--threshold", str(threshold), "--keep-manifest",
+                 str(kept)]) == 0
+    rows = read_rows(kept)
+    assert [int(r["id"]) for r in rows] == [i for i in range(len(built.paths)) if i != 4]
+    assert all(r["score"] == "" and r["image"] == str(built.paths[int(r["id"])].resolve()) for r in rows)
+    assert f"{len(rows)} of {len(built.paths)} images kept" in capsys.readouterr().out

@@ -87,6 +87,14 @@ def _groups(pairs: list[tuple[int, int]]) -> list[list[int]]:
     return sorted((sorted(g) for g in members.values()), key=lambda g: (-len(g), g[0]))
 
 
+def kept_ids(rows: int, groups: list[list[int]]) -> np.ndarray:
+    """Every id of a collection of `rows` but the duplicates: each group keeps its first (lowest) id."""
+    keep = np.ones(rows, dtype=bool)
+    for group in groups:
+        keep[sorted(group)[1:]] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10, batch: int = 4096) -> dict:
     """Groups of images whose cosine similarity passes `threshold`: candidates from the index's k-NN, each
     pair confirmed with the stored vectors (an approximate index's scores are estimates)."""

@@ -86,6 +86,14 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             return 1
     else:
         result = check.find_duplicates(args.index, args.threshold, args.k)
+        if args.keep_manifest:
+            from .filter import write_manifest  # noqa: PLC0415
+            from .index import open_index  # noqa: PLC0415
+
+            index = open_index(args.index)
+            kept = check.kept_ids(len(index), [[m["id"] for m in g] for g in result["groups"]])
+            write_manifest(index, kept, None, args.keep_manifest)
+            print(f"{len(kept)} of {len(index)} images kept (one per group) in {args.keep_manifest}")
         if args.output:
             _print_json(result, args.output)
         else:
@@ -164,3 +172,6 @@ def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
     q.add_argument("--k", type=int, default=10, help="neighbours examined per image (default 10)")
     q.add_argument("--output", help="write the groups as JSON to this file")
+    q.add_argument("--keep-manifest", metavar="OUT.csv",
+                   help="also write a manifest of the collection without its near-duplicates (each group keeps its "
+                   "lowest id): a deduplicated dataset for embed/train/data shards")

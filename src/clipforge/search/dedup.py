@@ -3,8 +3,8 @@
 A collection scraped from anywhere holds the same picture many times (re-encoded, resized, watermarked); a
 query that finds one finds all, and the first page of results is one image. Walking the ranking best first, a
 candidate is shown unless its image embedding is within cosine `threshold` of one already shown; then it is
-listed under the shown result it is closest to. This is the rule `index duplicates` applies to the whole
-collection, applied to one answer, so that the two agree on what a duplicate is.
+listed under the shown result it is closest to. The default threshold is `index duplicates`' (which groups the
+whole collection, transitively; here each hit is compared with the results already shown).
 """
 
 from __future__ import annotations

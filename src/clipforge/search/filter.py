@@ -57,16 +57,17 @@ def _manifest_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _row(image: str, record: dict[str, Any], score: float) -> dict[str, Any]:
-    return {"image": image, "caption": record.get("caption") or "", "score": f"{score:.6f}", "id": record["id"],
-            "key": record.get("key") or ""}
+def _row(image: str, record: dict[str, Any], score: float | None) -> dict[str, Any]:
+    return {"image": image, "caption": record.get("caption") or "", "score": "" if score is None else f"{score:.6f}",
+            "id": record["id"], "key": record.get("key") or ""}
 
 
-def write_manifest(index: VectorIndex, ids: np.ndarray, scores: np.ndarray, path: str | Path) -> Path:
-    """The matches as a manifest CSV of absolute image paths (atomically). Images inside tar shards have no
-    path of their own: they are refused here, naming `--copy-to`, which extracts them."""
+def write_manifest(index: VectorIndex, ids: np.ndarray, scores: np.ndarray | None, path: str | Path) -> Path:
+    """The images `ids` (with their `scores`, or none) as a manifest CSV of absolute image paths, atomically.
+    Images inside tar shards have no path of their own: they are refused here, naming `--copy-to`, which
+    extracts them."""
     rows = []
-    for record, score in zip(index.metadata(ids), scores.tolist()):
+    for record, score in zip(index.metadata(ids), [None] * len(ids) if scores is None else scores.tolist()):
         if not record.get("path"):
             where = f" (in tar shard {record['shard']})" if record.get("shard") else ""
             raise SearchError(f"id {record['id']}: its image has no file of its own{where}; a manifest cannot "

@@ -139,6 +139,16 @@ def test_clicking_a_result_searches_by_it(server, browser):
     wait_status(browser, f"images like #{target}")
     assert card_ids(browser) == [h["id"] for h in searcher.search_by_id(target, k=12)["results"]]
     assert parse_qs(urlparse(browser.current_url).query)["id"] == [str(target)]
+    # the keyboard does the same: a result takes the focus (it is in the Tab order), Enter searches by it
+    from selenium.webdriver.common.keys import Keys
+
+    second = card_ids(browser)[1]
+    card = browser.find_elements(By.CSS_SELECTOR, "#results .card")[1]
+    browser.execute_script("arguments[0].focus();", card)
+    assert browser.switch_to.active_element == card
+    card.send_keys(Keys.ENTER)
+    wait_status(browser, f"images like #{second}")
+    assert card_ids(browser) == [h["id"] for h in searcher.search_by_id(second, k=12)["results"]]
 
 
 def test_uploaded_image_shows_results_and_classifies(server, browser, built):

@@ -74,7 +74,14 @@ function card(hit) {
     $("classify").scrollIntoView({ behavior: "smooth" });
   });
   item.append(img, meta, classifyThis);
+  item.tabIndex = 0;  // reachable by Tab; Enter or Space searches by it, as a click does
   item.addEventListener("click", () => run({ id: hit.id }, true));
+  item.addEventListener("keydown", (event) => {
+    if (event.target === item && (event.key === "Enter" || event.key === " ")) {
+      event.preventDefault();
+      run({ id: hit.id }, true);
+    }
+  });
   return item;
 }
 

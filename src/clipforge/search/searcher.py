@@ -73,6 +73,12 @@ class SearchAnswer(_Answer, total=False):
     hidden: int  # with dedup: candidates hidden (under a hit, or as copies of the query image)
 
 
+def calibrated_for(terms: Sequence[QueryTerm]) -> bool:
+    """Whether the index's no-good-match threshold applies to a query: it is calibrated on caption -> image
+    scores, so only on queries of positively weighted texts."""
+    return all(t.kind == "text" and t.weight > 0 for t in terms)
+
+
 def token_count(tokenizer: Any, text: str) -> int:
     """Tokens of `text` including the start/end tokens, before any truncation."""
     inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer wraps a transformers tokenizer
@@ -250,8 +256,8 @@ class Searcher:
     def search_terms(self, terms: Sequence[QueryTerm], k: int = 10, dedup: float | None = None) -> SearchAnswer:
         """Search with parsed terms. The no-good-match threshold is calibrated on caption -> image scores, so it
         judges text-only queries; for queries with an image the answer's threshold is None."""
-        text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
-        return self.search_vector(self.query_vector(terms), k, self.threshold if text_only else None, dedup=dedup)
+        judged = calibrated_for(terms)
+        return self.search_vector(self.query_vector(terms), k, self.threshold if judged else None, dedup=dedup)
 
     def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None) -> SearchAnswer:
         """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
@@ -286,7 +292,7 @@ class Searcher:
             if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not -1 <= min_score <= 1:
                 raise SearchError(f"min_score: expected a cosine similarity in [-1, 1], got {min_score!r}")
             return float(min_score)
-        if not all(t.kind == "text" and t.weight > 0 for t in terms):
+        if not calibrated_for(terms):
             raise SearchError("min_score: required for a query with an image or a negative term (the index's "
                               "threshold is calibrated on caption -> image scores only)")
         if self.threshold is None:

@@ -90,6 +90,7 @@ def test_page_loads_and_shows_the_index(server, browser):
     browser.get(base + "/")
     assert browser.title == "clipforge search"
     wait_for(browser, lambda d: "60 images" in d.find_element(By.ID, "info").text, "index info never shown")
+    assert not browser.find_element(By.ID, "index").is_displayed()  # one index: no menu
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
 
@@ -254,3 +255,47 @@ def test_hide_near_duplicates_and_download_the_answer(server, browser):
     wait_status(browser, "near-duplicates hidden")
     assert browser.find_element(By.ID, "dedup").is_selected()
     assert card_ids(browser) == [h["id"] for h in expected["results"]]
+
+
+@pytest.fixture(scope="module")
+def two_indices(server, tmp_path_factory):
+    """A server of two indices: `first` (the page tests' index, the default) and `second` (another model)."""
+    from clipforge import Searcher
+    from clipforge.search.server import create_app
+
+    _, first = server
+    second = Searcher(build_small_index(tmp_path_factory.mktemp("page-second"), count=24, seed=1).index_dir)
+    with running_server(create_app({"first": first, "second": second}, dedup=PAGE_DEDUP)) as base:
+        yield base, first, second
+
+
+def test_choosing_an_index(two_indices, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    base, first, second = two_indices
+    browser.get_log("browser")  # drain the earlier tests' messages (a 400 of the bad-query test)
+    browser.get(base + "/?index=second&q=a%20red%20circle&k=12")
+    wait_status(browser, "12 results for")
+    menu = browser.find_element(By.ID, "index")
+    wait_for(browser, lambda d: menu.is_displayed() and menu.get_attribute("value") == "second",
+             "the index menu never showed the URL's index")
+    assert card_ids(browser) == [h["id"] for h in second.search(text="a red circle", k=12)["results"]]
+    wait_for(browser, lambda d: d.find_element(By.ID, "info").text.startswith("second · 24 images"),
+             "the info line never described the chosen index")
+    src = browser.find_element(By.CSS_SELECTOR, "#results .card img").get_attribute("src")
+    assert parse_qs(urlparse(src).query)["index"] == ["second"]
+    # clicking a result searches that index by the result's id
+    target = card_ids(browser)[1]
+    browser.find_elements(By.CSS_SELECTOR, "#results .card")[1].click()
+    wait_status(browser, f"images like #{target}")
+    assert card_ids(browser) == [h["id"] for h in second.search_by_id(target, k=12)["results"]]
+    assert parse_qs(urlparse(browser.current_url).query)["index"] == ["second"]
+    # switching to the default index reruns the typed query there and drops index= from the URL
+    Select(menu).select_by_value("first")
+    wait_for(browser, lambda d: card_ids(d) == [h["id"] for h in first.search(text="a red circle", k=12)["results"]],
+             "switching index never showed the first index's results")
+    assert "index" not in parse_qs(urlparse(browser.current_url).query)
+    assert browser.find_element(By.ID, "info").text.startswith("first · 60 images")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []

@@ -319,10 +319,12 @@ def test_metrics_count_what_was_asked(searcher, client, built):
     latency = {dict(labels)["route"]: value for labels, value in
                samples["clipforge_http_request_duration_seconds_count"].items()}
     assert latency == {"/api/search": 7, "/api/image/{image_id}": 1, "other": 1}
-    stages = {dict(labels)["stage"]: value for labels, value in samples["clipforge_query_stage_seconds_count"].items()}
+    stages = {(dict(labels)["index"], dict(labels)["stage"]): value
+              for labels, value in samples["clipforge_query_stage_seconds_count"].items()}
     # two text queries (the second embeds its two texts in one call), one upload; four searches reach the index
-    assert stages == {"encode_text": 2, "encode_image": 1, "knn": 4, "metadata": 4}
-    assert samples["clipforge_index_images"][()] == 60
+    assert stages == {("default", "encode_text"): 2, ("default", "encode_image"): 1, ("default", "knn"): 4,
+                      ("default", "metadata"): 4}
+    assert samples["clipforge_index_images"][(("index", "default"),)] == 60
     assert samples["clipforge_http_requests_in_flight"][()] == 1  # the scrape itself
     assert scrape(app_client)["clipforge_http_requests_total"][
         (("method", "GET"), ("route", "/metrics"), ("status", "200"))] == 1  # the first scrape, counted once done

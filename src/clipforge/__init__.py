@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_head": "clipforge.adapt.head",
     "LinearHead": "clipforge.adapt.head",
     "Searcher": "clipforge.search.searcher",
+    "open_searchers": "clipforge.search.searcher",
 }
 
 __all__ = sorted(_EXPORTS) + ["losses", "__version__"]

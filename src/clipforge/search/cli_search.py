@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 SEARCH_EPILOG = """query language:
@@ -65,16 +66,20 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="F.json", help="write a summary (query, threshold, counts, score range)")
     p.set_defaults(handler=cmd_filter, terms_after_options=True)
 
-    p = sub.add_parser("serve", help="serve an index: HTTP JSON API and a search page",
-                       description="Serve an index over HTTP: the search page at / and the JSON API under "
-                       "/api (see README, 'Search a collection').")
-    p.add_argument("index", help="index directory")
+    p = sub.add_parser("serve", help="serve one or more indices: HTTP JSON API and a search page",
+                       description="Serve indices over HTTP: the search page at / and the JSON API under "
+                       "/api (see README, 'Search a collection'). Several indices are chosen by name (index=NAME "
+                       "in the API, a menu on the page); the first is the default. Indices embedded by the same "
+                       "model load it once.")
+    p.add_argument("index", nargs="+", metavar="[NAME=]INDEX",
+                   help="index directory, optionally named (default name: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
-    p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--model", help="the model to embed queries with, for every index (default: the one recorded "
+                   "in each index.json)")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
-                   help="the runtime to embed queries with (default, and the only one accepted: the one the index "
+                   help="the runtime to embed queries with (default, and the only one accepted: the one each index "
                    "was embedded with, recorded in index.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
     p.add_argument("--templates", help="prompt templates for /api/classify: a shipped set or a .txt file "
@@ -205,6 +210,29 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def index_names(specs: list[str]) -> dict[str, str]:
+    """{name: index directory} of `[NAME=]INDEX` arguments, in order; names default to the directory's name."""
+    from ..cli_common import UserError
+    from .server import check_index_name
+
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/\\")).name or "index", spec
+        try:
+            check_index_name(name)
+        except ValueError as exc:
+            hint = "" if sep else f" (name it: NAME={spec})"
+            raise UserError(f"{spec}: {exc}{hint}") from None
+        if not path:
+            raise UserError(f"{spec}: expected NAME=INDEX_DIRECTORY, the directory is missing")
+        if name in named:
+            raise UserError(f"{spec}: the name {name!r} is given twice (name them apart: NAME=INDEX)")
+        named[name] = path
+    return named
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cli_common import UserError
     from .errors import SearchError
@@ -228,12 +256,15 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         from ..eval.templates import load_templates
 
         templates = tuple(load_templates(args.templates))
+    from .searcher import open_searchers
+
+    named = index_names(args.index)
     try:
-        searcher = _searcher(args)
+        searchers = open_searchers(named, model=args.model, device=args.device, backend=args.backend)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     try:
-        serve(searcher, args.host, args.port, args.max_upload_mb, templates, args.dedup)
+        serve(searchers, args.host, args.port, args.max_upload_mb, templates, args.dedup)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     return 0

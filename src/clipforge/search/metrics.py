@@ -3,22 +3,24 @@
     clipforge_http_requests_total{route, method, status}      requests answered (413s of the body limit included)
     clipforge_http_request_duration_seconds{route}            histogram of the time to answer
     clipforge_http_requests_in_flight                         requests being answered now
-    clipforge_query_stage_seconds{stage}                      histogram per stage of a query: encode_text,
+    clipforge_query_stage_seconds{index, stage}               histogram per stage of a query: encode_text,
                                                               encode_image (with the wait for the model lock),
                                                               knn (faiss, with any exact rescoring), metadata
-    clipforge_index_images                                    rows in the served index
+    clipforge_index_images{index}                             rows in each served index
 
 Labels are bounded: `route` is the matched route's template (`/api/image/{image_id}`, never the requested path)
-or `other`, `method` one of the HTTP methods or `other`, so a client cannot grow the label space.
+or `other`, `method` one of the HTTP methods or `other`, `index` one of the names the server was started with
+(an unknown name is refused before any query runs), so a client cannot grow the label space.
 Each app gets its own registry, so that several apps in one process (tests, workers) count separately; query
-stages reach the registry of the app whose request ran them through a context variable, which Starlette carries
-into the thread pool that runs the endpoints.
+stages reach the registry of the app whose request ran them, and the name of the index they ran on, through
+context variables, which Starlette carries into the thread pool that runs the endpoints.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import import_module
 from typing import Any
@@ -29,12 +31,13 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNAVAILABLE = "GET /metrics needs prometheus_client: pip install prometheus_client (or the search extra)"
 _CURRENT: ContextVar[ServerMetrics | None] = ContextVar("clipforge_server_metrics", default=None)
+_INDEX: ContextVar[str] = ContextVar("clipforge_served_index", default="")
 
 
 class ServerMetrics:
     """The collectors of one server, in a registry of their own."""
 
-    def __init__(self, images: int) -> None:
+    def __init__(self, images: Mapping[str, int]) -> None:
         prom: Any = import_module("prometheus_client")
         self._prom = prom
         self.registry = prom.CollectorRegistry()
@@ -45,11 +48,13 @@ class ServerMetrics:
         self.in_flight = prom.Gauge("clipforge_http_requests_in_flight", "HTTP requests being answered",
                                     registry=self.registry)
         self.stages = prom.Histogram("clipforge_query_stage_seconds", "Time per stage of a search query",
-                                     ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        prom.Gauge("clipforge_index_images", "Images in the served index", registry=self.registry).set(images)
+                                     ["index", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        sizes = prom.Gauge("clipforge_index_images", "Images in a served index", ["index"], registry=self.registry)
+        for name, count in images.items():
+            sizes.labels(index=name).set(count)
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stages.labels(stage=stage).observe(seconds)
+    def observe_stage(self, index: str, stage: str, seconds: float) -> None:
+        self.stages.labels(index=index, stage=stage).observe(seconds)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, method=method if method in METHODS else "other", status=str(status)).inc()
@@ -64,11 +69,21 @@ def record_stage(stage: str, seconds: float) -> None:
     """A Searcher timing listener: records into the metrics of the request being answered, if any."""
     metrics = _CURRENT.get()
     if metrics is not None:
-        metrics.observe_stage(stage, seconds)
+        metrics.observe_stage(_INDEX.get(), stage, seconds)
 
 
-def server_metrics(images: int) -> ServerMetrics | None:
-    """Metrics for a server of `images` rows, or None where prometheus_client is not installed."""
+@contextmanager
+def serving_index(name: str) -> Iterator[None]:
+    """Query stages run inside are recorded under index `name`."""
+    token = _INDEX.set(name)
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
+def server_metrics(images: Mapping[str, int]) -> ServerMetrics | None:
+    """Metrics for a server of the named indices' sizes, or None where prometheus_client is not installed."""
     try:
         return ServerMetrics(images)
     except ImportError:

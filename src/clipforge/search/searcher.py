@@ -11,7 +11,8 @@ The model and backend are the ones recorded in index.json (or a model given), an
 must equal the index's: a query embedded by another model, or by the same model through another backend or
 precision (torch, ONNX fp32, ONNX int8), would return wrong neighbours silently, so that is refused at start.
 Model inference runs under a lock (one forward at a time; torch uses its own threads inside); the faiss
-search itself is thread-safe, so a Searcher may be shared by the threads of a server.
+search itself is thread-safe, so a Searcher may be shared by the threads of a server. Searchers given one
+`encoders` dict (`open_searchers` does this) load each distinct model once and share it, with its lock.
 
 `dedup=T` collapses near-duplicates (`dedup.collapse`): a hit within cosine T of a better one is listed under it
 (`duplicates`) instead of taking a place in the top k. Listeners added with `add_timing_listener` hear how long
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
@@ -48,6 +50,18 @@ DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}
 DEDUP_FETCH = 4
 DEDUP_MAX_CANDIDATES = 8192
 STAGES = ("encode_text", "encode_image", "knn", "metadata")  # what timing listeners hear about
+# One lock per loaded encoder, however many Searchers share it: a forward pass at a time per model.
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(encoder: Any) -> threading.Lock:
+    """The lock that serialises `encoder`'s forward passes (the same object for every Searcher using it)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(encoder)
+        if lock is None:
+            lock = _MODEL_LOCKS[encoder] = threading.Lock()
+        return lock
 
 
 class _Hit(TypedDict):
@@ -95,6 +109,17 @@ def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) 
     return spec  # an architecture name, or a path that is gone (the encoder's loader names it)
 
 
+def encoder_key(spec: str | Path | torch.nn.Module, backend: str, device: str | torch.device | None) -> tuple:
+    """What makes two query encoders the same: the model (the file it resolves to, or the module object), the
+    backend and the requested device."""
+    if isinstance(spec, torch.nn.Module):
+        model: Any = ("module", id(spec))
+    else:
+        path = Path(str(spec))
+        model = ("path", str(path.resolve())) if path.exists() else ("name", str(spec))
+    return model, backend, None if device is None else str(device)
+
+
 def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.device | None,
                        backend: str = "torch") -> Any:
     """The encoder `embed` uses (same backend, preprocessing and tokenizer), for a model given or named by a
@@ -114,7 +139,9 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, model: str | Path | torch.nn.Module | None = None,
                  device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 mmap: bool = False, backend: str | None = None) -> None:
+                 mmap: bool = False, backend: str | None = None, encoders: dict[tuple, Any] | None = None) -> None:
+        """`encoders`: a cache shared by Searchers (keyed by `encoder_key`), so that indices embedded by one
+        model load it once; the encoder is still checked against each index's fingerprint."""
         from .fingerprint import backend_of, check_fingerprint
         from .index import open_index
 
@@ -130,13 +157,19 @@ class Searcher:
             if not recorded:
                 raise SearchError(f"{index_dir}/index.json records no model; pass one (--model PATH)")
             model = _resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
-        self.encoder = load_query_encoder(model, device, recorded_backend)
+        key = encoder_key(model, recorded_backend, device)
+        if encoders is not None and key in encoders:
+            self.encoder = encoders[key]
+        else:
+            self.encoder = load_query_encoder(model, device, recorded_backend)
+            if encoders is not None:
+                encoders[key] = self.encoder
         self.backend: str = recorded_backend
         check_fingerprint(self.index.fingerprint, self.encoder.fingerprint, where=f"index {index_dir}")
         self.model = self.encoder.model
         self.context_length = int(getattr(self.model, "context_length", 77))
         self.max_pixels = max_pixels
-        self._lock = threading.Lock()  # one forward pass at a time; the index search needs no lock
+        self._lock = model_lock(self.encoder)  # one forward pass at a time; the index search needs no lock
         threshold = self.info.get("threshold") or {}
         score = threshold.get("score")  # None: not calibrated (measure.UNSEPARATED)
         self.threshold: float | None = float(score) if score is not None else None
@@ -330,3 +363,15 @@ class Searcher:
             probs = logits.softmax(dim=-1)[0]
         order = probs.argsort(descending=True).tolist()
         return [{"label": labels[i], "probability": float(probs[i])} for i in order]
+
+
+def open_searchers(indices: Mapping[str, str | Path], model: str | Path | torch.nn.Module | None = None,
+                   device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   mmap: bool = False, backend: str | None = None) -> dict[str, Searcher]:
+    """A Searcher per named index directory, in the given order; indices embedded by the same model (and
+    backend) share one loaded encoder. `model`, when given, embeds the queries of every index."""
+    encoders: dict[tuple, Any] = {}
+    searchers: dict[str, Searcher] = {}
+    for name, index_dir in indices.items():
+        searchers[name] = Searcher(index_dir, model, device, max_pixels, mmap, backend, encoders)
+    return searchers

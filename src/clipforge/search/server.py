@@ -1,7 +1,8 @@
-"""`clipforge serve INDEX`: an HTTP JSON API over a `Searcher`, and the web page that uses it.
+"""`clipforge serve INDEX [NAME=INDEX ...]`: an HTTP JSON API over one or more `Searcher`s, and its web page.
 
     GET  /                      the search page (static/index.html, app.js, style.css; package data)
-    GET  /healthz               {"status": "ok", "images": N}
+    GET  /healthz               {"status": "ok", "images": N} (N over all indices; with several, per index too)
+    GET  /api/indices           the served indices by name, the default first, each with its /api/info
     GET  /api/info              the index's model, size, kind, measured recall and no-good-match threshold
     GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
     GET  /api/search?id=N&k=…   images like image N of the index
@@ -9,7 +10,11 @@
                                 (all three take `dedup=T`: near-duplicates within cosine T go under a better hit)
     GET  /api/image/{id}        the image file of an id, found from the index's metadata only
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
-    GET  /metrics               Prometheus text format: requests, latencies, time per query stage
+    GET  /metrics               Prometheus text format: requests, latencies, time per query stage and index
+
+Every route but /healthz, /api/indices and /metrics takes `index=NAME` (a query parameter, or a form field of
+the POSTs) choosing the index; without it, the first one given. Ids are per index, so with several indices a
+hit's `image_url` names its index. Indices embedded by one model share its loaded copy (`open_searchers`).
 
 Every bad request gets a 4xx answer `{"error": "..."}` and the server goes on. Request bodies are limited
 (Content-Length checked first, then the bytes actually received), uploads are decoded with a pixel limit, and
@@ -19,7 +24,7 @@ no request ever names a file: images are served by id.
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ from .metrics import (
     ServerMetrics,
     record_stage,
     server_metrics,
+    serving_index,
 )
 from .query import QueryTerm, parse_query
 from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
@@ -50,6 +56,9 @@ from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 MAX_K = 200
 MAX_LABELS = 100
 _ID = re.compile(r"^[0-9]{1,18}$")
+# Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
+INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_NAME = "default"  # the name of an index served alone through the Python API
 STATIC_DIR = Path(str(resources.files("clipforge.search") / "static"))
 # What the browser may do with a served image: nothing active (an SVG or HTML file posing as an image cannot
 # run script from our origin).
@@ -161,12 +170,51 @@ def parse_labels(value: Any) -> list[str]:
     return labels
 
 
-def public_answer(answer: SearchAnswer) -> dict[str, Any]:
+def check_index_name(name: str) -> str:
+    if not isinstance(name, str) or not INDEX_NAME.match(name):
+        raise ValueError(f"index name {str(name)[:70]!r}: expected 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+class ServedIndices:
+    """The named searchers of a server, in order; the first is the default."""
+
+    def __init__(self, searchers: Searcher | Mapping[str, Searcher]) -> None:
+        self.searchers = {DEFAULT_NAME: searchers} if isinstance(searchers, Searcher) else dict(searchers)
+        if not self.searchers:
+            raise ValueError("no index to serve")
+        for name in self.searchers:
+            check_index_name(name)
+        self.default = next(iter(self.searchers))
+        self.several = len(self.searchers) > 1
+
+    def pick(self, name: str | None) -> tuple[str, Searcher]:
+        """(name, searcher) of `name`, the default one when absent; 404 for a name not served."""
+        if name is None or name == "":
+            return self.default, self.searchers[self.default]
+        if name not in self.searchers:
+            raise RequestError(404, f"index: no index named {name[:70]!r} (this server has "
+                               f"{', '.join(self.searchers)})")
+        return name, self.searchers[name]
+
+    def image_url(self, name: str, id_: int) -> str:
+        return f"/api/image/{id_}?index={name}" if self.several else f"/api/image/{id_}"
+
+
+def in_index(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` with its query stages recorded under index `name` (metrics)."""
+    with serving_index(name):
+        return fn(*args)
+
+
+def public_answer(answer: SearchAnswer, image_url: Callable[[int], str] = lambda i: f"/api/image/{i}"
+                  ) -> dict[str, Any]:
     """The JSON of a search answer: no filesystem paths, an image URL per hit."""
     results = []
     for hit in answer["results"]:
         row = {"id": hit["id"], "score": round(hit["score"], 5), "key": hit["key"], "caption": hit["caption"],
-               "image_url": f"/api/image/{hit['id']}"}
+               "image_url": image_url(hit["id"])}
         if "duplicates" in hit:
             row["duplicates"] = hit["duplicates"]
         results.append(row)
@@ -219,7 +267,8 @@ def add_error_handlers(app: FastAPI) -> None:
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, dedup, labels)")
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, dedup, labels, "
+                           "index)")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts
@@ -250,30 +299,45 @@ def add_page_routes(app: FastAPI) -> None:
         return FileResponse(files[name], headers=PAGE_HEADERS)
 
 
-def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int, dedup: float) -> None:
+def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup: float) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "images": len(searcher)}
+        sizes = {name: len(searcher) for name, searcher in served.searchers.items()}
+        answer: dict[str, Any] = {"status": "ok", "images": sum(sizes.values())}
+        if served.several:
+            answer["indices"] = sizes
+        return answer
+
+    @app.get("/api/indices")
+    def indices() -> dict[str, Any]:
+        return {"default": served.default,
+                "indices": [{"name": name, **index_summary(searcher, dedup)}
+                            for name, searcher in served.searchers.items()]}
 
     @app.get("/api/info")
-    def info() -> dict[str, Any]:
-        return index_summary(searcher, dedup)
+    def info(index: str | None = None) -> dict[str, Any]:
+        name, searcher = served.pick(index)
+        return {"name": name, **index_summary(searcher, dedup)}
 
     @app.get("/api/search")
     def search_get(text: str | None = None, k: str | None = None, id: str | None = None,
-                   dedup: str | None = None) -> dict[str, Any]:
+                   dedup: str | None = None, index: str | None = None) -> dict[str, Any]:
+        name, searcher = served.pick(index)
         count, threshold = parse_k(k), parse_dedup(dedup)
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
         if id is not None:
-            return public_answer(searcher.search_by_id(parse_id(id, len(searcher)), count, threshold))
-        if text is None:
+            answer = in_index(name, searcher.search_by_id, parse_id(id, len(searcher)), count, threshold)
+        elif text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
-        return public_answer(searcher.search_terms(parse_query(text, allow_paths=False), count, threshold))
+        else:
+            answer = in_index(name, searcher.search_terms, parse_query(text, allow_paths=False), count, threshold)
+        return public_answer(answer, lambda i: served.image_url(name, i))
 
     @app.post("/api/search")
     async def search_post(request: Request) -> dict[str, Any]:
         image, fields = await read_form(request, max_bytes)
+        name, searcher = served.pick(fields.get("index"))
         count, threshold = parse_k(fields.get("k")), parse_dedup(fields.get("dedup"))
         text = fields.get("text", "").strip()
         if image is None and not text:
@@ -281,12 +345,14 @@ def add_search_routes(app: FastAPI, searcher: Searcher, max_bytes: int, dedup: f
         terms = parse_query(text, allow_paths=False) if text else []
         if image is not None:
             terms.append(QueryTerm("image", image, 1.0))
-        return public_answer(await run_in_threadpool(searcher.search_terms, terms, count, threshold))
+        answer = await run_in_threadpool(in_index, name, searcher.search_terms, terms, count, threshold)
+        return public_answer(answer, lambda i: served.image_url(name, i))
 
 
-def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates: tuple[str, ...]) -> None:
+def add_image_routes(app: FastAPI, served: ServedIndices, max_bytes: int, templates: tuple[str, ...]) -> None:
     @app.get("/api/image/{image_id}")
-    def image(image_id: str) -> Response:
+    def image(image_id: str, index: str | None = None) -> Response:
+        _, searcher = served.pick(index)
         try:
             data, mime = searcher.index.read_image_bytes(parse_id(image_id, len(searcher)))
         except SearchError as exc:  # the file named by the metadata is gone or unreadable
@@ -298,10 +364,11 @@ def add_image_routes(app: FastAPI, searcher: Searcher, max_bytes: int, templates
     @app.post("/api/classify")
     async def classify(request: Request) -> dict[str, Any]:
         image, fields = await read_form(request, max_bytes)
+        name, searcher = served.pick(fields.get("index"))
         labels = parse_labels(fields.get("labels"))
         if image is None:
             raise RequestError(400, "image: missing (multipart file field 'image')")
-        ranked = await run_in_threadpool(searcher.classify, image, labels, templates)
+        ranked = await run_in_threadpool(in_index, name, searcher.classify, image, labels, templates)
         return {"labels": ranked}
 
 
@@ -314,36 +381,43 @@ def add_metrics_route(app: FastAPI, metrics: ServerMetrics | None) -> None:
         return Response(content=body, media_type=content_type)
 
 
-def create_app(searcher: Searcher, max_upload_mb: float = 10.0,
+def create_app(searchers: Searcher | Mapping[str, Searcher], max_upload_mb: float = 10.0,
                templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP) -> FastAPI:
-    """The FastAPI application serving `searcher`. Sync endpoints run in the thread pool; the model's
-    forward passes are serialised by the Searcher's lock, faiss searches run concurrently. `dedup` is the
-    threshold the page's "hide near-duplicates" toggle sends (API requests give their own)."""
+    """The FastAPI application serving one Searcher, or several by name (the first is the default; see
+    `open_searchers`). Sync endpoints run in the thread pool; each model's forward passes are serialised by its
+    lock, faiss searches run concurrently. `dedup` is the threshold the page's "hide near-duplicates" toggle
+    sends (API requests give their own)."""
     dedup = check_threshold(dedup)
+    served = ServedIndices(searchers)
     app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages would load from a CDN
     max_bytes = int(max_upload_mb * 2**20)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
-    metrics = server_metrics(len(searcher))
+    metrics = server_metrics({name: len(searcher) for name, searcher in served.searchers.items()})
     if metrics is not None:  # outermost (added last), so the body limit's own 413s are counted too
         app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
-        searcher.add_timing_listener(record_stage)  # once per searcher, however many apps serve it
+        for searcher in served.searchers.values():
+            searcher.add_timing_listener(record_stage)  # once per searcher, however many apps serve it
     add_error_handlers(app)
     add_page_routes(app)
-    add_search_routes(app, searcher, max_bytes, dedup)
-    add_image_routes(app, searcher, max_bytes, templates)
+    add_search_routes(app, served, max_bytes, dedup)
+    add_image_routes(app, served, max_bytes, templates)
     add_metrics_route(app, metrics)
     return app
 
 
-def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
-          templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP) -> None:
+def serve(searchers: Searcher | Mapping[str, Searcher], host: str = "127.0.0.1", port: int = 8000,
+          max_upload_mb: float = 10.0, templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES,
+          dedup: float = DEFAULT_DEDUP) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
     reuse_freed_memory()
-    app = create_app(searcher, max_upload_mb, templates, dedup)
+    app = create_app(searchers, max_upload_mb, templates, dedup)
+    served = ServedIndices(searchers)
     shown = f"[{host}]" if ":" in host else host
-    print(f"Serving {len(searcher)} images at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    images = sum(len(s) for s in served.searchers.values())
+    where = f" in {len(served.searchers)} indices ({', '.join(served.searchers)})" if served.several else ""
+    print(f"Serving {images} images{where} at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Listening on {host}: anyone who can reach this machine can query the index and read its images.")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,11 +1,11 @@
 // The clipforge search page: talks to the JSON API of `clipforge serve` (see README, "Search a collection").
-// The query lives in the page URL (?q=…&k=…[&dedup=…] or ?id=…) so a search can be shared; an uploaded image
-// cannot be.
+// The query lives in the page URL (?q=…&k=…[&dedup=…][&index=…] or ?id=…) so a search can be shared; an
+// uploaded image cannot be. A server with several indices offers them in a menu (index: null = its default).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // dedup: the cosine of the "hide near-duplicates" toggle (the server's, from /api/info, unless the URL gives one)
-const state = { image: null, classifyImage: null, dedup: 0.95, dedupFromUrl: false };
+const state = { image: null, classifyImage: null, dedup: 0.95, dedupFromUrl: false, index: null, indices: [] };
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -115,7 +115,8 @@ function offerDownload(answer) {
 async function run(query, push) {
   const k = $("k").value;
   const dedup = $("dedup").checked ? String(state.dedup) : null;
-  const extra = dedup === null ? "" : `&dedup=${encodeURIComponent(dedup)}`;
+  let extra = dedup === null ? "" : `&dedup=${encodeURIComponent(dedup)}`;
+  if (state.index !== null) extra += `&index=${encodeURIComponent(state.index)}`;
   let url = null;
   let options;
   let label;
@@ -128,6 +129,7 @@ async function run(query, push) {
     if (query.text) form.append("text", query.text);
     form.append("k", k);
     if (dedup !== null) form.append("dedup", dedup);
+    if (state.index !== null) form.append("index", state.index);
     url = "/api/search";
     options = { method: "POST", body: form };
     label = query.text ? `the image + “${query.text}”` : "the image";
@@ -144,6 +146,7 @@ async function run(query, push) {
     else if (query.text && !query.image) params.set("q", query.text);
     params.set("k", k);
     if (dedup !== null) params.set("dedup", dedup);
+    if (state.index !== null) params.set("index", state.index);
     history.pushState(null, "", `?${params}`);
   }
   setStatus("searching…");
@@ -168,6 +171,8 @@ function fromUrl() {
   const params = new URLSearchParams(location.search);
   if (params.has("k")) setK(params.get("k"));
   $("dedup").checked = params.has("dedup");
+  state.index = params.get("index");
+  if (state.indices.length) showIndex();
   if (params.has("dedup")) {
     state.dedup = params.get("dedup");
     state.dedupFromUrl = true;
@@ -201,6 +206,7 @@ async function classify() {
   const form = new FormData();
   form.append("image", state.classifyImage, "image");
   form.append("labels", JSON.stringify(labels));
+  if (state.index !== null) form.append("index", state.index);
   try {
     const answer = await callApi("/api/classify", { method: "POST", body: form });
     $("classify-results").replaceChildren(...answer.labels.map((row) => {
@@ -223,18 +229,36 @@ async function classify() {
   }
 }
 
+// The info line of the chosen index (and the menu's choice, when there are several).
+function showIndex() {
+  const chosen = state.indices.find((i) => i.name === state.index) || state.indices[0];
+  if (state.indices.length > 1) $("index").value = chosen.name;
+  describe(chosen);
+}
+
+function describe(info) {
+  const parts = [`${info.images.toLocaleString()} images`, `${info.dim}-d`, info.kind];
+  if (info.model) parts.push(`model ${info.model}`);
+  if (info.threshold && info.threshold.score !== null) {
+    parts.push(`no-good-match threshold ${info.threshold.score.toFixed(3)}`);
+  } else if (info.threshold) {
+    parts.push("no no-good-match threshold (matched and unmatched captions score alike here)");
+  }
+  if (state.indices.length > 1) parts.unshift(info.name);
+  $("info").textContent = parts.filter(Boolean).join(" · ");
+}
+
 async function loadInfo() {
   try {
-    const info = await callApi("/api/info");
-    const parts = [`${info.images.toLocaleString()} images`, `${info.dim}-d`, info.kind];
-    if (info.model) parts.push(`model ${info.model}`);
-    if (info.threshold && info.threshold.score !== null) {
-      parts.push(`no-good-match threshold ${info.threshold.score.toFixed(3)}`);
-    } else if (info.threshold) {
-      parts.push("no no-good-match threshold (matched and unmatched captions score alike here)");
+    const answer = await callApi("/api/indices");
+    state.indices = answer.indices;
+    if (state.indices.length > 1) {
+      $("index").replaceChildren(...state.indices.map((i) => new Option(`${i.name} (${i.images.toLocaleString()})`, i.name)));
+      $("index").hidden = false;
     }
-    $("info").textContent = parts.filter(Boolean).join(" · ");
-    if (typeof info.dedup === "number" && !state.dedupFromUrl) state.dedup = info.dedup;
+    showIndex();
+    const first = state.indices[0];
+    if (typeof first.dedup === "number" && !state.dedupFromUrl) state.dedup = first.dedup;
     $("dedup-label").title = `Show one image of each group whose cosine similarity is at least ${state.dedup}`;
   } catch (err) {
     $("info").textContent = `index info unavailable: ${err.message}`;
@@ -273,6 +297,21 @@ function wire() {
     if (state.image) run({ image: state.image, text }, true);
     else if (params.has("id")) run({ id: params.get("id") }, true);
     else if (text) run({ text }, true);
+  });
+  $("index").addEventListener("change", () => {
+    state.index = $("index").value === state.indices[0].name ? null : $("index").value;
+    showIndex();
+    // ids belong to an index: a search by id has no meaning in another, so only text and image queries rerun
+    const text = $("query").value.trim();
+    if (state.image) run({ image: state.image, text }, true);
+    else if (text) run({ text }, true);
+    else {
+      $("results").replaceChildren();
+      $("no-match").hidden = true;
+      offerDownload(null);
+      setStatus("");
+      history.pushState(null, "", state.index === null ? location.pathname : `?index=${encodeURIComponent(state.index)}`);
+    }
   });
   $("classify-button").addEventListener("click", classify);
   $("labels").addEventListener("keydown", (event) => { if (event.key === "Enter") classify(); });

@@ -27,6 +27,12 @@ with `dedup=0.95` (near-duplicate collapsing: 4k candidates fetched and their st
 vectors have no duplicates, so this is its cost when it hides nothing), reported as the per-round ratio of mean
 latencies; and the server's own /metrics give the mean time of each query stage over every request sent.
 
+Batch (`--section batch`): `--batch-queries` distinct text queries against an index of `--server-rows` random
+unit vectors carrying the fingerprint of `--batch-model` (default ViT-B-32 with seed-0 random weights: the size
+of a real CLIP's text tower), answered one at a time (`Searcher.search` in a loop: what a script calling the API
+per query, or the server per request, does) and by `Searcher.search_batch` (`clipforge search --queries`), in
+alternating rounds; the per-round ratio of times, and how many top-10 id lists agree between the two.
+
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
     PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
 """
@@ -273,8 +279,9 @@ COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "black", "white
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
 
 
-def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -> Path:
-    """An index of `rows` random normalised vectors carrying the model's fingerprint; returns its folder."""
+def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0, arch: str = "RN-Tiny-64") -> Path:
+    """An index of `rows` random normalised vectors carrying the fingerprint of `model_spec` (default: `arch`
+    with seed-0 random weights); returns its folder."""
     from PIL import Image
 
     from clipforge.search.encoder import load_encoder
@@ -284,7 +291,7 @@ def server_index(root: Path, rows: int, model_spec: str | None, seed: int = 0) -
         from clipforge.factory import create_model
 
         torch.manual_seed(0)
-        model_spec = str(save_model(create_model("RN-Tiny-64"), root / "model.safetensors"))
+        model_spec = str(save_model(create_model(arch), root / "model.safetensors"))
     encoder = load_encoder(model_spec, device="cpu")
     dim = int(encoder.fingerprint["dim"])
     picture = root / "one.png"
@@ -418,10 +425,41 @@ def bench_server(rows: int = 100_000, clients: int = 8, per_client: int = 50, ra
             "targets": {"p50_ms": 50, "queries_per_s": 20}}
 
 
+def bench_batch(rows: int = 100_000, queries: int = 256, arch: str = "ViT-B-32", threads: int = 2,
+                rounds: int = 3, k: int = 10) -> dict[str, Any]:
+    """One query at a time vs `search_batch`, same Searcher, same queries, alternating rounds."""
+    from clipforge.search.searcher import Searcher
+
+    torch.set_num_threads(threads)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+    shapes = ["circle", "square", "triangle", "star", "hexagon", "cross", "heart", "moon"]
+    texts = [f"a photo of a {colours[i % 8]} {shapes[i // 8 % 8]} on a plain background, number {i}"
+             for i in range(queries)]
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        searcher = Searcher(server_index(Path(tmp), rows, None, arch=arch), device="cpu")
+        searcher.search(text=texts[0], k=k)  # warm-up
+        loop_s, batch_s = [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            single = [searcher.search(text=t, k=k) for t in texts]
+            loop_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            batched = searcher.search_batch(texts, k=k)
+            batch_s.append(time.perf_counter() - started)
+    agree = sum([h["id"] for h in a["results"]] == [h["id"] for h in b["results"]] for a, b in zip(single, batched))
+    ratio = statistics.median(loop_s) / statistics.median(batch_s)
+    rounds_ = round_ratios(batch_s, loop_s)
+    print(f"search_batch vs one at a time ({queries} queries, {arch}, {rows} rows): {format_ratio(ratio, rounds_)}; "
+          f"{queries / statistics.median(batch_s):.1f} vs {queries / statistics.median(loop_s):.1f} queries/s; "
+          f"top-{k} ids identical for {agree} of {queries}", flush=True)
+    return {"rows": rows, "queries": queries, "model": arch, "k": k, "loop_s": loop_s, "batch_s": batch_s,
+            "speedup": round(ratio, 3), "speedup_rounds": rounds_, "identical_top_k": agree}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", action="append", choices=["embedding", "index", "server"],
-                        help="what to run (repeatable; default: all three)")
+    parser.add_argument("--section", action="append", choices=["embedding", "index", "server", "batch"],
+                        help="what to run (repeatable; default: all four)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", metavar="FILE.json")
     g = parser.add_argument_group("embedding")
@@ -447,8 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--rate", type=float, default=20.0, help="open-loop offered load, queries/s in total")
     g.add_argument("--port", type=int, default=8765)
     g.add_argument("--dedup-rounds", type=int, default=5, help="plain / dedup=0.95 round pairs (0: skip)")
+    g = parser.add_argument_group("batch (also uses --server-rows)")
+    g.add_argument("--batch-model", default="ViT-B-32", help="architecture, seed-0 random weights")
+    g.add_argument("--batch-queries", type=int, default=256)
+    g.add_argument("--batch-rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    sections = args.section or ["embedding", "index", "server"]
+    sections = args.section or ["embedding", "index", "server", "batch"]
     report: dict[str, Any] = {"machine": hardware_note(args.threads)}
     print(report["machine"], flush=True)
     if "embedding" in sections:
@@ -463,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         report["server"] = bench_server(args.server_rows, args.clients, args.requests, args.rate, args.server_model,
                                         args.port, args.dedup_rounds)
         print(json.dumps(report["server"], indent=2), flush=True)
+    if "batch" in sections:
+        report["batch"] = bench_batch(args.server_rows, args.batch_queries, args.batch_model, args.threads,
+                                      args.batch_rounds)
     report["machine_after"] = hardware_note(args.threads)
     print(report["machine_after"])
     if args.output:

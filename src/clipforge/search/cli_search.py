@@ -15,6 +15,7 @@ SEARCH_EPILOG = """query language:
   clipforge search runs/idx "beach" + photo.jpg - "people"
   clipforge search runs/idx "2:golden retriever" - 0.5:grass -k 20 --output hits.json
   clipforge search runs/idx "a red circle" --dedup 0.95   # near-duplicates listed under a better hit
+  clipforge search runs/idx --queries queries.txt --output hits.jsonl   # one query per line, batched
 The query vector is the weighted sum of the terms' normalised embeddings, normalised again."""
 
 FILTER_EPILOG = """examples:
@@ -32,6 +33,12 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="*", help="query terms (see below)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
+    p.add_argument("--embedding", action="append", default=[], metavar="F.npy",
+                   help="add a query vector saved by numpy.save (one vector, computed by the index's model)")
+    p.add_argument("--queries", metavar="FILE",
+                   help="many queries, one per line in the query language ('-': standard input): embedded in "
+                   "batches and searched at once; answers go to --output (.jsonl, or .csv: one row per result) or "
+                   "as JSON lines to standard output")
     p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="collapse near-duplicates: a result within this cosine of a better one is counted under it "
@@ -41,7 +48,8 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the runtime to embed queries with (default, and the only one accepted: the one the index "
                    "was embedded with, recorded in index.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
-    p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file")
+    p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file (with --queries: "
+                   "F.jsonl or F.csv)")
     p.set_defaults(handler=cmd_search, terms_after_options=True)
 
     p = sub.add_parser("filter", help="every image a query matches above a score, as a manifest or a folder",
@@ -52,6 +60,8 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index directory")
     p.add_argument("query", nargs="*", help="query terms (the query language of `clipforge search`)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
+    p.add_argument("--embedding", action="append", default=[], metavar="F.npy",
+                   help="add a query vector saved by numpy.save (one vector, computed by the index's model)")
     p.add_argument("--min-score", type=float, metavar="COSINE",
                    help="keep images scoring at least this (default, for text queries: the index's calibrated "
                    "no-good-match threshold)")
@@ -136,6 +146,10 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
             check_threshold(args.dedup, "--dedup")
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    if args.k < 1:
+        raise UserError(f"-k: expected a positive integer, got {args.k}")
+    if args.queries is not None:
+        return _search_many(args, extra)
     try:
         terms = _query_terms("search", args, extra)
         searcher = _searcher(args)
@@ -155,8 +169,47 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _search_many(args: argparse.Namespace, extra: list[str]) -> int:
+    """`search --queries FILE`: every line's answer as a JSON line or CSV rows; status 1 if any query failed."""
+    import sys
+    import time
+
+    from ..checkpoint import atomic_write_text
+    from ..cli_common import UserError
+    from .batch import batch_records, format_records, output_kind, read_queries
+    from .errors import SearchError
+
+    if args.query or extra or args.image or args.embedding:
+        raise UserError("search: --queries FILE takes the queries from the file; give no query words, --image or "
+                        "--embedding")
+    kind = output_kind(args.output) if args.output else "jsonl"
+    try:
+        lines = read_queries(args.queries)
+        searcher = _searcher(args)
+        started = time.perf_counter()
+        answers = searcher.search_batch([text for _, text in lines], args.k, args.dedup, allow_paths=True)
+        seconds = time.perf_counter() - started
+    except SearchError as exc:
+        raise UserError(str(exc)) from None
+    text = format_records(batch_records(lines, answers), kind)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    failed = [(n, a["error"]) for (n, _), a in zip(lines, answers) if "error" in a]
+    where = f" into {args.output}" if args.output else ""
+    print(f"{len(lines) - len(failed)} of {len(lines)} queries answered ({len(searcher)} images, k={args.k}) "
+          f"in {seconds:.2f} s{where}", file=sys.stderr)
+    for n, error in failed[:5]:
+        print(f"  line {n}: {error}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"  … and {len(failed) - 5} more failed (their errors are in the output)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _query_terms(command: str, args: argparse.Namespace, extra: list[str]) -> list[Any]:
-    """The parsed query of `search`/`filter`: its words (also those after an option) and --image files."""
+    """The parsed query of `search`/`filter`: its words (also those after an option), --image files and
+    --embedding vectors."""
     from ..cli_common import UserError
     from .query import QueryTerm, parse_query
 
@@ -164,9 +217,26 @@ def _query_terms(command: str, args: argparse.Namespace, extra: list[str]) -> li
     if unknown:
         raise UserError(f"{command}: unrecognised option {unknown[0]} (see clipforge {command} --help)")
     query: Sequence[str] = [*args.query, *extra]  # terms after an option reach here as `extra`
-    if not query and not args.image:
-        raise UserError(f"{command}: give a query text, an image (--image PATH), or both")
-    return (parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
+    if not query and not args.image and not args.embedding:
+        raise UserError(f"{command}: give a query text, an image (--image PATH), an embedding (--embedding F.npy), "
+                        "or a mix of them")
+    return ((parse_query(query) if query else []) + [QueryTerm("image", path) for path in args.image]
+            + [_embedding_file(path) for path in args.embedding])
+
+
+def _embedding_file(path: str) -> Any:
+    """The query term of a vector saved by numpy.save (never unpickled)."""
+    import numpy as np
+
+    from .errors import SearchError
+    from .query import embedding_term
+
+    try:
+        value = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SearchError(f"--embedding {path}: not a readable .npy array ({exc})") from None
+    return embedding_term(value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1 else value,
+                          name=f"--embedding {path}")
 
 
 def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:

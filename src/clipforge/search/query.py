@@ -9,7 +9,9 @@ beach text and the photo, away from people). On the command line:
     clipforge search INDEX "2:golden retriever" - 0.5:grass     # WEIGHT:TERM scales a term
 
 A term is an image when it names an image file (an image suffix, or any existing file). The server parses the
-same language from its `text` field but never treats a term as a path: there every term is text.
+same language from its `text` field but never treats a term as a path: there every term is text. A term may
+also be an embedding given as numbers (`embedding_term`: the API's `embedding` field, `--embedding F.npy`), a
+vector computed elsewhere by the index's model.
 """
 
 from __future__ import annotations
@@ -126,6 +128,35 @@ def as_terms(values: Any, kind: str) -> list[QueryTerm]:
             raise SearchError(f"image query: expected a path, bytes or a PIL image, got {type(value).__name__}")
         terms.append(QueryTerm(kind, value, float(weight)))
     return terms
+
+
+def embedding_term(value: Any, weight: float = 1.0, name: str = "embedding") -> QueryTerm:
+    """A term holding a query vector given as numbers [d] (its length is checked against the index later)."""
+    try:
+        vector = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise SearchError(f"{name}: expected a flat list of numbers") from None
+    if vector.ndim != 1 or vector.size == 0:
+        raise SearchError(f"{name}: expected one vector (a flat list of numbers), got shape {list(vector.shape)}")
+    if not np.isfinite(vector).all():
+        raise SearchError(f"{name}: holds a NaN or an infinite value")
+    if float(np.linalg.norm(vector)) < 1e-12:
+        raise SearchError(f"{name}: all zeros (no direction to search in)")
+    return QueryTerm("embedding", vector, float(weight))
+
+
+def embedding_terms(values: Any) -> list[QueryTerm]:
+    """Terms from the Python API's `embedding=`: one vector [d], several [n, d], or a list of (vector, weight)."""
+    if values is None:
+        return []
+    if isinstance(values, (list, tuple)) and values and isinstance(values[0], tuple):
+        return [embedding_term(v, w) for v, w in values]
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise SearchError("embedding: expected a flat list of numbers, an array [d] or [n, d]") from None
+    rows = array if array.ndim == 2 else [array]  # [n, d] or one [d]
+    return [embedding_term(row) for row in rows]
 
 
 def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:

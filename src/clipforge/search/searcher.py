@@ -40,6 +40,7 @@ from .query import (
     QueryTerm,
     as_terms,
     combine,
+    embedding_terms,
     open_image,
 )
 
@@ -214,9 +215,20 @@ class Searcher:
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Normalised image embeddings [n, d] (float32) of paths, bytes or PIL images."""
         with self._timed("encode_image"):
-            pixels = torch.stack([self.encoder.preprocess(open_image(i, self.max_pixels)) for i in images])  # [n, 3, S, S]
-            with self._lock:
-                return self.encoder.encode_image(pixels)
+            return self._encode_pixels(torch.stack([self.pixels(i) for i in images]))
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """The model's input [3, S, S] for an image (SearchError when it cannot be read or is too large)."""
+        return self.encoder.preprocess(open_image(image, self.max_pixels))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Normalised image embeddings [n, d] of preprocessed images [n, 3, S, S] (`pixels`)."""
+        with self._timed("encode_image"):
+            return self._encode_pixels(pixels)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        with self._lock:
+            return self.encoder.encode_image(pixels)
 
     def query_vector(self, terms: Sequence[QueryTerm]) -> np.ndarray:
         """The normalised weighted sum of the terms' embeddings [d]."""
@@ -224,6 +236,7 @@ class Searcher:
             raise SearchError("query is empty: give a text, an image, or both")
         texts = [t for t in terms if t.kind == "text"]
         images = [t for t in terms if t.kind == "image"]
+        given = [t for t in terms if t.kind == "embedding"]
         vectors, weights = [], []
         if texts:
             vectors.append(self.encode_texts([t.value for t in texts]))
@@ -231,45 +244,65 @@ class Searcher:
         if images:
             vectors.append(self.encode_images([t.value for t in images]))
             weights += [t.weight for t in images]
+        if given:
+            vectors.append(np.stack([self.check_embedding(t.value) for t in given]))
+            weights += [t.weight for t in given]
         return combine(np.concatenate(vectors), weights)
+
+    def check_embedding(self, vector: np.ndarray) -> np.ndarray:
+        """A given query vector [d], if its length is the index's; SearchError otherwise."""
+        if vector.shape != (self.index.dim,):
+            raise SearchError(f"embedding: {vector.size} numbers, this index holds {self.index.dim}-d vectors "
+                              f"(embed the query with its model: {Path(str(self.info.get('model') or '?')).name})")
+        return vector
 
     def search_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None,
                       exclude: int | None = None, dedup: float | None = None) -> SearchAnswer:
         """Top-k hits of a normalised query vector [d]; `no_good_match` when the best score is under
         `threshold` (None: not judged). `exclude` drops one id (the query's own image, whose copies `dedup`
         hides too). `dedup`: a cosine; hits that close to a better hit are listed under it, not in the top k."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise SearchError(f"k: expected a positive integer, got {k!r}")
+        k = self.check_k(k)
         if dedup is not None:
             try:
                 dedup = check_threshold(dedup)
             except ValueError as exc:
                 raise SearchError(str(exc)) from None
-        k = min(int(k), len(self.index))
         if dedup is None:
-            keep = self._candidates(vector, k, exclude)[:k]
-            duplicates: dict[int, list[int]] | None = None
-            hidden = 0
-        else:
-            keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup)
-        hits = self.hits([i for _, i in keep], [s for s, _ in keep])
-        if duplicates is not None:
-            for hit in hits:
-                hit["duplicates"] = duplicates[hit["id"]]
-        best = hits[0]["score"] if hits else float("-inf")
-        answer: SearchAnswer = {"results": hits, "no_good_match": threshold is not None and best < threshold,
-                                "threshold": threshold}
-        if dedup is not None:
-            answer["dedup"], answer["hidden"] = dedup, hidden
+            return self.search_vectors(vector[None, :], k, [threshold], exclude)[0]
+        keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup)
+        answer = self._answer(keep, threshold)
+        for hit in answer["results"]:
+            hit["duplicates"] = duplicates[hit["id"]]
+        answer["dedup"], answer["hidden"] = dedup, hidden
         return answer
 
-    def _candidates(self, vector: np.ndarray, fetch: int, exclude: int | None) -> list[tuple[float, int]]:
-        """(score, id) of the best `fetch` ids, best first and equal scores by id (faiss leaves their order
-        open: byte-identical copies would swap places between runs), without `exclude` and faiss's -1 padding."""
+    def search_vectors(self, vectors: np.ndarray, k: int, thresholds: Sequence[float | None],
+                       exclude: int | None = None) -> list[SearchAnswer]:
+        """`search_vector` (without dedup) for many normalised query vectors [q, d] in one index search: the
+        answer of row i is judged by `thresholds[i]`."""
+        k = self.check_k(k)
+        return [self._answer(found[:k], threshold)
+                for found, threshold in zip(self._candidates(vectors, k, exclude), thresholds)]
+
+    def check_k(self, k: Any) -> int:
+        """k as an int no larger than the index; SearchError unless a positive integer."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k: expected a positive integer, got {k!r}")
+        return min(int(k), len(self.index))
+
+    def _answer(self, keep: list[tuple[float, int]], threshold: float | None) -> SearchAnswer:
+        hits = self.hits([i for _, i in keep], [s for s, _ in keep])
+        best = hits[0]["score"] if hits else float("-inf")
+        return {"results": hits, "no_good_match": threshold is not None and best < threshold, "threshold": threshold}
+
+    def _candidates(self, vectors: np.ndarray, fetch: int, exclude: int | None) -> list[list[tuple[float, int]]]:
+        """Per query row of `vectors` [q, d]: (score, id) of the best `fetch` ids, best first and equal scores by
+        id (faiss leaves their order open: byte-identical copies would swap places between runs), without
+        `exclude` and faiss's -1 padding."""
         with self._timed("knn"):
-            scores, ids = self.index.search(vector[None, :], min(fetch + (exclude is not None), len(self.index)))
-        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i != exclude]
-        return sorted(found, key=lambda hit: (-hit[0], hit[1]))
+            scores, ids = self.index.search(vectors, min(fetch + (exclude is not None), len(self.index)))  # [q, fetch]
+        return [sorted(((float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0 and i != exclude),
+                       key=lambda hit: (-hit[0], hit[1])) for row_scores, row_ids in zip(scores, ids)]
 
     def _distinct(self, vector: np.ndarray, k: int, exclude: int | None,
                   dedup: float) -> tuple[list[tuple[float, int]], dict[int, list[int]], int]:
@@ -277,7 +310,7 @@ class Searcher:
         seed = self.index.image_vector(exclude) if exclude is not None else None
         fetch = min(k * DEDUP_FETCH, len(self.index), DEDUP_MAX_CANDIDATES)
         while True:
-            candidates = self._candidates(vector, fetch, exclude)
+            candidates = self._candidates(vector[None, :], fetch, exclude)[0]
             outcome = collapse(self.index.image_vectors([i for _, i in candidates]), dedup, k, seed)
             if outcome.complete or fetch >= min(len(self.index), DEDUP_MAX_CANDIDATES):
                 break
@@ -292,18 +325,30 @@ class Searcher:
         judged = calibrated_for(terms)
         return self.search_vector(self.query_vector(terms), k, self.threshold if judged else None, dedup=dedup)
 
-    def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None) -> SearchAnswer:
+    def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None,
+               embedding: Any = None) -> SearchAnswer:
         """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
         (negative weights push away); texts may also be a {text: weight} dict. Images are paths, bytes or
-        PIL images. Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"};
+        PIL images; `embedding` adds query vectors computed elsewhere by the index's model ([d], [n, d] or
+        (vector, weight) pairs). Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"};
         with `dedup` (a cosine, e.g. 0.95) near-duplicates of a better hit go into its "duplicates" list."""
-        return self.search_terms(as_terms(text, "text") + as_terms(image, "image"), k, dedup)
+        return self.search_terms(as_terms(text, "text") + as_terms(image, "image") + embedding_terms(embedding),
+                                 k, dedup)
 
     def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None) -> SearchAnswer:
         """Images most like image `id_` of the index (itself, and with `dedup` its copies, left out)."""
         vector = self.index.image_vector(id_)
         return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=int(id_),
                                   dedup=dedup)
+
+    def search_batch(self, queries: Sequence[str | Sequence[QueryTerm]], k: int = 10, dedup: float | None = None,
+                     allow_paths: bool = False, on_error: str = "record") -> list[Any]:
+        """Answers of many queries (query-language strings or parsed terms), embedded in batches and searched
+        in one index call: `batch.search_batch`. A failed query's place holds {"error": message} (or, with
+        on_error="raise", the first failure raises SearchError)."""
+        from .batch import search_batch
+
+        return search_batch(self, queries, k, dedup, allow_paths, on_error)  # type: ignore[arg-type]
 
     def filter(self, text: Any = None, image: Any = None, min_score: float | None = None,
                limit: int | None = None) -> list[SearchHit]:

@@ -6,7 +6,8 @@
     GET  /api/info              the index's model, size, kind, measured recall and no-good-match threshold
     GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
     GET  /api/search?id=N&k=…   images like image N of the index
-    POST /api/search            multipart: `image` file and/or `text`, `k`
+    POST /api/search            multipart: `image` file and/or `text`, `embedding` (a JSON list), `k`; or a JSON
+                                object {"text", "image" (base64), "embedding", "k", "dedup", "index"}
                                 (all three take `dedup=T`: near-duplicates within cosine T go under a better hit)
     GET  /api/image/{id}        the image file of an id, found from the index's metadata only
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
@@ -22,6 +23,8 @@ no request ever names a file: images are served by id.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations as live objects.
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,11 +53,12 @@ from .metrics import (
     server_metrics,
     serving_index,
 )
-from .query import QueryTerm, parse_query
+from .query import QueryTerm, embedding_term, parse_query
 from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
 MAX_K = 200
 MAX_LABELS = 100
+JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index")  # of a JSON POST /api/search
 _ID = re.compile(r"^[0-9]{1,18}$")
 # Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -264,11 +268,52 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error ({type(exc).__name__}); the server goes on")
 
 
+def parse_embedding(value: Any) -> QueryTerm:
+    """A query vector from a JSON list of numbers (or its text, from a form field)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RequestError(400, f"embedding: malformed JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise RequestError(400, "embedding: expected a JSON list of numbers, e.g. [0.01, -0.2, ...]")
+    try:
+        return embedding_term(value)
+    except SearchError as exc:
+        raise RequestError(400, str(exc)) from None
+
+
+async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:
+    """(the base64 `image`'s bytes or None, the other fields) of a JSON search request."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at character {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RequestError(400, f"malformed JSON body{where}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"expected a JSON object with some of: {', '.join(JSON_FIELDS)}")
+    unknown = sorted(set(body) - set(JSON_FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown field {unknown[0][:40]!r} (expected: {', '.join(JSON_FIELDS)})")
+    for name in ("text", "image", "index"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(400, f"{name}: expected a string" + (" (base64 of the image file)" if name == "image"
+                                                                     else ""))
+    image = None
+    if body.get("image"):
+        try:
+            image = base64.b64decode(body.pop("image"), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "image: not valid base64") from None
+    fields = {name: value for name, value in body.items() if value is not None and name != "image"}
+    return image, fields
+
+
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, k, dedup, labels, "
-                           "index)")
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, "
+                           "labels, index), or for POST /api/search a JSON object")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts
@@ -336,15 +381,21 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
 
     @app.post("/api/search")
     async def search_post(request: Request) -> dict[str, Any]:
-        image, fields = await read_form(request, max_bytes)
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            image, fields = await read_json(request)
+        else:
+            image, fields = await read_form(request, max_bytes)
         name, searcher = served.pick(fields.get("index"))
         count, threshold = parse_k(fields.get("k")), parse_dedup(fields.get("dedup"))
         text = fields.get("text", "").strip()
-        if image is None and not text:
-            raise RequestError(400, "give an image file, a text, or both")
+        given = fields.get("embedding")
+        if image is None and not text and given in (None, ""):
+            raise RequestError(400, "give an image, a text, an embedding, or a mix of them")
         terms = parse_query(text, allow_paths=False) if text else []
         if image is not None:
             terms.append(QueryTerm("image", image, 1.0))
+        if given not in (None, ""):
+            terms.append(parse_embedding(given))
         answer = await run_in_threadpool(in_index, name, searcher.search_terms, terms, count, threshold)
         return public_answer(answer, lambda i: served.image_url(name, i))
 

@@ -162,3 +162,38 @@ def test_cli_refuses_bad_queries_files(built, tmp_path, capsys):
     assert "no queries in it" in capsys.readouterr().err
     assert main(["search", index, "a cat", "--queries", str(latin)]) != 0
     assert "give no query words" in capsys.readouterr().err
+
+
+def test_flat_block_search_matches_an_exact_ranking(monkeypatch):
+    """The block path of flat indices (from FLAT_BATCH_QUERIES queries up) against float64 products, with
+    blocks small enough that the running top-k merges across row blocks and query blocks."""
+    import faiss
+    import numpy as np
+
+    from clipforge.search import index as index_module
+
+    monkeypatch.setattr(index_module, "FLAT_BLOCK_ROWS", 700)
+    monkeypatch.setattr(index_module, "FLAT_BLOCK_QUERIES", 16)
+    rng = np.random.default_rng(0)
+    stored = rng.standard_normal((5000, 32)).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    queries = rng.standard_normal((40, 32)).astype(np.float32)
+    flat = faiss.index_factory(32, "Flat", faiss.METRIC_INNER_PRODUCT)
+    flat.add(stored)
+    view = index_module.flat_vectors(flat)
+    assert view is not None and np.array_equal(view, stored)
+    exact = queries.astype(np.float64) @ stored.astype(np.float64).T  # [40, 5000]
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :9]
+    scores, ids = index_module.search_faiss(flat, [], queries, 9)
+    assert np.array_equal(ids, want)
+    assert np.allclose(scores, np.take_along_axis(exact, want, axis=1), atol=1e-5)
+    few_scores, few_ids = index_module.search_faiss(flat, [], queries[:3], 9)  # under the threshold: faiss
+    assert np.array_equal(few_ids, want[:3]) and np.allclose(few_scores, scores[:3], atol=1e-5)
+    # k past the rows: every row once, then faiss's padding
+    small = faiss.index_factory(32, "Flat", faiss.METRIC_INNER_PRODUCT)
+    small.add(stored[:20])
+    padded_scores, padded_ids = index_module.search_faiss(small, [], queries, 25)
+    assert all(sorted(row[:20]) == list(range(20)) for row in padded_ids.tolist())
+    assert (padded_ids[:, 20:] == -1).all() and np.isneginf(padded_scores[:, 20:]).all()
+    assert index_module.flat_vectors(faiss.index_factory(32, "HNSW8", faiss.METRIC_INNER_PRODUCT)) is None
+    assert index_module.flat_vectors(faiss.IndexFlatL2(32)) is None

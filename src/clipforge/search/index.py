@@ -32,6 +32,13 @@ __all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_inf
 
 INDEX_FORMAT = "clipforge-index"
 INFO_FILE = "index.json"
+# faiss's flat search gains nothing from batching queries on these CPUs (4.4 ms a query at 100k x 128 on one
+# AVX2 core, for 1 query or 256), while a matrix product per block of stored rows and a running top-k answers
+# 256 queries 3.7x faster and 16 queries 2.4x faster (one query: faiss is 2x faster). So flat indices take the
+# block path from FLAT_BATCH_QUERIES queries up (`clipforge search --queries`, `Searcher.search_batch`).
+FLAT_BATCH_QUERIES = 8
+FLAT_BLOCK_ROWS = 32_768
+FLAT_BLOCK_QUERIES = 256  # scores held at once: FLAT_BLOCK_QUERIES x FLAT_BLOCK_ROWS float32 = 32 MiB
 _IMAGE_MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
                 (b"BM", "image/bmp"))
 
@@ -102,6 +109,42 @@ def vector_chunks(sources: Sequence[EmbeddingSet], role: str = "img") -> Iterato
             start += part.rows
 
 
+def flat_vectors(faiss_index: Any) -> np.ndarray | None:
+    """The stored float32 vectors [ntotal, d] of an inner-product IndexFlat, as a view (no copy); else None."""
+    faiss = require("faiss")
+    flat = faiss.downcast_index(faiss_index)
+    if not isinstance(flat, faiss.IndexFlat) or flat.metric_type != faiss.METRIC_INNER_PRODUCT or flat.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def flat_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of `queries` [n, d] against `vectors` [rows, d]: scores [n, k] float32 and
+    ids [n, k] int64, best first, padded with (-inf, -1) past `rows` as faiss pads."""
+    import torch
+
+    stored = torch.from_numpy(vectors)
+    keep = min(k, vectors.shape[0])
+    all_scores, all_ids = [], []
+    for q0 in range(0, queries.shape[0], FLAT_BLOCK_QUERIES):
+        block = torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + FLAT_BLOCK_QUERIES]))  # [b, d]
+        best_s = torch.full((block.shape[0], 0), float("-inf"))
+        best_i = torch.zeros((block.shape[0], 0), dtype=torch.int64)
+        for r0 in range(0, vectors.shape[0], FLAT_BLOCK_ROWS):
+            scores = block @ stored[r0:r0 + FLAT_BLOCK_ROWS].T  # [b, rows in block]
+            top_s, top_i = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
+            merged_s, merged_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + r0], 1)
+            best_s, order = torch.topk(merged_s, min(keep, merged_s.shape[1]), dim=1)
+            best_i = torch.gather(merged_i, 1, order)
+        all_scores.append(best_s.numpy())
+        all_ids.append(best_i.numpy())
+    scores, ids = np.concatenate(all_scores).astype(np.float32), np.concatenate(all_ids).astype(np.int64)
+    if keep < k:
+        scores = np.pad(scores, ((0, 0), (0, k - keep)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, k - keep)), constant_values=-1)
+    return scores, ids
+
+
 def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
                  rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors.
@@ -110,6 +153,9 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
     wrote (memory-mapped, so they cost disk rather than RAM) restores both the ranking and exact cosines.
     """
     if rerank <= 1:
+        stored = flat_vectors(faiss_index) if queries.shape[0] >= FLAT_BATCH_QUERIES else None
+        if stored is not None:
+            return flat_topk(stored, queries, k)
         scores, ids = faiss_index.search(queries, k)
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
     n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))

@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from common import (hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops, random_images,
-                    random_tokens, write_atomic)
+from common import (format_ratio, hardware_note, image_forward_flops, matmul_peak, median, pair_forward_flops,
+                    random_images, random_tokens, round_ratios, write_atomic)
 
 from clipforge import get_model_config
 
@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = {name: summarise(rows) for name, rows in turns.items()}
         base, kept = summary["glibc default"], summary["keep freed memory"]
         summary["speed-up (median wall, default / kept)"] = base["wall_s"] / kept["wall_s"]
+        # per turn (the settings' children ran back to back): each child's median call
+        turn_wall = {name: [median([row["wall_s"] for row in turn["calls"]]) for turn in rows]
+                     for name, rows in turns.items()}
+        spreads = {"default / kept": round_ratios(turn_wall["keep freed memory"], turn_wall["glibc default"])}
         for name in turns:
             row = summary[name]
             row["mfu_of_bf16_peak"] = work[kind] / row["wall_s"] / peak if work else float("nan")  # ViTs only
@@ -154,14 +158,20 @@ def main(argv: list[str] | None = None) -> int:
                            "both keeping freed memory": oc["keep freed memory"] / kept["wall_s"],
                            "as each ships": oc["glibc default"] / kept["wall_s"]}
             summary |= {f"clipforge vs open_clip, {label}": ratio for label, ratio in comparisons.items()}
+            pairs = {"both glibc default": ("glibc default", "glibc default"),
+                     "both keeping freed memory": ("keep freed memory", "keep freed memory"),
+                     "as each ships": ("keep freed memory", "glibc default")}
+            for label, (ours, theirs) in pairs.items():
+                spreads[label] = round_ratios(turn_wall[ours], turn_wall[run_name("open_clip", theirs)])
+        summary["ratio_rounds"] = spreads
         summary["raw"] = turns
         results["kinds"][kind] = summary
         print(f"{kind}: default {base['wall_s']:.3f} s ({base['minor_faults']:.0f} faults, sys {base['sys_s']:.3f} s,"
               f" peak {base['peak_rss_mb']:.0f} MB, MFU {base['mfu_of_bf16_peak']:.1%}); kept {kept['wall_s']:.3f} s ({kept['minor_faults']:.0f} faults,"
               f" sys {kept['sys_s']:.3f} s, peak {kept['peak_rss_mb']:.0f} MB, MFU {kept['mfu_of_bf16_peak']:.1%}); "
-              f"{base['wall_s'] / kept['wall_s']:.3f}x", flush=True)
+              f"{format_ratio(base['wall_s'] / kept['wall_s'], spreads['default / kept'])}", flush=True)
         for label, ratio in comparisons.items():
-            print(f"  clipforge vs open_clip, {label}: {ratio:.3f}x", flush=True)
+            print(f"  clipforge vs open_clip, {label}: {format_ratio(ratio, spreads[label])}", flush=True)
     print(f"bf16 matmul peak {peak / 1e12:.2f} TFLOP/s; {results['hardware']}")
     if args.output:
         write_atomic(args.output, json.dumps(results, indent=2) + "\n")

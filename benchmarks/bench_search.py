@@ -168,23 +168,31 @@ def _pipelines(name: str, precision: str, files: list[Path], scratch: Path, batc
 
 def bench_embedding(name: str = "ViT-B-32", count: int = 192, batch: int = 32, workers: int = 1,
                     threads: int = 2, rounds: int = 2, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
-    """Best-of-`rounds` images/s per (implementation, precision) and the clipforge / other ratios."""
+    """Best-of-`rounds` images/s per (implementation, precision), the clipforge / other ratios of the best
+    rates, and the per-round ratios (rounds take turns, so each round's ratio compares runs made back to back)."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         files, what = image_files(count, scratch)
-        rates: dict[str, float] = {}
+        per_round: dict[str, list[float]] = {}
         for precision in precisions:
             pipelines = _pipelines(name, precision, files, scratch, batch, workers)
             for _ in range(rounds):
                 for impl, run in pipelines.items():
-                    key = f"{impl} {precision}"
-                    rates[key] = max(rates.get(key, 0.0), run())
-    ratios = {f"clipforge / {other} {p}": rates[f"clipforge {p}"] / rates[f"{other} {p}"]
-              for p in precisions for other in ("open_clip", "transformers")}
+                    per_round.setdefault(f"{impl} {precision}", []).append(run())
+    rates = {key: max(values) for key, values in per_round.items()}
+    ratios, spreads = {}, {}
+    for p in precisions:
+        for other in ("open_clip", "transformers"):
+            label = f"clipforge / {other} {p}"
+            ratios[label] = rates[f"clipforge {p}"] / rates[f"{other} {p}"]
+            spreads[label] = round_ratios([1 / r for r in per_round[f"clipforge {p}"]],
+                                          [1 / r for r in per_round[f"{other} {p}"]])
+            print(f"{label}: {format_ratio(ratios[label], spreads[label])}", flush=True)
     return {"model": name, "images": what, "batch": batch, "workers": workers, "threads": threads,
             "images_per_s": {k: round(v, 2) for k, v in rates.items()},
-            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+            "images_per_s_rounds": {k: [round(v, 2) for v in values] for k, values in per_round.items()},
+            "ratios": {k: round(v, 3) for k, v in ratios.items()}, "ratio_rounds": spreads}
 
 
 def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0,

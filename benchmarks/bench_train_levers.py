@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from common import (hardware_note, median, random_images, random_tokens, sdpa_attention, time_interleaved,
-                    write_atomic)
+from common import (format_ratio, hardware_note, median, random_images, random_tokens, round_ratios, sdpa_attention,
+                    time_interleaved, write_atomic)
 
 from clipforge import create_model, get_model_config
 from clipforge.train.config import OptimConfig, TrainConfig
@@ -83,15 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     secs = {k: median(v) for k, v in {**steps, **optim}.items()}
     base = secs["eager bf16 (explicit attention, fused AdamW)"]
     print(f"\n{args.model}, batch {args.batch}, bf16 autocast, median of {args.steps} interleaved steps:")
+    base_key = "eager bf16 (explicit attention, fused AdamW)"
+    rounds = {key: round_ratios(times, steps[base_key]) for key, times in steps.items()}  # per turn, vs the base
     for key, sec in secs.items():
-        rel = f"  {base / sec:5.2f}x the eager step" if key in steps else ""
+        rel = f"  {format_ratio(base / sec, rounds[key])} the eager step" if key in steps else ""
         print(f"  {key:48s} {sec:7.3f} s{rel}")
     ratio = secs["AdamW step for-each"] / secs["AdamW step fused"]
-    print(f"  fused AdamW is {ratio:.2f}x faster than for-each; it is {secs['AdamW step fused'] / base:.1%} of the step")
+    rounds["fused AdamW vs for-each"] = round_ratios(optim["AdamW step fused"], optim["AdamW step for-each"])
+    print(f"  fused AdamW is {format_ratio(ratio, rounds['fused AdamW vs for-each'])} faster than for-each; it is "
+          f"{secs['AdamW step fused'] / base:.1%} of the step")
     print(hardware_note(args.threads))
     if args.output:
         result = {"machine": hardware_note(args.threads), "model": args.model, "batch": args.batch,
-                  "seconds": secs, "all_seconds": {**steps, **optim}}
+                  "seconds": secs, "all_seconds": {**steps, **optim}, "ratio_rounds": rounds}
         write_atomic(args.output, json.dumps(result, indent=2))
     return 0
 

@@ -299,3 +299,20 @@ def test_choosing_an_index(two_indices, browser):
     assert browser.find_element(By.ID, "info").text.startswith("first · 60 images")
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_match_captions_toggle(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base, searcher = server
+    browser.get(base + "/?q=a%20red%20circle&k=12")
+    wait_status(browser, "12 results for")
+    browser.find_element(By.ID, "captions").click()
+    wait_status(browser, "matched against captions")
+    expected = searcher.search(text="a red circle", k=12, modality="text")
+    assert card_ids(browser) == [h["id"] for h in expected["results"]]
+    assert parse_qs(urlparse(browser.current_url).query)["modality"] == ["text"]
+    browser.get(base + "/?q=a%20red%20circle&k=12&modality=text")  # a shared URL keeps it
+    wait_status(browser, "matched against captions")
+    assert browser.find_element(By.ID, "captions").is_selected()
+    assert card_ids(browser) == [h["id"] for h in expected["results"]]

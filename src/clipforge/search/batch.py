@@ -60,14 +60,17 @@ def _image_key(value: Any) -> Any:
 
 def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]], k: int = 10,
                  dedup: float | None = None, allow_paths: bool = False,
-                 on_error: Literal["record", "raise"] = "record") -> list[SearchAnswer | dict[str, str]]:
+                 on_error: Literal["record", "raise"] = "record",
+                 modality: str = "image") -> list[SearchAnswer | dict[str, str]]:
     """The answers of `queries` in order: each a query-language string (`allow_paths`: a term naming an image
     file is that image, as on the command line) or parsed terms. A query that cannot be answered gets
     {"error": message} (`on_error="record"`), or the first failure found raises SearchError naming its query
     (`"raise"`; malformed queries are found before any forward pass, bad texts before any image is read)."""
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error: expected 'record' or 'raise', got {on_error!r}")
-    k = searcher.check_k(k)
+    from .searcher import calibrated_for, check_modality
+
+    k, modality = searcher.check_k(k), check_modality(modality)
     errors: dict[int, str] = {}
     parsed: list[list[QueryTerm]] = []
     for i, query in enumerate(queries):
@@ -101,20 +104,18 @@ def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]
         except SearchError as exc:
             fail(i, str(exc))
 
-    from .searcher import calibrated_for
-
     answers: dict[int, SearchAnswer] = {}
     order = sorted(vectors)
-    thresholds = [searcher.threshold if calibrated_for(parsed[i]) else None for i in order]
+    thresholds = [searcher.threshold if calibrated_for(parsed[i]) and modality == "image" else None for i in order]
     if dedup is None:
         for start in range(0, len(order), SEARCH_BATCH):
             chunk = order[start:start + SEARCH_BATCH]
             found = searcher.search_vectors(np.stack([vectors[i] for i in chunk]), k,  # [chunk, d]
-                                            thresholds[start:start + SEARCH_BATCH])
+                                            thresholds[start:start + SEARCH_BATCH], modality=modality)
             answers.update(zip(chunk, found))
     else:
         for i, threshold in zip(order, thresholds):
-            answers[i] = searcher.search_vector(vectors[i], k, threshold, dedup=dedup)
+            answers[i] = searcher.search_vector(vectors[i], k, threshold, dedup=dedup, modality=modality)
     return [answers[i] if i in answers else {"error": errors[i]} for i in range(len(queries))]
 
 

@@ -40,6 +40,9 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
                    "batches and searched at once; answers go to --output (.jsonl, or .csv: one row per result) or "
                    "as JSON lines to standard output")
     p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    p.add_argument("--modality", choices=["image", "text"], default="image",
+                   help="match the query against the images' embeddings (default) or their captions' ('text', an "
+                   "exact scan of the stored caption embeddings: clip-retrieval's text modality)")
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="collapse near-duplicates: a result within this cosine of a better one is counted under it "
                    "instead of taking a place in the top k (0.95 is `index duplicates`' default)")
@@ -153,10 +156,11 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         terms = _query_terms("search", args, extra)
         searcher = _searcher(args)
-        answer = searcher.search_terms(terms, args.k, args.dedup)
+        answer = searcher.search_terms(terms, args.k, args.dedup, modality=args.modality)
     except SearchError as exc:
         raise UserError(str(exc)) from None
-    print(f"Query: {' '.join(t.describe() for t in terms)}  ({len(searcher)} images)")
+    against = "  matched against the images' captions" if args.modality == "text" else ""
+    print(f"Query: {' '.join(t.describe() for t in terms)}  ({len(searcher)} images){against}")
     print(format_table(answer))
     if "dedup" in answer:
         print(f"{answer['hidden']} near-duplicates (cosine >= {answer['dedup']:g} to a better result) hidden; "
@@ -187,7 +191,8 @@ def _search_many(args: argparse.Namespace, extra: list[str]) -> int:
         lines = read_queries(args.queries)
         searcher = _searcher(args)
         started = time.perf_counter()
-        answers = searcher.search_batch([text for _, text in lines], args.k, args.dedup, allow_paths=True)
+        answers = searcher.search_batch([text for _, text in lines], args.k, args.dedup, allow_paths=True,
+                                        modality=args.modality)
         seconds = time.perf_counter() - started
     except SearchError as exc:
         raise UserError(str(exc)) from None

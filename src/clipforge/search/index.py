@@ -118,6 +118,14 @@ def flat_vectors(faiss_index: Any) -> np.ndarray | None:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
+def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of two (scores [n, ka], ids [n, ka]) answers, best first, equal scores by id."""
+    scores, ids = np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k] if scores.size else np.zeros((len(scores), 0), np.int64)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
 def flat_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of `queries` [n, d] against `vectors` [rows, d]: scores [n, k] float32 and
     ids [n, k] int64, best first, padded with (-inf, -1) past `rows` as faiss pads."""
@@ -204,6 +212,28 @@ class VectorIndex:
             raise SearchError("queries: contain NaN or infinite values")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         return search_faiss(self.faiss_index, self.sources, queries, int(k), self.rerank)
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether every embedding folder holds caption vectors (`embed` of a collection with captions)."""
+        return all(source.has_text for source in self.sources)
+
+    def search_captions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k stored caption vectors by inner product, by an exact scan of the embedding parts (one part
+        in memory at a time, as float32): scores [n, k], ids [n, k] (the id of the caption's image)."""
+        if not self.has_captions:
+            raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
+                              "was embedded without captions), so there are no captions to search")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        best = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64))
+        for start, vectors in vector_chunks(self.sources, "text"):
+            scores, ids = flat_topk(vectors, queries, k)  # [n, k] within this part
+            best = merge_topk(best, (scores, np.where(ids >= 0, ids + start, -1)), k)
+        scores, ids = best
+        if ids.shape[1] < k:  # fewer rows than k: pad as faiss does
+            scores = np.pad(scores, ((0, 0), (0, k - ids.shape[1])), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+        return scores, ids
 
     def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
         if not isinstance(id_, (int, np.integer)) or not 0 <= int(id_) < int(self._offsets[-1]):

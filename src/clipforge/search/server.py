@@ -8,7 +8,8 @@
     GET  /api/search?id=N&k=…   images like image N of the index
     POST /api/search            multipart: `image` file and/or `text`, `embedding` (a JSON list), `k`; or a JSON
                                 object {"text", "image" (base64), "embedding", "k", "dedup", "index"}
-                                (all three take `dedup=T`: near-duplicates within cosine T go under a better hit)
+                                (all three take `dedup=T`: near-duplicates within cosine T go under a better hit,
+                                and `modality=text`: match the stored captions' embeddings instead of the images')
     GET  /api/image/{id}        the image file of an id, found from the index's metadata only
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
     GET  /metrics               Prometheus text format: requests, latencies, time per query stage and index
@@ -28,6 +29,7 @@ import binascii
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,11 +56,11 @@ from .metrics import (
     serving_index,
 )
 from .query import QueryTerm, embedding_term, parse_query
-from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
+from .searcher import DEFAULT_LABEL_TEMPLATES, MODALITIES, SearchAnswer, Searcher
 
 MAX_K = 200
 MAX_LABELS = 100
-JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index")  # of a JSON POST /api/search
+JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index", "modality")  # of a JSON POST /api/search
 _ID = re.compile(r"^[0-9]{1,18}$")
 # Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -153,6 +155,14 @@ def parse_dedup(value: Any) -> float | None:
                            f"got {text[:40]!r}") from None
 
 
+def parse_modality(value: Any) -> str:
+    if value is None or str(value).strip() == "":
+        return "image"
+    if value not in MODALITIES:
+        raise RequestError(400, f"modality: expected one of {', '.join(MODALITIES)}, got {str(value)[:40]!r}")
+    return str(value)
+
+
 def parse_id(value: Any, size: int) -> int:
     text = str(value).strip()
     if not _ID.match(text) or int(text) >= size:
@@ -223,6 +233,8 @@ def public_answer(answer: SearchAnswer, image_url: Callable[[int], str] = lambda
             row["duplicates"] = hit["duplicates"]
         results.append(row)
     out = {"results": results, "no_good_match": answer["no_good_match"], "threshold": answer["threshold"]}
+    if "modality" in answer:
+        out["modality"] = answer["modality"]
     if "dedup" in answer:
         out["dedup"], out["hidden"] = answer["dedup"], answer.get("hidden", 0)
     return out
@@ -295,7 +307,7 @@ async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field {unknown[0][:40]!r} (expected: {', '.join(JSON_FIELDS)})")
-    for name in ("text", "image", "index"):
+    for name in ("text", "image", "index", "modality"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise RequestError(400, f"{name}: expected a string" + (" (base64 of the image file)" if name == "image"
                                                                      else ""))
@@ -313,7 +325,7 @@ async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dic
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, "
-                           "labels, index), or for POST /api/search a JSON object")
+                           "modality, labels, index), or for POST /api/search a JSON object")
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts
@@ -366,17 +378,18 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
 
     @app.get("/api/search")
     def search_get(text: str | None = None, k: str | None = None, id: str | None = None,
-                   dedup: str | None = None, index: str | None = None) -> dict[str, Any]:
+                   dedup: str | None = None, index: str | None = None, modality: str | None = None) -> dict[str, Any]:
         name, searcher = served.pick(index)
-        count, threshold = parse_k(k), parse_dedup(dedup)
+        count, threshold, against = parse_k(k), parse_dedup(dedup), parse_modality(modality)
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
         if id is not None:
-            answer = in_index(name, searcher.search_by_id, parse_id(id, len(searcher)), count, threshold)
+            answer = in_index(name, searcher.search_by_id, parse_id(id, len(searcher)), count, threshold, against)
         elif text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
         else:
-            answer = in_index(name, searcher.search_terms, parse_query(text, allow_paths=False), count, threshold)
+            answer = in_index(name, partial(searcher.search_terms, modality=against),
+                              parse_query(text, allow_paths=False), count, threshold)
         return public_answer(answer, lambda i: served.image_url(name, i))
 
     @app.post("/api/search")
@@ -387,6 +400,7 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
             image, fields = await read_form(request, max_bytes)
         name, searcher = served.pick(fields.get("index"))
         count, threshold = parse_k(fields.get("k")), parse_dedup(fields.get("dedup"))
+        against = parse_modality(fields.get("modality"))
         text = fields.get("text", "").strip()
         given = fields.get("embedding")
         if image is None and not text and given in (None, ""):
@@ -396,7 +410,8 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
             terms.append(QueryTerm("image", image, 1.0))
         if given not in (None, ""):
             terms.append(parse_embedding(given))
-        answer = await run_in_threadpool(in_index, name, searcher.search_terms, terms, count, threshold)
+        answer = await run_in_threadpool(in_index, name, partial(searcher.search_terms, modality=against), terms,
+                                         count, threshold)
         return public_answer(answer, lambda i: served.image_url(name, i))
 
 

@@ -1,5 +1,5 @@
 // The clipforge search page: talks to the JSON API of `clipforge serve` (see README, "Search a collection").
-// The query lives in the page URL (?q=…&k=…[&dedup=…][&index=…] or ?id=…) so a search can be shared; an
+// The query lives in the page URL (?q=…&k=…[&dedup=…][&modality=text][&index=…] or ?id=…) so a search can be shared; an
 // uploaded image cannot be. A server with several indices offers them in a menu (index: null = its default).
 "use strict";
 
@@ -96,7 +96,8 @@ function render(answer, label) {
       `${answer.threshold.toFixed(3)}. These are the closest images anyway.`;
   }
   const hidden = answer.hidden ? ` (${answer.hidden} near-duplicates hidden)` : "";
-  setStatus(`${answer.results.length} results for ${label}${hidden}`);
+  const against = answer.modality === "text" ? ", matched against captions" : "";
+  setStatus(`${answer.results.length} results for ${label}${against}${hidden}`);
   offerDownload(answer);
 }
 
@@ -116,6 +117,8 @@ async function run(query, push) {
   const k = $("k").value;
   const dedup = $("dedup").checked ? String(state.dedup) : null;
   let extra = dedup === null ? "" : `&dedup=${encodeURIComponent(dedup)}`;
+  const captions = $("captions").checked;
+  if (captions) extra += "&modality=text";
   if (state.index !== null) extra += `&index=${encodeURIComponent(state.index)}`;
   let url = null;
   let options;
@@ -130,6 +133,7 @@ async function run(query, push) {
     form.append("k", k);
     if (dedup !== null) form.append("dedup", dedup);
     if (state.index !== null) form.append("index", state.index);
+    if (captions) form.append("modality", "text");
     url = "/api/search";
     options = { method: "POST", body: form };
     label = query.text ? `the image + “${query.text}”` : "the image";
@@ -146,6 +150,7 @@ async function run(query, push) {
     else if (query.text && !query.image) params.set("q", query.text);
     params.set("k", k);
     if (dedup !== null) params.set("dedup", dedup);
+    if (captions) params.set("modality", "text");
     if (state.index !== null) params.set("index", state.index);
     history.pushState(null, "", `?${params}`);
   }
@@ -171,6 +176,7 @@ function fromUrl() {
   const params = new URLSearchParams(location.search);
   if (params.has("k")) setK(params.get("k"));
   $("dedup").checked = params.has("dedup");
+  $("captions").checked = params.get("modality") === "text";
   state.index = params.get("index");
   if (state.indices.length) showIndex();
   if (params.has("dedup")) {
@@ -291,13 +297,15 @@ function wire() {
       takeFile(item.getAsFile());
     }
   });
-  $("dedup").addEventListener("change", () => {
+  const rerun = () => {  // the same query again, after a toggle changed
     const text = $("query").value.trim();
     const params = new URLSearchParams(location.search);
     if (state.image) run({ image: state.image, text }, true);
     else if (params.has("id")) run({ id: params.get("id") }, true);
     else if (text) run({ text }, true);
-  });
+  };
+  $("captions").addEventListener("change", rerun);
+  $("dedup").addEventListener("change", rerun);
   $("index").addEventListener("change", () => {
     state.index = $("index").value === state.indices[0].name ? null : $("index").value;
     showIndex();

@@ -271,6 +271,7 @@ def test_duplicates_finds_the_planted_groups(tmp_path):
     img[10] = unit((img[3] + 0.01 * rng.standard_normal(DIM))[None])[0]
     img[250] = unit((img[3] + 0.01 * rng.standard_normal(DIM))[None])[0]
     img[77] = unit((img[200] + 0.01 * rng.standard_normal(DIM))[None])[0]
+    img[250] *= 0.9  # a stored vector that is not unit: judged by its cosine (0.99), not its dot product (0.89)
     emb = embedding_folder(tmp_path / "emb", img, None, part_rows=128)
     build_index([emb], tmp_path / "i", BuildOptions(kind="flat"))
     result = find_duplicates(tmp_path / "i", threshold=0.98)

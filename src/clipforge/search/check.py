@@ -95,6 +95,10 @@ def kept_ids(rows: int, groups: list[list[int]]) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # [m, dim]
+
+
 def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10, batch: int = 4096) -> dict:
     """Groups of images whose cosine similarity passes `threshold`: candidates from the index's k-NN, each
     pair confirmed with the stored vectors (an approximate index's scores are estimates)."""
@@ -117,7 +121,9 @@ def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10,
                 # confirm every candidate in one read of the stored vectors: an approximate index's scores
                 # are estimates
                 neighbours = stored_rows(index.sources, ids[rows, cols].astype(np.int64))  # [m, dim]
-                hit = np.einsum("md,md->m", chunk[rows], neighbours) >= threshold  # [m]
+                # cosines of renormalised copies, as search's dedup takes them: the stored float16 vectors are
+                # only nearly unit (and vectors from elsewhere need not be)
+                hit = np.einsum("md,md->m", _unit(chunk[rows]), _unit(neighbours)) >= threshold  # [m]
                 found = np.stack([own[rows[hit], 0], ids[rows[hit], cols[hit]]], axis=1)  # [h, 2]
                 confirmed.update(zip(found.min(axis=1).tolist(), found.max(axis=1).tolist()))
             start += part.rows

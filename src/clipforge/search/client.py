@@ -65,7 +65,7 @@ class SearchClient:
     def _send(self, request: urllib.request.Request) -> bytes:
         """The answer's body; SearchClientError for an error answer (with the server's message) or none."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # http(s) only: checked in __init__
                 return response.read()
         except urllib.error.HTTPError as exc:
             try:

@@ -25,6 +25,7 @@ _EXPORTS = {
     "LinearHead": "clipforge.adapt.head",
     "Searcher": "clipforge.search.searcher",
     "open_searchers": "clipforge.search.searcher",
+    "SearchClient": "clipforge.search.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["losses", "__version__"]

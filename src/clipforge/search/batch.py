@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import SearchError
-from .query import QueryTerm, combine, parse_query
+from .query import QueryTerm, calibrated_for, check_modality, combine, parse_query
 
 if TYPE_CHECKING:
     from .searcher import SearchAnswer, Searcher
@@ -68,8 +68,6 @@ def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]
     (`"raise"`; malformed queries are found before any forward pass, bad texts before any image is read)."""
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error: expected 'record' or 'raise', got {on_error!r}")
-    from .searcher import calibrated_for, check_modality
-
     k, modality = searcher.check_k(k), check_modality(modality)
     errors: dict[int, str] = {}
     parsed: list[list[QueryTerm]] = []

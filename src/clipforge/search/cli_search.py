@@ -26,15 +26,34 @@ FILTER_EPILOG = """examples:
 
 
 def add_search_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register `search` and `serve` (argparse wiring only: nothing heavy is imported here)."""
-    p = sub.add_parser("search", help="search an index by text, image, or a weighted mix",
-                       description="Search an index built by `clipforge index build`.", epilog=SEARCH_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Register `search`, `filter` and `serve` (argparse wiring only: nothing heavy is imported here)."""
+    _add_search(sub)
+    _add_filter(sub)
+    _add_serve(sub)
+
+
+def _query_options(p: argparse.ArgumentParser) -> None:
+    """The query terms of `search` and `filter`: words, --image files, --embedding vectors."""
     p.add_argument("index", help="index directory")
-    p.add_argument("query", nargs="*", help="query terms (see below)")
+    p.add_argument("query", nargs="*", help="query terms (the query language: see `clipforge search --help`)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
     p.add_argument("--embedding", action="append", default=[], metavar="F.npy",
                    help="add a query vector saved by numpy.save (one vector, computed by the index's model)")
+
+
+def _model_options(p: argparse.ArgumentParser, each: str = "the index") -> None:
+    p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
+                   help=f"the runtime to embed queries with (default, and the only one accepted: the one {each} "
+                   "was embedded with, recorded in index.json)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search an index by text, image, or a weighted mix",
+                       description="Search an index built by `clipforge index build`.", epilog=SEARCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _query_options(p)
     p.add_argument("--queries", metavar="FILE",
                    help="many queries, one per line in the query language ('-': standard input): embedded in "
                    "batches and searched at once; answers go to --output (.jsonl, or .csv: one row per result) or "
@@ -46,25 +65,19 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="collapse near-duplicates: a result within this cosine of a better one is counted under it "
                    "instead of taking a place in the top k (0.95 is `index duplicates`' default)")
-    p.add_argument("--model", help="the model to embed queries with (default: the one recorded in index.json)")
-    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
-                   help="the runtime to embed queries with (default, and the only one accepted: the one the index "
-                   "was embedded with, recorded in index.json)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    _model_options(p)
     p.add_argument("--output", metavar="F.json", help="write the answer as JSON to this file (with --queries: "
                    "F.jsonl or F.csv)")
     p.set_defaults(handler=cmd_search, terms_after_options=True)
 
+
+def _add_filter(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("filter", help="every image a query matches above a score, as a manifest or a folder",
                        description="Write every image of an index whose score against the query is at least "
                        "--min-score (an exact scan of the stored embeddings, whatever the index kind), best first, "
                        "as a manifest CSV that embed/train/data shards read, or copied into a folder with caption "
                        "sidecars.", epilog=FILTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", help="index directory")
-    p.add_argument("query", nargs="*", help="query terms (the query language of `clipforge search`)")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
-    p.add_argument("--embedding", action="append", default=[], metavar="F.npy",
-                   help="add a query vector saved by numpy.save (one vector, computed by the index's model)")
+    _query_options(p)
     p.add_argument("--min-score", type=float, metavar="COSINE",
                    help="keep images scoring at least this (default, for text queries: the index's calibrated "
                    "no-good-match threshold)")
@@ -72,13 +85,12 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", metavar="OUT.csv", help="write image,caption,score,id,key rows (absolute paths)")
     p.add_argument("--copy-to", metavar="DIR", help="copy the images (tar shard members too) into a new folder, "
                    "with .txt captions and manifest.csv")
-    p.add_argument("--model", help="the model to embed the query with (default: the one recorded in index.json)")
-    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
-                   help="the runtime to embed the query with (default, and the only one accepted: the index's)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    _model_options(p)
     p.add_argument("--output", metavar="F.json", help="write a summary (query, threshold, counts, score range)")
     p.set_defaults(handler=cmd_filter, terms_after_options=True)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve one or more indices: HTTP JSON API and a search page",
                        description="Serve indices over HTTP: the search page at / and the JSON API under "
                        "/api (see README, 'Search a collection'). Several indices are chosen by name (index=NAME "
@@ -89,12 +101,7 @@ def add_search_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
-    p.add_argument("--model", help="the model to embed queries with, for every index (default: the one recorded "
-                   "in each index.json)")
-    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
-                   help="the runtime to embed queries with (default, and the only one accepted: the one each index "
-                   "was embedded with, recorded in index.json)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one, else the CPU)")
+    _model_options(p, each="each index")
     p.add_argument("--templates", help="prompt templates for /api/classify: a shipped set or a .txt file "
                    "(default: 'a photo of {}.' and three others)")
     p.add_argument("--dedup", type=float, default=0.95, metavar="COSINE",

@@ -35,6 +35,9 @@ _WEIGHT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.*)$", re.D
 _SPACED_OPERATOR = re.compile(r"\s+([+-])\s+")
 
 ImageInput = str | Path | bytes | Image.Image
+# What a query is compared with: the stored image embeddings (faiss), or the stored caption embeddings (an exact
+# scan of the embedding parts: clip-retrieval's text modality; a hit is the image whose caption matched).
+MODALITIES = ("image", "text")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,18 @@ def parse_query(args: Sequence[str] | str, allow_paths: bool = True) -> list[Que
     if not terms:
         raise SearchError("query is empty: give a text, an image, or both")
     return terms
+
+
+def check_modality(modality: Any) -> str:
+    if modality not in MODALITIES:
+        raise SearchError(f"modality: expected one of {', '.join(MODALITIES)}, got {str(modality)[:40]!r}")
+    return str(modality)
+
+
+def calibrated_for(terms: Sequence[QueryTerm]) -> bool:
+    """Whether the index's no-good-match threshold applies to a query: it is calibrated on caption -> image
+    scores, so only on queries of positively weighted texts."""
+    return all(t.kind == "text" and t.weight > 0 for t in terms)
 
 
 def as_terms(values: Any, kind: str) -> list[QueryTerm]:

@@ -39,6 +39,8 @@ from .query import (
     ImageInput,
     QueryTerm,
     as_terms,
+    calibrated_for,
+    check_modality,
     combine,
     embedding_terms,
     open_image,
@@ -51,9 +53,6 @@ DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}
 DEDUP_FETCH = 4
 DEDUP_MAX_CANDIDATES = 8192
 STAGES = ("encode_text", "encode_image", "knn", "metadata")  # what timing listeners hear about
-# What a query is compared with: the stored image embeddings (faiss), or the stored caption embeddings (an exact
-# scan of the embedding parts: clip-retrieval's text modality; a hit is the image whose caption matched).
-MODALITIES = ("image", "text")
 # One lock per loaded encoder, however many Searchers share it: a forward pass at a time per model.
 _MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
@@ -90,18 +89,6 @@ class SearchAnswer(_Answer, total=False):
     modality: str  # "text" when the captions' embeddings were searched
     dedup: float  # with dedup: the cosine threshold
     hidden: int  # with dedup: candidates hidden (under a hit, or as copies of the query image)
-
-
-def check_modality(modality: Any) -> str:
-    if modality not in MODALITIES:
-        raise SearchError(f"modality: expected one of {', '.join(MODALITIES)}, got {str(modality)[:40]!r}")
-    return str(modality)
-
-
-def calibrated_for(terms: Sequence[QueryTerm]) -> bool:
-    """Whether the index's no-good-match threshold applies to a query: it is calibrated on caption -> image
-    scores, so only on queries of positively weighted texts."""
-    return all(t.kind == "text" and t.weight > 0 for t in terms)
 
 
 def token_count(tokenizer: Any, text: str) -> int:

@@ -55,8 +55,8 @@ from .metrics import (
     server_metrics,
     serving_index,
 )
-from .query import QueryTerm, embedding_term, parse_query
-from .searcher import DEFAULT_LABEL_TEMPLATES, MODALITIES, SearchAnswer, Searcher
+from .query import MODALITIES, QueryTerm, embedding_term, parse_query
+from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
 MAX_K = 200
 MAX_LABELS = 100

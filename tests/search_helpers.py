@@ -67,3 +67,23 @@ def embedding_folder(root: Path, img: np.ndarray, text: np.ndarray | None, part_
               "has_text": text is not None, "source": {"kind": "synthetic"}}
     write_manifest(root, parts, header)
     return root
+
+
+RANK_TOL = 1e-5  # batched and single forward passes, faiss and numpy, round differently in the last bits
+
+
+def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(id, score) of the k best rows of `vectors` [n, d] for a query [d] (normalised here), by float64 dot
+    products; equal scores by id."""
+    scores = vectors.astype(np.float64) @ (query / np.linalg.norm(query)).astype(np.float64)
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return [(int(i), float(scores[i])) for i in order]
+
+
+def assert_ranking(results: list[dict], want: list[tuple[int, float]], tol: float = RANK_TOL) -> None:
+    """Hits equal to the (id, score) list, ids trading places only where their scores tie within `tol`."""
+    import pytest
+
+    assert [h["score"] for h in results] == pytest.approx([s for _, s in want], abs=tol)
+    for hit, (id_, score) in zip(results, want):
+        assert hit["id"] == id_ or abs(hit["score"] - score) <= 2 * tol

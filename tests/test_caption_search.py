@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from search_helpers import clustered, embedding_folder
+from search_helpers import assert_ranking, clustered, embedding_folder, exact_top_k
 from search_index import build_small_index
 
 from clipforge.cli import main
@@ -16,8 +16,6 @@ from clipforge.search.build import BuildOptions, build_index
 from clipforge.search.errors import SearchError
 from clipforge.search.index import open_index
 from clipforge.search.server import create_app
-
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +39,10 @@ def captions(built) -> np.ndarray:
     return np.concatenate([np.load(f) for f in files]).astype(np.float64)
 
 
-def exact(vectors: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-    scores = vectors @ (query / np.linalg.norm(query)).astype(np.float64)
-    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
-    return [(int(i), float(scores[i])) for i in order]
-
-
-def assert_ranking(results: list[dict], want: list[tuple[int, float]]) -> None:
-    assert [h["score"] for h in results] == pytest.approx([s for _, s in want], abs=TOL)
-    for hit, (id_, score) in zip(results, want):  # ids may trade places only where scores tie within TOL
-        assert hit["id"] == id_ or abs(hit["score"] - score) <= 2 * TOL
-
-
 def test_text_query_against_captions(searcher, built, captions):
     query = searcher.encode_texts(["a red circle"])[0]
     answer = searcher.search(text="a red circle", k=9, modality="text")
-    assert_ranking(answer["results"], exact(captions, query, 9))
+    assert_ranking(answer["results"], exact_top_k(captions, query, 9))
     assert answer["modality"] == "text" and answer["threshold"] is None  # calibrated for images only
     assert answer["results"][0]["caption"] == built.captions[answer["results"][0]["id"]]
     assert "modality" not in searcher.search(text="a red circle", k=3)  # the default: images
@@ -65,7 +51,7 @@ def test_text_query_against_captions(searcher, built, captions):
 def test_image_against_captions_keeps_its_own(searcher, built, captions):
     answer = searcher.search_by_id(5, k=40, modality="text")
     image = built.vectors[5].astype(np.float64)
-    assert_ranking(answer["results"], exact(captions, image, 40))
+    assert_ranking(answer["results"], exact_top_k(captions, image, 40))
     assert 5 in [h["id"] for h in answer["results"]]  # its own caption is a fair answer here
 
 
@@ -87,7 +73,7 @@ def test_api_and_cli(searcher, built, captions, tmp_path, capsys):
     client = TestClient(create_app(searcher))
     body = client.get("/api/search", params={"text": "a blue square", "k": 6, "modality": "text"}).json()
     assert body["modality"] == "text"
-    assert_ranking(body["results"], exact(captions, searcher.encode_texts(["a blue square"])[0], 6))
+    assert_ranking(body["results"], exact_top_k(captions, searcher.encode_texts(["a blue square"])[0], 6))
     posted = client.post("/api/search", json={"text": "a blue square", "k": 6, "modality": "text"}).json()
     assert [h["id"] for h in posted["results"]] == [h["id"] for h in body["results"]]
     bad = client.get("/api/search", params={"text": "a cat", "modality": "audio"})

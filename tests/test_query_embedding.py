@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from search_helpers import assert_ranking, exact_top_k
 from search_index import build_small_index
 
 from clipforge.cli import main
 from clipforge.search.errors import SearchError
 from clipforge.search.query import embedding_term
 from clipforge.search.server import create_app
-
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +35,6 @@ def client(searcher):
     return TestClient(create_app(searcher))
 
 
-def exact(built, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """(id, score) of the k best stored vectors for a unit query, by float64 dot products."""
-    scores = built.vectors.astype(np.float64) @ (query / np.linalg.norm(query)).astype(np.float64)
-    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
-    return [(int(i), float(scores[i])) for i in order]
-
-
-def assert_ranking(results: list[dict], want: list[tuple[int, float]]) -> None:
-    assert [h["score"] for h in results] == pytest.approx([s for _, s in want], abs=TOL)
-    for hit, (id_, score) in zip(results, want):  # ids may trade places only where scores tie within TOL
-        assert hit["id"] == id_ or abs(hit["score"] - score) <= 2 * TOL
-
-
 def query_vector(rng: np.random.Generator, built) -> np.ndarray:
     return (built.vectors[7] + 0.05 * rng.standard_normal(built.vectors.shape[1])).astype(np.float32)
 
@@ -56,16 +42,16 @@ def query_vector(rng: np.random.Generator, built) -> np.ndarray:
 def test_search_by_a_given_vector_matches_the_exact_ranking(searcher, built):
     vector = query_vector(np.random.default_rng(0), built)
     answer = searcher.search(embedding=vector, k=8)
-    assert_ranking(answer["results"], exact(built, vector, 8))
+    assert_ranking(answer["results"], exact_top_k(built.vectors, vector, 8))
     assert answer["threshold"] is None  # the calibrated threshold judges text-only queries
     # mixed with a text: the weighted sum of the two unit vectors
     text = searcher.encode_texts(["a red circle"])[0]
     mixed = searcher.search(text="a red circle", embedding=[(vector, -0.5)], k=8)
-    assert_ranking(mixed["results"], exact(built, text - 0.5 * vector / np.linalg.norm(vector), 8))
+    assert_ranking(mixed["results"], exact_top_k(built.vectors, text - 0.5 * vector / np.linalg.norm(vector), 8))
     # several at once: [n, d]
     both = searcher.search(embedding=np.stack([vector, built.vectors[3]]), k=5)
     want = vector / np.linalg.norm(vector) + built.vectors[3] / np.linalg.norm(built.vectors[3])
-    assert_ranking(both["results"], exact(built, want, 5))
+    assert_ranking(both["results"], exact_top_k(built.vectors, want, 5))
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -83,14 +69,14 @@ def test_a_bad_vector_is_refused_in_one_line(searcher, value, fragment):
 def test_batch_takes_vector_terms(searcher, built):
     vector = query_vector(np.random.default_rng(1), built)
     answers = searcher.search_batch([[embedding_term(vector)], [embedding_term(np.ones(5))]], k=4)
-    assert_ranking(answers[0]["results"], exact(built, vector, 4))
+    assert_ranking(answers[0]["results"], exact_top_k(built.vectors, vector, 4))
     assert "5 numbers" in answers[1]["error"]
 
 
 def test_api_json_and_multipart_embedding(client, searcher, built):
     vector = query_vector(np.random.default_rng(2), built)
     body = client.post("/api/search", json={"embedding": vector.tolist(), "k": 6}).json()
-    assert_ranking(body["results"], exact(built, vector, 6))
+    assert_ranking(body["results"], exact_top_k(built.vectors, vector, 6))
     form = client.post("/api/search", files={"embedding": (None, json.dumps(vector.tolist())), "k": (None, "6")})
     assert [h["id"] for h in form.json()["results"]] == [h["id"] for h in body["results"]]
     # JSON with text and a base64 image answers as the multipart upload does
@@ -128,7 +114,7 @@ def test_cli_embedding_file(searcher, built, tmp_path, capsys):
     out = tmp_path / "hits.json"
     assert main(["search", str(built.index_dir), "--embedding", str(tmp_path / "q.npy"), "-k", "5",
                  "--output", str(out)]) == 0
-    assert_ranking(json.loads(out.read_text())["results"], exact(built, vector, 5))
+    assert_ranking(json.loads(out.read_text())["results"], exact_top_k(built.vectors, vector, 5))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert main(["search", str(built.index_dir), "--embedding", str(tmp_path / "objects.npy")]) != 0
     assert "not a readable .npy array" in capsys.readouterr().err  # never unpickled

@@ -18,7 +18,7 @@ import json
 import mimetypes
 import tarfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,39 +118,36 @@ def flat_vectors(faiss_index: Any) -> np.ndarray | None:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
-def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of two (scores [n, ka], ids [n, ka]) answers, best first, equal scores by id."""
-    scores, ids = np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1)
-    order = np.lexsort((ids, -scores), axis=1)[:, :k] if scores.size else np.zeros((len(scores), 0), np.int64)
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+def pad_to_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers [n, < k] padded to k columns with (-inf, -1), as faiss pads past the end of an index."""
+    if ids.shape[1] >= k:
+        return scores, ids
+    pad = ((0, 0), (0, k - ids.shape[1]))
+    return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
 
 
-def flat_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products of `queries` [n, d] against `vectors` [rows, d]: scores [n, k] float32 and
-    ids [n, k] int64, best first, padded with (-inf, -1) past `rows` as faiss pads."""
+def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of `queries` [n, d] against stored rows given as (first id, vectors [rows, d])
+    chunks, one chunk in memory at a time: scores [n, k] float32 and ids [n, k] int64, best first, padded with
+    (-inf, -1) past the rows as faiss pads. A matrix product per block of rows, then a running top-k."""
     import torch
 
-    stored = torch.from_numpy(vectors)
-    keep = min(k, vectors.shape[0])
-    all_scores, all_ids = [], []
-    for q0 in range(0, queries.shape[0], FLAT_BLOCK_QUERIES):
-        block = torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + FLAT_BLOCK_QUERIES]))  # [b, d]
-        best_s = torch.full((block.shape[0], 0), float("-inf"))
-        best_i = torch.zeros((block.shape[0], 0), dtype=torch.int64)
+    blocks = [torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + FLAT_BLOCK_QUERIES], dtype=np.float32))
+              for q0 in range(0, queries.shape[0], FLAT_BLOCK_QUERIES)]  # each [b, d]
+    best = [(torch.full((len(b), 0), float("-inf")), torch.zeros((len(b), 0), dtype=torch.int64)) for b in blocks]
+    for start, vectors in chunks:
+        stored = torch.from_numpy(vectors)
         for r0 in range(0, vectors.shape[0], FLAT_BLOCK_ROWS):
-            scores = block @ stored[r0:r0 + FLAT_BLOCK_ROWS].T  # [b, rows in block]
-            top_s, top_i = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
-            merged_s, merged_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + r0], 1)
-            best_s, order = torch.topk(merged_s, min(keep, merged_s.shape[1]), dim=1)
-            best_i = torch.gather(merged_i, 1, order)
-        all_scores.append(best_s.numpy())
-        all_ids.append(best_i.numpy())
-    scores, ids = np.concatenate(all_scores).astype(np.float32), np.concatenate(all_ids).astype(np.int64)
-    if keep < k:
-        scores = np.pad(scores, ((0, 0), (0, k - keep)), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, k - keep)), constant_values=-1)
-    return scores, ids
+            rows = stored[r0:r0 + FLAT_BLOCK_ROWS]
+            for j, block in enumerate(blocks):
+                top_s, top_i = torch.topk(block @ rows.T, min(k, len(rows)), dim=1)  # [b, rows in block] -> top
+                merged_s = torch.cat([best[j][0], top_s], 1)
+                merged_i = torch.cat([best[j][1], top_i + start + r0], 1)
+                kept_s, order = torch.topk(merged_s, min(k, merged_s.shape[1]), dim=1)
+                best[j] = (kept_s, torch.gather(merged_i, 1, order))
+    scores = np.concatenate([s.numpy() for s, _ in best]).astype(np.float32)
+    ids = np.concatenate([i.numpy() for _, i in best]).astype(np.int64)
+    return pad_to_k(scores, ids, k)
 
 
 def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
@@ -163,7 +160,7 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
     if rerank <= 1:
         stored = flat_vectors(faiss_index) if queries.shape[0] >= FLAT_BATCH_QUERIES else None
         if stored is not None:
-            return flat_topk(stored, queries, k)
+            return topk_scan([(0, stored)], queries, k)
         scores, ids = faiss_index.search(queries, k)
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
     n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))
@@ -176,11 +173,7 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     scores = np.take_along_axis(exact, order, axis=1).astype(np.float32)
     ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
-    if ids.shape[1] < k:  # fewer candidates than k: pad as faiss does
-        pad = k - ids.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    return scores, ids
+    return pad_to_k(scores, ids, k)  # fewer candidates than k
 
 
 class VectorIndex:
@@ -224,16 +217,7 @@ class VectorIndex:
         if not self.has_captions:
             raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
                               "was embedded without captions), so there are no captions to search")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        best = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64))
-        for start, vectors in vector_chunks(self.sources, "text"):
-            scores, ids = flat_topk(vectors, queries, k)  # [n, k] within this part
-            best = merge_topk(best, (scores, np.where(ids >= 0, ids + start, -1)), k)
-        scores, ids = best
-        if ids.shape[1] < k:  # fewer rows than k: pad as faiss does
-            scores = np.pad(scores, ((0, 0), (0, k - ids.shape[1])), constant_values=-np.inf)
-            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
-        return scores, ids
+        return topk_scan(vector_chunks(self.sources, "text"), queries, k)
 
     def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
         if not isinstance(id_, (int, np.integer)) or not 0 <= int(id_) < int(self._offsets[-1]):

@@ -55,7 +55,7 @@ from .metrics import (
     server_metrics,
     serving_index,
 )
-from .query import MODALITIES, QueryTerm, embedding_term, parse_query
+from .query import QueryTerm, check_modality, embedding_term, parse_query
 from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
 MAX_K = 200
@@ -156,11 +156,8 @@ def parse_dedup(value: Any) -> float | None:
 
 
 def parse_modality(value: Any) -> str:
-    if value is None or str(value).strip() == "":
-        return "image"
-    if value not in MODALITIES:
-        raise RequestError(400, f"modality: expected one of {', '.join(MODALITIES)}, got {str(value)[:40]!r}")
-    return str(value)
+    """"image" when absent or empty; a value not in MODALITIES is a SearchError, answered 400."""
+    return check_modality("image" if value is None or str(value).strip() == "" else value)
 
 
 def parse_id(value: Any, size: int) -> int:
@@ -289,10 +286,7 @@ def parse_embedding(value: Any) -> QueryTerm:
             raise RequestError(400, f"embedding: malformed JSON ({exc.msg} at character {exc.pos})") from None
     if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
         raise RequestError(400, "embedding: expected a JSON list of numbers, e.g. [0.01, -0.2, ...]")
-    try:
-        return embedding_term(value)
-    except SearchError as exc:
-        raise RequestError(400, str(exc)) from None
+    return embedding_term(value)  # its SearchError (NaN, zeros) is answered 400
 
 
 async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:

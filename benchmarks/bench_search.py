@@ -31,7 +31,9 @@ Batch (`--section batch`): `--batch-queries` distinct text queries against an in
 unit vectors carrying the fingerprint of `--batch-model` (default ViT-B-32 with seed-0 random weights: the size
 of a real CLIP's text tower), answered one at a time (`Searcher.search` in a loop: what a script calling the API
 per query, or the server per request, does) and by `Searcher.search_batch` (`clipforge search --queries`), in
-alternating rounds; the per-round ratio of times, and how many top-10 id lists agree between the two.
+alternating rounds; the per-round ratio of times, and how many top-10 id lists agree between the two. Then the
+index search alone for the same query vectors: faiss's flat search against `index.topk_scan` (the block path
+flat indices take from 8 queries up), for all the queries at once and for one.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks:tests nice -n 10 python benchmarks/bench_search.py --threads 2
     PYTHONPATH=src:benchmarks nice -n 10 python benchmarks/bench_search.py --section server
@@ -454,6 +456,7 @@ def bench_batch(rows: int = 100_000, queries: int = 256, arch: str = "ViT-B-32",
             started = time.perf_counter()
             batched = searcher.search_batch(texts, k=k)
             batch_s.append(time.perf_counter() - started)
+        flat = flat_knn(searcher, texts, k, rounds)
     agree = sum([h["id"] for h in a["results"]] == [h["id"] for h in b["results"]] for a, b in zip(single, batched))
     ratio = statistics.median(loop_s) / statistics.median(batch_s)
     rounds_ = round_ratios(batch_s, loop_s)
@@ -461,7 +464,34 @@ def bench_batch(rows: int = 100_000, queries: int = 256, arch: str = "ViT-B-32",
           f"{queries / statistics.median(batch_s):.1f} vs {queries / statistics.median(loop_s):.1f} queries/s; "
           f"top-{k} ids identical for {agree} of {queries}", flush=True)
     return {"rows": rows, "queries": queries, "model": arch, "k": k, "loop_s": loop_s, "batch_s": batch_s,
-            "speedup": round(ratio, 3), "speedup_rounds": rounds_, "identical_top_k": agree}
+            "speedup": round(ratio, 3), "speedup_rounds": rounds_, "identical_top_k": agree, "flat_knn": flat}
+
+
+def flat_knn(searcher: Any, texts: list[str], k: int, rounds: int) -> dict[str, Any]:
+    """faiss's flat search vs `topk_scan` on the searcher's index, for all query vectors at once and for one."""
+    from clipforge.search.index import flat_vectors, topk_scan
+
+    faiss_index = searcher.index.faiss_index
+    stored = flat_vectors(faiss_index)
+    queries = np.ascontiguousarray(searcher.encode_texts(texts), dtype=np.float32)  # [q, d]
+    out: dict[str, Any] = {}
+    for label, block in (("all", queries), ("one", queries[:1])):
+        ours, theirs = [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            faiss_index.search(block, k)
+            theirs.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            topk_scan([(0, stored)], block, k)
+            ours.append(time.perf_counter() - started)
+        ratio = statistics.median(theirs) / statistics.median(ours)
+        spread = round_ratios(ours, theirs)
+        print(f"topk_scan vs faiss flat search, {len(block)} quer{'ies' if len(block) > 1 else 'y'}: "
+              f"{format_ratio(ratio, spread)}; faiss {1000 * statistics.median(theirs) / len(block):.2f} ms a query",
+              flush=True)
+        out[label] = {"queries": len(block), "faiss_s": theirs, "topk_scan_s": ours, "speedup": round(ratio, 3),
+                      "speedup_rounds": spread}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

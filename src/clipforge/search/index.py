@@ -32,10 +32,10 @@ __all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_inf
 
 INDEX_FORMAT = "clipforge-index"
 INFO_FILE = "index.json"
-# faiss's flat search gains nothing from batching queries on these CPUs (4.4 ms a query at 100k x 128 on one
+# faiss's flat search gains nothing from batching queries on these CPUs (4.5-4.9 ms a query at 100k x 128 on one
 # AVX2 core, for 1 query or 256), while a matrix product per block of stored rows and a running top-k answers
-# 256 queries 3.7x faster and 16 queries 2.4x faster (one query: faiss is 2x faster). So flat indices take the
-# block path from FLAT_BATCH_QUERIES queries up (`clipforge search --queries`, `Searcher.search_batch`).
+# 256 queries 3.55x faster (one query: faiss is 2x faster; `bench_search.py --section batch`, AMD EPYC AVX2). So
+# flat indices take the block path from FLAT_BATCH_QUERIES queries up (`search --queries`, `search_batch`).
 FLAT_BATCH_QUERIES = 8
 FLAT_BLOCK_ROWS = 32_768
 FLAT_BLOCK_QUERIES = 256  # scores held at once: FLAT_BLOCK_QUERIES x FLAT_BLOCK_ROWS float32 = 32 MiB

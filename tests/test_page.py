@@ -64,9 +64,12 @@ def browser(tmp_path_factory):
 
 
 def wait_for(browser, condition, message: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, WAIT_S).until(condition, message)
+    # a condition reading the result cards while the page replaces them sees stale elements: look again
+    return WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(condition,
+                                                                                                     message)
 
 
 def card_ids(browser) -> list[int]:

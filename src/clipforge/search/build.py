@@ -29,6 +29,7 @@ from .index import (
 )
 from .measure import drop_self, exact_topk, no_match_threshold, recall_at_k, tune
 from .parts import EmbeddingSet, open_embeddings
+from .removed import Removed
 
 __all__ = ["BuildOptions", "add_to_index", "build_index", "choose_kind", "parse_memory"]
 
@@ -132,22 +133,26 @@ def training_sample(sources: list[EmbeddingSet], count: int, rng: np.random.Gene
     return np.concatenate([img, text]), "image+text"
 
 
-def query_sets(sources: list[EmbeddingSet], opts: BuildOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Held-out query rows (seeded): {'image': (ids, vectors), 'text': (ids, vectors) when captions exist}."""
+def query_sets(sources: list[EmbeddingSet], opts: BuildOptions,
+               removed: Removed | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Held-out query rows (seeded, among the rows not removed): {'image': (ids, vectors), 'text': (ids,
+    vectors) when captions exist}."""
     total = sum(len(s) for s in sources)
     rng = np.random.default_rng(opts.seed + 1)
-    ids = np.sort(rng.choice(total, min(opts.queries, total), replace=False))
+    pool: int | np.ndarray = removed.live() if removed else total
+    ids = np.sort(rng.choice(pool, min(opts.queries, total - len(removed or ())), replace=False))
     sets = {"image": (ids, stored_rows(sources, ids, "img"))}
     if all(s.has_text for s in sources):
         sets["text"] = (ids, stored_rows(sources, ids, "text"))
     return sets
 
 
-def ground_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int) -> dict:
+def ground_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int,
+                 removed: Removed | None = None) -> dict:
     """Exact top-k ids per modality, plus for text the exact (positive, best-negative) pair scores."""
     truth: dict[str, Any] = {}
     for modality, (ids, vectors) in sets.items():
-        scores, found = exact_topk(vector_chunks(sources), vectors, k + 1)
+        scores, found = exact_topk(vector_chunks(sources), vectors, k + 1, removed)
         truth[modality] = drop_self(found, ids, k) if modality == "image" else found[:, :k]
         if modality == "text":
             truth["pairs"] = pair_scores(sources, ids, vectors, scores, found)
@@ -175,7 +180,7 @@ def measure_recall(search: Callable[[np.ndarray, int], tuple], sets: dict, truth
 
 
 def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict, sets: dict, truth: dict,
-                opts: BuildOptions) -> tuple[dict, dict, bool]:
+                opts: BuildOptions, removed: Removed | None = None) -> tuple[dict, dict, bool]:
     """The cheapest nprobe / efSearch reaching `target_recall` on every modality, the recall it gives, and
     whether the target was met.
 
@@ -186,7 +191,7 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
     rerank = opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0
 
     def search(queries: np.ndarray, k: int) -> tuple:
-        return search_faiss(index, sources, queries, k, rerank)  # the depth in force when called
+        return search_faiss(index, sources, queries, k, rerank, removed)  # the depth in force when called
 
     if kind == "flat":
         return {}, measure_recall(search, sets, truth, opts.k), True
@@ -226,17 +231,23 @@ def write_index(index_dir: Path, index: Any, info: dict[str, Any]) -> dict[str, 
     return info
 
 
-def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict, opts: BuildOptions) -> dict:
-    """Measure (recall per modality, tuned search params, threshold) and write index + index.json."""
-    sets = query_sets(sources, opts)
-    truth = ground_truth(sources, sets, opts.k)
-    search, recall, met = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts)
+def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict, opts: BuildOptions,
+           removed: Removed | None = None) -> dict:
+    """Measure (recall per modality, tuned search params, threshold) over the rows not `removed` and write
+    index + index.json (which records `removed`)."""
+    sets = query_sets(sources, opts, removed)
+    truth = ground_truth(sources, sets, opts.k, removed)
+    search, recall, met = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts, removed)
     info.update(search=search, rows=int(index.ntotal),
                 recall={"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
                         "target": opts.target_recall, "target_met": met, "seed": opts.seed, **recall})
     info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
     info["sources"] = [{"path": os.path.relpath(s.root.resolve(), index_dir.resolve()), "rows": len(s),
                         "manifest_sha256": sha256_file(s.root / "manifest.json")} for s in sources]
+    info.pop("removed", None)
+    if removed:
+        info["removed"] = removed.ids.tolist()
+    info["live_rows"] = int(index.ntotal) - len(removed or ())
     return write_index(index_dir, index, info)
 
 
@@ -280,12 +291,16 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
     return finish(Path(index_dir), index, sources, info, opts)
 
 
-def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None) -> dict:
-    """Append new embedding directories to a built index (IVF: into the trained lists), then re-measure."""
+def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None,
+                 remove: np.ndarray | list[int] | None = None, extra_info: dict[str, Any] | None = None) -> dict:
+    """Append new embedding directories to a built index (IVF: into the trained lists) and mark the ids
+    `remove` as removed (kept with those removed before), then re-measure; index.json (with `extra_info`
+    merged in) is the one commit."""
     index_dir = Path(index_dir)
     info = load_index_info(index_dir)
     old = [open_embeddings(resolve_source(index_dir, s["path"])) for s in info["sources"]]
-    new = open_sources([Path(p) for p in embeddings_dirs], info["fingerprint"], f"index {index_dir}")
+    new = open_sources([Path(p) for p in embeddings_dirs], info["fingerprint"], f"index {index_dir}") \
+        if embeddings_dirs else []
     known = {s.root.resolve() for s in old}
     for embeddings in new:
         if embeddings.root.resolve() in known:
@@ -296,4 +311,11 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
     base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                    if k in BuildOptions.__dataclass_fields__})
     info["added"] = info.get("added", 0) + sum(len(s) for s in new)
-    return finish(index_dir, index, old + new, info, base)
+    total = sum(len(s) for s in old + new)
+    removed = Removed(np.concatenate([np.asarray(info.get("removed", []), dtype=np.int64),
+                                      np.asarray(remove if remove is not None else [], dtype=np.int64)]),
+                      total, f"index {index_dir}: removed ids")
+    if len(removed) == total:
+        raise SearchError(f"index {index_dir}: every row would be removed; build a new index instead")
+    info.update(extra_info or {})
+    return finish(index_dir, index, old + new, info, base, removed)

@@ -48,8 +48,8 @@ def check_index(index_dir: str | Path, seed: int = 1, queries: int | None = None
     _verify_files(index)
     stored = index.info["recall"]
     opts = BuildOptions(queries=queries or int(stored["queries"]), k=int(stored["k"]), seed=seed)
-    sets = query_sets(index.sources, opts)
-    truth = ground_truth(index.sources, sets, opts.k)
+    sets = query_sets(index.sources, opts, index.removed)
+    truth = ground_truth(index.sources, sets, opts.k, index.removed)
     measured = measure_recall(index.search, sets, truth, opts.k)
     report: dict[str, Any] = {"index": str(index.index_dir), "kind": index.info["kind"], "rows": len(index),
                               "files": "ok", "search": index.info.get("search", {}), "recall": {}, "ok": True}
@@ -87,12 +87,10 @@ def _groups(pairs: list[tuple[int, int]]) -> list[list[int]]:
     return sorted((sorted(g) for g in members.values()), key=lambda g: (-len(g), g[0]))
 
 
-def kept_ids(rows: int, groups: list[list[int]]) -> np.ndarray:
-    """Every id of a collection of `rows` but the duplicates: each group keeps its first (lowest) id."""
-    keep = np.ones(rows, dtype=bool)
-    for group in groups:
-        keep[sorted(group)[1:]] = False
-    return np.flatnonzero(keep).astype(np.int64)
+def kept_ids(ids: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """The ids [n] (ascending) but the duplicates: each group keeps its first (lowest) id."""
+    dropped = [i for group in groups for i in sorted(group)[1:]]
+    return ids[~np.isin(ids, np.asarray(dropped, dtype=np.int64))].astype(np.int64)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -115,6 +113,9 @@ def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 10,
                 _, ids = index.search(chunk, min(k + 1, len(index)))  # [b, k+1]
                 own = np.arange(start + lo, start + lo + len(chunk), dtype=np.int64)[:, None]  # [b, 1]
                 keep = (ids >= 0) & (ids != own)  # [b, k+1]
+                gone = index.removed.mask(start + lo, len(chunk)) if index.removed else None
+                if gone is not None:  # a removed row is no one's duplicate (searches already skip it)
+                    keep[gone] = False
                 rows, cols = np.nonzero(keep)
                 if not len(rows):
                     continue

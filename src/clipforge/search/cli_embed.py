@@ -57,7 +57,8 @@ def _summary(info: dict[str, Any]) -> str:
     recall = ", ".join(f"{m}->image {info['recall'][m]:.3f}" for m in ("image", "text") if m in info["recall"])
     line = (f"{info['kind']} index ({info['build']['factory']}) of {info['rows']} x {info['dim']}, "
             f"{info['bytes_per_vector']} bytes/vector, search {info['search'] or 'exact'}; "
-            f"{info['recall']['metric']}: {recall}")
+            + (f"{len(info['removed'])} rows removed, {info['live_rows']} searchable; " if info.get("removed") else "")
+            + f"{info['recall']['metric']}: {recall}")
     if info["recall"].get("target_met") is False:
         line += (f" (target {info['recall']['target']} not reached: the widest search gains nothing more; "
                  "a larger --pq-m or --kind hnsw/flat can)")
@@ -78,6 +79,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.index_command == "add":
         info = build.add_to_index(args.index, args.embeddings)
         print(_summary(info))
+    elif args.index_command == "sync":
+        return _sync(args)
     elif args.index_command == "check":
         report = check.check_index(args.index, seed=args.seed, queries=args.queries)
         _print_json(report, args.output)
@@ -91,7 +94,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             from .index import open_index  # noqa: PLC0415
 
             index = open_index(args.index)
-            kept = check.kept_ids(len(index), [[m["id"] for m in g] for g in result["groups"]])
+            kept = check.kept_ids(index.removed.live(), [[m["id"] for m in g] for g in result["groups"]])
             write_manifest(index, kept, None, args.keep_manifest)
             print(f"{len(kept)} of {len(index)} images kept (one per group) in {args.keep_manifest}")
         if args.output:
@@ -100,6 +103,29 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             for n, group in enumerate(result["groups"]):
                 print(f"group {n} ({len(group)}): " + "  ".join(f"{g['id']}:{g['key']}" for g in group))
             print(f"{len(result['groups'])} groups of near-duplicates (cosine >= {args.threshold})")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from .sync import sync_index  # noqa: PLC0415
+
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+    report = sync_index(args.index, args.folder, model=args.model, device=args.device, workers=args.workers,
+                        progress=not args.no_progress, dry_run=args.dry_run)
+    if args.output:
+        _print_json(report, args.output)
+    files = (f"{report['folder']}: {report['new']} new, {report['changed']} changed, {report['gone']} gone, "
+             f"{report['unchanged']} unchanged files")
+    if report["images_after"] == report["images_before"] and not (report["new"] + report["changed"] + report["gone"]):
+        print(f"{files}; index {args.index} is up to date ({report['images_before']} images)")
+    else:
+        verb = "would go" if report["dry_run"] else "went"
+        unreadable = f" ({report['unreadable']} unreadable files skipped)" if report.get("unreadable") else ""
+        print(f"{files}; index {args.index} {verb} from {report['images_before']} to {report['images_after']} "
+              f"images{unreadable}")
     return 0
 
 
@@ -122,6 +148,19 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--rerank-max", type=int, default=64,
                    help="ivfpq: the deepest rescoring tuning may choose (default 64; equal to --rerank pins it, "
                         "bounding the rows read per query)")
+
+def _add_sync_parser(index_sub: argparse._SubParsersAction) -> None:
+    q = index_sub.add_parser("sync", help="bring an index in step with a folder: embed new and changed files, "
+                             "remove rows of deleted ones")
+    q.add_argument("index", help="index folder")
+    q.add_argument("folder", help="the image folder (as embedded; rows of other sources are left alone)")
+    q.add_argument("--model", help="the model (default: the one index.json records; it must match the index)")
+    q.add_argument("--device", help="cpu, cuda or cuda:N")
+    q.add_argument("--workers", type=int, default=2, help="loader processes decoding images (default 2)")
+    q.add_argument("--threads", type=int, help="torch CPU threads")
+    q.add_argument("--dry-run", action="store_true", help="only report what a sync would change")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--output", help="write the report as JSON to this file")
 
 
 def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
@@ -175,3 +214,4 @@ def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--keep-manifest", metavar="OUT.csv",
                    help="also write a manifest of the collection without its near-duplicates (each group keeps its "
                    "lowest id): a deduplicated dataset for embed/train/data shards")
+    _add_sync_parser(index_sub)

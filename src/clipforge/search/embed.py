@@ -102,6 +102,9 @@ def _columns(rows: list[Item], captions: list[str | None], shards: bool) -> dict
         columns["member"] = [r.member for r in rows]
     else:
         columns["path"] = [r.path for r in rows]
+    if rows and all(r.stat is not None for r in rows):  # what `index sync` compares to see a file changed
+        columns["file_bytes"] = [str(r.stat[0]) for r in rows]  # type: ignore[index]
+        columns["file_mtime_ns"] = [str(r.stat[1]) for r in rows]  # type: ignore[index]
     columns["caption"] = captions
     for name in sorted({k for r in rows for k in r.extra}):
         columns[name] = [None if r.extra.get(name) is None else str(r.extra[name]) for r in rows]

@@ -40,7 +40,8 @@ def matching(index: VectorIndex, vector: np.ndarray, min_score: float,
     found_ids, found_scores = [], []
     for start, vectors in vector_chunks(index.sources):
         scores = vectors @ query  # [rows]
-        keep = np.flatnonzero(scores >= min_score)
+        gone = index.removed.mask(start, len(scores)) if index.removed else None
+        keep = np.flatnonzero((scores >= min_score) & (True if gone is None else ~gone))
         found_ids.append(keep.astype(np.int64) + start)
         found_scores.append(scores[keep])
     ids = np.concatenate(found_ids) if found_ids else np.empty(0, dtype=np.int64)

@@ -2,8 +2,8 @@
 
     INDEX/index.json    kind, faiss factory string, build and search parameters, measured 10-recall@10 per
                         query modality, the no-good-match threshold, model fingerprint and spec, dim, rows,
-                        the embedding directories it covers (ids count through them in order) and the size and
-                        sha256 of index.faiss
+                        the embedding directories it covers (ids count through them in order), the ids
+                        removed since (`removed`, see removed.py) and the size and sha256 of index.faiss
     INDEX/index-<sha256 prefix>.faiss  the faiss index (inner product on L2-normalised vectors = cosine);
                         named by its hash so that `index add` writes a new file and switches index.json to it
                         atomically, never leaving index.json pointing at a half-written index
@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import SearchError, require
 from .parts import EmbeddingSet, open_embeddings
+from .removed import Removed
 
 __all__ = ["INDEX_FORMAT", "VectorIndex", "apply_search_params", "load_index_info", "open_index", "search_faiss",
            "vector_chunks"]
@@ -126,10 +127,12 @@ def pad_to_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
 
 
-def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int,
+              removed: Removed | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of `queries` [n, d] against stored rows given as (first id, vectors [rows, d])
     chunks, one chunk in memory at a time: scores [n, k] float32 and ids [n, k] int64, best first, padded with
-    (-inf, -1) past the rows as faiss pads. A matrix product per block of rows, then a running top-k."""
+    (-inf, -1) past the rows as faiss pads; `removed` rows never answer. A matrix product per block of rows,
+    then a running top-k."""
     import torch
 
     blocks = [torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + FLAT_BLOCK_QUERIES], dtype=np.float32))
@@ -139,20 +142,26 @@ def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: 
         stored = torch.from_numpy(vectors)
         for r0 in range(0, vectors.shape[0], FLAT_BLOCK_ROWS):
             rows = stored[r0:r0 + FLAT_BLOCK_ROWS]
+            gone = removed.mask(start + r0, len(rows)) if removed else None
             for j, block in enumerate(blocks):
-                top_s, top_i = torch.topk(block @ rows.T, min(k, len(rows)), dim=1)  # [b, rows in block] -> top
+                scores = block @ rows.T  # [b, rows in block]
+                if gone is not None:
+                    scores[:, torch.from_numpy(gone)] = float("-inf")
+                top_s, top_i = torch.topk(scores, min(k, len(rows)), dim=1)
                 merged_s = torch.cat([best[j][0], top_s], 1)
                 merged_i = torch.cat([best[j][1], top_i + start + r0], 1)
                 kept_s, order = torch.topk(merged_s, min(k, merged_s.shape[1]), dim=1)
                 best[j] = (kept_s, torch.gather(merged_i, 1, order))
     scores = np.concatenate([s.numpy() for s, _ in best]).astype(np.float32)
     ids = np.concatenate([i.numpy() for _, i in best]).astype(np.int64)
+    ids[scores == -np.inf] = -1  # masked rows that filled a place for want of live ones
     return pad_to_k(scores, ids, k)
 
 
 def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
-                 rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 rerank: int = 0, removed: Removed | None = None) -> tuple[np.ndarray, np.ndarray]:
     """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors.
+    `removed` ids are skipped by faiss itself (a search-time selector), so k live rows still come back.
 
     Product-quantised scores are estimates: rescoring the candidates with the float16 vectors that embed
     wrote (memory-mapped, so they cost disk rather than RAM) restores both the ranking and exact cosines.
@@ -160,11 +169,12 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
     if rerank <= 1:
         stored = flat_vectors(faiss_index) if queries.shape[0] >= FLAT_BATCH_QUERIES else None
         if stored is not None:
-            return topk_scan([(0, stored)], queries, k)
-        scores, ids = faiss_index.search(queries, k)
+            return topk_scan([(0, stored)], queries, k, removed)
+        scores, ids = faiss_index.search(queries, k, params=removed.faiss_params(faiss_index) if removed else None)
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
     n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))
-    _, candidates = faiss_index.search(queries, fetch)  # [n, fetch]
+    params = removed.faiss_params(faiss_index) if removed else None
+    _, candidates = faiss_index.search(queries, fetch, params=params)  # [n, fetch]
     flat = candidates.reshape(-1)
     vectors = np.zeros((flat.shape[0], queries.shape[1]), dtype=np.float32)
     vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0])
@@ -177,7 +187,8 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
 
 
 class VectorIndex:
-    """A built index opened for search. `info` is the parsed index.json (with `embeddings_dir` resolved)."""
+    """A built index opened for search. `info` is the parsed index.json (with `embeddings_dir` resolved).
+    Ids count every row ever added; `removed` ones (index sync) are left out of every answer and `len()`."""
 
     def __init__(self, index_dir: Path, info: dict[str, Any], faiss_index: Any, sources: list[EmbeddingSet]) -> None:
         self.index_dir = index_dir
@@ -188,11 +199,18 @@ class VectorIndex:
         self.sources = sources
         self.rerank = int(info.get("search", {}).get("rerank", 0))
         self._offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
+        self.removed = Removed(info.get("removed", []), int(self._offsets[-1]), str(index_dir / INFO_FILE))
         self._tar_lock = threading.Lock()
         self._tar_members: dict[str, dict[str, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
-        return int(self.faiss_index.ntotal)
+        """The rows a search can return (those added, less those removed)."""
+        return int(self.faiss_index.ntotal) - len(self.removed)
+
+    @property
+    def id_end(self) -> int:
+        """One past the largest id (ids count every row added, removed ones included)."""
+        return int(self._offsets[-1])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores [n, k] float32 and ids [n, k] int64 (id -1, score -inf past the end)."""
@@ -204,7 +222,7 @@ class VectorIndex:
         if not np.all(np.isfinite(queries)):
             raise SearchError("queries: contain NaN or infinite values")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return search_faiss(self.faiss_index, self.sources, queries, int(k), self.rerank)
+        return search_faiss(self.faiss_index, self.sources, queries, int(k), self.rerank, self.removed)
 
     @property
     def has_captions(self) -> bool:
@@ -217,11 +235,13 @@ class VectorIndex:
         if not self.has_captions:
             raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
                               "was embedded without captions), so there are no captions to search")
-        return topk_scan(vector_chunks(self.sources, "text"), queries, k)
+        return topk_scan(vector_chunks(self.sources, "text"), queries, k, self.removed)
 
     def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
         if not isinstance(id_, (int, np.integer)) or not 0 <= int(id_) < int(self._offsets[-1]):
             raise SearchError(f"id {id_!r} does not exist (the index has ids 0..{int(self._offsets[-1]) - 1})")
+        if id_ in self.removed:
+            raise SearchError(f"id {id_} was removed from the index (its file left or changed: index sync)")
         source = int(np.searchsorted(self._offsets, int(id_), side="right")) - 1
         return self.sources[source], int(id_) - int(self._offsets[source])
 
@@ -246,6 +266,9 @@ class VectorIndex:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= int(self._offsets[-1])):
             raise SearchError(f"ids: expected 0..{int(self._offsets[-1]) - 1}, got {int(ids.min())}..{int(ids.max())}")
+        gone = ids[np.isin(ids, self.removed.ids)]
+        if gone.size:
+            raise SearchError(f"ids {gone[:5].tolist()} were removed from the index (index sync)")
         return stored_rows(self.sources, ids) if ids.size else np.empty((0, self.dim), dtype=np.float32)
 
     def _tar_member(self, shard: str, member: str) -> tuple[int, int]:

@@ -13,14 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from .removed import Removed
+
 __all__ = ["UNSEPARATED", "drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
 
 UNSEPARATED = ("no score separates matched from unmatched held-out captions: each caption scores another image "
                "as high as its own (near-duplicate captions or images?), so no query is judged 'no good match'")
 
 
-def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product over `chunks` of (first global id, vectors [m, d]): scores, ids [n, k].
+def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int,
+               removed: Removed | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product over `chunks` of (first global id, vectors [m, d]): scores, ids [n, k], the
+    `removed` ids left out.
 
     Ordered by score descending, then id ascending (as faiss's flat index orders ties)."""
     n = queries.shape[0]
@@ -28,13 +32,16 @@ def exact_topk(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k:
     best_ids = np.full((n, k), -1, dtype=np.int64)
     for start, vectors in chunks:
         scores = queries @ np.asarray(vectors, dtype=np.float32).T  # [n, m]
+        gone = removed.mask(start, scores.shape[1]) if removed else None
+        if gone is not None:
+            scores[:, gone] = -np.inf
         cand_scores, cand_ids = _chunk_topk(scores, k)
         all_scores = np.concatenate([best_scores, cand_scores], axis=1)  # [n, 2k]
         all_ids = np.concatenate([best_ids, cand_ids + np.where(cand_ids < 0, 0, start)], axis=1)
         order = _by_score_then_id(all_scores, all_ids)[:, :k]
         best_scores = np.take_along_axis(all_scores, order, axis=1)
         best_ids = np.take_along_axis(all_ids, order, axis=1)
-    return best_scores, best_ids
+    return best_scores, np.where(best_scores == -np.inf, -1, best_ids)
 
 
 def _by_score_then_id(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:

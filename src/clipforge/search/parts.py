@@ -27,6 +27,8 @@ from .errors import SearchError, require
 __all__ = ["EMBEDDINGS_FORMAT", "EmbeddingSet", "Part", "open_embeddings", "part_files", "read_vectors"]
 
 EMBEDDINGS_FORMAT = "clipforge-embeddings"
+# metadata columns kept for `index sync` (a folder file's size and mtime when embedded), not shown as metadata
+BOOKKEEPING_COLUMNS = ("file_bytes", "file_mtime_ns")
 
 
 def part_files(number: int, with_text: bool) -> dict[str, str]:
@@ -152,8 +154,8 @@ class EmbeddingSet:
     def row_metadata(self, row: int) -> dict[str, Any]:
         part, inside = self.locate(row)
         table = self.table(part)
-        record = {name: table.column(name)[inside].as_py() for name in table.column_names}
-        return record
+        return {name: table.column(name)[inside].as_py() for name in table.column_names
+                if name not in BOOKKEEPING_COLUMNS}
 
 
 def load_manifest(root: Path) -> dict[str, Any]:

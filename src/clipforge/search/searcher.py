@@ -99,7 +99,7 @@ def token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer.encode(text)) + 2
 
 
-def _resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) -> str:
+def resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) -> str:
     """A model path as recorded (absolute, or relative to the working directory, the index or the embeddings)."""
     for base in (Path.cwd(), index_dir, Path(embeddings_dir) if embeddings_dir else None):
         if base is not None and (base / spec).exists():
@@ -154,7 +154,7 @@ class Searcher:
             recorded = self.info.get("model")
             if not recorded:
                 raise SearchError(f"{index_dir}/index.json records no model; pass one (--model PATH)")
-            model = _resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
+            model = resolve_model_path(str(recorded), Path(index_dir), self.info.get("embeddings_dir"))
         key = encoder_key(model, recorded_backend, device)
         if encoders is not None and key in encoders:
             self.encoder = encoders[key]

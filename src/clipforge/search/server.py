@@ -47,6 +47,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from .dedup import DEFAULT_DEDUP, check_threshold
+from .index import VectorIndex
 from .metrics import (
     UNAVAILABLE,
     MetricsMiddleware,
@@ -160,10 +161,13 @@ def parse_modality(value: Any) -> str:
     return check_modality("image" if value is None or str(value).strip() == "" else value)
 
 
-def parse_id(value: Any, size: int) -> int:
-    text = str(value).strip()
-    if not _ID.match(text) or int(text) >= size:
-        raise RequestError(404, f"no image with id {text[:40]!r} (ids are 0..{size - 1})")
+def parse_id(value: Any, index: VectorIndex) -> int:
+    """An id of `index` that a search can return: 404 for one out of range or removed (index sync)."""
+    text, end = str(value).strip(), index.id_end
+    if not _ID.match(text) or int(text) >= end:
+        raise RequestError(404, f"no image with id {text[:40]!r} (ids are 0..{end - 1})")
+    if int(text) in index.removed:
+        raise RequestError(404, f"image {text} was removed from the index (index sync)")
     return int(text)
 
 
@@ -378,7 +382,7 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
         if id is not None:
-            answer = in_index(name, searcher.search_by_id, parse_id(id, len(searcher)), count, threshold, against)
+            answer = in_index(name, searcher.search_by_id, parse_id(id, searcher.index), count, threshold, against)
         elif text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
         else:
@@ -414,7 +418,7 @@ def add_image_routes(app: FastAPI, served: ServedIndices, max_bytes: int, templa
     def image(image_id: str, index: str | None = None) -> Response:
         _, searcher = served.pick(index)
         try:
-            data, mime = searcher.index.read_image_bytes(parse_id(image_id, len(searcher)))
+            data, mime = searcher.index.read_image_bytes(parse_id(image_id, searcher.index))
         except SearchError as exc:  # the file named by the metadata is gone or unreadable
             raise RequestError(404, str(exc)) from None
         if not mime.startswith("image/"):

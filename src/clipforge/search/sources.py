@@ -38,6 +38,7 @@ class Item:
     caption: str | None = None
     caption_member: tuple[int, int] | None = None  # (offset, size) of the KEY.txt member in the shard
     extra: dict[str, Any] = field(default_factory=dict)
+    stat: tuple[int, int] | None = None  # a folder file's (size in bytes, mtime in ns) when listed: index sync
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ def _folder(root: Path) -> Listing:
         sidecar = image.with_suffix(".txt")
         captions = read_sidecar(sidecar) if sidecar.is_file() else []
         key = image.relative_to(root).with_suffix("").as_posix()
-        items.append(Item(key=key, path=str(image.resolve()), caption=captions[0] if captions else None))
+        info = image.stat()
+        items.append(Item(key=key, path=str(image.resolve()), caption=captions[0] if captions else None,
+                          stat=(info.st_size, info.st_mtime_ns)))
     has_text = bool(items) and all(item.caption is not None for item in items)
     return Listing(items, {"kind": "folder", "path": str(root.resolve())}, has_text)
 

@@ -1,0 +1,80 @@
+"""Rows deleted from a built index without rebuilding it (tombstones), as `clipforge index sync` records them.
+
+faiss's flat index renumbers the rows left after `remove_ids` and its HNSW cannot remove at all, while our ids
+are row numbers of the embedding folders (metadata, stored vectors, image files all hang off them). So a
+removal is a sorted list of ids in index.json (`removed`, written with the index file it applies to), and every
+reader leaves those rows out: faiss searches through an `IDSelectorNot(IDSelectorBatch)` (flat, IVF and HNSW
+all honour it), exact scans mask them, and asking for a removed id by number is an error naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .errors import SearchError, require
+
+__all__ = ["Removed"]
+
+
+class Removed:
+    """A set of removed ids over an index of `total` rows: membership, per-chunk masks, faiss parameters."""
+
+    def __init__(self, ids: Iterable[int] | np.ndarray, total: int, where: str = "index.json") -> None:
+        array = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if array.size and (array.dtype.kind not in "iu" or array.ndim != 1):
+            raise SearchError(f"{where}: 'removed' must be a list of integer ids")
+        self.ids = np.unique(array.astype(np.int64)) if array.size else np.empty(0, dtype=np.int64)  # sorted
+        if self.ids.size and (self.ids[0] < 0 or self.ids[-1] >= total):
+            raise SearchError(f"{where}: 'removed' holds ids outside 0..{total - 1}")
+        self.total = int(total)
+        self._selector: Any = None
+        self._batch: Any = None  # the IDSelectorNot only points at it: kept alive here
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def __bool__(self) -> bool:
+        return bool(self.ids.size)
+
+    def __contains__(self, id_: object) -> bool:
+        if not isinstance(id_, (int, np.integer)) or not self.ids.size:
+            return False
+        at = int(np.searchsorted(self.ids, int(id_)))
+        return at < self.ids.size and int(self.ids[at]) == int(id_)
+
+    def live(self) -> np.ndarray:
+        """The ids not removed, ascending [total - len(self)]."""
+        keep = np.ones(self.total, dtype=bool)
+        keep[self.ids] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def mask(self, start: int, rows: int) -> np.ndarray | None:
+        """Boolean [rows], True at the removed ids among start..start+rows-1; None when there are none."""
+        lo, hi = np.searchsorted(self.ids, [start, start + rows])
+        if lo == hi:
+            return None
+        out = np.zeros(rows, dtype=bool)
+        out[self.ids[lo:hi] - start] = True
+        return out
+
+    def faiss_params(self, index: Any) -> Any:
+        """faiss SearchParameters that skip the removed ids, carrying the index's own nprobe / efSearch (a
+        parameters object replaces them for the call; their defaults would be 1 and 16). None when empty."""
+        if not self.ids.size:
+            return None
+        faiss = require("faiss")
+        if self._selector is None:
+            self._batch = faiss.IDSelectorBatch(self.ids)  # type: ignore[attr-defined]
+            self._selector = faiss.IDSelectorNot(self._batch)  # type: ignore[attr-defined]
+        inner = faiss.downcast_index(index)  # type: ignore[attr-defined]
+        if isinstance(inner, faiss.IndexPreTransform):  # type: ignore[attr-defined]
+            inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
+        if isinstance(inner, faiss.IndexIVF):  # type: ignore[attr-defined]
+            return faiss.SearchParametersIVF(sel=self._selector, nprobe=inner.nprobe)  # type: ignore[attr-defined]
+        if isinstance(inner, faiss.IndexHNSW):  # type: ignore[attr-defined]
+            return faiss.SearchParametersHNSW(sel=self._selector,  # type: ignore[attr-defined]
+                                              efSearch=inner.hnsw.efSearch)
+        return faiss.SearchParameters(sel=self._selector)  # type: ignore[attr-defined]

@@ -1,0 +1,184 @@
+"""`clipforge index sync INDEX FOLDER`: keep an index in step with a folder that changes (a photo library).
+
+The folder is listed again and compared, file by file, with the rows the index holds for files under it (by
+absolute path; size and mtime as recorded when each file was embedded, where the embedding recorded them):
+- a file not in the index, or whose size or mtime changed, is embedded (with the index's own model, backend
+  and precision) into `INDEX/synced/<digest>/`, named by the digest of what it embeds, so a sync that was
+  interrupted resumes there;
+- a row whose file is gone, or changed, is removed (a tombstone, see removed.py);
+- rows of other sources (manifests, tar shards, other folders) are left alone.
+Both land in one write of index.json (`build.add_to_index`), the commit point: a crash before it leaves the
+index as it was. Only one sync runs on an index at a time (a lock file). A running `clipforge serve` keeps
+answering from the index it opened; restart it to serve the synced one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SearchError
+from .index import VectorIndex, open_index
+from .parts import EmbeddingSet, open_embeddings
+from .sources import Item, Listing, list_source
+
+__all__ = ["SyncPlan", "plan_sync", "sync_index"]
+
+SYNCED_DIR = "synced"
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What a sync of `folder` changes: files to embed (new or changed) and ids to remove (gone or changed)."""
+
+    folder: str
+    embed: list[Item]
+    remove: np.ndarray  # [m] int64 ids, ascending
+    new: int  # files the index has no row for
+    changed: int  # files whose size or mtime differ from when they were embedded
+    gone: int  # rows whose file is no longer in the folder
+    unchanged: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.embed and not self.remove.size
+
+
+def _folder_rows(source: EmbeddingSet, prefix: str,
+                 listed: dict[str, Item]) -> Iterator[tuple[int, str, tuple[int, int] | None]]:
+    """(row, path, recorded (size, mtime_ns) or None) of the rows of `source` whose file lies under `prefix`
+    or is listed (a symlink in the folder is listed by its target's path)."""
+    start = 0
+    for part in source.parts:
+        table = source.table(part)
+        names = set(table.column_names)
+        if "path" in names:
+            paths = table.column("path").to_pylist()
+            sizes = table.column("file_bytes").to_pylist() if "file_bytes" in names else [None] * len(paths)
+            times = table.column("file_mtime_ns").to_pylist() if "file_mtime_ns" in names else [None] * len(paths)
+            for row, (path, size, mtime) in enumerate(zip(paths, sizes, times)):
+                if path and (str(path).startswith(prefix) or str(path) in listed):
+                    recorded = (int(size), int(mtime)) if size is not None and mtime is not None else None
+                    yield start + row, str(path), recorded
+        start += part.rows
+
+
+def plan_sync(index: VectorIndex, listing: Listing) -> SyncPlan:
+    """Compare the folder `listing` with the live rows the index holds for files under that folder."""
+    root = str(listing.description["path"])
+    prefix = root.rstrip("/") + "/"
+    listed = {str(item.path): item for item in listing.items}
+    kept: set[str] = set()
+    remove: list[int] = []
+    changed = 0
+    offset = 0
+    for source in index.sources:
+        for row, path, recorded in _folder_rows(source, prefix, listed):
+            id_ = offset + row
+            if id_ in index.removed:
+                continue
+            item = listed.get(path)
+            if item is None:
+                remove.append(id_)
+            elif recorded is not None and item.stat is not None and recorded != item.stat:
+                remove.append(id_)
+                changed += 1
+            else:
+                kept.add(path)
+        offset += len(source)
+    embed = [item for item in listing.items if str(item.path) not in kept]
+    return SyncPlan(folder=root, embed=embed, remove=np.unique(np.asarray(remove, dtype=np.int64)),
+                    new=len(embed) - changed, changed=changed, gone=len(remove) - changed, unchanged=len(kept))
+
+
+@contextmanager
+def _sync_lock(index_dir: Path) -> Iterator[None]:
+    with open(index_dir / ".sync.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SearchError(f"index {index_dir}: another `index sync` is running on it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: str | None, workers: int,
+               progress: bool) -> Path:
+    """Embed `plan.embed` like the index's first source was embedded, into INDEX/synced/<digest>."""
+    from .embed import EmbedOptions, run_embedding
+    from .encoder import load_encoder
+    from .fingerprint import backend_of, check_fingerprint
+    from .searcher import resolve_model_path
+
+    first = index.sources[0].manifest
+    spec = model or index.info.get("model")
+    if not spec:
+        raise SearchError(f"{index.index_dir}/index.json records no model; pass one (--model PATH)")
+    spec = resolve_model_path(str(spec), index.index_dir, index.info.get("embeddings_dir"))
+    encoder = load_encoder(spec, backend_of(index.fingerprint), device, str(first.get("precision", "fp32")))
+    check_fingerprint(index.fingerprint, encoder.fingerprint, where=f"index {index.index_dir}")
+    listing = Listing(plan.embed, {"kind": "folder", "path": plan.folder, "by": "index sync"},
+                      all(item.caption is not None for item in plan.embed))
+    digest = hashlib.sha256(f"{listing.digest()}\0{encoder.spec}".encode()).hexdigest()[:16]
+    out = index.index_dir / SYNCED_DIR / digest
+    opts = EmbedOptions(part_size=int(first.get("part_size", EmbedOptions.part_size)),
+                        batch_size=int(first.get("batch_size", EmbedOptions.batch_size)),
+                        workers=workers, progress=progress)
+    run_embedding(out, listing, encoder, opts)
+    return out
+
+
+def _prune_synced(index_dir: Path, info: dict[str, Any]) -> None:
+    """Remove INDEX/synced/* folders the committed index.json does not use (left by an interrupted sync whose
+    folder then changed again, or holding only unreadable files)."""
+    used = {(index_dir / s["path"]).resolve() for s in info["sources"]}
+    for folder in (index_dir / SYNCED_DIR).glob("*"):
+        if folder.is_dir() and folder.resolve() not in used:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None = None, device: str | None = None,
+               workers: int = 2, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Bring the index's rows for `folder` in step with the folder's files; returns what changed."""
+    from .build import add_to_index
+
+    index_dir = Path(index_dir)
+    listing = list_source(str(folder))
+    if listing.description.get("kind") != "folder":
+        raise SearchError(f"{folder}: index sync takes an image folder (manifests and tar shards do not change "
+                          "under an index; embed them and use `index add`)")
+    with _sync_lock(index_dir):
+        index = open_index(index_dir)
+        plan = plan_sync(index, listing)
+        report: dict[str, Any] = {"index": str(index_dir), "folder": plan.folder, "new": plan.new,
+                                  "changed": plan.changed, "gone": plan.gone, "unchanged": plan.unchanged,
+                                  "images_before": len(index), "dry_run": dry_run}
+        if plan.empty or dry_run:  # a dry run counts every file to embed as readable
+            report.update(images_after=len(index) + len(plan.embed) - int(plan.remove.size), embedded=0,
+                          unreadable=0)
+            return report
+        started = time.perf_counter()
+        new_dirs = [_embed_new(index, plan, model, device, workers, progress)] if plan.embed else []
+        added = [d for d in new_dirs if len(open_embeddings(d)) > 0]  # only unreadable files: nothing to add
+        embedded = sum(len(open_embeddings(d)) for d in added)
+        report.update(embedded=embedded, unreadable=len(plan.embed) - embedded)
+        if not added and not plan.remove.size:  # nothing but files that cannot be read (tried again next time)
+            report.update(images_after=len(index))
+            return report
+        sync = {k: report[k] for k in ("folder", "new", "changed", "gone")}
+        info = add_to_index(index_dir, added, remove=plan.remove,
+                            extra_info={"last_sync": {**sync, "embedded": embedded, "at": time.time()}})
+        _prune_synced(index_dir, info)
+        report.update(images_after=int(info["live_rows"]), seconds=round(time.perf_counter() - started, 3))
+        return report

@@ -281,3 +281,76 @@ def test_sync_refuses_bad_input_in_one_line(small, tmp_path, capsys):
     (small.index_dir / "index.json").write_text(json.dumps(info))
     with pytest.raises(SearchError, match="index.json.*outside 0..39"):
         open_index(small.index_dir)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _wait_until(condition, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_running_server_serves_the_synced_index(small, tmp_path):
+    from search_index import running_server
+
+    from clipforge import Searcher
+    from clipforge.search.server import create_app
+
+    images = tmp_path / "images"
+    searcher = Searcher(small.index_dir)
+    app = create_app(searcher, reload_s=0.1)
+    with running_server(app) as url:
+        assert json.loads(_get(url + "/healthz")[1])["images"] == 40
+        changes = _change_folder(images, small.model.image_size)
+        assert main(["index", "sync", str(small.index_dir), str(images), "--workers", "0", "--no-progress"]) == 0
+        assert _wait_until(lambda: json.loads(_get(url + "/healthz")[1])["images"] == 41), "never reloaded"
+        fresh = Searcher(small.index_dir)  # the reference: the synced index opened anew
+        status, body = _get(url + "/api/search?text=a%20red%20circle&k=41")
+        assert status == 200
+        got = json.loads(body)["results"]
+        assert_ranking([{"id": h["id"], "score": h["score"]} for h in got],
+                       [(h["id"], h["score"]) for h in fresh.search(text="a red circle", k=41)["results"]], tol=1e-4)
+        by_path = {h["path"]: h["id"] for h in fresh.search(text="a red circle", k=41)["results"]}
+        for path in changes["added"] + changes["changed"]:
+            status, body = _get(url + f"/api/image/{by_path[path]}")
+            assert status == 200 and body == Path(path).read_bytes()
+        for id_ in fresh.index.removed.ids.tolist():
+            assert _get(url + f"/api/image/{id_}")[0] == 404
+        status, body = _get(url + "/metrics")
+        assert status == 200 and 'clipforge_index_images{index="default"} 41.0' in body.decode()
+    assert len(searcher) == 40 and len(searcher.search(text="a red circle", k=50)["results"]) == 40  # untouched
+
+
+def test_a_changed_index_that_does_not_open_keeps_being_served(small, capfd):
+    from clipforge import Searcher
+    from clipforge.search.server import ServedIndices
+
+    served = ServedIndices(Searcher(small.index_dir))
+    info_path = small.index_dir / "index.json"
+    good = info_path.read_text()
+    damaged = json.loads(good)
+    damaged["removed"] = [0, 99]  # past the last id
+    info_path.unlink()  # a new file, as every commit writes
+    info_path.write_text(json.dumps(damaged))
+    assert served.reload_changed() == [] and len(served.searchers["default"]) == 40
+    assert "index default changed but was not reloaded" in capfd.readouterr().err
+    assert served.reload_changed() == [] and capfd.readouterr().err == ""  # the same file is not retried
+    damaged["removed"] = [0]
+    info_path.unlink()
+    info_path.write_text(json.dumps(damaged))
+    assert served.reload_changed() == ["default"] and len(served.searchers["default"]) == 39

@@ -107,6 +107,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dedup", type=float, default=0.95, metavar="COSINE",
                    help="the cosine of the page's 'hide near-duplicates' toggle (default: 0.95; API requests give "
                    "their own dedup=)")
+    p.add_argument("--reload-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="look this often for an index changed by `index add` / `index sync` and serve the new one "
+                   "(default: 2; 0: never)")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -327,6 +330,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"--port: expected 1..65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise UserError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb}")
+    if not args.reload_interval >= 0:
+        raise UserError(f"--reload-interval: expected seconds >= 0 (0: never), got {args.reload_interval}")
     from .dedup import check_threshold
 
     try:
@@ -346,7 +351,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     except SearchError as exc:
         raise UserError(str(exc)) from None
     try:
-        serve(searchers, args.host, args.port, args.max_upload_mb, templates, args.dedup)
+        serve(searchers, args.host, args.port, args.max_upload_mb, templates, args.dedup, args.reload_interval)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     return 0

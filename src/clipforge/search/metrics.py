@@ -37,7 +37,7 @@ _INDEX: ContextVar[str] = ContextVar("clipforge_served_index", default="")
 class ServerMetrics:
     """The collectors of one server, in a registry of their own."""
 
-    def __init__(self, images: Mapping[str, int]) -> None:
+    def __init__(self, images: Mapping[str, Callable[[], int]]) -> None:
         prom: Any = import_module("prometheus_client")
         self._prom = prom
         self.registry = prom.CollectorRegistry()
@@ -50,8 +50,8 @@ class ServerMetrics:
         self.stages = prom.Histogram("clipforge_query_stage_seconds", "Time per stage of a search query",
                                      ["index", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         sizes = prom.Gauge("clipforge_index_images", "Images in a served index", ["index"], registry=self.registry)
-        for name, count in images.items():
-            sizes.labels(index=name).set(count)
+        for name, count in images.items():  # read at each scrape: `index sync` changes it under a running server
+            sizes.labels(index=name).set_function(count)
 
     def observe_stage(self, index: str, stage: str, seconds: float) -> None:
         self.stages.labels(index=index, stage=stage).observe(seconds)
@@ -82,8 +82,9 @@ def serving_index(name: str) -> Iterator[None]:
         _INDEX.reset(token)
 
 
-def server_metrics(images: Mapping[str, int]) -> ServerMetrics | None:
-    """Metrics for a server of the named indices' sizes, or None where prometheus_client is not installed."""
+def server_metrics(images: Mapping[str, Callable[[], int]]) -> ServerMetrics | None:
+    """Metrics for a server of the named indices (each with a function giving its size), or None where
+    prometheus_client is not installed."""
     try:
         return ServerMetrics(images)
     except ImportError:

@@ -21,6 +21,7 @@ each stage of a query took (the server's /metrics).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -107,6 +108,12 @@ def resolve_model_path(spec: str, index_dir: Path, embeddings_dir: str | None) -
     return spec  # an architecture name, or a path that is gone (the encoder's loader names it)
 
 
+def _threshold_of(info: dict[str, Any]) -> float | None:
+    """The calibrated no-good-match score of an index.json; None where none was (measure.UNSEPARATED)."""
+    score = (info.get("threshold") or {}).get("score")
+    return float(score) if score is not None else None
+
+
 def encoder_key(spec: str | Path | torch.nn.Module, backend: str, device: str | torch.device | None) -> tuple:
     """What makes two query encoders the same: the model (the file it resolves to, or the module object), the
     backend and the requested device."""
@@ -145,6 +152,7 @@ class Searcher:
 
         self.index = open_index(index_dir, mmap=mmap)
         self.info: dict[str, Any] = self.index.info
+        self._mmap = mmap
         recorded_backend = backend_of(self.index.fingerprint)  # index.json's "backend" repeats it for readers
         if backend is not None and backend != recorded_backend:
             raise SearchError(f"--backend {backend}: index {index_dir} was embedded with --backend "
@@ -168,13 +176,25 @@ class Searcher:
         self.context_length = int(getattr(self.model, "context_length", 77))
         self.max_pixels = max_pixels
         self._lock = model_lock(self.encoder)  # one forward pass at a time; the index search needs no lock
-        threshold = self.info.get("threshold") or {}
-        score = threshold.get("score")  # None: not calibrated (measure.UNSEPARATED)
-        self.threshold: float | None = float(score) if score is not None else None
+        self.threshold: float | None = _threshold_of(self.info)
         self._listeners: list[Callable[[str, float], None]] = []
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def reopened(self) -> Searcher:
+        """A Searcher over this index as its index.json now stands (after `index add` or `index sync`), sharing
+        this one's encoder, model lock and timing listeners; this one is left as it was, so a query running on
+        it finishes on the index it started with."""
+        from .fingerprint import check_fingerprint
+        from .index import open_index
+
+        fresh = copy.copy(self)
+        fresh.index = open_index(self.index.index_dir, mmap=self._mmap)
+        check_fingerprint(fresh.index.fingerprint, self.encoder.fingerprint, where=f"index {self.index.index_dir}")
+        fresh.info = fresh.index.info
+        fresh.threshold = _threshold_of(fresh.info)
+        return fresh
 
     def add_timing_listener(self, listener: Callable[[str, float], None]) -> None:
         """Call `listener(stage, seconds)` after each stage of each query (stages: `STAGES`; encode times

@@ -18,6 +18,10 @@ Every route but /healthz, /api/indices and /metrics takes `index=NAME` (a query 
 the POSTs) choosing the index; without it, the first one given. Ids are per index, so with several indices a
 hit's `image_url` names its index. Indices embedded by one model share its loaded copy (`open_searchers`).
 
+An index changed under a running server (`clipforge index add`, `index sync`) is reopened within
+`reload_s` seconds (a watcher thread compares index.json's inode, size and mtime): queries already running finish on
+the index they started with, later ones see the new one.
+
 Every bad request gets a 4xx answer `{"error": "..."}` and the server goes on. Request bodies are limited
 (Content-Length checked first, then the bytes actually received), uploads are decoded with a pixel limit, and
 no request ever names a file: images are served by id.
@@ -28,6 +32,10 @@ import base64
 import binascii
 import json
 import re
+import sys
+import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from importlib import resources
@@ -66,6 +74,7 @@ _ID = re.compile(r"^[0-9]{1,18}$")
 # Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_NAME = "default"  # the name of an index served alone through the Python API
+RELOAD_S = 2.0  # how often the watcher looks for an index.json replaced by `index add` / `index sync`
 STATIC_DIR = Path(str(resources.files("clipforge.search") / "static"))
 # What the browser may do with a served image: nothing active (an SVG or HTML file posing as an image cannot
 # run script from our origin).
@@ -192,6 +201,15 @@ def check_index_name(name: str) -> str:
     return name
 
 
+def info_stamp(index_dir: Path) -> tuple[int, int, int] | None:
+    """index.json's (inode, size, mtime): every commit replaces the file by a rename, so the inode changes."""
+    try:
+        st = (index_dir / "index.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class ServedIndices:
     """The named searchers of a server, in order; the first is the default."""
 
@@ -203,6 +221,29 @@ class ServedIndices:
             check_index_name(name)
         self.default = next(iter(self.searchers))
         self.several = len(self.searchers) > 1
+        self._stamps = {name: info_stamp(s.index.index_dir) for name, s in self.searchers.items()}
+        self._failed: dict[str, Any] = {}  # name -> the stamp that failed to open (not retried until it changes)
+        self._reload_lock = threading.Lock()
+
+    def reload_changed(self) -> list[str]:
+        """Reopen the indices whose index.json was replaced since they were opened; returns their names. One
+        that does not open (damaged, or a model that no longer matches) keeps serving as it was, with a warning."""
+        reopened = []
+        with self._reload_lock:
+            for name, searcher in list(self.searchers.items()):
+                stamp = info_stamp(searcher.index.index_dir)
+                if stamp is None or stamp == self._stamps[name] or stamp == self._failed.get(name):
+                    continue
+                try:
+                    fresh = searcher.reopened()
+                except SearchError as exc:
+                    self._failed[name] = stamp
+                    print(f"clipforge serve: index {name} changed but was not reloaded: {exc}", file=sys.stderr)
+                    continue
+                self.searchers[name] = fresh  # a request holding the old searcher finishes on it
+                self._stamps[name] = stamp
+                reopened.append(name)
+        return reopened
 
     def pick(self, name: str | None) -> tuple[str, Searcher]:
         """(name, searcher) of `name`, the default one when absent; 404 for a name not served."""
@@ -215,6 +256,27 @@ class ServedIndices:
 
     def image_url(self, name: str, id_: int) -> str:
         return f"/api/image/{id_}?index={name}" if self.several else f"/api/image/{id_}"
+
+
+def watch_indices(served: ServedIndices, interval_s: float) -> threading.Thread | None:
+    """A daemon thread calling `served.reload_changed()` every `interval_s` seconds for as long as `served` is
+    alive (it holds only a weak reference); None for an interval of 0 (no reloading)."""
+    if interval_s <= 0:
+        return None
+    ref = weakref.ref(served)
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            target = ref()
+            if target is None:
+                return
+            target.reload_changed()
+            del target
+
+    thread = threading.Thread(target=loop, name="clipforge-index-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def in_index(name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -446,17 +508,21 @@ def add_metrics_route(app: FastAPI, metrics: ServerMetrics | None) -> None:
 
 
 def create_app(searchers: Searcher | Mapping[str, Searcher], max_upload_mb: float = 10.0,
-               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP) -> FastAPI:
+               templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES, dedup: float = DEFAULT_DEDUP,
+               reload_s: float = RELOAD_S) -> FastAPI:
     """The FastAPI application serving one Searcher, or several by name (the first is the default; see
     `open_searchers`). Sync endpoints run in the thread pool; each model's forward passes are serialised by its
     lock, faiss searches run concurrently. `dedup` is the threshold the page's "hide near-duplicates" toggle
-    sends (API requests give their own)."""
+    sends (API requests give their own). Indices whose index.json changes are reopened within `reload_s`
+    seconds (0: never)."""
     dedup = check_threshold(dedup)
+    if not reload_s >= 0:
+        raise SearchError(f"reload interval: expected seconds >= 0, got {reload_s!r}")
     served = ServedIndices(searchers)
     app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None)  # docs pages would load from a CDN
     max_bytes = int(max_upload_mb * 2**20)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
-    metrics = server_metrics({name: len(searcher) for name, searcher in served.searchers.items()})
+    metrics = server_metrics({name: partial(lambda n: len(served.searchers[n]), name) for name in served.searchers})
     if metrics is not None:  # outermost (added last), so the body limit's own 413s are counted too
         app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
         for searcher in served.searchers.values():
@@ -466,17 +532,19 @@ def create_app(searchers: Searcher | Mapping[str, Searcher], max_upload_mb: floa
     add_search_routes(app, served, max_bytes, dedup)
     add_image_routes(app, served, max_bytes, templates)
     add_metrics_route(app, metrics)
+    app.state.served = served
+    app.state.watcher = watch_indices(served, reload_s)
     return app
 
 
 def serve(searchers: Searcher | Mapping[str, Searcher], host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10.0, templates: tuple[str, ...] = DEFAULT_LABEL_TEMPLATES,
-          dedup: float = DEFAULT_DEDUP) -> None:
+          dedup: float = DEFAULT_DEDUP, reload_s: float = RELOAD_S) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
     reuse_freed_memory()
-    app = create_app(searchers, max_upload_mb, templates, dedup)
+    app = create_app(searchers, max_upload_mb, templates, dedup, reload_s)
     served = ServedIndices(searchers)
     shown = f"[{host}]" if ":" in host else host
     images = sum(len(s) for s in served.searchers.values())

@@ -8,8 +8,8 @@ absolute path; size and mtime as recorded when each file was embedded, where the
 - a row whose file is gone, or changed, is removed (a tombstone, see removed.py);
 - rows of other sources (manifests, tar shards, other folders) are left alone.
 Both land in one write of index.json (`build.add_to_index`), the commit point: a crash before it leaves the
-index as it was. Only one sync runs on an index at a time (a lock file). A running `clipforge serve` keeps
-answering from the index it opened; restart it to serve the synced one.
+index as it was. Only one sync runs on an index at a time (a lock file). A running `clipforge serve` reopens
+the index within its --reload-interval (server.py).
 """
 
 from __future__ import annotations

@@ -354,3 +354,17 @@ def test_a_changed_index_that_does_not_open_keeps_being_served(small, capfd):
     info_path.unlink()
     info_path.write_text(json.dumps(damaged))
     assert served.reload_changed() == ["default"] and len(served.searchers["default"]) == 39
+
+
+def test_an_edited_caption_is_embedded_again(small, tmp_path, capsys):
+    images = tmp_path / "images"
+    sidecar = images / "img_00012.txt"
+    sidecar.write_text("  a completely new description of this picture\n")
+    (images / "img_00013.txt").write_text((images / "img_00013.txt").read_text() + "\n")  # same caption, cleaned
+    assert main(["index", "sync", str(small.index_dir), str(images), "--workers", "0", "--no-progress"]) == 0
+    assert "0 new, 1 changed, 0 gone, 39 unchanged" in capsys.readouterr().out
+    index = open_index(small.index_dir)
+    assert index.removed.ids.tolist() == [12] and len(index) == 40
+    record = index.metadata([40])[0]
+    assert record["caption"] == "a completely new description of this picture"
+    assert record["path"] == str((images / "img_00012.png").resolve())

@@ -1,10 +1,11 @@
 """`clipforge index sync INDEX FOLDER`: keep an index in step with a folder that changes (a photo library).
 
 The folder is listed again and compared, file by file, with the rows the index holds for files under it (by
-absolute path; size and mtime as recorded when each file was embedded, where the embedding recorded them):
-- a file not in the index, or whose size or mtime changed, is embedded (with the index's own model, backend
-  and precision) into `INDEX/synced/<digest>/`, named by the digest of what it embeds, so a sync that was
-  interrupted resumes there;
+absolute path; size and mtime as recorded when each file was embedded, where the embedding recorded them; the
+caption read from its sidecar against the stored one):
+- a file not in the index, or whose size, mtime or caption changed, is embedded (with the index's own model,
+  backend and precision) into `INDEX/synced/<digest>/`, named by the digest of what it embeds, so a sync that
+  was interrupted resumes there;
 - a row whose file is gone, or changed, is removed (a tombstone, see removed.py);
 - rows of other sources (manifests, tar shards, other folders) are left alone.
 Both land in one write of index.json (`build.add_to_index`), the commit point: a crash before it leaves the
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.robust import BadSample, clean_caption
 from .errors import SearchError
 from .index import VectorIndex, open_index
 from .parts import EmbeddingSet, open_embeddings
@@ -44,7 +46,7 @@ class SyncPlan:
     embed: list[Item]
     remove: np.ndarray  # [m] int64 ids, ascending
     new: int  # files the index has no row for
-    changed: int  # files whose size or mtime differ from when they were embedded
+    changed: int  # files whose size, mtime or caption differ from when they were embedded
     gone: int  # rows whose file is no longer in the folder
     unchanged: int
 
@@ -53,10 +55,20 @@ class SyncPlan:
         return not self.embed and not self.remove.size
 
 
-def _folder_rows(source: EmbeddingSet, prefix: str,
-                 listed: dict[str, Item]) -> Iterator[tuple[int, str, tuple[int, int] | None]]:
-    """(row, path, recorded (size, mtime_ns) or None) of the rows of `source` whose file lies under `prefix`
-    or is listed (a symlink in the folder is listed by its target's path)."""
+def _same_caption(stored: str | None, listed: str | None) -> bool:
+    """Whether a stored caption is the listed one (as embed stores it: cleaned where the collection had text)."""
+    if stored == listed:
+        return True
+    try:
+        return listed is not None and stored == clean_caption(listed)
+    except BadSample:
+        return False
+
+
+def _folder_rows(source: EmbeddingSet, prefix: str, listed: dict[str, Item]
+                 ) -> Iterator[tuple[int, str, tuple[int, int] | None, str | None]]:
+    """(row, path, recorded (size, mtime_ns) or None, stored caption) of the rows of `source` whose file lies
+    under `prefix` or is listed (a symlink in the folder is listed by its target's path)."""
     start = 0
     for part in source.parts:
         table = source.table(part)
@@ -65,10 +77,11 @@ def _folder_rows(source: EmbeddingSet, prefix: str,
             paths = table.column("path").to_pylist()
             sizes = table.column("file_bytes").to_pylist() if "file_bytes" in names else [None] * len(paths)
             times = table.column("file_mtime_ns").to_pylist() if "file_mtime_ns" in names else [None] * len(paths)
-            for row, (path, size, mtime) in enumerate(zip(paths, sizes, times)):
+            captions = table.column("caption").to_pylist() if "caption" in names else [None] * len(paths)
+            for row, (path, size, mtime, caption) in enumerate(zip(paths, sizes, times, captions)):
                 if path and (str(path).startswith(prefix) or str(path) in listed):
                     recorded = (int(size), int(mtime)) if size is not None and mtime is not None else None
-                    yield start + row, str(path), recorded
+                    yield start + row, str(path), recorded, caption
         start += part.rows
 
 
@@ -82,14 +95,15 @@ def plan_sync(index: VectorIndex, listing: Listing) -> SyncPlan:
     changed = 0
     offset = 0
     for source in index.sources:
-        for row, path, recorded in _folder_rows(source, prefix, listed):
+        for row, path, recorded, caption in _folder_rows(source, prefix, listed):
             id_ = offset + row
             if id_ in index.removed:
                 continue
             item = listed.get(path)
             if item is None:
                 remove.append(id_)
-            elif recorded is not None and item.stat is not None and recorded != item.stat:
+            elif (recorded is not None and item.stat is not None and recorded != item.stat) \
+                    or not _same_caption(caption, item.caption):
                 remove.append(id_)
                 changed += 1
             else:

@@ -275,7 +275,7 @@ def test_sync_refuses_bad_input_in_one_line(small, tmp_path, capsys):
     with open(small.index_dir / ".sync.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert main(["index", "sync", str(small.index_dir), str(images), "--no-progress"]) != 0
-        assert "another `index sync` is running" in capsys.readouterr().err
+        assert "another `index sync` or `index compact` is running" in capsys.readouterr().err
     info = json.loads((small.index_dir / "index.json").read_text())
     info["removed"] = [0, 99]
     (small.index_dir / "index.json").write_text(json.dumps(info))

@@ -81,6 +81,16 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         print(_summary(info))
     elif args.index_command == "sync":
         return _sync(args)
+    elif args.index_command == "compact":
+        from .compact import compact_index  # noqa: PLC0415
+
+        info = compact_index(args.index, args.part_size)
+        if info is None:
+            print(f"index {args.index}: nothing to compact (no removed rows, one embedding folder)")
+        else:
+            done = info["compacted"]
+            print(f"index {args.index}: compacted {done['rows']} rows from {done['sources']} embedding folders "
+                  f"({done['removed']} removed) into {info['rows']} rows in one; " + _summary(info))
     elif args.index_command == "check":
         report = check.check_index(args.index, seed=args.seed, queries=args.queries)
         _print_json(report, args.output)
@@ -149,7 +159,7 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
                    help="ivfpq: the deepest rescoring tuning may choose (default 64; equal to --rerank pins it, "
                         "bounding the rows read per query)")
 
-def _add_sync_parser(index_sub: argparse._SubParsersAction) -> None:
+def _add_maintenance_parsers(index_sub: argparse._SubParsersAction) -> None:
     q = index_sub.add_parser("sync", help="bring an index in step with a folder: embed new and changed files, "
                              "remove rows of deleted ones")
     q.add_argument("index", help="index folder")
@@ -161,6 +171,10 @@ def _add_sync_parser(index_sub: argparse._SubParsersAction) -> None:
     q.add_argument("--dry-run", action="store_true", help="only report what a sync would change")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.add_argument("--output", help="write the report as JSON to this file")
+    q = index_sub.add_parser("compact", help="rewrite an index without its removed rows, over one embedding folder "
+                             "(ids are renumbered)")
+    q.add_argument("index", help="index folder")
+    q.add_argument("--part-size", type=int, default=100_000, help="rows per part of the new folder (default 100000)")
 
 
 def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
@@ -214,4 +228,4 @@ def add_embed_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--keep-manifest", metavar="OUT.csv",
                    help="also write a manifest of the collection without its near-duplicates (each group keeps its "
                    "lowest id): a deduplicated dataset for embed/train/data shards")
-    _add_sync_parser(index_sub)
+    _add_maintenance_parsers(index_sub)

@@ -9,18 +9,15 @@ caption read from its sidecar against the stored one):
 - a row whose file is gone, or changed, is removed (a tombstone, see removed.py);
 - rows of other sources (manifests, tar shards, other folders) are left alone.
 Both land in one write of index.json (`build.add_to_index`), the commit point: a crash before it leaves the
-index as it was. Only one sync runs on an index at a time (a lock file). A running `clipforge serve` reopens
+index as it was. One sync or compaction runs on an index at a time (a lock file). A running `clipforge serve` reopens
 the index within its --reload-interval (server.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..data.robust import BadSample, clean_caption
+from .compact import index_lock, prune_unused
 from .errors import SearchError
 from .index import VectorIndex, open_index
 from .parts import EmbeddingSet, open_embeddings
@@ -114,19 +112,6 @@ def plan_sync(index: VectorIndex, listing: Listing) -> SyncPlan:
                     new=len(embed) - changed, changed=changed, gone=len(remove) - changed, unchanged=len(kept))
 
 
-@contextmanager
-def _sync_lock(index_dir: Path) -> Iterator[None]:
-    with open(index_dir / ".sync.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SearchError(f"index {index_dir}: another `index sync` is running on it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: str | None, workers: int,
                progress: bool) -> Path:
     """Embed `plan.embed` like the index's first source was embedded, into INDEX/synced/<digest>."""
@@ -153,15 +138,6 @@ def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: st
     return out
 
 
-def _prune_synced(index_dir: Path, info: dict[str, Any]) -> None:
-    """Remove INDEX/synced/* folders the committed index.json does not use (left by an interrupted sync whose
-    folder then changed again, or holding only unreadable files)."""
-    used = {(index_dir / s["path"]).resolve() for s in info["sources"]}
-    for folder in (index_dir / SYNCED_DIR).glob("*"):
-        if folder.is_dir() and folder.resolve() not in used:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None = None, device: str | None = None,
                workers: int = 2, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Bring the index's rows for `folder` in step with the folder's files; returns what changed."""
@@ -172,7 +148,7 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
     if listing.description.get("kind") != "folder":
         raise SearchError(f"{folder}: index sync takes an image folder (manifests and tar shards do not change "
                           "under an index; embed them and use `index add`)")
-    with _sync_lock(index_dir):
+    with index_lock(index_dir, "sync"):
         index = open_index(index_dir)
         plan = plan_sync(index, listing)
         report: dict[str, Any] = {"index": str(index_dir), "folder": plan.folder, "new": plan.new,
@@ -193,6 +169,6 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         sync = {k: report[k] for k in ("folder", "new", "changed", "gone")}
         info = add_to_index(index_dir, added, remove=plan.remove,
                             extra_info={"last_sync": {**sync, "embedded": embedded, "at": time.time()}})
-        _prune_synced(index_dir, info)
+        prune_unused(index_dir, info)
         report.update(images_after=int(info["live_rows"]), seconds=round(time.perf_counter() - started, 3))
         return report

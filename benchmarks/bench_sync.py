@@ -82,13 +82,15 @@ def bench_sync(images: int = 5000, arch: str = "RN-Tiny-64", add: int = 50, dele
         quiet = ["--no-progress", "--workers", str(workers)]
         _run(["embed", str(folder), "--model", model_path, "--output", str(root / "emb"), *quiet])
         _run(["index", "build", str(root / "emb"), "--index", str(root / "index"), "--kind", "flat"])
-        sync_s, rebuild_s = [], []
+        sync_s, rebuild_s, stages = [], [], []
         base = root / "index"
         for r in range(rounds):
             _change(world, folder, r, add, delete, edit)
             synced = root / f"index-{r}"
             shutil.copytree(base, synced)
-            sync_s.append(_run(["index", "sync", str(synced), str(folder), *quiet]))
+            report = root / f"sync-{r}.json"
+            sync_s.append(_run(["index", "sync", str(synced), str(folder), *quiet, "--output", str(report)]))
+            stages.append(json.loads(report.read_text())["seconds"])
             fresh = root / f"rebuilt-{r}"
             rebuild_s.append(_run(["embed", str(folder), "--model", model_path, "--output", str(fresh / "emb"), *quiet])
                              + _run(["index", "build", str(fresh / "emb"), "--index", str(fresh / "index"),
@@ -100,11 +102,12 @@ def bench_sync(images: int = 5000, arch: str = "RN-Tiny-64", add: int = 50, dele
             base = synced
     ratio = statistics.median(rebuild_s) / statistics.median(sync_s)
     rounds_ = round_ratios(sync_s, rebuild_s)
+    stage_medians = {k: round(statistics.median(s[k] for s in stages), 3) for k in stages[0]}
     print(f"index sync vs embed + build from scratch ({images} images, {arch}, +{add} -{delete} ~{edit} a round): "
           f"{format_ratio(ratio, rounds_)}; sync {statistics.median(sync_s):.1f} s, rebuild "
-          f"{statistics.median(rebuild_s):.1f} s (median of {rounds})", flush=True)
+          f"{statistics.median(rebuild_s):.1f} s (median of {rounds}); sync stages {stage_medians}", flush=True)
     return {"images": images, "model": arch, "add": add, "delete": delete, "edit": edit, "workers": workers,
-            "sync_s": sync_s, "rebuild_s": rebuild_s, "speedup": round(ratio, 3), "speedup_rounds": rounds_}
+            "sync_s": sync_s, "sync_stages": stages, "rebuild_s": rebuild_s, "speedup": round(ratio, 3), "speedup_rounds": rounds_}
 
 
 def main(argv: list[str] | None = None) -> int:

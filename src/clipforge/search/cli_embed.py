@@ -134,8 +134,9 @@ def _sync(args: argparse.Namespace) -> int:
     else:
         verb = "would go" if report["dry_run"] else "went"
         unreadable = f" ({report['unreadable']} unreadable files skipped)" if report.get("unreadable") else ""
+        stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in report["seconds"].items())
         print(f"{files}; index {args.index} {verb} from {report['images_before']} to {report['images_after']} "
-              f"images{unreadable}")
+              f"images{unreadable} ({stages})")
     return 0
 
 

@@ -140,28 +140,40 @@ def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: st
 
 def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None = None, device: str | None = None,
                workers: int = 2, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
-    """Bring the index's rows for `folder` in step with the folder's files; returns what changed."""
+    """Bring the index's rows for `folder` in step with the folder's files; returns what changed, with the
+    seconds of each stage (`seconds`: list, plan, embed, index: the append and the re-measurement)."""
     from .build import add_to_index
 
     index_dir = Path(index_dir)
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 3)
+        clock = now
+
     listing = list_source(str(folder))
+    lap("list")
     if listing.description.get("kind") != "folder":
         raise SearchError(f"{folder}: index sync takes an image folder (manifests and tar shards do not change "
                           "under an index; embed them and use `index add`)")
     with index_lock(index_dir, "sync"):
         index = open_index(index_dir)
         plan = plan_sync(index, listing)
+        lap("plan")
         report: dict[str, Any] = {"index": str(index_dir), "folder": plan.folder, "new": plan.new,
                                   "changed": plan.changed, "gone": plan.gone, "unchanged": plan.unchanged,
-                                  "images_before": len(index), "dry_run": dry_run}
+                                  "images_before": len(index), "dry_run": dry_run, "seconds": seconds}
         if plan.empty or dry_run:  # a dry run counts every file to embed as readable
             report.update(images_after=len(index) + len(plan.embed) - int(plan.remove.size), embedded=0,
                           unreadable=0)
             return report
-        started = time.perf_counter()
         new_dirs = [_embed_new(index, plan, model, device, workers, progress)] if plan.embed else []
         added = [d for d in new_dirs if len(open_embeddings(d)) > 0]  # only unreadable files: nothing to add
         embedded = sum(len(open_embeddings(d)) for d in added)
+        lap("embed")
         report.update(embedded=embedded, unreadable=len(plan.embed) - embedded)
         if not added and not plan.remove.size:  # nothing but files that cannot be read (tried again next time)
             report.update(images_after=len(index))
@@ -170,5 +182,6 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         info = add_to_index(index_dir, added, remove=plan.remove,
                             extra_info={"last_sync": {**sync, "embedded": embedded, "at": time.time()}})
         prune_unused(index_dir, info)
-        report.update(images_after=int(info["live_rows"]), seconds=round(time.perf_counter() - started, 3))
+        lap("index")
+        report.update(images_after=int(info["live_rows"]))
         return report

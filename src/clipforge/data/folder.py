@@ -6,12 +6,72 @@ zero-shot), and a fixed split is chosen from a hash of the image's path relative
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .base import CaptionDataset, CaptionRecord, DatasetError, Transform, hash_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    """An image file found under a root: its path (root joined with `parts`), whether it is itself a symlink,
+    and the names of the files beside it (to find its sidecar without another system call)."""
+
+    parts: tuple[str, ...]  # relative to the root
+    path: str
+    is_symlink: bool
+    siblings: frozenset[str]
+
+
+def walk_images(root: Path) -> list[FolderImage]:
+    """Every file under `root` with an image suffix, sorted by relative path (component by component, as
+    sorting `Path`s does), found as `root.rglob("*")` finds them: symlinked directories are listed but not
+    entered, unreadable ones skipped. One `scandir` per directory instead of several `stat`s per file: the
+    listing of a 10k-image folder took 2 s with `rglob` + `is_file` + `resolve`, most of `index sync`."""
+    found: list[FolderImage] = []
+    stack: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
+    while stack:
+        directory, parts = stack.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        dirs = {e.name for e in entries if _is_dir(e)}
+        siblings = frozenset(e.name for e in entries if e.name not in dirs and _is_file(e))
+        for entry in entries:
+            if entry.name in dirs:
+                if not entry.is_symlink():
+                    stack.append((entry.path, parts + (entry.name,)))
+            elif split_suffix(entry.name)[1].lower() in IMAGE_SUFFIXES and _is_file(entry):
+                found.append(FolderImage(parts + (entry.name,), entry.path, entry.is_symlink(), siblings))
+    found.sort(key=lambda image: image.parts)
+    return found
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    """(stem, suffix) of a file name as `Path.stem` / `Path.suffix` split it ("..png" -> (".", ".png"), unlike
+    os.path.splitext, which skips leading dots)."""
+    i = name.rfind(".")
+    return (name[:i], name[i:]) if 0 < i < len(name) - 1 else (name, "")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()  # follows a symlink, as Path.is_file does: a dangling one is no file
+    except OSError:
+        return False
 
 
 def read_sidecar(path: Path) -> list[str]:
@@ -31,7 +91,7 @@ def scan_folder(root: Path, require_captions: bool = True) -> list[tuple[Path, l
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     found = []
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for image in (Path(f.path) for f in walk_images(root)):
         sidecar = image.with_suffix(".txt")
         captions = read_sidecar(sidecar) if sidecar.is_file() else []
         if not captions:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..data.folder import IMAGE_SUFFIXES, read_sidecar
+from ..data.folder import IMAGE_SUFFIXES, read_sidecar, split_suffix, walk_images
 from ..data.robust import BadSample, clean_caption, convert_to_rgb, load_image
 from .errors import SearchError
 
@@ -58,14 +59,22 @@ class Listing:
 def _folder(root: Path) -> Listing:
     if not root.is_dir():
         raise SearchError(f"{root}: not a folder")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     items = []
-    for image in images:
-        sidecar = image.with_suffix(".txt")
-        captions = read_sidecar(sidecar) if sidecar.is_file() else []
-        key = image.relative_to(root).with_suffix("").as_posix()
-        info = image.stat()
-        items.append(Item(key=key, path=str(image.resolve()), caption=captions[0] if captions else None,
+    resolved: dict[str, str] = {}  # a directory -> its real path (a file's own symlink is resolved on its own)
+    for image in walk_images(root):
+        folder, name = os.path.split(image.path)
+        stem = split_suffix(name)[0]
+        sidecar = Path(folder, stem + ".txt")
+        captions = read_sidecar(sidecar) if stem + ".txt" in image.siblings else []
+        if image.is_symlink:
+            real = os.path.realpath(image.path)
+        else:
+            if folder not in resolved:
+                resolved[folder] = os.path.realpath(folder)
+            real = os.path.join(resolved[folder], name)
+        key = "/".join(image.parts[:-1] + (stem,))
+        info = os.stat(image.path)
+        items.append(Item(key=key, path=real, caption=captions[0] if captions else None,
                           stat=(info.st_size, info.st_mtime_ns)))
     has_text = bool(items) and all(item.caption is not None for item in items)
     return Listing(items, {"kind": "folder", "path": str(root.resolve())}, has_text)

@@ -187,3 +187,49 @@ def test_duplicates_keep_manifest_drops_all_but_one_of_each_group(built, tmp_pat
     assert [int(r["id"]) for r in rows] == [i for i in range(len(built.paths)) if i != 4]
     assert all(r["score"] == "" and r["image"] == str(built.paths[int(r["id"])].resolve()) for r in rows)
     assert f"{len(rows)} of {len(built.paths)} images kept" in capsys.readouterr().out
+
+
+def test_shards_hold_the_matches_in_rank_order_and_train_reads_them(built, searcher, tmp_path, capsys):
+    from clipforge.data.shards import expand_shards, scan_shard
+
+    scores = reference_scores(built, searcher, "a yellow heart")
+    cut = float(np.sort(scores)[::-1][6] - 1e-4)  # at least 7 images
+    out = tmp_path / "yellow"
+    assert main(["filter", str(built.index_dir), "a yellow heart", "--min-score", str(cut), "--shards", str(out),
+                 "--per-shard", "3", "--output", str(tmp_path / "s.json")]) == 0
+    hits = searcher.filter(text="a yellow heart", min_score=cut)
+    shards = expand_shards(str(out))
+    assert len(shards) == -(-len(hits) // 3) and f"Wrote {len(hits)} image-caption pairs" in capsys.readouterr().out
+    import tarfile
+
+    images, captions = [], []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in sorted(tar.getnames()):
+                data = tar.extractfile(member).read()
+                if member.endswith(".png"):
+                    images.append(data)
+                elif member.endswith(".txt"):
+                    captions.append(data.decode())
+    assert images == [built.paths[h["id"]].read_bytes() for h in hits]  # the files as they were, best first
+    assert captions == [built.captions[h["id"]] for h in hits]
+    assert sum(1 for shard in shards for _ in scan_shard(shard, 0)) == len(hits)  # the training reader's view
+    assert json.loads((tmp_path / "s.json").read_text())["shards"]["sharded"] == len(hits)
+
+
+def test_shards_leave_out_unreadable_images_and_refuse_a_used_folder(tmp_path, capsys):
+    from search_helpers import clustered, embedding_folder
+
+    from clipforge.search import open_index
+    from clipforge.search.build import BuildOptions, build_index
+    from clipforge.search.filter import shard_matches
+
+    img, text = clustered(np.random.default_rng(0), 50, 16)
+    build_index([embedding_folder(tmp_path / "emb", img, text, part_rows=20)], tmp_path / "i",
+                BuildOptions(kind="flat", queries=10))
+    index = open_index(tmp_path / "i")
+    result = shard_matches(index, np.arange(5), tmp_path / "out")  # their paths are /nowhere/...
+    assert result["sharded"] == 0 and [r["id"] for r in result["unreadable"]] == [0, 1, 2, 3, 4]
+    assert "image unreadable" in result["unreadable"][0]["error"]
+    with pytest.raises(SearchError, match="--shards .*not an empty folder"):
+        shard_matches(index, np.arange(5), tmp_path / "i")

@@ -22,7 +22,7 @@ FILTER_EPILOG = """examples:
   clipforge filter runs/idx "a photo of a cat" --manifest cats.csv            # cut at the index's threshold
   clipforge filter runs/idx "a red circle" --min-score 0.3 --copy-to red/      # copy the matches out
   clipforge filter runs/idx --image query.jpg --min-score 0.9 --limit 500 --manifest similar.csv
-  clipforge data shards --from cats.csv --out cat-shards/                       # then: WebDataset shards"""
+  clipforge filter runs/idx "a photo of a cat" --shards cat-shards/              # WebDataset shards for train"""
 
 
 def add_search_parsers(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +86,9 @@ def _add_filter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-to", metavar="DIR", help="copy the images (tar shard members too) into a new folder, "
                    "with .txt captions and manifest.csv")
     _model_options(p)
+    p.add_argument("--shards", metavar="DIR", help="write the matches with their captions as WebDataset tar shards "
+                   "(img2dataset's layout; `train` and `embed` read them) into a new folder")
+    p.add_argument("--per-shard", type=int, default=1000, metavar="N", help="samples per shard of --shards (1000)")
     p.add_argument("--output", metavar="F.json", help="write a summary (query, threshold, counts, score range)")
     p.set_defaults(handler=cmd_filter, terms_after_options=True)
 
@@ -258,10 +261,12 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cli_common import UserError
     from ..cli_common import write_json as _write_json
     from .errors import SearchError
-    from .filter import copy_matches, matching, write_manifest
+    from .filter import copy_matches, matching, shard_matches, write_manifest
 
-    if not args.manifest and not args.copy_to:
-        raise UserError("filter: say where the matches go: --manifest OUT.csv and/or --copy-to DIR")
+    if not args.manifest and not args.copy_to and not args.shards:
+        raise UserError("filter: say where the matches go: --manifest OUT.csv, --copy-to DIR and/or --shards DIR")
+    if args.per_shard < 1:
+        raise UserError(f"--per-shard: expected a positive integer, got {args.per_shard}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: expected a positive integer, got {args.limit}")
     if args.min_score is not None and not -1 <= args.min_score <= 1:
@@ -278,6 +283,9 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
             summary["manifest"] = str(write_manifest(searcher.index, ids, scores, args.manifest))
         if args.copy_to:
             summary.update(copy_matches(searcher.index, ids, scores, args.copy_to), copy_to=args.copy_to)
+        if args.shards:
+            summary["shards"] = {**shard_matches(searcher.index, ids, args.shards, args.per_shard),
+                                 "folder": args.shards}
     except SearchError as exc:
         raise UserError(str(exc).replace("min_score:", "--min-score:", 1)) from None
     source = "" if args.min_score is not None else " (the index's no-good-match threshold)"
@@ -291,6 +299,11 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"  not copied: {bad['error']}")
         if len(summary["unreadable"]) > 5:
             print(f"  … and {len(summary['unreadable']) - 5} more not copied (see --output)")
+    if args.shards:
+        done = summary["shards"]
+        print(f"Wrote {done['sharded']} image-caption pairs in {done['shards']} tar shards to {args.shards}/"
+              + (f" ({len(done['unreadable'])} left out: no caption or unreadable; see --output)"
+                 if done["unreadable"] else ""))
     _write_json(args.output, summary)
     return 0
 

@@ -7,8 +7,9 @@ model. Three choices differ from a top-k search:
 - the cut is a score, not a count, by default the index's calibrated no-good-match threshold for text queries
   (the score above which a caption was found to describe its own image);
 - the output is a dataset the rest of clipforge reads: a manifest CSV (`image`, `caption`, `score`, `id`, `key`)
-  that `embed`, `train` and `data shards` take, or a folder of copied images with caption sidecars and that
-  manifest, which also extracts images that live inside tar shards. The folder appears only when complete.
+  that `embed`, `train` and `data shards` take, a folder of copied images with caption sidecars and that
+  manifest, or WebDataset tar shards (img2dataset's layout, as `data shards` writes them) ready for training;
+  the last two also take images that live inside tar shards. Folders appear only when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import io
 import mimetypes
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +85,43 @@ def _file_name(rank: int, record: dict[str, Any], mime: str) -> str:
     return f"{rank:06d}_{stem}{suffix}"
 
 
+def _empty_target(folder: Path, option: str) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SearchError(f"{option} {folder}: exists and is not an empty folder (nothing is overwritten)")
+
+
+def shard_matches(index: VectorIndex, ids: np.ndarray, folder: str | Path, per_shard: int = 1000) -> dict[str, Any]:
+    """Write the matched images with their captions as WebDataset tar shards (`data.writer.write_shards`:
+    images kept as they are where JPEG/PNG/WebP) into `folder`, which appears complete or not at all. Images
+    without a caption or that cannot be read are left out and listed, not fatal."""
+    from ..data.writer import write_shards
+
+    folder = Path(folder)
+    _empty_target(folder, "--shards")
+    left_out: list[dict[str, Any]] = []
+
+    def pairs() -> Iterator[tuple[bytes, str]]:
+        for record in index.metadata(ids):
+            if not record.get("caption"):
+                left_out.append({"id": int(record["id"]), "error": "no caption (a training pair needs one)"})
+                continue
+            try:
+                yield index.read_image_bytes(int(record["id"]))[0], str(record["caption"]).replace("\n", " ")
+            except SearchError as exc:
+                left_out.append({"id": int(record["id"]), "error": str(exc)})
+
+    with atomic_directory(folder) as tmp:
+        summary = write_shards(pairs(), tmp, samples_per_shard=per_shard, image_format="keep", on_error="skip")
+    left_out.extend({"id": None, "error": f"{name}: not a readable image"} for name in summary.skipped)
+    return {"sharded": summary.samples, "shards": len(summary.shards), "unreadable": left_out}
+
+
 def copy_matches(index: VectorIndex, ids: np.ndarray, scores: np.ndarray, folder: str | Path) -> dict[str, Any]:
     """Copy the matched images (files or tar shard members) into `folder`, ranked by name, with `.txt` caption
     sidecars and `manifest.csv`. The folder must not exist or be empty; it is built under a temporary name
     and appears complete or not at all. Images that cannot be read are listed, not fatal."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise SearchError(f"--copy-to {folder}: exists and is not an empty folder (nothing is overwritten)")
+    _empty_target(folder, "--copy-to")
     rows: list[dict[str, Any]] = []
     unreadable: list[dict[str, Any]] = []
     with atomic_directory(folder) as tmp:

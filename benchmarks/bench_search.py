@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import format_ratio, hardware_note, round_ratios, twin_models, write_atomic
+from common import finish_report, format_ratio, hardware_note, round_ratios, twin_models
 
 from clipforge.search.build import BuildOptions, build_index
 from clipforge.search.index import open_index
@@ -546,10 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     if "batch" in sections:
         report["batch"] = bench_batch(args.server_rows, args.batch_queries, args.batch_model, args.threads,
                                       args.batch_rounds)
-    report["machine_after"] = hardware_note(args.threads)
-    print(report["machine_after"])
-    if args.output:
-        write_atomic(args.output, json.dumps(report, indent=2))
+    finish_report(report, args.threads, args.output)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_ratio, hardware_note, round_ratios, write_atomic
+from common import finish_report, format_ratio, hardware_note, round_ratios
 
 from clipforge.checkpoint import save_model
 from clipforge.cli import main as clipforge_main
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report["machine"], flush=True)
     report["sync"] = bench_sync(args.images, args.model, args.add, args.delete, args.edit, args.rounds, args.threads,
                                 args.workers)
-    report["machine_after"] = hardware_note(args.threads)
-    print(report["machine_after"])
-    if args.output:
-        write_atomic(args.output, json.dumps(report, indent=2))
+    finish_report(report, args.threads, args.output)
     return 0
 
 

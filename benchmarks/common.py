@@ -275,6 +275,16 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def finish_report(report: dict, threads: int, output: str | None) -> None:
+    """Note the machine again after the run (its load may have changed), print it, write the report if asked."""
+    import json  # noqa: PLC0415
+
+    report["machine_after"] = hardware_note(threads)
+    print(report["machine_after"])
+    if output:
+        write_atomic(output, json.dumps(report, indent=2))
+
+
 def machine_note(threads: int) -> str:
     load = os.getloadavg()
     return (f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPUs, "

@@ -6,8 +6,9 @@ folder of its own; a library synced daily for a year carries a year of both. Com
 faiss index over them (IVF-PQ: the trained quantiser and codebooks are kept, so every code is the one it was;
 flat and HNSW: built again), re-measures recall, and commits with one write of index.json. Ids are renumbered
 (the live rows in their old order), which is why a search answer's ids are only good for the index version
-that gave them. Embedding folders the index no longer uses are then removed if they lie inside the index
-folder (`synced/`, earlier `compact/`); folders elsewhere, such as the first `embed` output, are the user's.
+that gave them. Embedding folders the index no longer uses are removed by the next index command that commits
+(a server may still read them until it reloads) if they lie inside the index folder (`synced/`, earlier
+`compact/`); folders elsewhere, such as the first `embed` output, are the user's.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def index_lock(index_dir: Path, command: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prune_unused(index_dir: Path, info: dict[str, Any]) -> None:
-    """Remove the embedding folders under INDEX/synced and INDEX/compact that the committed index.json does not
-    use (left by an interrupted command, or replaced by a compaction)."""
-    used = {(index_dir / s["path"]).resolve() for s in info["sources"]}
+def prune_unused(index_dir: Path, info: dict[str, Any], previous: dict[str, Any]) -> None:
+    """Remove the embedding folders under INDEX/synced and INDEX/compact that neither the committed index.json
+    (`info`) nor the version before it (`previous`) uses: left by an interrupted command, or replaced by a
+    compaction one command ago. The previous version's are kept because a server may still be answering from
+    it until it reloads (`serve --reload-interval`), reading their metadata lazily."""
+    used = {(index_dir / s["path"]).resolve() for version in (info, previous) for s in version["sources"]}
     for owned in OWNED_DIRS:
         for folder in (index_dir / owned).glob("*"):
             if folder.is_dir() and folder.resolve() not in used:
@@ -145,6 +148,7 @@ def compact_index(index_dir: str | Path, part_size: int = 100_000) -> dict[str, 
         before = {"rows": int(index.faiss_index.ntotal), "removed": len(index.removed), "sources": len(index.sources)}
         info = {k: v for k, v in info.items() if k not in ("embeddings_dir", "removed")}
         info["compacted"] = {**before, "at": time.time(), "seconds": round(time.perf_counter() - started, 3)}
+        previous = index.info
         info = finish(index_dir, rebuilt, [compacted], info, opts)
-        prune_unused(index_dir, info)
+        prune_unused(index_dir, info, previous)
         return info

@@ -181,7 +181,7 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         sync = {k: report[k] for k in ("folder", "new", "changed", "gone")}
         info = add_to_index(index_dir, added, remove=plan.remove,
                             extra_info={"last_sync": {**sync, "embedded": embedded, "at": time.time()}})
-        prune_unused(index_dir, info)
+        prune_unused(index_dir, info, index.info)
         lap("index")
         report.update(images_after=int(info["live_rows"]))
         return report

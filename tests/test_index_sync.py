@@ -368,3 +368,17 @@ def test_an_edited_caption_is_embedded_again(small, tmp_path, capsys):
     record = index.metadata([40])[0]
     assert record["caption"] == "a completely new description of this picture"
     assert record["path"] == str((images / "img_00012.png").resolve())
+
+
+def test_a_file_indexed_twice_is_counted_once(small, tmp_path, capsys):
+    images = tmp_path / "images"
+    assert main(["embed", str(images), "--model", str(small.model_path), "--output", str(tmp_path / "again"),
+                 "--workers", "0", "--no-progress"]) == 0
+    add_to_index(small.index_dir, [tmp_path / "again"])  # every file now has two rows
+    make_image(3, size=40).save(images / "img_00009.png")
+    (images / "img_00011.png").unlink()
+    capsys.readouterr()
+    assert main(["index", "sync", str(small.index_dir), str(images), "--workers", "0", "--no-progress"]) == 0
+    assert "0 new, 1 changed, 1 gone, 38 unchanged" in capsys.readouterr().out
+    index = open_index(small.index_dir)
+    assert index.removed.ids.tolist() == [9, 11, 49, 51] and len(index) == 77  # 80 - 4 + the one re-embedded

@@ -45,7 +45,7 @@ class SyncPlan:
     remove: np.ndarray  # [m] int64 ids, ascending
     new: int  # files the index has no row for
     changed: int  # files whose size, mtime or caption differ from when they were embedded
-    gone: int  # rows whose file is no longer in the folder
+    gone: int  # files with a row that are no longer in the folder
     unchanged: int
 
     @property
@@ -88,9 +88,10 @@ def plan_sync(index: VectorIndex, listing: Listing) -> SyncPlan:
     root = str(listing.description["path"])
     prefix = root.rstrip("/") + "/"
     listed = {str(item.path): item for item in listing.items}
-    kept: set[str] = set()
+    kept: set[str] = set()  # files with a current row
+    changed: set[str] = set()  # files with a stale row
+    gone: set[str] = set()  # files no longer in the folder
     remove: list[int] = []
-    changed = 0
     offset = 0
     for source in index.sources:
         for row, path, recorded, caption in _folder_rows(source, prefix, listed):
@@ -100,16 +101,18 @@ def plan_sync(index: VectorIndex, listing: Listing) -> SyncPlan:
             item = listed.get(path)
             if item is None:
                 remove.append(id_)
+                gone.add(path)
             elif (recorded is not None and item.stat is not None and recorded != item.stat) \
                     or not _same_caption(caption, item.caption):
                 remove.append(id_)
-                changed += 1
+                changed.add(path)
             else:
                 kept.add(path)
         offset += len(source)
+    changed -= kept  # a file indexed twice with one current row: that row stays, the stale one goes
     embed = [item for item in listing.items if str(item.path) not in kept]
     return SyncPlan(folder=root, embed=embed, remove=np.unique(np.asarray(remove, dtype=np.int64)),
-                    new=len(embed) - changed, changed=changed, gone=len(remove) - changed, unchanged=len(kept))
+                    new=len(embed) - len(changed), changed=len(changed), gone=len(gone), unchanged=len(kept))
 
 
 def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: str | None, workers: int,

@@ -382,3 +382,29 @@ def test_a_file_indexed_twice_is_counted_once(small, tmp_path, capsys):
     assert "0 new, 1 changed, 1 gone, 38 unchanged" in capsys.readouterr().out
     index = open_index(small.index_dir)
     assert index.removed.ids.tolist() == [9, 11, 49, 51] and len(index) == 77  # 80 - 4 + the one re-embedded
+
+
+def test_small_changes_keep_the_measurement_until_they_add_up(tmp_path, capsys):
+    img, text = clustered(np.random.default_rng(4), 1000, 32)
+    emb = embedding_folder(tmp_path / "emb", img, text, part_rows=400)
+    built = build_index([emb], tmp_path / "i", BuildOptions(kind="flat", queries=100))
+    assert built["recall"]["rows"] == 1000 and built["unmeasured_changes"] == 0
+    kept = add_to_index(tmp_path / "i", [], remove=np.arange(1, 11), measure=None)  # 10 of 1000: under 5%
+    assert kept["recall"] == built["recall"] and kept["threshold"] == built["threshold"]
+    assert kept["unmeasured_changes"] == 10 and kept["live_rows"] == 990
+    more = add_to_index(tmp_path / "i", [], remove=np.arange(11, 52), measure=None)  # 51 in all > 5% of 949
+    assert more["unmeasured_changes"] == 0 and more["recall"]["rows"] == 949
+    forced = add_to_index(tmp_path / "i", [], remove=[60], measure=True)
+    assert forced["unmeasured_changes"] == 0 and forced["recall"]["rows"] == 948
+    # and through index sync's report and message
+    from clipforge.search.sync import sync_index
+
+    small = build_small_index(tmp_path / "s", count=60, arch="ViT-Micro-8-32")
+    (tmp_path / "s" / "images" / "img_00001.png").unlink()
+    report = sync_index(small.index_dir, tmp_path / "s" / "images", progress=False, workers=0)
+    assert report["measured"] is False and report["unmeasured_changes"] == 1
+    (tmp_path / "s" / "images" / "img_00002.png").unlink()
+    capsys.readouterr()
+    assert main(["index", "sync", str(small.index_dir), str(tmp_path / "s" / "images"), "--measure"]) == 0
+    assert "kept from the last measurement" not in capsys.readouterr().out
+    assert json.loads((small.index_dir / "index.json").read_text())["recall"]["rows"] == 58

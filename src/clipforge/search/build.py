@@ -37,6 +37,10 @@ KINDS = ("auto", "flat", "ivfpq", "hnsw")
 FLAT_MAX_SCAN = 2.6e8  # rows x dim a flat query may scan (~1 GB of float32, ~0.1 s on one core) before IVF-PQ
 ID_BYTES = 8  # IVF lists store an int64 id per vector
 MAX_RERANK = 64  # ivfpq: default deepest exact rescoring tuning may choose (k x 64 float16 rows read per query)
+# `index sync` re-measures recall and the threshold (an exact scan per held-out query, and for IVF/HNSW a
+# re-tuning: minutes at 1M rows) once the rows added and removed since the last measurement pass this fraction
+# of the live rows; smaller changes keep the measured numbers, as a database refreshes its statistics
+REMEASURE_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -232,22 +236,26 @@ def write_index(index_dir: Path, index: Any, info: dict[str, Any]) -> dict[str, 
 
 
 def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict, opts: BuildOptions,
-           removed: Removed | None = None) -> dict:
+           removed: Removed | None = None, measure: bool = True) -> dict:
     """Measure (recall per modality, tuned search params, threshold) over the rows not `removed` and write
-    index + index.json (which records `removed`)."""
-    sets = query_sets(sources, opts, removed)
-    truth = ground_truth(sources, sets, opts.k, removed)
-    search, recall, met = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts, removed)
-    info.update(search=search, rows=int(index.ntotal),
-                recall={"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
-                        "target": opts.target_recall, "target_met": met, "seed": opts.seed, **recall})
-    info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
+    index + index.json (which records `removed`); with `measure` False the stored measurement is kept."""
+    live = int(index.ntotal) - len(removed or ())
+    if measure:
+        sets = query_sets(sources, opts, removed)
+        truth = ground_truth(sources, sets, opts.k, removed)
+        search, recall, met = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts, removed)
+        info.update(search=search, unmeasured_changes=0,
+                    recall={"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
+                            "target": opts.target_recall, "target_met": met, "seed": opts.seed, "rows": live,
+                            **recall})
+        info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
+    info["rows"] = int(index.ntotal)
     info["sources"] = [{"path": os.path.relpath(s.root.resolve(), index_dir.resolve()), "rows": len(s),
                         "manifest_sha256": sha256_file(s.root / "manifest.json")} for s in sources]
     info.pop("removed", None)
     if removed:
         info["removed"] = removed.ids.tolist()
-    info["live_rows"] = int(index.ntotal) - len(removed or ())
+    info["live_rows"] = live
     return write_index(index_dir, index, info)
 
 
@@ -292,10 +300,12 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
 
 
 def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None,
-                 remove: np.ndarray | list[int] | None = None, extra_info: dict[str, Any] | None = None) -> dict:
+                 remove: np.ndarray | list[int] | None = None, extra_info: dict[str, Any] | None = None,
+                 measure: bool | None = True) -> dict:
     """Append new embedding directories to a built index (IVF: into the trained lists) and mark the ids
     `remove` as removed (kept with those removed before), then re-measure; index.json (with `extra_info`
-    merged in) is the one commit."""
+    merged in) is the one commit. `measure=None` re-measures only once the rows added and removed since the
+    last measurement pass REMEASURE_FRACTION of the live rows (what `index sync` does)."""
     index_dir = Path(index_dir)
     info = load_index_info(index_dir)
     old = [open_embeddings(resolve_source(index_dir, s["path"])) for s in info["sources"]]
@@ -318,4 +328,10 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
     if len(removed) == total:
         raise SearchError(f"index {index_dir}: every row would be removed; build a new index instead")
     info.update(extra_info or {})
-    return finish(index_dir, index, old + new, info, base, removed)
+    if measure is None:
+        pending = int(info.get("unmeasured_changes", 0)) + sum(len(s) for s in new) \
+            + len(removed) - len(info.get("removed", []))
+        measure = "rows" not in info.get("recall", {}) or pending > REMEASURE_FRACTION * (total - len(removed))
+        if not measure:
+            info["unmeasured_changes"] = pending
+    return finish(index_dir, index, old + new, info, base, removed, measure)

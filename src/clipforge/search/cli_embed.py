@@ -124,7 +124,7 @@ def _sync(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     report = sync_index(args.index, args.folder, model=args.model, device=args.device, workers=args.workers,
-                        progress=not args.no_progress, dry_run=args.dry_run)
+                        progress=not args.no_progress, dry_run=args.dry_run, measure=True if args.measure else None)
     if args.output:
         _print_json(report, args.output)
     files = (f"{report['folder']}: {report['new']} new, {report['changed']} changed, {report['gone']} gone, "
@@ -137,6 +137,9 @@ def _sync(args: argparse.Namespace) -> int:
         stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in report["seconds"].items())
         print(f"{files}; index {args.index} {verb} from {report['images_before']} to {report['images_after']} "
               f"images{unreadable} ({stages})")
+        if report.get("measured") is False:
+            print(f"recall and threshold kept from the last measurement ({report['unmeasured_changes']} rows added "
+                  "or removed since, under 5% of the index; --measure re-measures now)")
     return 0
 
 
@@ -170,6 +173,8 @@ def _add_maintenance_parsers(index_sub: argparse._SubParsersAction) -> None:
     q.add_argument("--workers", type=int, default=2, help="loader processes decoding images (default 2)")
     q.add_argument("--threads", type=int, help="torch CPU threads")
     q.add_argument("--dry-run", action="store_true", help="only report what a sync would change")
+    q.add_argument("--measure", action="store_true", help="re-measure recall and the no-match threshold now "
+                   "(default: once the changes since the last measurement pass 5%% of the rows)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.add_argument("--output", help="write the report as JSON to this file")
     q = index_sub.add_parser("compact", help="rewrite an index without its removed rows, over one embedding folder "

@@ -142,9 +142,12 @@ def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: st
 
 
 def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None = None, device: str | None = None,
-               workers: int = 2, progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+               workers: int = 2, progress: bool = True, dry_run: bool = False,
+               measure: bool | None = None) -> dict[str, Any]:
     """Bring the index's rows for `folder` in step with the folder's files; returns what changed, with the
-    seconds of each stage (`seconds`: list, plan, embed, index: the append and the re-measurement)."""
+    seconds of each stage (`seconds`: list, plan, embed, index: the append and any re-measurement). Recall
+    and the threshold are re-measured once the changes since the last measurement pass 5% of the rows
+    (`build.REMEASURE_FRACTION`), or always with `measure=True`; `measured` says whether they were."""
     from .build import add_to_index
 
     index_dir = Path(index_dir)
@@ -182,9 +185,10 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
             report.update(images_after=len(index))
             return report
         sync = {k: report[k] for k in ("folder", "new", "changed", "gone")}
-        info = add_to_index(index_dir, added, remove=plan.remove,
+        info = add_to_index(index_dir, added, remove=plan.remove, measure=measure,
                             extra_info={"last_sync": {**sync, "embedded": embedded, "at": time.time()}})
         prune_unused(index_dir, info, index.info)
         lap("index")
-        report.update(images_after=int(info["live_rows"]))
+        report.update(images_after=int(info["live_rows"]), measured=info.get("unmeasured_changes") == 0,
+                      unmeasured_changes=int(info.get("unmeasured_changes", 0)))
         return report

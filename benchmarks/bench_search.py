@@ -198,14 +198,16 @@ def bench_embedding(name: str = "ViT-B-32", count: int = 192, batch: int = 32, w
 
 
 def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_000, seed: int = 0,
-                         centres: int = 2000, noise: float = 0.045, subcentres: int = 0) -> Path:
+                         centres: int = 2000, noise: float = 0.045, subcentres: int = 0,
+                         model: int | None = None) -> Path:
     """Clustered unit image vectors and captions offset from them by a common direction, as parts.
 
     Flat (`subcentres` 0): `centres` random centres with Gaussian `noise` per coordinate; every image's
     neighbourhood sits inside its cluster, so one probed IVF list finds it. Two-level (`subcentres` > 0): each
     centre has that many random sub-directions (weight 0.8) and an image is centre + one of them + noise: the
     nearest neighbours share the sub-direction, the next ones only the centre, and a centre's images are split
-    over several IVF lists, closer to the nested neighbourhoods of real embeddings."""
+    over several IVF lists, closer to the nested neighbourhoods of real embeddings. The fingerprint names
+    `model` (default: the seed): collections of one `model` may share an index."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((centres, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -226,8 +228,8 @@ def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_0
         text /= np.linalg.norm(text, axis=1, keepdims=True)
         columns = {"key": [str(start + i) for i in range(n)], "path": [None] * n, "caption": [None] * n}
         parts.append(write_part(root, number, img, text, columns))
-    header = {"fingerprint": {"synthetic": seed}, "dim": dim, "model": "synthetic", "has_text": True,
-              "source": {"kind": "synthetic", "rows": rows}}
+    header = {"fingerprint": {"synthetic": seed if model is None else model}, "dim": dim, "model": "synthetic",
+              "has_text": True, "source": {"kind": "synthetic", "rows": rows}}
     write_manifest(root, parts, header)
     return root
 

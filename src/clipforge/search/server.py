@@ -236,7 +236,7 @@ class ServedIndices:
                     continue
                 try:
                     fresh = searcher.reopened()
-                except SearchError as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever a damaged index raises, the old one keeps serving
                     self._failed[name] = stamp
                     print(f"clipforge serve: index {name} changed but was not reloaded: {exc}", file=sys.stderr)
                     continue

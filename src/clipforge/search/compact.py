@@ -31,7 +31,8 @@ from .parts import EmbeddingSet, open_embeddings, write_manifest, write_part
 __all__ = ["compact_index", "index_lock", "prune_unused"]
 
 COMPACT_DIR = "compact"
-OWNED_DIRS = ("synced", COMPACT_DIR)  # embedding folders inside an index folder that index commands write
+SYNCED_DIR = "synced"  # where `index sync` embeds new files
+OWNED_DIRS = (SYNCED_DIR, COMPACT_DIR)  # embedding folders inside an index folder that index commands write
 
 
 @contextmanager

@@ -25,15 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..data.robust import BadSample, clean_caption
-from .compact import index_lock, prune_unused
+from .compact import SYNCED_DIR, index_lock, prune_unused
 from .errors import SearchError
 from .index import VectorIndex, open_index
 from .parts import EmbeddingSet, open_embeddings
 from .sources import Item, Listing, list_source
 
 __all__ = ["SyncPlan", "plan_sync", "sync_index"]
-
-SYNCED_DIR = "synced"
 
 
 @dataclass(frozen=True)
@@ -177,8 +175,9 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
                           unreadable=0)
             return report
         new_dirs = [_embed_new(index, plan, model, device, workers, progress)] if plan.embed else []
-        added = [d for d in new_dirs if len(open_embeddings(d)) > 0]  # only unreadable files: nothing to add
-        embedded = sum(len(open_embeddings(d)) for d in added)
+        rows = {d: len(open_embeddings(d)) for d in new_dirs}
+        added = [d for d in new_dirs if rows[d] > 0]  # only unreadable files: nothing to add
+        embedded = sum(rows[d] for d in added)
         lap("embed")
         report.update(embedded=embedded, unreadable=len(plan.embed) - embedded)
         if not added and not plan.remove.size:  # nothing but files that cannot be read (tried again next time)

@@ -54,12 +54,14 @@ def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 40, no
 
 
 def embedding_folder(root: Path, img: np.ndarray, text: np.ndarray | None, part_rows: int,
-                     fingerprint: dict | None = None, key_prefix: str = "k") -> Path:
-    """An embedding folder (as `clipforge embed` writes) holding the given vectors, row i keyed KEY_PREFIX + i."""
+                     fingerprint: dict | None = None, key_prefix: str = "k", keys: list[str] | None = None) -> Path:
+    """An embedding folder (as `clipforge embed` writes) holding the given vectors, row i keyed KEY_PREFIX + i
+    (or keys[i]), its image at /nowhere/KEY.png."""
     parts = []
+    keys = keys or [f"{key_prefix}{i}" for i in range(len(img))]
     for number, start in enumerate(range(0, len(img), part_rows)):
         rows = range(start, min(len(img), start + part_rows))
-        columns = {"key": [f"{key_prefix}{i}" for i in rows], "path": [f"/nowhere/{key_prefix}{i}.png" for i in rows],
+        columns = {"key": [keys[i] for i in rows], "path": [f"/nowhere/{keys[i]}.png" for i in rows],
                    "caption": [f"caption {i}" for i in rows]}
         parts.append(write_part(root, number, img[rows.start:rows.stop],
                                 None if text is None else text[rows.start:rows.stop], columns))

@@ -31,9 +31,10 @@ class BuiltIndex:
 
 @torch.no_grad()
 def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", seed: int = 0,
-                      copies: dict[int, int] | None = None) -> BuiltIndex:
+                      copies: dict[int, int] | None = None, subfolders: int = 0) -> BuiltIndex:
     """Images with caption sidecars -> `clipforge embed` -> `clipforge index build --kind flat`, as a user would.
-    `copies` {i: n} adds n byte-identical copies of image i (`img_0000i_copyJ.png`, ids in file-name order)."""
+    `copies` {i: n} adds n byte-identical copies of image i (`img_0000i_copyJ.png`, ids in file-name order);
+    `subfolders` > 0 puts image i in `images/g{i % subfolders}/` (ids then run folder by folder)."""
     torch.manual_seed(seed)
     model = create_model(arch).eval()
     model_path = save_model(model, root / "model.safetensors")
@@ -43,7 +44,9 @@ def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", se
     paths, captions = [], []
     for i in range(count):
         image, caption = world.pair(STREAM_TRAIN, 50_000 + i)
-        path = images_dir / f"img_{i:05d}.png"
+        folder = images_dir / f"g{i % subfolders}" if subfolders else images_dir
+        folder.mkdir(exist_ok=True)
+        path = folder / f"img_{i:05d}.png"
         image.save(path)
         path.with_suffix(".txt").write_text(caption)
         paths.append(path)
@@ -54,6 +57,9 @@ def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", se
             copy.with_suffix(".txt").write_text(caption)
             paths.append(copy)
             captions.append(caption)
+    if subfolders:  # the listing's order, which ids follow
+        captions = [c for _, c in sorted(zip(map(str, paths), captions))]
+        paths = sorted(paths, key=str)
     emb, index_dir = root / "emb", root / "index"
     assert main(["embed", str(images_dir), "--model", str(model_path), "--output", str(emb), "--workers", "0",
                  "--part-size", str(len(paths) // 2 + 7), "--no-progress"]) == 0  # two parts: ids cross a boundary

@@ -319,3 +319,42 @@ def test_match_captions_toggle(server, browser):
     wait_status(browser, "matched against captions")
     assert browser.find_element(By.ID, "captions").is_selected()
     assert card_ids(browser) == [h["id"] for h in expected["results"]]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A server over an index of 30 images in three subfolders (keys g0/…, g1/…, g2/…)."""
+    from clipforge import Searcher
+    from clipforge.search.server import create_app
+
+    searcher = Searcher(build_small_index(tmp_path_factory.mktemp("page-folders"), count=30, subfolders=3).index_dir)
+    with running_server(create_app(searcher)) as base:
+        yield base, searcher
+
+
+def test_in_folder_field(folders, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, searcher = folders
+    browser.get(base + "/?q=a%20red%20circle&k=12")
+    wait_status(browser, "12 results for")
+    browser.find_element(By.ID, "under").send_keys("g1", Keys.ENTER)
+    wait_status(browser, "10 results for “a red circle” under g1")  # the folder holds 10: k counts them alone
+    expected = searcher.search(text="a red circle", k=12, under="g1")
+    assert card_ids(browser) == [h["id"] for h in expected["results"]]
+    assert parse_qs(urlparse(browser.current_url).query)["under"] == ["g1"]
+    browser.get(base + "/?q=a%20red%20circle&k=5&under=g2")  # a shared URL keeps it
+    wait_status(browser, "5 results for “a red circle” under g2")
+    assert browser.find_element(By.ID, "under").get_attribute("value") == "g2"
+    assert card_ids(browser) == [h["id"] for h in searcher.search(text="a red circle", k=5, under="g2")["results"]]
+    first = card_ids(browser)[0]
+    browser.get(base + f"/?id={first}&k=4&under=g0")  # images like one of g2, among g0's
+    wait_status(browser, f"4 results for images like #{first} under g0")
+    assert card_ids(browser) == [h["id"] for h in searcher.search_by_id(first, k=4, under="g0")["results"]]
+    field = browser.find_element(By.ID, "under")
+    field.clear()
+    field.send_keys("g7", Keys.ENTER)
+    wait_status(browser, "under g7: no image of the index lies under it")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("400" in e for e in errors), errors  # the refused request, logged by the browser, and nothing else

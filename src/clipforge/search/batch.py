@@ -60,15 +60,16 @@ def _image_key(value: Any) -> Any:
 
 def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]], k: int = 10,
                  dedup: float | None = None, allow_paths: bool = False,
-                 on_error: Literal["record", "raise"] = "record",
-                 modality: str = "image") -> list[SearchAnswer | dict[str, str]]:
+                 on_error: Literal["record", "raise"] = "record", modality: str = "image",
+                 under: str | Sequence[str] | None = None) -> list[SearchAnswer | dict[str, str]]:
     """The answers of `queries` in order: each a query-language string (`allow_paths`: a term naming an image
     file is that image, as on the command line) or parsed terms. A query that cannot be answered gets
     {"error": message} (`on_error="record"`), or the first failure found raises SearchError naming its query
-    (`"raise"`; malformed queries are found before any forward pass, bad texts before any image is read)."""
+    (`"raise"`; malformed queries are found before any forward pass, bad texts before any image is read).
+    `under` searches every query among the images under those folders (`scope.py`)."""
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error: expected 'record' or 'raise', got {on_error!r}")
-    k, modality = searcher.check_k(k), check_modality(modality)
+    k, modality = searcher.check_k(k, searcher.index.scope(under)), check_modality(modality)
     errors: dict[int, str] = {}
     parsed: list[list[QueryTerm]] = []
     for i, query in enumerate(queries):
@@ -109,11 +110,13 @@ def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]
         for start in range(0, len(order), SEARCH_BATCH):
             chunk = order[start:start + SEARCH_BATCH]
             found = searcher.search_vectors(np.stack([vectors[i] for i in chunk]), k,  # [chunk, d]
-                                            thresholds[start:start + SEARCH_BATCH], modality=modality)
+                                            thresholds[start:start + SEARCH_BATCH], modality=modality,
+                                            under=under)
             answers.update(zip(chunk, found))
     else:
         for i, threshold in zip(order, thresholds):
-            answers[i] = searcher.search_vector(vectors[i], k, threshold, dedup=dedup, modality=modality)
+            answers[i] = searcher.search_vector(vectors[i], k, threshold, dedup=dedup, modality=modality,
+                                                under=under)
     return [answers[i] if i in answers else {"error": errors[i]} for i in range(len(queries))]
 
 

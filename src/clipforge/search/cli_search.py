@@ -39,6 +39,9 @@ def _query_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="add an image to the query")
     p.add_argument("--embedding", action="append", default=[], metavar="F.npy",
                    help="add a query vector saved by numpy.save (one vector, computed by the index's model)")
+    p.add_argument("--under", action="append", metavar="FOLDER",
+                   help="only images under this folder (repeatable): a directory on this machine (its files' "
+                   "paths), or a folder of the collection's keys such as 2019/summer")
 
 
 def _model_options(p: argparse.ArgumentParser, each: str = "the index") -> None:
@@ -169,11 +172,15 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         terms = _query_terms("search", args, extra)
         searcher = _searcher(args)
-        answer = searcher.search_terms(terms, args.k, args.dedup, modality=args.modality)
+        under = cli_under(args.under)
+        answer = searcher.search_terms(terms, args.k, args.dedup, modality=args.modality, under=under)
+        scope = searcher.index.scope(under)
     except SearchError as exc:
         raise UserError(str(exc)) from None
     against = "  matched against the images' captions" if args.modality == "text" else ""
-    print(f"Query: {' '.join(t.describe() for t in terms)}  ({len(searcher)} images){against}")
+    among = f"{len(scope)} of {len(searcher)} images, under {', '.join(scope.folders)}" if scope else \
+        f"{len(searcher)} images"
+    print(f"Query: {' '.join(t.describe() for t in terms)}  ({among}){against}")
     print(format_table(answer))
     if "dedup" in answer:
         print(f"{answer['hidden']} near-duplicates (cosine >= {answer['dedup']:g} to a better result) hidden; "
@@ -205,7 +212,7 @@ def _search_many(args: argparse.Namespace, extra: list[str]) -> int:
         searcher = _searcher(args)
         started = time.perf_counter()
         answers = searcher.search_batch([text for _, text in lines], args.k, args.dedup, allow_paths=True,
-                                        modality=args.modality)
+                                        modality=args.modality, under=cli_under(args.under))
         seconds = time.perf_counter() - started
     except SearchError as exc:
         raise UserError(str(exc)) from None
@@ -242,6 +249,16 @@ def _query_terms(command: str, args: argparse.Namespace, extra: list[str]) -> li
             + [_embedding_file(path) for path in args.embedding])
 
 
+def cli_under(values: Sequence[str] | None) -> list[str] | None:
+    """--under values as the Searcher takes them: a directory that exists here becomes its resolved absolute
+    path (matched against the files' paths); anything else is a folder of keys."""
+    import os
+
+    if not values:
+        return None
+    return [str(Path(v).resolve()) if os.path.isdir(v) else v for v in values]
+
+
 def _embedding_file(path: str) -> Any:
     """The query term of a vector saved by numpy.save (never unpickled)."""
     import numpy as np
@@ -275,10 +292,13 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
         terms = _query_terms("filter", args, extra)
         searcher = _searcher(args)
         cut = searcher.filter_score(terms, args.min_score)
-        ids, scores = matching(searcher.index, searcher.query_vector(terms), cut, args.limit)
+        scope = searcher.index.scope(cli_under(args.under))
+        ids, scores = matching(searcher.index, searcher.query_vector(terms), cut, args.limit, scope)
         summary: dict[str, Any] = {"query": [t.describe() for t in terms], "min_score": cut, "matches": len(ids),
-                                   "of": len(searcher), "scores": [float(scores[0]), float(scores[-1])]
-                                   if len(ids) else None}
+                                   "of": len(scope) if scope else len(searcher), "scores": [float(scores[0]),
+                                   float(scores[-1])] if len(ids) else None}
+        if scope:
+            summary["under"] = list(scope.folders)
         if args.manifest:
             summary["manifest"] = str(write_manifest(searcher.index, ids, scores, args.manifest))
         if args.copy_to:
@@ -289,7 +309,7 @@ def cmd_filter(args: argparse.Namespace, extra: list[str]) -> int:
     except SearchError as exc:
         raise UserError(str(exc).replace("min_score:", "--min-score:", 1)) from None
     source = "" if args.min_score is not None else " (the index's no-good-match threshold)"
-    print(f"Query: {' '.join(summary['query'])}: {len(ids)} of {len(searcher)} images score >= {cut:.4f}{source}"
+    print(f"Query: {' '.join(summary['query'])}: {len(ids)} of {summary['of']} images score >= {cut:.4f}{source}"
           + (f", best {scores[0]:.4f}, last {scores[-1]:.4f}" if len(ids) else ""))
     if args.manifest:
         print(f"Manifest: {summary['manifest']}")

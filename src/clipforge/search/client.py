@@ -89,9 +89,12 @@ class SearchClient:
 
     def search(self, text: str | None = None, image: str | Path | bytes | None = None,
                embedding: Sequence[float] | None = None, k: int = 10, dedup: float | None = None,
-               modality: str = "image", index: str | None = None) -> dict[str, Any]:
-        """Search by a text (the query language), an image (a path or bytes), a vector, or a mix of them."""
-        body: dict[str, Any] = {"k": k, "modality": modality, "index": self._index(index), "dedup": dedup}
+               modality: str = "image", index: str | None = None,
+               under: str | Sequence[str] | None = None) -> dict[str, Any]:
+        """Search by a text (the query language), an image (a path or bytes), a vector, or a mix of them;
+        `under`: only the images under a folder of the collection's keys (or several)."""
+        body: dict[str, Any] = {"k": k, "modality": modality, "index": self._index(index), "dedup": dedup,
+                                "under": under if under is None or isinstance(under, str) else list(under)}
         if text is not None:
             body["text"] = text
         if image is not None:
@@ -101,16 +104,17 @@ class SearchClient:
         return self._request("/api/search", body={k_: v for k_, v in body.items() if v is not None})
 
     def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None, modality: str = "image",
-                     index: str | None = None) -> dict[str, Any]:
+                     index: str | None = None, under: str | None = None) -> dict[str, Any]:
         return self._request("/api/search", {"id": id_, "k": k, "dedup": dedup, "modality": modality,
-                                             "index": self._index(index)})
+                                             "index": self._index(index), "under": under})
 
     def search_many(self, texts: Sequence[str], k: int = 10, dedup: float | None = None, modality: str = "image",
-                    index: str | None = None, workers: int = 4) -> list[dict[str, Any]]:
+                    index: str | None = None, workers: int = 4,
+                    under: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Text queries sent `workers` at a time, answers in order; a failed one holds {"error": message}."""
         def one(text: str) -> dict[str, Any]:
             try:
-                return self.search(text=text, k=k, dedup=dedup, modality=modality, index=index)
+                return self.search(text=text, k=k, dedup=dedup, modality=modality, index=index, under=under)
             except SearchClientError as exc:
                 if exc.status == 0:
                     raise

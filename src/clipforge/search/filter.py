@@ -27,22 +27,24 @@ import numpy as np
 from ..checkpoint import atomic_directory, atomic_write_text
 from .errors import SearchError
 from .index import VectorIndex, vector_chunks
+from .scope import Scope
 
 MANIFEST_COLUMNS = ("image", "caption", "score", "id", "key")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def matching(index: VectorIndex, vector: np.ndarray, min_score: float,
-             limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ids [m] and scores [m] of every stored image whose inner product with `vector` [d] is at least
-    `min_score`, best first (equal scores by id), the first `limit` of them when given."""
+def matching(index: VectorIndex, vector: np.ndarray, min_score: float, limit: int | None = None,
+             scope: Scope | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ids [m] and scores [m] of every stored image (of the `scope`'s, with one) whose inner product with
+    `vector` [d] is at least `min_score`, best first (equal scores by id), the first `limit` of them when given."""
     if vector.shape != (index.dim,):
         raise SearchError(f"query: expected a vector of {index.dim} values, got shape {list(vector.shape)}")
     query = np.ascontiguousarray(vector, dtype=np.float32)
     found_ids, found_scores = [], []
     for start, vectors in vector_chunks(index.sources):
         scores = vectors @ query  # [rows]
-        gone = index.removed.mask(start, len(scores)) if index.removed else None
+        skip = scope if scope is not None else index.removed
+        gone = skip.mask(start, len(scores)) if skip else None
         keep = np.flatnonzero((scores >= min_score) & (True if gone is None else ~gone))
         found_ids.append(keep.astype(np.int64) + start)
         found_scores.append(scores[keep])

@@ -10,13 +10,41 @@ all honour it), exact scans mask them, and asking for a removed id by number is 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import SearchError, require
 
-__all__ = ["Removed"]
+__all__ = ["Removed", "RowFilter", "selector_params"]
+
+
+class RowFilter(Protocol):
+    """Rows a search skips (`Removed`, or everything outside a `scope.Scope`): what scanners and faiss take."""
+
+    def __bool__(self) -> bool: ...
+
+    def mask(self, start: int, rows: int) -> np.ndarray | None:
+        """Boolean [rows], True at the skipped ids among start..start+rows-1; None when none is skipped."""
+        ...
+
+    def faiss_params(self, index: Any) -> Any:
+        """faiss SearchParameters that skip those rows, or None when none is skipped."""
+        ...
+
+
+def selector_params(index: Any, selector: Any) -> Any:
+    """faiss SearchParameters with `selector` and the index's own nprobe / efSearch (a parameters object replaces
+    them for the call; their defaults would be 1 and 16)."""
+    faiss = require("faiss")
+    inner = faiss.downcast_index(index)  # type: ignore[attr-defined]
+    if isinstance(inner, faiss.IndexPreTransform):  # type: ignore[attr-defined]
+        inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
+    if isinstance(inner, faiss.IndexIVF):  # type: ignore[attr-defined]
+        return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)  # type: ignore[attr-defined]
+    if isinstance(inner, faiss.IndexHNSW):  # type: ignore[attr-defined]
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
+    return faiss.SearchParameters(sel=selector)  # type: ignore[attr-defined]
 
 
 class Removed:
@@ -61,20 +89,11 @@ class Removed:
         return out
 
     def faiss_params(self, index: Any) -> Any:
-        """faiss SearchParameters that skip the removed ids, carrying the index's own nprobe / efSearch (a
-        parameters object replaces them for the call; their defaults would be 1 and 16). None when empty."""
+        """faiss SearchParameters that skip the removed ids (`selector_params`); None when there are none."""
         if not self.ids.size:
             return None
         faiss = require("faiss")
         if self._selector is None:
             self._batch = faiss.IDSelectorBatch(self.ids)  # type: ignore[attr-defined]
             self._selector = faiss.IDSelectorNot(self._batch)  # type: ignore[attr-defined]
-        inner = faiss.downcast_index(index)  # type: ignore[attr-defined]
-        if isinstance(inner, faiss.IndexPreTransform):  # type: ignore[attr-defined]
-            inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
-        if isinstance(inner, faiss.IndexIVF):  # type: ignore[attr-defined]
-            return faiss.SearchParametersIVF(sel=self._selector, nprobe=inner.nprobe)  # type: ignore[attr-defined]
-        if isinstance(inner, faiss.IndexHNSW):  # type: ignore[attr-defined]
-            return faiss.SearchParametersHNSW(sel=self._selector,  # type: ignore[attr-defined]
-                                              efSearch=inner.hnsw.efSearch)
-        return faiss.SearchParameters(sel=self._selector)  # type: ignore[attr-defined]
+        return selector_params(index, self._selector)

@@ -46,6 +46,7 @@ from .query import (
     embedding_terms,
     open_image,
 )
+from .scope import Scope
 
 DEFAULT_LABEL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.", "{}.")
 # With dedup, candidates are fetched k x DEDUP_FETCH at first, then 4x more until k distinct are found or this
@@ -88,6 +89,7 @@ class _Answer(TypedDict):
 
 class SearchAnswer(_Answer, total=False):
     modality: str  # "text" when the captions' embeddings were searched
+    under: list[str]  # with a scope: the folders searched (scope.normalize_under)
     dedup: float  # with dedup: the cosine threshold
     hidden: int  # with dedup: candidates hidden (under a hit, or as copies of the query image)
 
@@ -275,123 +277,141 @@ class Searcher:
 
     def search_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None,
                       exclude: int | None = None, dedup: float | None = None, *,
-                      modality: str = "image") -> SearchAnswer:
+                      modality: str = "image", under: str | Sequence[str] | None = None) -> SearchAnswer:
         """Top-k hits of a normalised query vector [d]; `no_good_match` when the best score is under
         `threshold` (None: not judged). `exclude` drops one id (the query's own image, whose copies `dedup`
         hides too). `dedup`: a cosine; hits that close to a better hit are listed under it, not in the top k.
-        `modality` "text" ranks the images by their stored caption embeddings instead (`MODALITIES`)."""
-        k, modality = self.check_k(k), check_modality(modality)
+        `modality` "text" ranks the images by their stored caption embeddings instead (`MODALITIES`). `under`:
+        only the images under these folders (keys or absolute paths: `scope.py`)."""
+        scope = self.index.scope(under)
+        k, modality = self.check_k(k, scope), check_modality(modality)
         if dedup is not None:
             try:
                 dedup = check_threshold(dedup)
             except ValueError as exc:
                 raise SearchError(str(exc)) from None
         if dedup is None:
-            return self.search_vectors(vector[None, :], k, [threshold], exclude, modality=modality)[0]
-        keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup, modality)
-        answer = self._answer(keep, threshold, modality)
+            return self.search_vectors(vector[None, :], k, [threshold], exclude, modality=modality, under=under)[0]
+        keep, duplicates, hidden = self._distinct(vector, k, exclude, dedup, modality, scope)
+        answer = self._answer(keep, threshold, modality, scope)
         for hit in answer["results"]:
             hit["duplicates"] = duplicates[hit["id"]]
         answer["dedup"], answer["hidden"] = dedup, hidden
         return answer
 
     def search_vectors(self, vectors: np.ndarray, k: int, thresholds: Sequence[float | None],
-                       exclude: int | None = None, *, modality: str = "image") -> list[SearchAnswer]:
+                       exclude: int | None = None, *, modality: str = "image",
+                       under: str | Sequence[str] | None = None) -> list[SearchAnswer]:
         """`search_vector` (without dedup) for many normalised query vectors [q, d] in one index search: the
         answer of row i is judged by `thresholds[i]`."""
-        k, modality = self.check_k(k), check_modality(modality)
-        return [self._answer(found[:k], threshold, modality)
-                for found, threshold in zip(self._candidates(vectors, k, exclude, modality), thresholds)]
+        scope = self.index.scope(under)
+        k, modality = self.check_k(k, scope), check_modality(modality)
+        return [self._answer(found[:k], threshold, modality, scope)
+                for found, threshold in zip(self._candidates(vectors, k, exclude, modality, scope), thresholds)]
 
-    def check_k(self, k: Any) -> int:
-        """k as an int no larger than the index; SearchError unless a positive integer."""
+    def check_k(self, k: Any, scope: Scope | None = None) -> int:
+        """k as an int no larger than the index (or the scope); SearchError unless a positive integer."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k: expected a positive integer, got {k!r}")
-        return min(int(k), len(self.index))
+        return min(int(k), len(scope) if scope is not None else len(self.index))
 
-    def _answer(self, keep: list[tuple[float, int]], threshold: float | None, modality: str = "image") -> SearchAnswer:
+    def _answer(self, keep: list[tuple[float, int]], threshold: float | None, modality: str = "image",
+                scope: Scope | None = None) -> SearchAnswer:
         hits = self.hits([i for _, i in keep], [s for s, _ in keep])
         best = hits[0]["score"] if hits else float("-inf")
         answer: SearchAnswer = {"results": hits, "no_good_match": threshold is not None and best < threshold,
                                 "threshold": threshold}
         if modality != "image":
             answer["modality"] = modality
+        if scope is not None:
+            answer["under"] = list(scope.folders)
         return answer
 
-    def _candidates(self, vectors: np.ndarray, fetch: int, exclude: int | None,
-                    modality: str = "image") -> list[list[tuple[float, int]]]:
+    def _candidates(self, vectors: np.ndarray, fetch: int, exclude: int | None, modality: str = "image",
+                    scope: Scope | None = None) -> list[list[tuple[float, int]]]:
         """Per query row of `vectors` [q, d]: (score, id) of the best `fetch` ids, best first and equal scores by
         id (faiss leaves their order open: byte-identical copies would swap places between runs), without
         `exclude` and faiss's -1 padding."""
         search = self.index.search if modality == "image" else self.index.search_captions
+        rows = len(scope) if scope is not None else len(self.index)
         with self._timed("knn"):
-            scores, ids = search(vectors, min(fetch + (exclude is not None), len(self.index)))  # [q, fetch]
+            scores, ids = search(vectors, min(fetch + (exclude is not None), rows), scope)  # [q, fetch]
         return [sorted(((float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0 and i != exclude),
                        key=lambda hit: (-hit[0], hit[1])) for row_scores, row_ids in zip(scores, ids)]
 
-    def _distinct(self, vector: np.ndarray, k: int, exclude: int | None, dedup: float,
-                  modality: str = "image") -> tuple[list[tuple[float, int]], dict[int, list[int]], int]:
+    def _distinct(self, vector: np.ndarray, k: int, exclude: int | None, dedup: float, modality: str = "image",
+                  scope: Scope | None = None) -> tuple[list[tuple[float, int]], dict[int, list[int]], int]:
         """Up to k near-duplicate-free hits, the ids hidden under each, and how many were hidden in all."""
         seed = self.index.image_vector(exclude) if exclude is not None else None
-        fetch = min(k * DEDUP_FETCH, len(self.index), DEDUP_MAX_CANDIDATES)
+        most = min(len(scope) if scope is not None else len(self.index), DEDUP_MAX_CANDIDATES)
+        fetch = min(k * DEDUP_FETCH, most)
         while True:
-            candidates = self._candidates(vector[None, :], fetch, exclude, modality)[0]
+            candidates = self._candidates(vector[None, :], fetch, exclude, modality, scope)[0]
             outcome = collapse(self.index.image_vectors([i for _, i in candidates]), dedup, k, seed)
-            if outcome.complete or fetch >= min(len(self.index), DEDUP_MAX_CANDIDATES):
+            if outcome.complete or fetch >= most:
                 break
-            fetch = min(fetch * 4, len(self.index), DEDUP_MAX_CANDIDATES)
+            fetch = min(fetch * 4, most)
         keep = [candidates[p] for p in outcome.shown]
         duplicates = {candidates[p][1]: [candidates[q][1] for q in outcome.hidden_under[p]] for p in outcome.shown}
         return keep, duplicates, outcome.hidden
 
     def search_terms(self, terms: Sequence[QueryTerm], k: int = 10, dedup: float | None = None, *,
-                     modality: str = "image") -> SearchAnswer:
+                     modality: str = "image", under: str | Sequence[str] | None = None) -> SearchAnswer:
         """Search with parsed terms. The no-good-match threshold is calibrated on caption -> image scores, so it
         judges text-only queries of the image modality; for the others the answer's threshold is None."""
         judged = calibrated_for(terms) and modality == "image"
         return self.search_vector(self.query_vector(terms), k, self.threshold if judged else None, dedup=dedup,
-                                  modality=modality)
+                                  modality=modality, under=under)
 
     def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None,
-               embedding: Any = None, modality: str = "image") -> SearchAnswer:
+               embedding: Any = None, modality: str = "image", under: str | Sequence[str] | None = None
+               ) -> SearchAnswer:
         """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
         (negative weights push away); texts may also be a {text: weight} dict. Images are paths, bytes or
         PIL images; `embedding` adds query vectors computed elsewhere by the index's model ([d], [n, d] or
         (vector, weight) pairs). Returns {"results": [{id, score, key, caption, path}], "no_good_match", "threshold"};
         with `dedup` (a cosine, e.g. 0.95) near-duplicates of a better hit go into its "duplicates" list;
-        `modality="text"` matches the query against the stored captions' embeddings instead of the images'."""
+        `modality="text"` matches the query against the stored captions' embeddings instead of the images';
+        `under` (a folder, or a list) searches only the images under it: a key prefix such as "2019/summer" or
+        an absolute path (`scope.py`)."""
         return self.search_terms(as_terms(text, "text") + as_terms(image, "image") + embedding_terms(embedding),
-                                 k, dedup, modality=modality)
+                                 k, dedup, modality=modality, under=under)
 
-    def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None, modality: str = "image") -> SearchAnswer:
+    def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None, modality: str = "image",
+                     under: str | Sequence[str] | None = None) -> SearchAnswer:
         """Images most like image `id_` of the index (itself, and with `dedup` its copies, left out); with
-        `modality="text"`, the images whose captions best describe it (its own caption included)."""
+        `modality="text"`, the images whose captions best describe it (its own caption included); `under`
+        as in `search` (image `id_` itself may lie anywhere)."""
         vector = self.index.image_vector(id_)
         exclude = int(id_) if check_modality(modality) == "image" else None
         return self.search_vector(vector / max(float(np.linalg.norm(vector)), 1e-12), k, None, exclude=exclude,
-                                  dedup=dedup, modality=modality)
+                                  dedup=dedup, modality=modality, under=under)
 
     def search_batch(self, queries: Sequence[str | Sequence[QueryTerm]], k: int = 10, dedup: float | None = None,
-                     allow_paths: bool = False, on_error: str = "record", modality: str = "image") -> list[Any]:
+                     allow_paths: bool = False, on_error: str = "record", modality: str = "image",
+                     under: str | Sequence[str] | None = None) -> list[Any]:
         """Answers of many queries (query-language strings or parsed terms), embedded in batches and searched
         in one index call: `batch.search_batch`. A failed query's place holds {"error": message} (or, with
         on_error="raise", the first failure raises SearchError)."""
         from .batch import search_batch
 
-        return search_batch(self, queries, k, dedup, allow_paths, on_error, modality)  # type: ignore[arg-type]
+        return search_batch(self, queries, k, dedup, allow_paths, on_error, modality,  # type: ignore[arg-type]
+                            under)
 
     def filter(self, text: Any = None, image: Any = None, min_score: float | None = None,
-               limit: int | None = None) -> list[SearchHit]:
+               limit: int | None = None, under: str | Sequence[str] | None = None) -> list[SearchHit]:
         """Every image scoring at least `min_score` against the query (the `search` query forms), best first:
         an exact scan of the stored embeddings (`filter.matching`). `min_score` defaults to the index's
-        calibrated no-good-match threshold for text-only queries and is required otherwise."""
-        return self.filter_terms(as_terms(text, "text") + as_terms(image, "image"), min_score, limit)
+        calibrated no-good-match threshold for text-only queries and is required otherwise; `under` as in
+        `search`."""
+        return self.filter_terms(as_terms(text, "text") + as_terms(image, "image"), min_score, limit, under)
 
     def filter_terms(self, terms: Sequence[QueryTerm], min_score: float | None = None,
-                     limit: int | None = None) -> list[SearchHit]:
+                     limit: int | None = None, under: str | Sequence[str] | None = None) -> list[SearchHit]:
         from .filter import matching
 
-        ids, scores = matching(self.index, self.query_vector(terms), self.filter_score(terms, min_score), limit)
+        ids, scores = matching(self.index, self.query_vector(terms), self.filter_score(terms, min_score), limit,
+                               self.index.scope(under))
         return self.hits(ids.tolist(), scores.tolist())
 
     def filter_score(self, terms: Sequence[QueryTerm], min_score: float | None) -> float:

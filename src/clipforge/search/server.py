@@ -7,9 +7,10 @@
     GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
     GET  /api/search?id=N&k=…   images like image N of the index
     POST /api/search            multipart: `image` file and/or `text`, `embedding` (a JSON list), `k`; or a JSON
-                                object {"text", "image" (base64), "embedding", "k", "dedup", "index"}
+                                object {"text", "image" (base64), "embedding", "k", "dedup", "index", "under"}
                                 (all three take `dedup=T`: near-duplicates within cosine T go under a better hit,
-                                and `modality=text`: match the stored captions' embeddings instead of the images')
+                                `modality=text`: match the stored captions' embeddings instead of the images',
+                                and `under=FOLDER`: only the images whose keys lie under that folder)
     GET  /api/image/{id}        the image file of an id, found from the index's metadata only
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
     GET  /metrics               Prometheus text format: requests, latencies, time per query stage and index
@@ -69,7 +70,8 @@ from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
 
 MAX_K = 200
 MAX_LABELS = 100
-JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index", "modality")  # of a JSON POST /api/search
+MAX_UNDER_CHARS = 1000
+JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index", "modality", "under")  # of a JSON POST /api/search
 _ID = re.compile(r"^[0-9]{1,18}$")
 # Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -168,6 +170,24 @@ def parse_dedup(value: Any) -> float | None:
 def parse_modality(value: Any) -> str:
     """"image" when absent or empty; a value not in MODALITIES is a SearchError, answered 400."""
     return check_modality("image" if value is None or str(value).strip() == "" else value)
+
+
+def parse_under(value: Any) -> list[str] | None:
+    """`under`: a folder of the collection's keys (or, in JSON, a list of them); None when absent. A path on the
+    server is refused: the API never takes file names, and keys name the same folders without them."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise RequestError(400, "under: expected a folder of the collection's keys (e.g. 2019/summer), or a list "
+                           "of them")
+    for folder in values:
+        if len(folder) > MAX_UNDER_CHARS:
+            raise RequestError(400, f"under: a folder of at most {MAX_UNDER_CHARS} characters")
+        if folder.strip().startswith("/") or "\\" in folder:
+            raise RequestError(400, f"under {folder[:60]!r}: give a folder of the collection's keys (as the results "
+                               "show them, e.g. 2019/summer), not a path on the server")
+    return values
 
 
 def parse_id(value: Any, index: VectorIndex) -> int:
@@ -298,6 +318,8 @@ def public_answer(answer: SearchAnswer, image_url: Callable[[int], str] = lambda
     out = {"results": results, "no_good_match": answer["no_good_match"], "threshold": answer["threshold"]}
     if "modality" in answer:
         out["modality"] = answer["modality"]
+    if "under" in answer:
+        out["under"] = answer["under"]
     if "dedup" in answer:
         out["dedup"], out["hidden"] = answer["dedup"], answer.get("hidden", 0)
     return out
@@ -367,7 +389,7 @@ async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field {unknown[0][:40]!r} (expected: {', '.join(JSON_FIELDS)})")
-    for name in ("text", "image", "index", "modality"):
+    for name in ("text", "image", "index", "modality"):  # (`under` may be a list: parse_under checks it)
         if body.get(name) is not None and not isinstance(body[name], str):
             raise RequestError(400, f"{name}: expected a string" + (" (base64 of the image file)" if name == "image"
                                                                      else ""))
@@ -384,10 +406,10 @@ async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, "
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, under, "
                            "modality, labels, index), or for POST /api/search a JSON object")
     try:
-        form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
+        form = await request.form(max_files=1, max_fields=9, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts
         raise RequestError(400, f"bad multipart body ({exc.detail})") from None
     fields, image = {}, None
@@ -438,17 +460,20 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
 
     @app.get("/api/search")
     def search_get(text: str | None = None, k: str | None = None, id: str | None = None,
-                   dedup: str | None = None, index: str | None = None, modality: str | None = None) -> dict[str, Any]:
+                   dedup: str | None = None, index: str | None = None, modality: str | None = None,
+                   under: str | None = None) -> dict[str, Any]:
         name, searcher = served.pick(index)
         count, threshold, against = parse_k(k), parse_dedup(dedup), parse_modality(modality)
+        folders = parse_under(under)
         if id is not None and text is not None:
             raise RequestError(400, "give either text or id, not both")
         if id is not None:
-            answer = in_index(name, searcher.search_by_id, parse_id(id, searcher.index), count, threshold, against)
+            answer = in_index(name, partial(searcher.search_by_id, modality=against, under=folders),
+                              parse_id(id, searcher.index), count, threshold)
         elif text is None:
             raise RequestError(400, "text: missing (GET /api/search?text=a+red+circle&k=12)")
         else:
-            answer = in_index(name, partial(searcher.search_terms, modality=against),
+            answer = in_index(name, partial(searcher.search_terms, modality=against, under=folders),
                               parse_query(text, allow_paths=False), count, threshold)
         return public_answer(answer, lambda i: served.image_url(name, i))
 
@@ -460,7 +485,7 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
             image, fields = await read_form(request, max_bytes)
         name, searcher = served.pick(fields.get("index"))
         count, threshold = parse_k(fields.get("k")), parse_dedup(fields.get("dedup"))
-        against = parse_modality(fields.get("modality"))
+        against, folders = parse_modality(fields.get("modality")), parse_under(fields.get("under"))
         text = fields.get("text", "").strip()
         given = fields.get("embedding")
         if image is None and not text and given in (None, ""):
@@ -470,8 +495,8 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
             terms.append(QueryTerm("image", image, 1.0))
         if given not in (None, ""):
             terms.append(parse_embedding(given))
-        answer = await run_in_threadpool(in_index, name, partial(searcher.search_terms, modality=against), terms,
-                                         count, threshold)
+        answer = await run_in_threadpool(in_index, name, partial(searcher.search_terms, modality=against,
+                                                                 under=folders), terms, count, threshold)
         return public_answer(answer, lambda i: served.image_url(name, i))
 
 

@@ -1,5 +1,5 @@
 // The clipforge search page: talks to the JSON API of `clipforge serve` (see README, "Search a collection").
-// The query lives in the page URL (?q=…&k=…[&dedup=…][&modality=text][&index=…] or ?id=…) so a search can be shared; an
+// The query lives in the page URL (?q=…&k=…[&dedup=…][&modality=text][&under=…][&index=…] or ?id=…) so a search can be shared; an
 // uploaded image cannot be. A server with several indices offers them in a menu (index: null = its default).
 "use strict";
 
@@ -97,7 +97,8 @@ function render(answer, label) {
   }
   const hidden = answer.hidden ? ` (${answer.hidden} near-duplicates hidden)` : "";
   const against = answer.modality === "text" ? ", matched against captions" : "";
-  setStatus(`${answer.results.length} results for ${label}${against}${hidden}`);
+  const under = answer.under ? ` under ${answer.under.join(", ")}` : "";
+  setStatus(`${answer.results.length} results for ${label}${under}${against}${hidden}`);
   offerDownload(answer);
 }
 
@@ -119,6 +120,8 @@ async function run(query, push) {
   let extra = dedup === null ? "" : `&dedup=${encodeURIComponent(dedup)}`;
   const captions = $("captions").checked;
   if (captions) extra += "&modality=text";
+  const under = $("under").value.trim();
+  if (under) extra += `&under=${encodeURIComponent(under)}`;
   if (state.index !== null) extra += `&index=${encodeURIComponent(state.index)}`;
   let url = null;
   let options;
@@ -134,6 +137,7 @@ async function run(query, push) {
     if (dedup !== null) form.append("dedup", dedup);
     if (state.index !== null) form.append("index", state.index);
     if (captions) form.append("modality", "text");
+    if (under) form.append("under", under);
     url = "/api/search";
     options = { method: "POST", body: form };
     label = query.text ? `the image + “${query.text}”` : "the image";
@@ -151,6 +155,7 @@ async function run(query, push) {
     params.set("k", k);
     if (dedup !== null) params.set("dedup", dedup);
     if (captions) params.set("modality", "text");
+    if (under) params.set("under", under);
     if (state.index !== null) params.set("index", state.index);
     history.pushState(null, "", `?${params}`);
   }
@@ -177,6 +182,7 @@ function fromUrl() {
   if (params.has("k")) setK(params.get("k"));
   $("dedup").checked = params.has("dedup");
   $("captions").checked = params.get("modality") === "text";
+  $("under").value = params.get("under") || "";
   state.index = params.get("index");
   if (state.indices.length) showIndex();
   if (params.has("dedup")) {
@@ -306,6 +312,11 @@ function wire() {
   };
   $("captions").addEventListener("change", rerun);
   $("dedup").addEventListener("change", rerun);
+  $("under").addEventListener("keydown", (event) => {  // Enter reruns what is shown (a search by id too)
+    if (event.key !== "Enter") return;
+    event.preventDefault();
+    rerun();
+  });
   $("index").addEventListener("change", () => {
     state.index = $("index").value === state.indices[0].name ? null : $("index").value;
     showIndex();

@@ -116,6 +116,8 @@ def test_typed_query_shows_results_and_goes_into_the_url(server, browser):
     wait_for(browser, lambda d: d.execute_script(
         "const i = document.querySelector('#results .card img'); return i.complete && i.naturalWidth > 0;"),
         "the first result's image never loaded") if not image_ok else None
+    src = urlparse(first.find_element(By.CSS_SELECTOR, "img").get_attribute("src"))
+    assert src.path == f"/api/image/{expected[0]}" and parse_qs(src.query)["size"] == ["384"]  # a preview (dpr 1)
     query = parse_qs(urlparse(browser.current_url).query)
     assert query["q"] == ["a red circle"] and query["k"] == ["12"]
     # the shared URL reproduces the search

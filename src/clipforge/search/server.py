@@ -11,7 +11,8 @@
                                 (all three take `dedup=T`: near-duplicates within cosine T go under a better hit,
                                 `modality=text`: match the stored captions' embeddings instead of the images',
                                 and `under=FOLDER`: only the images whose keys lie under that folder)
-    GET  /api/image/{id}        the image file of an id, found from the index's metadata only
+    GET  /api/image/{id}        the image file of an id, found from the index's metadata only; `size=N`: a WebP
+                                preview fitting N x N (thumbnails.py), as the page's grid shows
     POST /api/classify          multipart: `image` file, `labels` a JSON list of texts -> zero-shot probabilities
     GET  /metrics               Prometheus text format: requests, latencies, time per query stage and index
 
@@ -67,6 +68,7 @@ from .metrics import (
 )
 from .query import QueryTerm, check_modality, embedding_term, parse_query
 from .searcher import DEFAULT_LABEL_TEMPLATES, SearchAnswer, Searcher
+from .thumbnails import MAX_SIZE, MIN_SIZE, ThumbnailCache, make_thumbnail
 
 MAX_K = 200
 MAX_LABELS = 100
@@ -188,6 +190,20 @@ def parse_under(value: Any) -> list[str] | None:
             raise RequestError(400, f"under {folder[:60]!r}: give a folder of the collection's keys (as the results "
                                "show them, e.g. 2019/summer), not a path on the server")
     return values
+
+
+def parse_size(value: Any) -> int | None:
+    """`size` of GET /api/image: a preview's longest side in pixels, MIN_SIZE..MAX_SIZE; None: the file itself."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        size = int(str(value).strip())
+    except ValueError:
+        size = None
+    if size is None or not MIN_SIZE <= size <= MAX_SIZE:
+        raise RequestError(400, f"size: expected a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got "
+                           f"{str(value)[:40]!r}")
+    return size
 
 
 def parse_id(value: Any, index: VectorIndex) -> int:
@@ -501,15 +517,25 @@ def add_search_routes(app: FastAPI, served: ServedIndices, max_bytes: int, dedup
 
 
 def add_image_routes(app: FastAPI, served: ServedIndices, max_bytes: int, templates: tuple[str, ...]) -> None:
+    previews = app.state.previews = ThumbnailCache()
+
     @app.get("/api/image/{image_id}")
-    def image(image_id: str, index: str | None = None) -> Response:
+    def image(image_id: str, index: str | None = None, size: str | None = None) -> Response:
         _, searcher = served.pick(index)
+        id_, side = parse_id(image_id, searcher.index), parse_size(size)
+        key = (str(searcher.index.index_dir), searcher.info["index_file"]["name"], id_, side)
+        cached = previews.get(key) if side is not None else None
+        if cached is not None:
+            return Response(content=cached, media_type="image/webp", headers=IMAGE_HEADERS)
         try:
-            data, mime = searcher.index.read_image_bytes(parse_id(image_id, searcher.index))
-        except SearchError as exc:  # the file named by the metadata is gone or unreadable
+            data, mime = searcher.index.read_image_bytes(id_)
+            if not mime.startswith("image/"):
+                raise SearchError(f"id {image_id}: its file is not an image")
+            if side is not None:
+                data, mime = make_thumbnail(data, side, searcher.max_pixels, f"id {id_}"), "image/webp"
+                previews.put(key, data)
+        except SearchError as exc:  # the file named by the metadata is gone, unreadable or not an image
             raise RequestError(404, str(exc)) from None
-        if not mime.startswith("image/"):
-            raise RequestError(404, f"id {image_id}: its file is not an image")
         return Response(content=data, media_type=mime, headers=IMAGE_HEADERS)
 
     @app.post("/api/classify")

@@ -35,13 +35,21 @@ function showClassify(blob) {
   $("classify-results").replaceChildren();
 }
 
+// Cards show a WebP preview (GET /api/image/N?size=…) instead of the file, which may be a 12-megapixel photo:
+// wide enough for the card on this screen, in steps of 128 px so that previews are shared between screens.
+const PREVIEW_SIZE = Math.min(1024, 128 * Math.ceil(2.5 * (window.devicePixelRatio || 1)));
+
+function previewUrl(imageUrl) {
+  return `${imageUrl}${imageUrl.includes("?") ? "&" : "?"}size=${PREVIEW_SIZE}`;
+}
+
 function card(hit) {
   const item = document.createElement("article");
   item.className = "card";
   item.dataset.id = hit.id;
   item.title = "Find images like this one";
   const img = document.createElement("img");
-  img.src = hit.image_url;
+  img.src = previewUrl(hit.image_url);
   img.alt = hit.caption || hit.key || `image ${hit.id}`;
   img.loading = "lazy";
   const meta = document.createElement("div");

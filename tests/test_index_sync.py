@@ -323,6 +323,8 @@ def test_a_running_server_serves_the_synced_index(small, tmp_path):
         status, body = _get(url + "/api/search?text=a%20red%20circle&k=41")
         assert status == 200
         got = json.loads(body)["results"]
+        before, after = searcher.info["index_file"]["sha256"][:12], fresh.info["index_file"]["sha256"][:12]
+        assert before != after and all(h["image_url"].endswith(f"?v={after}") for h in got)  # not the old URLs
         assert_ranking([{"id": h["id"], "score": h["score"]} for h in got],
                        [(h["id"], h["score"]) for h in fresh.search(text="a red circle", k=41)["results"]], tol=1e-4)
         by_path = {h["path"]: h["id"] for h in fresh.search(text="a red circle", k=41)["results"]}

@@ -19,13 +19,19 @@ def served(tmp_path_factory):
     first = build_small_index(tmp_path_factory.mktemp("client-a"), count=30, seed=0)
     second = build_small_index(tmp_path_factory.mktemp("client-b"), count=20, seed=1)
     searchers = open_searchers({"a": first.index_dir, "b": second.index_dir})
+    _VERSIONS.update({name: s.info["index_file"]["sha256"][:12] for name, s in searchers.items()})
     with running_server(create_app(searchers)) as base:
         yield base, searchers, {"a": first, "b": second}
 
 
 def api(answer: dict, name: str | None = None) -> dict:
-    """The JSON the server makes of a Searcher answer (image URLs name the index: two are served)."""
-    return public_answer(answer, lambda i: f"/api/image/{i}?index={name or 'a'}")
+    """The JSON the server makes of a Searcher answer (image URLs name the index, two being served, and its
+    version)."""
+    version = _VERSIONS[name or "a"]
+    return public_answer(answer, lambda i: f"/api/image/{i}?index={name or 'a'}&v={version}")
+
+
+_VERSIONS: dict[str, str] = {}  # index name -> the first 12 hex of its faiss file's sha256 (set by `served`)
 
 
 def test_search_forms_equal_the_served_searchers(served):

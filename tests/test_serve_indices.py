@@ -80,7 +80,8 @@ def test_each_name_routes_to_its_index(client, alone, built):
         body = client.get("/api/search", params={"text": "a red circle", "k": 6, "index": name}).json()
         assert Ranking(body) == Ranking(alone[name].search(text="a red circle", k=6))
         first = body["results"][0]
-        assert first["image_url"] == f"/api/image/{first['id']}?index={name}"
+        version = alone[name].info["index_file"]["sha256"][:12]
+        assert first["image_url"] == f"/api/image/{first['id']}?index={name}&v={version}"
         image = client.get(first["image_url"])
         assert image.status_code == 200 and image.content == built[name].paths[first["id"]].read_bytes()
         by_id = client.get("/api/search", params={"id": 3, "k": 5, "index": name}).json()

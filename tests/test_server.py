@@ -62,7 +62,9 @@ def test_get_search_matches_the_searcher(client, searcher):
     assert [r["score"] for r in body["results"]] == pytest.approx([h["score"] for h in direct["results"]], abs=1e-5)
     first = body["results"][0]
     assert set(first) == {"id", "score", "key", "caption", "image_url"}  # no filesystem path leaves the server
-    assert first["image_url"] == f"/api/image/{first['id']}" and first["caption"] == direct["results"][0]["caption"]
+    version = searcher.info["index_file"]["sha256"][:12]  # a compacted index must not reuse cached image URLs
+    assert first["image_url"] == f"/api/image/{first['id']}?v={version}"
+    assert first["caption"] == direct["results"][0]["caption"]
     assert body["no_good_match"] == direct["no_good_match"] and body["threshold"] == pytest.approx(direct["threshold"])
     algebra = client.get("/api/search", params={"text": "a red circle - 0.5:a blue square", "k": 3}).json()
     from clipforge.search.query import QueryTerm

@@ -291,7 +291,10 @@ class ServedIndices:
         return name, self.searchers[name]
 
     def image_url(self, name: str, id_: int) -> str:
-        return f"/api/image/{id_}?index={name}" if self.several else f"/api/image/{id_}"
+        """The URL of an image, carrying the index version (its faiss file's hash): browsers keep images for an
+        hour, and `index compact` gives ids to other images, so a new version must not reuse old URLs."""
+        version = str(self.searchers[name].info["index_file"]["sha256"])[:12]
+        return f"/api/image/{id_}?" + (f"index={name}&" if self.several else "") + f"v={version}"
 
 
 def watch_indices(served: ServedIndices, interval_s: float) -> threading.Thread | None:

@@ -29,6 +29,20 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned or mirrored by its EXIF orientation (a phone's portrait photo is
+    stored sideways with orientation 6), the tag then dropped; the image itself when it has no such tag."""
+    from PIL import ImageOps
+
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (None, 1) or not isinstance(orientation, int) or not 2 <= orientation <= 8:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited on white rather than dropped to black."""
     if image.mode == "RGB":

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
+from ..transforms import upright
+
 Transform = Callable[[Image.Image], Any]
 
 SPLITS = ("train", "val", "test")
@@ -31,7 +33,7 @@ def open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            return upright(image)
     except (OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: cannot read image ({exc})") from exc
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..transforms import to_rgb
+from ..transforms import to_rgb, upright
 
 # A skipped sample is one of these; a converted one one of CONVERTED_KINDS. The order is part of the per-step
 # all-reduce between ranks, so only ever append.
@@ -96,7 +96,7 @@ def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
                 if width * height > max_pixels:
                     raise BadSample("decompression_bomb", path, f"{width}x{height} pixels > limit {max_pixels}")
                 image.load()
-                return image
+                return upright(image)
     except BadSample:
         raise
     except Image.DecompressionBombError as exc:

@@ -44,6 +44,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..transforms import upright
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -166,7 +168,7 @@ def decode_sample(raw: dict[str, bytes], where: str) -> tuple[Image.Image, list[
     try:
         with Image.open(io.BytesIO(raw[ext])) as image:
             image.load()
-            return image, captions
+            return upright(image), captions
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ShardError(f"{where}: cannot decode .{ext} image ({exc})") from None
 

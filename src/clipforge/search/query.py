@@ -189,6 +189,7 @@ def open_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: s
     """A fully decoded RGB image from a path, bytes or a PIL image; SearchError naming `name` (or the path)
     when it is missing, not an image, truncated, or over `max_pixels` pixels (checked from the header)."""
     from ..data.robust import convert_to_rgb
+    from ..transforms import upright
 
     if isinstance(source, Image.Image):
         return convert_to_rgb(source)[0]
@@ -209,7 +210,7 @@ def open_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: s
                     raise SearchError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} "
                                       "(a decompression bomb?)")
                 image.load()
-                return convert_to_rgb(image)[0]
+                return convert_to_rgb(upright(image))[0]
     except SearchError:
         raise
     except Image.DecompressionBombError:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.folder import IMAGE_SUFFIXES, read_sidecar, split_suffix, walk_images
 from ..data.robust import BadSample, clean_caption, convert_to_rgb, load_image
+from ..transforms import upright
 from .errors import SearchError
 
 __all__ = ["Item", "Listing", "list_source", "read_item"]
@@ -172,7 +173,7 @@ def _decode(data: bytes, where: str) -> Image.Image:
             if image.size[0] * image.size[1] > MAX_PIXELS:
                 raise BadSample("decompression_bomb", where, f"{image.size[0]}x{image.size[1]} pixels")
             image.load()
-            return image
+            return upright(image)
     except BadSample:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on malformed bytes

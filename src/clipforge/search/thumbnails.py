@@ -16,8 +16,9 @@ import threading
 import warnings
 from collections import OrderedDict
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from ..transforms import upright as turn_upright
 from .errors import SearchError
 
 __all__ = ["CACHE_BYTES", "MAX_SIZE", "MIN_SIZE", "ThumbnailCache", "make_thumbnail"]
@@ -40,7 +41,7 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int, name: str = "image")
                     raise SearchError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels}")
                 scale = size / max(width, height)  # the fitted preview's size, which a reduced decode must cover
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))  # JPEG only
-                upright = ImageOps.exif_transpose(image)
+                upright = turn_upright(image)
                 alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
                 upright = upright.convert("RGBA" if alpha else "RGB")
                 upright.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)

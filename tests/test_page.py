@@ -360,3 +360,33 @@ def test_in_folder_field(folders, browser):
     wait_status(browser, "under g7: no image of the index lies under it")
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert all("400" in e for e in errors), errors  # the refused request, logged by the browser, and nothing else
+
+
+def test_shift_and_alt_click_add_results_to_the_query(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from clipforge.search.query import parse_query
+
+    base, searcher = server
+    browser.get(base + "/?q=a%20red%20circle&k=12")
+    wait_status(browser, "12 results for")
+    first = card_ids(browser)[0]
+    card = browser.find_element(By.CSS_SELECTOR, f'#results .card[data-id="{first}"]')
+    ActionChains(browser).key_down(Keys.SHIFT).click(card).key_up(Keys.SHIFT).perform()
+    query = f"a red circle + #{first}"
+    wait_for(browser, lambda d: d.find_element(By.ID, "query").get_attribute("value") == query,
+             "shift-click never added the result to the query")
+    wait_status(browser, f"results for “{query}”")
+    want = searcher.search_terms(parse_query(query), k=12)
+    wait_for(browser, lambda d: card_ids(d) == [h["id"] for h in want["results"]], "results never matched the API's")
+    assert first not in card_ids(browser)  # the example itself is left out
+    second = card_ids(browser)[0]
+    card = browser.find_element(By.CSS_SELECTOR, f'#results .card[data-id="{second}"]')
+    ActionChains(browser).key_down(Keys.ALT).click(card).key_up(Keys.ALT).perform()
+    query = f"a red circle + #{first} - #{second}"
+    wait_status(browser, f"results for “{query}”")
+    want = searcher.search_terms(parse_query(query), k=12)
+    wait_for(browser, lambda d: card_ids(d) == [h["id"] for h in want["results"]], "results never matched the API's")
+    assert parse_qs(urlparse(browser.current_url).query)["q"] == [query]

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from .errors import SearchError
-from .query import QueryTerm, calibrated_for, check_modality, combine, parse_query
+from .query import (
+    QueryTerm,
+    calibrated_for,
+    check_modality,
+    combine,
+    own_images,
+    parse_query,
+)
 
 if TYPE_CHECKING:
     from .searcher import SearchAnswer, Searcher
@@ -98,26 +105,33 @@ def search_batch(searcher: Searcher, queries: Sequence[str | Sequence[QueryTerm]
             continue
         try:
             rows = [texts[t.value] if t.kind == "text" else images[_image_key(t.value)] if t.kind == "image"
+                    else searcher.id_vectors([t.value])[0] if t.kind == "id"
                     else searcher.check_embedding(t.value) for t in terms]
             vectors[i] = combine(np.stack(rows), [t.weight for t in terms])
         except SearchError as exc:
             fail(i, str(exc))
 
-    answers: dict[int, SearchAnswer] = {}
-    order = sorted(vectors)
-    thresholds = [searcher.threshold if calibrated_for(parsed[i]) and modality == "image" else None for i in order]
-    if dedup is None:
-        for start in range(0, len(order), SEARCH_BATCH):
-            chunk = order[start:start + SEARCH_BATCH]
-            found = searcher.search_vectors(np.stack([vectors[i] for i in chunk]), k,  # [chunk, d]
-                                            thresholds[start:start + SEARCH_BATCH], modality=modality,
-                                            under=under)
-            answers.update(zip(chunk, found))
-    else:
-        for i, threshold in zip(order, thresholds):
-            answers[i] = searcher.search_vector(vectors[i], k, threshold, dedup=dedup, modality=modality,
-                                                under=under)
+    answers = _search_vectors(searcher, vectors, parsed, k, dedup, modality, under)
     return [answers[i] if i in answers else {"error": errors[i]} for i in range(len(queries))]
+
+
+def _search_vectors(searcher: Searcher, vectors: dict[int, np.ndarray], parsed: list[list[QueryTerm]], k: int,
+                    dedup: float | None, modality: str, under: str | Sequence[str] | None) -> dict[int, SearchAnswer]:
+    """The answer of each query vector: one index search for them all, except where a query has its own images
+    to leave out (`#N` terms) or dedup walks each ranking on its own."""
+    answers: dict[int, SearchAnswer] = {}
+    threshold = {i: searcher.threshold if calibrated_for(parsed[i]) and modality == "image" else None
+                 for i in vectors}
+    together = [i for i in sorted(vectors) if dedup is None and not own_images(parsed[i], modality)]
+    for start in range(0, len(together), SEARCH_BATCH):
+        chunk = together[start:start + SEARCH_BATCH]
+        found = searcher.search_vectors(np.stack([vectors[i] for i in chunk]), k,  # [chunk, d]
+                                        [threshold[i] for i in chunk], modality=modality, under=under)
+        answers.update(zip(chunk, found))
+    for i in sorted(set(vectors) - set(together)):
+        answers[i] = searcher.search_vector(vectors[i], k, threshold[i], exclude=own_images(parsed[i], modality),
+                                            dedup=dedup, modality=modality, under=under)
+    return answers
 
 
 def _embed_texts(searcher: Searcher, parsed: list[list[QueryTerm]], errors: dict[int, str],

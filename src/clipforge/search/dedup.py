@@ -48,9 +48,9 @@ def collapse(vectors: np.ndarray, threshold: float, limit: int, seed: np.ndarray
     """Greedy collapse of ranked candidates `vectors` [n, d] (best first) into at most `limit` shown results,
     walking on until the next distinct candidate so that each shown result lists every duplicate ranked above it.
 
-    Candidates with cosine >= `threshold` to `seed` [d] (the query's own image, when the query is an image of
-    the index) are hidden too: "more like this" should not answer with copies of this. Rows need not be unit
-    length: cosines are taken on normalised float32 copies.
+    Candidates with cosine >= `threshold` to `seed` [d] or any row of `seed` [m, d] (the query's own images,
+    when the query holds images of the index) are hidden too: "more like this" should not answer with copies of
+    this. Rows need not be unit length: cosines are taken on normalised float32 copies.
     """
     out = Collapsed()
     if len(vectors) == 0 or limit < 1:
@@ -58,9 +58,10 @@ def collapse(vectors: np.ndarray, threshold: float, limit: int, seed: np.ndarray
     unit = vectors.astype(np.float32, copy=True)
     unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)  # [n, d]
     seed_sims = None
-    if seed is not None:
-        seed_unit = seed.astype(np.float32) / max(float(np.linalg.norm(seed)), 1e-12)
-        seed_sims = unit @ seed_unit  # [n]
+    if seed is not None and seed.size:
+        seeds = seed.astype(np.float32).reshape(-1, unit.shape[1])  # [m, d]
+        seeds /= np.maximum(np.linalg.norm(seeds, axis=1, keepdims=True), 1e-12)
+        seed_sims = (unit @ seeds.T).max(axis=1)  # [n] the closest seed
     shown_rows = np.empty((limit, unit.shape[1]), dtype=np.float32)  # [limit, d] the shown results so far
     for position in range(len(unit)):
         if seed_sims is not None and seed_sims[position] >= threshold:

@@ -8,8 +8,9 @@ beach text and the photo, away from people). On the command line:
     clipforge search INDEX "beach + 2:photo.jpg - people"       # or inside one quoted string
     clipforge search INDEX "2:golden retriever" - 0.5:grass     # WEIGHT:TERM scales a term
 
-A term is an image when it names an image file (an image suffix, or any existing file). The server parses the
-same language from its `text` field but never treats a term as a path: there every term is text. A term may
+A term is an image when it names an image file (an image suffix, or any existing file), and `#42` is image 42 of
+the index searched (`"beach" + #42 - #17`: like this one, unlike that one). The server parses the same language
+from its `text` field but never treats a term as a path: there every other term is text. A term may
 also be an embedding given as numbers (`embedding_term`: the API's `embedding` field, `--embedding F.npy`), a
 vector computed elsewhere by the index's model.
 """
@@ -33,6 +34,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 _WEIGHT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.*)$", re.DOTALL)
 _SPACED_OPERATOR = re.compile(r"\s+([+-])\s+")
+_INDEXED = re.compile(r"^#([0-9]{1,18})$")  # `#42`: image 42 of the index searched
 
 ImageInput = str | Path | bytes | Image.Image
 # What a query is compared with: the stored image embeddings (faiss), or the stored caption embeddings (an exact
@@ -42,13 +44,16 @@ MODALITIES = ("image", "text")
 
 @dataclass(frozen=True)
 class QueryTerm:
-    """One term of a query: `kind` "text" or "image", its value (text, or a path / bytes / PIL image) and weight."""
+    """One term of a query: `kind` "text", "image", "embedding" or "id", its value (a text; a path, bytes or PIL
+    image; a vector; an id of the index searched) and its weight."""
 
     kind: str
     value: Any
     weight: float = 1.0
 
     def describe(self) -> str:
+        if self.kind == "id":
+            return f"{self.weight:+g}×image #{self.value}"
         shown = self.value if isinstance(self.value, (str, Path)) else f"<{type(self.value).__name__}>"
         return f"{self.weight:+g}×{self.kind} {str(shown)!r}"
 
@@ -82,6 +87,9 @@ def _term(text: str, sign: float, allow_paths: bool) -> QueryTerm:
             raise SearchError(f"query term '{match.group(0)}': the weight must be a finite number")
     if not text:
         raise SearchError("query: a term is empty (check for a stray '+', '-' or 'WEIGHT:')")
+    indexed = _INDEXED.match(text)
+    if indexed:
+        return QueryTerm("id", int(indexed.group(1)), sign * weight)
     if allow_paths and _is_image_path(text):
         return QueryTerm("image", Path(text).expanduser(), sign * weight)
     return QueryTerm("text", text, sign * weight)
@@ -90,7 +98,8 @@ def _term(text: str, sign: float, allow_paths: bool) -> QueryTerm:
 def parse_query(args: Sequence[str] | str, allow_paths: bool = True) -> list[QueryTerm]:
     """Terms of a query written as `TERM [(+|-) TERM]...`, each TERM optionally `WEIGHT:TERM`.
 
-    With `allow_paths` (the command line) a term naming an image file is an image; otherwise all terms are text.
+    A term `#N` is image N of the index searched (its stored embedding). With `allow_paths` (the command line) a
+    term naming an image file is an image; otherwise the other terms are text.
     """
     pieces = _split_operators([args] if isinstance(args, str) else args)
     terms: list[QueryTerm] = []
@@ -124,9 +133,15 @@ def calibrated_for(terms: Sequence[QueryTerm]) -> bool:
     return all(t.kind == "text" and t.weight > 0 for t in terms)
 
 
+def own_images(terms: Sequence[QueryTerm], modality: str) -> list[int]:
+    """The index's images a query is made of (positive `#N` terms): left out of its answer, as `search_by_id`
+    leaves out its image (a caption search keeps them: an image's own caption is a fair answer)."""
+    return sorted({int(t.value) for t in terms if t.kind == "id" and t.weight > 0}) if modality == "image" else []
+
+
 def as_terms(values: Any, kind: str) -> list[QueryTerm]:
-    """Terms from the Python API's `text=` / `image=`: one value, a list of values, a list of (value, weight)
-    pairs, or a {value: weight} dict (texts only; images are not hashable in general)."""
+    """Terms from the Python API's `text=` / `image=` / `ids=`: one value, a list of values, a list of (value,
+    weight) pairs, or a {value: weight} dict (texts and ids; images are not hashable in general)."""
     if values is None:
         return []
     if isinstance(values, dict):
@@ -141,6 +156,8 @@ def as_terms(values: Any, kind: str) -> list[QueryTerm]:
             raise SearchError(f"text query: expected a str, got {type(value).__name__}")
         if kind == "image" and not isinstance(value, (str, Path, bytes, Image.Image)):
             raise SearchError(f"image query: expected a path, bytes or a PIL image, got {type(value).__name__}")
+        if kind == "id" and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise SearchError(f"ids: expected ids of the index (integers), got {type(value).__name__}")
         terms.append(QueryTerm(kind, value, float(weight)))
     return terms
 

@@ -45,6 +45,7 @@ from .query import (
     combine,
     embedding_terms,
     open_image,
+    own_images,
 )
 from .scope import Scope
 
@@ -139,6 +140,12 @@ def load_query_encoder(spec: str | Path | torch.nn.Module, device: str | torch.d
         return load_encoder(str(spec), backend, device=None if device is None else str(device))
     except FileNotFoundError:
         raise SearchError(f"model {spec}: no such file, run directory or architecture name") from None
+
+
+def _id_set(exclude: int | Sequence[int] | None) -> frozenset[int]:
+    if exclude is None:
+        return frozenset()
+    return frozenset([int(exclude)] if isinstance(exclude, (int, np.integer)) else (int(i) for i in exclude))
 
 
 class Searcher:
@@ -256,6 +263,7 @@ class Searcher:
         texts = [t for t in terms if t.kind == "text"]
         images = [t for t in terms if t.kind == "image"]
         given = [t for t in terms if t.kind == "embedding"]
+        indexed = [t for t in terms if t.kind == "id"]
         vectors, weights = [], []
         if texts:
             vectors.append(self.encode_texts([t.value for t in texts]))
@@ -266,7 +274,15 @@ class Searcher:
         if given:
             vectors.append(np.stack([self.check_embedding(t.value) for t in given]))
             weights += [t.weight for t in given]
+        if indexed:
+            vectors.append(self.id_vectors([t.value for t in indexed]))
+            weights += [t.weight for t in indexed]
         return combine(np.concatenate(vectors), weights)
+
+    def id_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored image embeddings of images of this index [n, d], normalised (query terms `#N`)."""
+        vectors = np.stack([self.index.image_vector(int(i)) for i in ids])  # each id checked, named if bad
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def check_embedding(self, vector: np.ndarray) -> np.ndarray:
         """A given query vector [d], if its length is the index's; SearchError otherwise."""
@@ -276,10 +292,10 @@ class Searcher:
         return vector
 
     def search_vector(self, vector: np.ndarray, k: int = 10, threshold: float | None = None,
-                      exclude: int | None = None, dedup: float | None = None, *,
+                      exclude: int | Sequence[int] | None = None, dedup: float | None = None, *,
                       modality: str = "image", under: str | Sequence[str] | None = None) -> SearchAnswer:
         """Top-k hits of a normalised query vector [d]; `no_good_match` when the best score is under
-        `threshold` (None: not judged). `exclude` drops one id (the query's own image, whose copies `dedup`
+        `threshold` (None: not judged). `exclude` drops ids (the query's own images, whose copies `dedup`
         hides too). `dedup`: a cosine; hits that close to a better hit are listed under it, not in the top k.
         `modality` "text" ranks the images by their stored caption embeddings instead (`MODALITIES`). `under`:
         only the images under these folders (keys or absolute paths: `scope.py`)."""
@@ -300,7 +316,7 @@ class Searcher:
         return answer
 
     def search_vectors(self, vectors: np.ndarray, k: int, thresholds: Sequence[float | None],
-                       exclude: int | None = None, *, modality: str = "image",
+                       exclude: int | Sequence[int] | None = None, *, modality: str = "image",
                        under: str | Sequence[str] | None = None) -> list[SearchAnswer]:
         """`search_vector` (without dedup) for many normalised query vectors [q, d] in one index search: the
         answer of row i is judged by `thresholds[i]`."""
@@ -327,22 +343,24 @@ class Searcher:
             answer["under"] = list(scope.folders)
         return answer
 
-    def _candidates(self, vectors: np.ndarray, fetch: int, exclude: int | None, modality: str = "image",
-                    scope: Scope | None = None) -> list[list[tuple[float, int]]]:
+    def _candidates(self, vectors: np.ndarray, fetch: int, exclude: int | Sequence[int] | None,
+                    modality: str = "image", scope: Scope | None = None) -> list[list[tuple[float, int]]]:
         """Per query row of `vectors` [q, d]: (score, id) of the best `fetch` ids, best first and equal scores by
         id (faiss leaves their order open: byte-identical copies would swap places between runs), without
         `exclude` and faiss's -1 padding."""
         search = self.index.search if modality == "image" else self.index.search_captions
-        rows = len(scope) if scope is not None else len(self.index)
+        rows, dropped = len(scope) if scope is not None else len(self.index), _id_set(exclude)
         with self._timed("knn"):
-            scores, ids = search(vectors, min(fetch + (exclude is not None), rows), scope)  # [q, fetch]
-        return [sorted(((float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0 and i != exclude),
+            scores, ids = search(vectors, min(fetch + len(dropped), rows), scope)  # [q, fetch]
+        return [sorted(((float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in dropped),
                        key=lambda hit: (-hit[0], hit[1])) for row_scores, row_ids in zip(scores, ids)]
 
-    def _distinct(self, vector: np.ndarray, k: int, exclude: int | None, dedup: float, modality: str = "image",
+    def _distinct(self, vector: np.ndarray, k: int, exclude: int | Sequence[int] | None, dedup: float,
+                  modality: str = "image",
                   scope: Scope | None = None) -> tuple[list[tuple[float, int]], dict[int, list[int]], int]:
         """Up to k near-duplicate-free hits, the ids hidden under each, and how many were hidden in all."""
-        seed = self.index.image_vector(exclude) if exclude is not None else None
+        dropped = _id_set(exclude)
+        seed = self.index.image_vectors(sorted(dropped)) if dropped else None  # [m, d]
         most = min(len(scope) if scope is not None else len(self.index), DEDUP_MAX_CANDIDATES)
         fetch = min(k * DEDUP_FETCH, most)
         while True:
@@ -360,12 +378,12 @@ class Searcher:
         """Search with parsed terms. The no-good-match threshold is calibrated on caption -> image scores, so it
         judges text-only queries of the image modality; for the others the answer's threshold is None."""
         judged = calibrated_for(terms) and modality == "image"
-        return self.search_vector(self.query_vector(terms), k, self.threshold if judged else None, dedup=dedup,
-                                  modality=modality, under=under)
+        return self.search_vector(self.query_vector(terms), k, self.threshold if judged else None,
+                                  exclude=own_images(terms, modality), dedup=dedup, modality=modality, under=under)
 
     def search(self, text: Any = None, image: Any = None, k: int = 10, dedup: float | None = None,
-               embedding: Any = None, modality: str = "image", under: str | Sequence[str] | None = None
-               ) -> SearchAnswer:
+               embedding: Any = None, modality: str = "image", under: str | Sequence[str] | None = None,
+               ids: Any = None) -> SearchAnswer:
         """Search by text, image or both. Each may be one value, a list, or a list of (value, weight) pairs
         (negative weights push away); texts may also be a {text: weight} dict. Images are paths, bytes or
         PIL images; `embedding` adds query vectors computed elsewhere by the index's model ([d], [n, d] or
@@ -373,9 +391,10 @@ class Searcher:
         with `dedup` (a cosine, e.g. 0.95) near-duplicates of a better hit go into its "duplicates" list;
         `modality="text"` matches the query against the stored captions' embeddings instead of the images';
         `under` (a folder, or a list) searches only the images under it: a key prefix such as "2019/summer" or
-        an absolute path (`scope.py`)."""
-        return self.search_terms(as_terms(text, "text") + as_terms(image, "image") + embedding_terms(embedding),
-                                 k, dedup, modality=modality, under=under)
+        an absolute path (`scope.py`); `ids` adds images of this index by id, as the query language's `#N`
+        (`ids=[(42, 1.0), (17, -0.5)]`: like 42, unlike 17; those weighted positively are left out of the answer)."""
+        terms = as_terms(text, "text") + as_terms(image, "image") + embedding_terms(embedding) + as_terms(ids, "id")
+        return self.search_terms(terms, k, dedup, modality=modality, under=under)
 
     def search_by_id(self, id_: int, k: int = 10, dedup: float | None = None, modality: str = "image",
                      under: str | Sequence[str] | None = None) -> SearchAnswer:

@@ -47,7 +47,7 @@ function card(hit) {
   const item = document.createElement("article");
   item.className = "card";
   item.dataset.id = hit.id;
-  item.title = "Find images like this one";
+  item.title = "Find images like this one (Shift: add it to the query; Alt: push the query away from it)";
   const img = document.createElement("img");
   img.src = previewUrl(hit.image_url);
   img.alt = hit.caption || hit.key || `image ${hit.id}`;
@@ -83,7 +83,10 @@ function card(hit) {
   });
   item.append(img, meta, classifyThis);
   item.tabIndex = 0;  // reachable by Tab; Enter or Space searches by it, as a click does
-  item.addEventListener("click", () => run({ id: hit.id }, true));
+  item.addEventListener("click", (event) => {
+    if (event.shiftKey || event.altKey) addToQuery(hit.id, event.altKey ? "-" : "+");
+    else run({ id: hit.id }, true);
+  });
   item.addEventListener("keydown", (event) => {
     if (event.target === item && (event.key === "Enter" || event.key === " ")) {
       event.preventDefault();
@@ -91,6 +94,16 @@ function card(hit) {
     }
   });
   return item;
+}
+
+// Shift-click adds a result to the query as `+ #id` (Alt-click: `- #id`), the query language's image of the index,
+// and searches again: refine a text search by examples.
+function addToQuery(id, sign) {
+  const box = $("query");
+  const current = box.value.trim();
+  box.value = current ? `${current} ${sign} #${id}` : `${sign === "-" ? "- " : ""}#${id}`;
+  const text = box.value;
+  run(state.image ? { image: state.image, text } : { text }, true);
 }
 
 function render(answer, label) {

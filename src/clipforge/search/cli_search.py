@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 SEARCH_EPILOG = """query language:
-  TERM [(+|-) TERM]...   each TERM a text or an image file, optionally WEIGHT:TERM
+  TERM [(+|-) TERM]...   each TERM a text, an image file or #ID (an image of the index), optionally WEIGHT:TERM
   clipforge search runs/idx "a red circle"
   clipforge search runs/idx "beach" + photo.jpg - "people"
   clipforge search runs/idx "2:golden retriever" - 0.5:grass -k 20 --output hits.json
   clipforge search runs/idx "a red circle" --dedup 0.95   # near-duplicates listed under a better hit
+  clipforge search runs/idx "beach + #42 - #17"            # images of the index by id: like 42, unlike 17
+  clipforge search runs/idx "beach" --under 2019/summer    # only the images under one folder (keys or a path)
   clipforge search runs/idx --queries queries.txt --output hits.jsonl   # one query per line, batched
 The query vector is the weighted sum of the terms' normalised embeddings, normalised again."""
 

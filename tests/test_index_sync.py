@@ -325,6 +325,7 @@ def test_a_running_server_serves_the_synced_index(small, tmp_path):
         got = json.loads(body)["results"]
         before, after = searcher.info["index_file"]["sha256"][:12], fresh.info["index_file"]["sha256"][:12]
         assert before != after and all(h["image_url"].endswith(f"?v={after}") for h in got)  # not the old URLs
+        assert json.loads(_get(url + "/api/info")[1])["version"] == after
         assert_ranking([{"id": h["id"], "score": h["score"]} for h in got],
                        [(h["id"], h["score"]) for h in fresh.search(text="a red circle", k=41)["results"]], tol=1e-4)
         by_path = {h["path"]: h["id"] for h in fresh.search(text="a red circle", k=41)["results"]}

@@ -293,7 +293,7 @@ class ServedIndices:
     def image_url(self, name: str, id_: int) -> str:
         """The URL of an image, carrying the index version (its faiss file's hash): browsers keep images for an
         hour, and `index compact` gives ids to other images, so a new version must not reuse old URLs."""
-        version = str(self.searchers[name].info["index_file"]["sha256"])[:12]
+        version = index_version(self.searchers[name])
         return f"/api/image/{id_}?" + (f"index={name}&" if self.several else "") + f"v={version}"
 
 
@@ -351,7 +351,13 @@ def index_summary(searcher: Searcher, dedup: float = DEFAULT_DEDUP) -> dict[str,
             "model": Path(str(info.get("model") or "")).name or None, "backend": searcher.backend,
             "recall": info.get("recall"),
             "threshold": {k: threshold[k] for k in ("score", "precision", "recall") if k in threshold} or None,
-            "max_k": MAX_K, "dedup": dedup}
+            "max_k": MAX_K, "dedup": dedup, "version": index_version(searcher)}
+
+
+def index_version(searcher: Searcher) -> str:
+    """The index's version: the first 12 hex digits of its faiss file's sha256, new after every `index add`,
+    `sync` and `compact` (image URLs carry it; a client holding ids can compare it to notice renumbering)."""
+    return str(searcher.info["index_file"]["sha256"])[:12]
 
 
 def error_response(status: int, message: str) -> JSONResponse:

@@ -75,6 +75,10 @@ def test_transparency_kept_small_images_not_enlarged_and_bad_files_refused():
     small = io.BytesIO()
     photo(60, 40).save(small, "PNG")
     assert Image.open(io.BytesIO(make_thumbnail(small.getvalue(), 512, 10**8))).size == (60, 40)
+    deep = io.BytesIO()  # a 16-bit grayscale ramp keeps its ramp (scaled to 8 bits), not clipped to white
+    Image.fromarray(np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))).save(deep, "PNG")
+    ramp = np.asarray(Image.open(io.BytesIO(make_thumbnail(deep.getvalue(), 128, 10**8))))[16, :, 0].astype(int)
+    assert ramp[0] < 10 and ramp[-1] > 245 and abs(ramp[64] - 128) < 12
     with pytest.raises(SearchError, match="1200x800 pixels is over the limit of 1000"):
         make_thumbnail(rotated_jpeg(photo()), 64, 1000)
     with pytest.raises(SearchError, match="id 3: not a readable image"):

@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 from PIL import Image
 
+from ..data.robust import convert_to_rgb
 from ..transforms import upright as turn_upright
 from .errors import SearchError
 
@@ -43,7 +44,8 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int, name: str = "image")
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))  # JPEG only
                 upright = turn_upright(image)
                 alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
-                upright = upright.convert("RGBA" if alpha else "RGB")
+                # 16-bit and other modes go through the training pipeline's conversion (a plain convert clips them)
+                upright = upright.convert("RGBA") if alpha else convert_to_rgb(upright)[0]
                 upright.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
                 out = io.BytesIO()
                 upright.save(out, "WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)

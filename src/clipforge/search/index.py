@@ -133,8 +133,7 @@ def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: 
     """Exact top-k inner products of `queries` [n, d] against stored rows given as (first id, vectors [rows, d])
     chunks, one chunk in memory at a time: scores [n, k] float32 and ids [n, k] int64, best first, padded with
     (-inf, -1) past the rows as faiss pads; rows that `skip` masks (removed ones, or those outside a scope) never
-    answer. A matrix product per block of rows,
-    then a running top-k."""
+    answer. A matrix product per block of rows, then a running top-k."""
     import torch
 
     blocks = [torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + FLAT_BLOCK_QUERIES], dtype=np.float32))

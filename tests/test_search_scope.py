@@ -228,3 +228,34 @@ def test_client_under_a_folder(built, searcher):
         assert all(h["key"].split("/")[0] in ("g0", "g2") for answer in many for h in answer["results"])
         with pytest.raises(SearchClientError, match="HTTP 400: under g9: no image of the index lies under it"):
             client.search(text="a red circle", under="g9")
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_a_selective_scope_widens_the_search(collection, tmp_path, monkeypatch, kind):
+    """Through a selector letting 1 row in 20 through, an IVF / HNSW search tuned for all rows would find about
+    1 / 20 as many of the rows it may return; nprobe / efSearch are widened by 20 (removed.selector_params), so
+    the answer keeps the recall the index was tuned to (0.9) less a margin for the sample, and k places filled."""
+    import faiss
+
+    from clipforge.search.scope import Scope
+
+    _, emb, img, _ = collection
+    build_index([emb], tmp_path / kind, BuildOptions(kind=kind, target_recall=0.9, queries=200))
+    monkeypatch.setattr(index_module, "SCAN_ROWS", 0)  # the selector path, as for a folder over 65,536 rows
+    index = open_index(tmp_path / kind)
+    allowed = np.zeros(ROWS, dtype=bool)
+    allowed[::20] = True
+    scope = Scope(allowed, ("every 20th row",))
+    params = scope.faiss_params(index.faiss_index)
+    if kind == "hnsw":
+        assert params.efSearch == min(20 * faiss.downcast_index(index.faiss_index).hnsw.efSearch, 4096)
+    else:
+        ivf = faiss.extract_index_ivf(index.faiss_index)
+        assert params.nprobe == min(20 * ivf.nprobe, ivf.nlist)
+    inside = np.flatnonzero(allowed)
+    queries = unit(np.random.default_rng(5).standard_normal((20, DIM))).astype(np.float32)
+    _, ids = index.search(queries, 10, scope)
+    assert (ids >= 0).all() and set(ids.ravel().tolist()) <= set(inside.tolist())
+    hits = sum(len(set(ids[row].tolist()) & {int(inside[i]) for i, _ in exact_top_k(img[inside], query, 10)})
+               for row, query in enumerate(queries))
+    assert hits / (10 * len(queries)) >= 0.8

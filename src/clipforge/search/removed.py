@@ -9,6 +9,7 @@ all honour it), exact scans mask them, and asking for a removed id by number is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -33,17 +34,26 @@ class RowFilter(Protocol):
         ...
 
 
-def selector_params(index: Any, selector: Any) -> Any:
+MAX_EF_SEARCH = 4096  # the widest HNSW search a selector may ask for
+
+
+def selector_params(index: Any, selector: Any, kept: float = 1.0) -> Any:
     """faiss SearchParameters with `selector` and the index's own nprobe / efSearch (a parameters object replaces
-    them for the call; their defaults would be 1 and 16)."""
+    them for the call; their defaults would be 1 and 16), both widened by 1 / `kept`, the fraction of rows the
+    selector lets through: a graph or inverted-list search tuned for all rows finds about `kept` as many of the
+    rows it may return (HNSW, 200k clustered rows, a scattered 1% of them: recall@10 0.24 with 66% of the places
+    filled as tuned, 0.93 and all filled with efSearch x 100; IVF-PQ 0.32 -> 0.73 with nprobe x 100)."""
     faiss = require("faiss")
     inner = faiss.downcast_index(index)  # type: ignore[attr-defined]
     if isinstance(inner, faiss.IndexPreTransform):  # type: ignore[attr-defined]
         inner = faiss.downcast_index(inner.index)  # type: ignore[attr-defined]
+    widen = 1.0 / min(1.0, max(kept, 1e-6))
     if isinstance(inner, faiss.IndexIVF):  # type: ignore[attr-defined]
-        return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)  # type: ignore[attr-defined]
+        nprobe = min(math.ceil(inner.nprobe * widen), inner.nlist)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[attr-defined]
     if isinstance(inner, faiss.IndexHNSW):  # type: ignore[attr-defined]
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
+        ef = max(inner.hnsw.efSearch, min(math.ceil(inner.hnsw.efSearch * widen), MAX_EF_SEARCH))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
     return faiss.SearchParameters(sel=selector)  # type: ignore[attr-defined]
 
 
@@ -96,4 +106,6 @@ class Removed:
         if self._selector is None:
             self._batch = faiss.IDSelectorBatch(self.ids)  # type: ignore[attr-defined]
             self._selector = faiss.IDSelectorNot(self._batch)  # type: ignore[attr-defined]
+        # not widened: removals are a small share whose effect the measured recall already includes (index sync
+        # re-measures past 5% of changes), and compaction must then answer exactly as before it
         return selector_params(index, self._selector)

@@ -87,7 +87,7 @@ class Scope:
             faiss = require("faiss")
             self._bits = np.packbits(self.allowed, bitorder="little")  # faiss reads bit i of byte i // 8
             self._selector = faiss.IDSelectorBitmap(self._bits)  # type: ignore[attr-defined]
-        return selector_params(index, self._selector)
+        return selector_params(index, self._selector, len(self) / max(int(index.ntotal), 1))
 
 
 def _under_mask(column: Any, folders: Sequence[str]) -> np.ndarray:

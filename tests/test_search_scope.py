@@ -209,6 +209,8 @@ def test_api_under_a_folder(built, searcher):
         assert client.get("/healthz").status_code == 200
     bad = client.post("/api/search", json={"text": "a red circle", "under": [1]})
     assert bad.status_code == 400 and "under" in bad.json()["error"]
+    many = client.post("/api/search", json={"text": "a red circle", "under": [f"g{i}" for i in range(33)]})
+    assert many.status_code == 400 and "at most 32 folders, got 33" in many.json()["error"]
 
 
 def test_client_under_a_folder(built, searcher):

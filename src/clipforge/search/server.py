@@ -72,7 +72,7 @@ from .thumbnails import MAX_SIZE, MIN_SIZE, ThumbnailCache, make_thumbnail
 
 MAX_K = 200
 MAX_LABELS = 100
-MAX_UNDER_CHARS = 1000
+MAX_UNDER_CHARS, MAX_UNDER_FOLDERS = 1000, 32
 JSON_FIELDS = ("text", "image", "embedding", "k", "dedup", "index", "modality", "under")  # of a JSON POST /api/search
 _ID = re.compile(r"^[0-9]{1,18}$")
 # Index names go into URLs and metric labels unescaped: letters, digits, '.', '_', '-'.
@@ -183,6 +183,8 @@ def parse_under(value: Any) -> list[str] | None:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise RequestError(400, "under: expected a folder of the collection's keys (e.g. 2019/summer), or a list "
                            "of them")
+    if len(values) > MAX_UNDER_FOLDERS:  # each folder is a pass over the metadata columns
+        raise RequestError(400, f"under: at most {MAX_UNDER_FOLDERS} folders, got {len(values)}")
     for folder in values:
         if len(folder) > MAX_UNDER_CHARS:
             raise RequestError(400, f"under: a folder of at most {MAX_UNDER_CHARS} characters")
@@ -431,8 +433,8 @@ async def read_json(request: Request) -> tuple[bytes | None, dict[str, Any]]:
 async def read_form(request: Request, max_bytes: int) -> tuple[bytes | None, dict[str, str]]:
     """(the `image` upload's bytes or None, the text fields) of a multipart request."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, under, "
-                           "modality, labels, index), or for POST /api/search a JSON object")
+        raise RequestError(415, "expected a multipart/form-data body (fields: image, text, embedding, k, dedup, "
+                           "under, modality, labels, index), or for POST /api/search a JSON object")
     try:
         form = await request.form(max_files=1, max_fields=9, max_part_size=max_bytes)
     except HTTPException as exc:  # malformed multipart, too many parts

@@ -38,7 +38,7 @@ def upright(image: Image.Image) -> Image.Image:
     from PIL import ImageOps
 
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    if orientation in (None, 1) or not isinstance(orientation, int) or not 2 <= orientation <= 8:
+    if not isinstance(orientation, int) or not 2 <= orientation <= 8:  # absent, 1 (upright) or malformed
         return image
     return ImageOps.exif_transpose(image)
 

@@ -172,11 +172,11 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
         stored = flat_vectors(faiss_index) if queries.shape[0] >= FLAT_BATCH_QUERIES else None
         if stored is not None:
             return topk_scan([(0, stored)], queries, k, skip)
-        scores, ids = faiss_index.search(queries, k, params=skip.faiss_params(faiss_index) if skip else None)
+        scores, ids = skip.faiss_search(faiss_index, queries, k) if skip else faiss_index.search(queries, k)
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
     n, fetch = queries.shape[0], min(k * rerank, max(k, int(faiss_index.ntotal)))
-    params = skip.faiss_params(faiss_index) if skip else None
-    _, candidates = faiss_index.search(queries, fetch, params=params)  # [n, fetch]
+    _, candidates = (skip.faiss_search(faiss_index, queries, fetch) if skip
+                     else faiss_index.search(queries, fetch))  # [n, fetch]
     flat = candidates.reshape(-1)
     vectors = np.zeros((flat.shape[0], queries.shape[1]), dtype=np.float32)
     vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0])

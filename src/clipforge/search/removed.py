@@ -33,6 +33,10 @@ class RowFilter(Protocol):
         """faiss SearchParameters that skip those rows, or None when none is skipped."""
         ...
 
+    def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's (scores [n, k], ids [n, k]) for float32 `queries` [n, d], skipping those rows."""
+        ...
+
 
 MAX_EF_SEARCH = 4096  # the widest HNSW search a selector may ask for
 
@@ -109,3 +113,7 @@ class Removed:
         # not widened: removals are a small share whose effect the measured recall already includes (index sync
         # re-measures past 5% of changes), and compaction must then answer exactly as before it
         return selector_params(index, self._selector)
+
+    def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's (scores [n, k], ids [n, k]) for float32 `queries` [n, d], the removed rows skipped."""
+        return index.search(queries, k, params=self.faiss_params(index))

@@ -11,7 +11,8 @@ The rows allowed are computed once per set of folders from the metadata parts (p
 whole columns) and cached. A flat index searches through a bitmap selector (exact; faiss skips the other rows). On
 IVF-PQ and HNSW a small scope (up to `SCAN_ROWS` rows) is searched by an exact scan of its stored vectors, which
 also avoids a graph or inverted-list search finding few of its rows; a larger one goes through the index's own
-search with the selector, as removed rows do.
+search with the selector, as removed rows do: HNSW with efSearch widened by 1 / the share of rows kept, IVF-PQ
+probing each query's lists until they hold enough of the folder's rows (`ivf_probe.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import SearchError, require
+from .ivf_probe import ListCounts, ivf_of, probe_search
 from .removed import selector_params
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class Scope:
         self.ids = np.flatnonzero(allowed).astype(np.int64)  # [len(self)] ascending
         self._bits: np.ndarray | None = None
         self._selector: Any = None
+        self._lists: ListCounts | None = None  # the scope's rows per inverted list, for IVF indices
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -81,13 +84,28 @@ class Scope:
         """Boolean [rows], True at the ids start..start+rows-1 outside the scope."""
         return ~self.allowed[start:start + rows]
 
-    def faiss_params(self, index: Any) -> Any:
-        """faiss SearchParameters keeping the scope's rows only (with the index's own nprobe / efSearch)."""
+    def selector(self) -> Any:
+        """A faiss selector letting the scope's rows through (made once)."""
         if self._selector is None:
             faiss = require("faiss")
             self._bits = np.packbits(self.allowed, bitorder="little")  # faiss reads bit i of byte i // 8
             self._selector = faiss.IDSelectorBitmap(self._bits)  # type: ignore[attr-defined]
-        return selector_params(index, self._selector, len(self) / max(int(index.ntotal), 1))
+        return self._selector
+
+    def faiss_params(self, index: Any) -> Any:
+        """faiss SearchParameters keeping the scope's rows only, nprobe / efSearch widened by 1 / the share of
+        rows kept (`removed.selector_params`)."""
+        return selector_params(index, self.selector(), len(self) / max(int(index.ntotal), 1))
+
+    def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's (scores [n, k], ids [n, k]) among the scope's rows: an IVF index probes each query's lists by
+        the scope's rows in them (`ivf_probe`), an HNSW graph searches wider by `faiss_params`."""
+        ivf = ivf_of(index)
+        if ivf is None:
+            return index.search(queries, k, params=self.faiss_params(index))
+        if self._lists is None:
+            self._lists = ListCounts(ivf, self.allowed)
+        return probe_search(ivf, self._lists, self.selector(), queries, k)
 
 
 def _under_mask(column: Any, folders: Sequence[str]) -> np.ndarray:

@@ -11,11 +11,11 @@ which the index never saw. A folder keeps a share of the rows (`--shares`), laid
 Each folder is searched each way `clipforge.search.index` has had: the exact scan of its stored vectors (what a
 folder of up to SCAN_ROWS rows takes: `taken` in the report says which way the index takes for that folder), the
 index through a bitmap selector with the index's tuned nprobe / efSearch (`tuned`), the same widened by 1 / share
-(`widened`, `removed.selector_params`: what HNSW takes for a larger folder), and on IVF-PQ each query probing its
-lists until they hold as many of the folder's rows as its tuned probe scans of all rows (`probed`,
-`search/ivf_probe.py`: what IVF-PQ takes). Printed per kind, layout and share: recall@10 against the exact top 10
-of the folder's rows (float64 over the stored vectors), the share of the 10 places filled, and milliseconds per
-query (median of `--rounds` batches of all the queries).
+(`widened`), and the way a larger folder takes now (`scoped`, `Scope.faiss_search`): HNSW widened by
+SCOPE_DEPTH / share, IVF-PQ probing each query's lists until they hold SCOPE_DEPTH times as many of the folder's
+rows as its tuned probe scans of all rows (`search/ivf_probe.py`). Printed per kind, layout and share: recall@10
+against the exact top 10 of the folder's rows (float64 over the stored vectors), the share of the 10 places
+filled, and milliseconds per query (median of `--rounds` batches of all the queries).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks:tests python benchmarks/bench_scope.py --threads 1 \\
         --output docs/benchmarks/scope.json
@@ -58,10 +58,12 @@ class TunedScope(Scope):
 
 
 class WidenedScope(Scope):
-    """A scope whose faiss search widens nprobe / efSearch by 1 / share for every query (before ivf_probe)."""
+    """A scope whose faiss search widens nprobe / efSearch by 1 / share for every query (before SCOPE_DEPTH and
+    ivf_probe)."""
 
     def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return index.search(queries, k, params=self.faiss_params(index))
+        kept = len(self) / int(index.ntotal)
+        return index.search(queries, k, params=selector_params(index, self.selector(), kept))
 
 
 def clustered_rows(rng: np.random.Generator, n: int, dim: int, clusters: int) -> tuple[np.ndarray, ...]:
@@ -141,11 +143,8 @@ def bench_kind(kind: str, emb: Path, root: Path, data: dict[str, np.ndarray], ar
             truth = exact_top(stored, allowed, queries)
             out = {"kind": kind, "layout": layout, "share": share, "folder_rows": int(allowed.sum()),
                    "whole_index_recall": whole}
-            ways = {"scan": Scope, "tuned": TunedScope, "widened": WidenedScope}
-            if kind == "ivfpq":
-                ways["probed"] = Scope
-            out["taken"] = ("scan" if out["folder_rows"] <= SCAN_ROWS
-                            else "probed" if kind == "ivfpq" else "widened")
+            ways = {"scan": Scope, "tuned": TunedScope, "widened": WidenedScope, "scoped": Scope}
+            out["taken"] = "scan" if out["folder_rows"] <= SCAN_ROWS else "scoped"
             for way, make in ways.items():
                 scope = make(allowed, ("bench",))
                 ids, seconds = measure(index, way, scope, queries, args.rounds)

@@ -13,6 +13,7 @@ from clipforge.search import ivf_probe
 from clipforge.search.build import BuildOptions, build_index
 from clipforge.search.index import open_index
 from clipforge.search.ivf_probe import ListCounts, probe_plan, probe_search
+from clipforge.search.removed import selector_params
 from clipforge.search.scope import Scope
 
 faiss = pytest.importorskip("faiss")
@@ -60,7 +61,7 @@ def test_a_plan_over_every_list_answers_as_the_full_probe(ivf, monkeypatch):
     allowed = np.random.default_rng(2).random(len(x)) < 0.1
     selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
     queries = unit(np.random.default_rng(3).standard_normal((20, 16))).astype(np.float32)
-    monkeypatch.setattr(ivf_probe, "PROBE_DEPTH", 1e9)  # the target is never reached: every list is probed
+    monkeypatch.setattr(ivf_probe, "SCOPE_DEPTH", 1e9)  # the target is never reached: every list is probed
     scores, ids = probe_search(index, ListCounts(index, allowed), selector, queries, 10)
     want_scores, want_ids = index.search(queries, 10, params=faiss.SearchParametersIVF(sel=selector, nprobe=32))
     assert allowed[ids].all()
@@ -92,9 +93,10 @@ def test_a_folder_of_similar_images_far_from_the_query(tmp_path, monkeypatch):
         truth = [{int(inside[i]) for i, _ in exact_top_k(stored[inside], q, 10)} for q in queries]
         return sum(len(set(row.tolist()) & want) for row, want in zip(ids, truth)) / (10 * len(queries))
 
-    class Widened(Scope):  # the fixed widening IVF searches took before ivf_probe
+    class Widened(Scope):  # the fixed widening IVF searches took before ivf_probe: nprobe / share
         def faiss_search(self, faiss_index, q, k):
-            return faiss_index.search(q, k, params=self.faiss_params(faiss_index))
+            kept = len(self) / faiss_index.ntotal
+            return faiss_index.search(q, k, params=selector_params(faiss_index, self.selector(), kept))
 
     probed, widened = recall(Scope(allowed, ("cap",))), recall(Widened(allowed, ("cap",)))
     print(f"recall@10: probed {probed:.3f}, widened {widened:.3f}")

@@ -1,11 +1,11 @@
-"""Probing an IVF index for the rows of a folder: as many of the folder's rows as the tuned search scans of all.
+"""Probing an IVF index for the rows of a folder: lists until they hold twice the rows the tuned search scans.
 
 An IVF search tuned for the whole index (its `nprobe` lists nearest the query) reaches its recall by scanning
 the rows of those lists. Through a selector that keeps only a folder, the same lists hold fewer of the rows it
 may return: `share` as many for a folder scattered over the collection, and often none at all for a folder of a
 few subjects (a trip, an event) far from the query. A fixed widening (nprobe / share, `removed.selector_params`)
 covers the first case only. So each query here probes its lists nearest first until the folder's rows in them
-reach `PROBE_DEPTH` times the rows its tuned probe would have scanned, and skips the lists that hold none of
+reach `SCOPE_DEPTH` times the rows its tuned probe would have scanned, and skips the lists that hold none of
 them: faiss's `search_preassigned` with a coarse assignment made here, in which -1 ends a query's lists.
 
 Why twice the rows: a folder's nearest rows lie further from the query than the whole index's, where the order of
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from .errors import require
+from .removed import SCOPE_DEPTH
 
-__all__ = ["PROBE_DEPTH", "ListCounts", "ivf_of", "probe_search"]
+__all__ = ["ListCounts", "ivf_of", "probe_search"]
 
-PROBE_DEPTH = 2  # probe until the folder's rows reach this many times the rows the tuned probe scans
 ORDER_ENTRIES = 1 << 22  # (query, list) pairs ordered at once: 48 MB of scores, list numbers and plan
 
 
@@ -55,7 +55,7 @@ class ListCounts:
             invlists.release_ids(lst, pointer)
 
 
-def probe_plan(counts: ListCounts, order: np.ndarray, nprobe: int, depth: float = PROBE_DEPTH) -> np.ndarray:
+def probe_plan(counts: ListCounts, order: np.ndarray, nprobe: int, depth: float = SCOPE_DEPTH) -> np.ndarray:
     """The coarse assignment [n, width] for lists `order` [n, nlist] (nearest first): each query's lists up to the
     one at which the kept rows reach `depth` x the rows of its first `nprobe` lists, those holding no kept row
     as -1."""
@@ -84,7 +84,7 @@ def _probe_block(ivf: Any, counts: ListCounts, selector: Any, queries: np.ndarra
     faiss = require("faiss")
     n = queries.shape[0]
     centroid_scores, order = ivf.quantizer.search(queries, ivf.nlist)  # [n, nlist] each, nearest first
-    plan = probe_plan(counts, order, ivf.nprobe, PROBE_DEPTH)
+    plan = probe_plan(counts, order, ivf.nprobe, SCOPE_DEPTH)
     width = plan.shape[1]
     centroid_scores = np.ascontiguousarray(centroid_scores[:, :width], dtype=np.float32)
     plan = np.ascontiguousarray(plan, dtype=np.int64)

@@ -17,7 +17,13 @@ import numpy as np
 
 from .errors import SearchError, require
 
-__all__ = ["Removed", "RowFilter", "selector_params"]
+__all__ = ["SCOPE_DEPTH", "Removed", "RowFilter", "selector_params"]
+
+# A folder searched through a selector looks at this many times as many of its own rows as the search tuned for
+# all rows looks at: its best rows lie further from the query than the whole index's, where an IVF centroid order
+# or an HNSW graph says less about them (benchmarks/bench_scope.py: folders of whole clusters fall 0.04-0.07
+# short of the whole index's recall@10 at once the rows; at twice, they reach it).
+SCOPE_DEPTH = 2
 
 
 class RowFilter(Protocol):

@@ -11,8 +11,8 @@ The rows allowed are computed once per set of folders from the metadata parts (p
 whole columns) and cached. A flat index searches through a bitmap selector (exact; faiss skips the other rows). On
 IVF-PQ and HNSW a small scope (up to `SCAN_ROWS` rows) is searched by an exact scan of its stored vectors, which
 also avoids a graph or inverted-list search finding few of its rows; a larger one goes through the index's own
-search with the selector, as removed rows do: HNSW with efSearch widened by 1 / the share of rows kept, IVF-PQ
-probing each query's lists until they hold enough of the folder's rows (`ivf_probe.py`).
+search with the selector, as removed rows do: HNSW with efSearch widened by 2 / the share of rows kept, IVF-PQ
+probing each query's lists until they hold enough of the folder's rows (`ivf_probe.py`; `removed.SCOPE_DEPTH`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import SearchError, require
 from .ivf_probe import ListCounts, ivf_of, probe_search
-from .removed import selector_params
+from .removed import SCOPE_DEPTH, selector_params
 
 if TYPE_CHECKING:
     from .index import VectorIndex
@@ -93,9 +93,10 @@ class Scope:
         return self._selector
 
     def faiss_params(self, index: Any) -> Any:
-        """faiss SearchParameters keeping the scope's rows only, nprobe / efSearch widened by 1 / the share of
-        rows kept (`removed.selector_params`)."""
-        return selector_params(index, self.selector(), len(self) / max(int(index.ntotal), 1))
+        """faiss SearchParameters keeping the scope's rows only, nprobe / efSearch widened by SCOPE_DEPTH / the
+        share of rows kept (`removed.selector_params`) when that share is below 1."""
+        kept = len(self) / max(int(index.ntotal), 1)
+        return selector_params(index, self.selector(), kept / SCOPE_DEPTH if kept < 1 else 1.0)
 
     def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss's (scores [n, k], ids [n, k]) among the scope's rows: an IVF index probes each query's lists by

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,18 +138,35 @@ class EmbeddingSet:
             cached = self._tables.get(part.number)
         if cached is not None:
             return cached
+        table = self._read_metadata(part)
+        with self._lock:
+            self._tables[part.number] = table
+        return table
+
+    def columns(self, part: Part, names: Sequence[str]) -> Any:
+        """The columns `names` of `part`'s metadata that it has, as a pyarrow Table: from the cached table when
+        `table` has read it, else only those columns from the file, not cached (a scope over every part then
+        does not pull every caption of the collection into memory)."""
+        with self._lock:
+            cached = self._tables.get(part.number)
+        if cached is not None:
+            return cached.select([n for n in names if n in cached.column_names])
+        return self._read_metadata(part, names)
+
+    def _read_metadata(self, part: Part, names: Sequence[str] | None = None) -> Any:
         pq = require("pyarrow.parquet")
         path = self.root / part.files["metadata"]
         try:
-            table = pq.read_table(path)  # type: ignore[attr-defined]
+            if names is not None:
+                present = set(pq.read_schema(path).names)  # type: ignore[attr-defined]
+                names = [n for n in names if n in present]
+            table = pq.read_table(path, columns=names)  # type: ignore[attr-defined]
         except FileNotFoundError:
             raise SearchError(f"{path}: metadata part is missing") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for damaged files
             raise SearchError(f"{path}: corrupt or truncated metadata part ({type(exc).__name__})") from None
         if table.num_rows != part.rows:
             raise SearchError(f"{path}: {table.num_rows} rows, manifest.json says {part.rows}")
-        with self._lock:
-            self._tables[part.number] = table
         return table
 
     def row_metadata(self, row: int) -> dict[str, Any]:

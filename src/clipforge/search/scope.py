@@ -138,7 +138,7 @@ def build_scope(index: VectorIndex, folders: tuple[str, ...]) -> Scope:
     start, example = 0, None
     for source in index.sources:
         for part in source.parts:
-            table = source.table(part)
+            table = source.columns(part, ("key", "path", "shard"))
             hit = np.zeros(part.rows, dtype=bool)
             if by_key and "key" in table.column_names:
                 hit |= _under_mask(table.column("key"), by_key)

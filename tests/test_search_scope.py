@@ -64,8 +64,9 @@ def test_folder_names_and_their_rows(collection, tmp_path):
     assert index.scope("a/").ids.tolist() == index.scope("./a").ids.tolist() == index.scope("a").ids.tolist()
     assert index.scope("/nowhere/a").ids.tolist() == index.scope("a").ids.tolist()  # the files' absolute paths
     assert index.scope("c/d/e/img4").ids.tolist() == [4]  # a key itself
-    # scopes read the key and path columns alone, caching nothing: captions stay on disk until a result needs them
+    # scopes read (and keep) the key and path columns alone: captions stay on disk until a result needs them
     assert not any(source._tables for source in index.sources)
+    assert all(set(t.column_names) == {"key", "path"} for s in index.sources for t in s._narrow.values())
     index.metadata([0, 2999])  # the first and last parts' whole tables, as serving results reads them
     assert set(index.scope(["b", "ab"]).ids.tolist()) == _rows_under(("ab", "b"))  # those parts from the cache
     assert index.scope(None) is None

@@ -90,6 +90,7 @@ class EmbeddingSet:
         self.offsets = np.cumsum([0] + [p.rows for p in self.parts]).astype(np.int64)  # [parts + 1]
         self._lock = threading.Lock()
         self._tables: dict[int, Any] = {}
+        self._narrow: dict[tuple[int, tuple[str, ...]], Any] = {}  # some columns of parts not read whole
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -143,15 +144,20 @@ class EmbeddingSet:
             self._tables[part.number] = table
         return table
 
-    def columns(self, part: Part, names: Sequence[str]) -> Any:
-        """The columns `names` of `part`'s metadata that it has, as a pyarrow Table: from the cached table when
-        `table` has read it, else only those columns from the file, not cached (a scope over every part then
-        does not pull every caption of the collection into memory)."""
+    def columns(self, part: Part, names: tuple[str, ...]) -> Any:
+        """The columns `names` of `part`'s metadata that it has, as a pyarrow Table: from the whole table when
+        `table` has read it, else only those columns, read once and cached apart (scopes read the key and path
+        columns of every part; the captions, often most of the bytes, stay on disk until a result needs them)."""
         with self._lock:
             cached = self._tables.get(part.number)
+            narrow = self._narrow.get((part.number, names))
         if cached is not None:
             return cached.select([n for n in names if n in cached.column_names])
-        return self._read_metadata(part, names)
+        if narrow is None:
+            narrow = self._read_metadata(part, names)
+            with self._lock:
+                self._narrow[(part.number, names)] = narrow
+        return narrow
 
     def _read_metadata(self, part: Part, names: Sequence[str] | None = None) -> Any:
         pq = require("pyarrow.parquet")

@@ -14,7 +14,10 @@ Rounds take turns (A B C A B C) and the best round counts, as the machine is sha
 Index (`--section index`): synthetic clustered unit vectors with a caption set offset from the images (a
 modality gap), written as embedding parts and indexed by `clipforge.search.build`: build seconds, bytes per
 vector, 10-recall@10 per query modality (held-out queries against exact search), batch-1 latency p50/p99 of
-caption queries on one faiss thread.
+caption queries on one faiss thread; and for caption search (`modality="text"`: the same caption queries
+against the stored caption vectors), the caption index's recall and latency beside the exact scan of every
+stored caption, which is what a flat index, an index built with `--no-caption-index` or one built before
+caption indices does.
 
 Server (`--section server`): `clipforge serve` in its own process over an index of `--server-rows` random unit
 vectors carrying the fingerprint of `--server-model` (default RN-Tiny-64 with seed-0 random weights, the demo's
@@ -234,23 +237,44 @@ def synthetic_collection(root: Path, rows: int, dim: int, part_rows: int = 100_0
     return root
 
 
-def _latency(index_dir: Path, queries: np.ndarray, repeats: int) -> dict[str, float]:
+def _latency(index_dir: Path, queries: np.ndarray, repeats: int, captions: str | None = None) -> dict[str, float]:
     """Batch-1 latency on one faiss thread: a server answers concurrent queries on separate threads, and
-    OpenMP barriers for a single query only add waiting on a busy machine."""
+    OpenMP barriers for a single query only add waiting on a busy machine. `captions`: search the caption
+    vectors instead, through the caption index ("index") or by the exact scan ("scan")."""
     import faiss  # noqa: PLC0415
 
-    threads = faiss.omp_get_max_threads()
+    threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)  # the exact scan's matrix products
     index = open_index(index_dir)
+    if captions == "scan":
+        index.caption_index = None
+    search = index.search if captions is None else index.search_captions
     times = []
     for i in range(repeats):
         q = queries[i % len(queries)][None]
         start = time.perf_counter()
-        index.search(q, 10)
+        search(q, 10)
         times.append(time.perf_counter() - start)
     faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
     ms = np.array(times) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def _caption_search(index_dir: Path, info: dict, queries: np.ndarray, repeats: int) -> dict[str, Any]:
+    """Caption search: the caption index's recall and latency (when built), and the exact scan's latency."""
+    out: dict[str, Any] = {}
+    captions = info.get("captions")
+    if captions:
+        out = {"factory": captions["build"]["factory"], "search": captions["search"],
+               "build_s": captions["build"]["seconds"], "recall_text": captions["recall"]["text"],
+               "recall_image": captions["recall"]["image"], "target_met": captions["recall"]["target_met"],
+               "index": _latency(index_dir, queries, repeats, "index")}
+    out["scan"] = _latency(index_dir, queries, max(10, repeats // 10), "scan")  # ~0.1-1 s a query at 1M rows
+    if captions:
+        out["speedup_p50"] = round(out["scan"]["p50_ms"] / out["index"]["p50_ms"], 1)
+    return out
 
 
 def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, threads: int = 2,
@@ -279,7 +303,8 @@ def bench_index(sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512, t
                     "bytes_per_vector": info["bytes_per_vector"],
                     "recall_image": info["recall"]["image"], "recall_text": info["recall"]["text"],
                     "target_met": info["recall"]["target_met"],
-                    **_latency(Path(tmp) / f"{kind}{rows}", queries, repeats)}
+                    **_latency(Path(tmp) / f"{kind}{rows}", queries, repeats),
+                    "captions": _caption_search(Path(tmp) / f"{kind}{rows}", info, queries, repeats)}
                 print(f"  {kind} {rows}: {json.dumps(results[f'{kind} {rows}'])}", flush=True)
     shape = f"{centres} centres x {subcentres} sub-directions" if subcentres else f"{centres} centres"
     return {"dim": dim, "vectors": f"synthetic: {shape}, noise {noise} per coordinate; offset captions",

@@ -21,13 +21,14 @@ from .index import (
     INFO_FILE,
     apply_search_params,
     load_index_info,
+    open_caption_index,
     read_faiss,
     resolve_source,
     search_faiss,
     stored_rows,
     vector_chunks,
 )
-from .measure import drop_self, exact_topk, no_match_threshold, recall_at_k, tune
+from .measure import drop_self, exact_topk, no_match_threshold, query_recalls, tune
 from .parts import EmbeddingSet, open_embeddings
 from .removed import Removed
 
@@ -57,6 +58,7 @@ class BuildOptions:
     train_on: str = "image"  # ivfpq: "image" or "mixed" (image + caption vectors); see training_sample
     rerank: int = 4  # ivfpq: rescore k x rerank candidates with the stored vectors (0: PQ scores as they are)
     rerank_max: int = MAX_RERANK  # ivfpq: the deepest rescoring tuning may double `rerank` to (= rerank: pinned)
+    caption_index: bool = True  # ivfpq/hnsw over captioned rows: a second index of the caption vectors
 
 
 def parse_memory(text: str) -> int:
@@ -171,34 +173,54 @@ def pair_scores(sources: list[EmbeddingSet], ids: np.ndarray, text: np.ndarray, 
     return positive, others.max(axis=1)
 
 
-def measure_recall(search: Callable[[np.ndarray, int], tuple], sets: dict, truth: dict, k: int) -> dict[str, float]:
-    """10-recall@10 (for k=10) of `search(queries, k)` per query modality against the exact `truth`."""
-    recall = {}
+def caption_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int,
+                  removed: Removed | None = None) -> dict[str, np.ndarray]:
+    """Exact top-k caption ids per query modality (`query_sets`' held-out rows): a caption query's own row is
+    dropped, as an image query's is from the image index; an image query keeps its own caption."""
+    truth = {}
     for modality, (ids, vectors) in sets.items():
-        if modality == "image":  # one more, as the query's own row is dropped from the answer
+        _, found = exact_topk(vector_chunks(sources, "text"), vectors, k + 1, removed)
+        truth[modality] = drop_self(found, ids, k) if modality == "text" else found[:, :k]
+    return truth
+
+
+def query_hits(search: Callable[[np.ndarray, int], tuple], sets: dict, truth: dict, k: int,
+               own: str = "image") -> dict[str, np.ndarray]:
+    """Per query modality, each query's k-recall@k [n] of `search(queries, k)` against the exact `truth`. Queries
+    of modality `own` are rows of the index searched (images in the image index, captions in the caption one)."""
+    hits = {}
+    for modality, (ids, vectors) in sets.items():
+        if modality == own:  # one more, as the query's own row is dropped from the answer
             found = drop_self(search(vectors, k + 1)[1], ids, k)
         else:
             found = search(vectors, k)[1]
-        recall[modality] = round(recall_at_k(found, truth[modality]), 4)
-    return recall
+        hits[modality] = query_recalls(found, truth[modality])
+    return hits
+
+
+def measure_recall(search: Callable[[np.ndarray, int], tuple], sets: dict, truth: dict, k: int,
+                   own: str = "image") -> dict[str, float]:
+    """10-recall@10 (for k=10) per query modality: the mean of `query_hits`."""
+    return {modality: round(float(h.mean()), 4) for modality, h in query_hits(search, sets, truth, k, own).items()}
 
 
 def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict, sets: dict, truth: dict,
-                opts: BuildOptions, removed: Removed | None = None) -> tuple[dict, dict, bool]:
+                opts: BuildOptions, removed: Removed | None = None, role: str = "img") -> tuple[dict, dict, bool]:
     """The cheapest nprobe / efSearch reaching `target_recall` on every modality, the recall it gives, and
     whether the target was met.
 
     IVF-PQ: when no nprobe reaches the target with `opts.rerank`, PQ's ranking of the candidates is the limit
     (more lists only bring more vectors whose approximate scores misplace them), so the rescoring depth doubles,
     up to `opts.rerank_max`, until a scan of every list would reach the target; nprobe is then tuned at that
-    depth."""
+    depth. `role` "text": `index` holds the caption vectors (own queries: the held-out captions)."""
     rerank = opts.rerank if kind == "ivfpq" and opts.rerank > 1 else 0
+    own = "text" if role == "text" else "image"
 
     def search(queries: np.ndarray, k: int) -> tuple:
-        return search_faiss(index, sources, queries, k, rerank, removed)  # the depth in force when called
+        return search_faiss(index, sources, queries, k, rerank, removed, role)  # the depth in force when called
 
     if kind == "flat":
-        return {}, measure_recall(search, sets, truth, opts.k), True
+        return {}, measure_recall(search, sets, truth, opts.k, own), True
     name = "nprobe" if kind == "ivfpq" else "efSearch"
     limit = params["nlist"] if kind == "ivfpq" else 2048
     candidates = [2**i for i in range(int(math.log2(limit)) + 1)] if kind == "ivfpq" else \
@@ -206,7 +228,7 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
 
     def recall_with(value: int) -> dict[str, float]:
         apply_search_params(index, {name: value})
-        return measure_recall(search, sets, truth, opts.k)
+        return measure_recall(search, sets, truth, opts.k, own)
 
     value, recall, met = tune(candidates, recall_with, opts.target_recall)
     if not met and rerank:
@@ -219,36 +241,55 @@ def tune_search(index: Any, sources: list[EmbeddingSet], kind: str, params: dict
     return {name: value, **({"rerank": rerank} if rerank else {})}, recall, met
 
 
-def write_index(index_dir: Path, index: Any, info: dict[str, Any]) -> dict[str, Any]:
-    """index-<sha>.faiss, then index.json naming it (the commit point), then older index files removed."""
+def _write_faiss(index_dir: Path, index: Any, prefix: str) -> dict[str, Any]:
+    """PREFIX-<sha>.faiss written atomically; its index.json entry {name, bytes, sha256}."""
     faiss = require("faiss")
     data = faiss.serialize_index(index).tobytes()  # type: ignore[attr-defined]
     digest = __import__("hashlib").sha256(data).hexdigest()
-    name = f"index-{digest[:16]}.faiss"
+    name = f"{prefix}-{digest[:16]}.faiss"
     atomic_write(index_dir / name, lambda tmp: tmp.write_bytes(data))
-    info["index_file"] = {"name": name, "bytes": len(data), "sha256": digest}
-    info["bytes_per_vector"] = round(len(data) / max(1, index.ntotal), 2)
+    return {"name": name, "bytes": len(data), "sha256": digest}
+
+
+def write_index(index_dir: Path, index: Any, info: dict[str, Any], captions: Any = None) -> dict[str, Any]:
+    """index-<sha>.faiss (and captions-<sha>.faiss with a caption index), then index.json naming them (the commit
+    point), then older index files removed."""
+    info["index_file"] = _write_faiss(index_dir, index, "index")
+    info["bytes_per_vector"] = round(info["index_file"]["bytes"] / max(1, index.ntotal), 2)
+    if captions is not None:
+        info["captions"]["index_file"] = _write_faiss(index_dir, captions, "captions")
+    else:
+        info.pop("captions", None)
     atomic_write_text(index_dir / INFO_FILE, json.dumps(info, indent=1, sort_keys=True))
-    for stale in index_dir.glob("index-*.faiss"):
-        if stale.name != name:
+    current = {info["index_file"]["name"], *([info["captions"]["index_file"]["name"]] if captions is not None else [])}
+    for stale in [*index_dir.glob("index-*.faiss"), *index_dir.glob("captions-*.faiss")]:
+        if stale.name not in current:
             stale.unlink()
     return info
 
 
+def _recall_record(opts: BuildOptions, sets: dict, live: int, recall: dict, met: bool) -> dict[str, Any]:
+    return {"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
+            "target": opts.target_recall, "target_met": met, "seed": opts.seed, "rows": live, **recall}
+
+
 def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict, opts: BuildOptions,
-           removed: Removed | None = None, measure: bool = True) -> dict:
-    """Measure (recall per modality, tuned search params, threshold) over the rows not `removed` and write
-    index + index.json (which records `removed`); with `measure` False the stored measurement is kept."""
+           removed: Removed | None = None, measure: bool = True, captions: Any = None) -> dict:
+    """Measure (recall per modality, tuned search params, threshold; the same for the `captions` index, whose
+    build record `info["captions"]` holds) over the rows not `removed` and write index (+ caption index) +
+    index.json (which records `removed`); with `measure` False the stored measurements are kept."""
     live = int(index.ntotal) - len(removed or ())
     if measure:
         sets = query_sets(sources, opts, removed)
         truth = ground_truth(sources, sets, opts.k, removed)
         search, recall, met = tune_search(index, sources, info["kind"], info["build"], sets, truth, opts, removed)
-        info.update(search=search, unmeasured_changes=0,
-                    recall={"k": opts.k, "metric": f"{opts.k}-recall@{opts.k}", "queries": len(sets["image"][0]),
-                            "target": opts.target_recall, "target_met": met, "seed": opts.seed, "rows": live,
-                            **recall})
+        info.update(search=search, unmeasured_changes=0, recall=_recall_record(opts, sets, live, recall, met))
         info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
+        if captions is not None:
+            record = info["captions"]
+            search, recall, met = tune_search(captions, sources, record["kind"], record["build"], sets,
+                                              caption_truth(sources, sets, opts.k, removed), opts, removed, "text")
+            record.update(search=search, recall=_recall_record(opts, sets, live, recall, met))
     info["rows"] = int(index.ntotal)
     info["sources"] = [{"path": os.path.relpath(s.root.resolve(), index_dir.resolve()), "rows": len(s),
                         "manifest_sha256": sha256_file(s.root / "manifest.json")} for s in sources]
@@ -256,12 +297,38 @@ def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict,
     if removed:
         info["removed"] = removed.ids.tolist()
     info["live_rows"] = live
-    return write_index(index_dir, index, info)
+    return write_index(index_dir, index, info, captions)
+
+
+def _new_faiss(sources: list[EmbeddingSet], dim: int, factory: str, params: dict[str, Any], opts: BuildOptions,
+               role: str) -> tuple[Any, str | None]:
+    """An index from `factory`, trained (IVF-PQ) on a sample of the `role` vectors ("img": as `train_on` says;
+    "text": captions), holding every row's `role` vector; and what it was trained on."""
+    faiss = require("faiss")
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore[attr-defined]
+    trained_on = None
+    if not index.is_trained:
+        rows = sum(len(s) for s in sources)
+        # 40 points per list (faiss warns below 39) and at least 39 x 256 for the PQ codebooks
+        count = min(rows, max(39 * 256, 40 * params.get("nlist", 1)))
+        rng = np.random.default_rng(opts.seed)
+        if role == "text":
+            sample = stored_rows(sources, np.sort(rng.choice(rows, count, replace=False)), "text")
+            trained_on = "text"
+        else:
+            sample, trained_on = training_sample(sources, count, rng, opts.train_on)
+        # polysemous codes (on by default in IndexIVFPQ) only speed up Hamming-filtered search, which we do
+        # not use, and their annealing dominates training time
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
+        index.train(sample)
+    for _, vectors in vector_chunks(sources, role):
+        index.add(vectors)
+    return index, trained_on
 
 
 def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: BuildOptions | None = None) -> dict:
     """Build an index over the embedding directories; returns the index.json it wrote."""
-    faiss = require("faiss")
+    require("faiss")  # a clear error before any work when faiss is missing
     opts = opts or BuildOptions()
     if opts.kind not in KINDS:
         raise SearchError(f"--kind: expected one of {', '.join(KINDS)}, got {opts.kind!r}")
@@ -277,26 +344,22 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
     kind = choose_kind(rows, dim, opts.memory) if opts.kind == "auto" else opts.kind
     factory, params = factory_string(kind, rows, dim, opts)
     started = time.perf_counter()
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore[attr-defined]
-    trained_on = None
-    if not index.is_trained:
-        # 40 points per list (faiss warns below 39) and at least 39 x 256 for the PQ codebooks
-        count = min(rows, max(39 * 256, 40 * params.get("nlist", 1)))
-        sample, trained_on = training_sample(sources, count, np.random.default_rng(opts.seed), opts.train_on)
-        # polysemous codes (on by default in IndexIVFPQ) only speed up Hamming-filtered search, which we do
-        # not use, and their annealing dominates training time
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
-        index.train(sample)
-    for _, vectors in vector_chunks(sources):
-        index.add(vectors)
+    index, trained_on = _new_faiss(sources, dim, factory, params, opts, "img")
     build = {**params, "factory": factory, "trained_on": trained_on, "seconds": 0.0,
              "options": {k: v for k, v in asdict(opts).items() if v is not None}}
     info = {"format": INDEX_FORMAT, "version": 1, "kind": kind, "build": build, "dim": dim,
             "fingerprint": sources[0].fingerprint, "model": sources[0].manifest.get("model"),
             "backend": backend_of(sources[0].fingerprint)}
-    Path(index_dir).mkdir(parents=True, exist_ok=True)
     build["seconds"] = round(time.perf_counter() - started, 3)
-    return finish(Path(index_dir), index, sources, info, opts)
+    captions = None
+    # a flat index's caption search is the exact scan of the stored vectors, as fast as a second flat index
+    if opts.caption_index and kind != "flat" and all(s.has_text for s in sources):
+        started = time.perf_counter()
+        captions, trained_on = _new_faiss(sources, dim, factory, params, opts, "text")
+        info["captions"] = {"kind": kind, "build": {**params, "factory": factory, "trained_on": trained_on,
+                                                    "seconds": round(time.perf_counter() - started, 3)}}
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    return finish(Path(index_dir), index, sources, info, opts, captions=captions)
 
 
 def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None,
@@ -318,6 +381,14 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
     index = read_faiss(index_dir / info["index_file"]["name"], int(info["index_file"]["bytes"]))
     for _, vectors in vector_chunks(new):
         index.add(vectors)
+    # the caption index takes the new rows' captions; a folder without any ends caption search (has_captions)
+    # and so the caption index with it
+    captions = open_caption_index(index_dir, info)
+    if captions is not None and all(s.has_text for s in new):
+        for _, vectors in vector_chunks(new, "text"):
+            captions.add(vectors)
+    else:
+        captions = None
     base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                    if k in BuildOptions.__dataclass_fields__})
     info["added"] = info.get("added", 0) + sum(len(s) for s in new)
@@ -334,4 +405,4 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
         measure = "rows" not in info.get("recall", {}) or pending > REMEASURE_FRACTION * (total - len(removed))
         if not measure:
             info["unmeasured_changes"] = pending
-    return finish(index_dir, index, old + new, info, base, removed, measure)
+    return finish(index_dir, index, old + new, info, base, removed, measure, captions)

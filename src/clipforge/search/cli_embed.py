@@ -50,7 +50,7 @@ def _build_options(args: argparse.Namespace) -> Any:
     return BuildOptions(kind=args.kind, memory=parse_memory(args.memory) if args.memory else None,
                         target_recall=args.target_recall, queries=args.queries, seed=args.seed,
                         nlist=args.nlist, pq_m=args.pq_m, hnsw_m=args.hnsw_m, train_on=args.train_on,
-                        rerank=args.rerank, rerank_max=args.rerank_max)
+                        rerank=args.rerank, rerank_max=args.rerank_max, caption_index=not args.no_caption_index)
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -67,6 +67,12 @@ def _summary(info: dict[str, Any]) -> str:
         line += f"; no no-match threshold: {t['reason']}"
     elif t:
         line += f"; no-match threshold {t['score']:.3f} (precision {t['precision']:.3f}, recall {t['recall']:.3f})"
+    captions = info.get("captions")
+    if captions:
+        found = ", ".join(f"{m}->caption {captions['recall'][m]:.3f}" for m in ("text", "image")
+                          if m in captions["recall"])
+        line += (f"; caption index ({captions['build']['factory']}), search {captions['search'] or 'exact'}: "
+                 f"{found}")
     return line
 
 
@@ -162,6 +168,9 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--rerank-max", type=int, default=64,
                    help="ivfpq: the deepest rescoring tuning may choose (default 64; equal to --rerank pins it, "
                         "bounding the rows read per query)")
+    q.add_argument("--no-caption-index", action="store_true",
+                   help="ivfpq/hnsw over a captioned collection: do not build the caption index (text-modality "
+                   "search then scans every stored caption vector exactly)")
 
 def _add_maintenance_parsers(index_sub: argparse._SubParsersAction) -> None:
     q = index_sub.add_parser("sync", help="bring an index in step with a folder: embed new and changed files, "

@@ -65,8 +65,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    "as JSON lines to standard output")
     p.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
     p.add_argument("--modality", choices=["image", "text"], default="image",
-                   help="match the query against the images' embeddings (default) or their captions' ('text', an "
-                   "exact scan of the stored caption embeddings: clip-retrieval's text modality)")
+                   help="match the query against the images' embeddings (default) or their captions' ('text': "
+                   "the stored caption embeddings, through the index's caption index or an exact scan: "
+                   "clip-retrieval's text modality)")
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="collapse near-duplicates: a result within this cosine of a better one is counted under it "
                    "instead of taking a place in the top k (0.95 is `index duplicates`' default)")

@@ -3,8 +3,9 @@
 Every `index sync` leaves its removed rows in the faiss index (skipped at search time) and adds an embedding
 folder of its own; a library synced daily for a year carries a year of both. Compaction copies the live rows
 (vectors byte for byte as embed stored them, and their metadata) into `INDEX/compact/<digest>/`, builds the
-faiss index over them (IVF-PQ: the trained quantiser and codebooks are kept, so every code is the one it was;
-flat and HNSW: built again), re-measures recall, and commits with one write of index.json. Ids are renumbered
+faiss index over them, and the caption index likewise when there is one (IVF-PQ: the trained quantiser and
+codebooks are kept, so every code is the one it was; flat and HNSW: built again), re-measures recall, and commits
+with one write of index.json. Ids are renumbered
 (the live rows in their old order), which is why a search answer's ids are only good for the index version
 that gave them. Embedding folders the index no longer uses are removed by the next index command that commits
 (a server may still read them until it reloads) if they lie inside the index folder (`synced/`, earlier
@@ -116,12 +117,26 @@ def _copy_live_rows(index: VectorIndex, out: Path, part_size: int) -> EmbeddingS
     return open_embeddings(out)
 
 
+def _refill(old: Any, kind: str, factory: str, compacted: EmbeddingSet, role: str) -> Any:
+    """A faiss index like `old` holding the compacted rows' `role` vectors: IVF-PQ keeps its trained lists and
+    codebooks (every code stays what it was), flat and HNSW are built again."""
+    faiss = require("faiss")
+    if kind == "ivfpq":
+        rebuilt = faiss.clone_index(old)  # type: ignore[attr-defined]
+        rebuilt.reset()
+    else:
+        rebuilt = faiss.index_factory(compacted.dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore
+    for _, vectors in vector_chunks([compacted], role):
+        rebuilt.add(vectors)
+    return rebuilt
+
+
 def compact_index(index_dir: str | Path, part_size: int = 100_000) -> dict[str, Any] | None:
     """Rewrite the index over its live rows only (see the module docstring); returns the new index.json, or
     None when there is nothing to compact (no removed rows and a single embedding folder)."""
     from .build import BuildOptions, finish
 
-    faiss = require("faiss")
+    require("faiss")  # a clear error before any work when faiss is missing
     index_dir = Path(index_dir)
     if part_size < 1:
         raise SearchError(f"--part-size: expected a positive number of rows, got {part_size}")
@@ -136,20 +151,17 @@ def compact_index(index_dir: str | Path, part_size: int = 100_000) -> dict[str, 
         out = index_dir / COMPACT_DIR / digest
         shutil.rmtree(out, ignore_errors=True)  # a copy left half-done by an interrupted compaction
         compacted = _copy_live_rows(index, out, part_size)
-        if info["kind"] == "ivfpq":  # keep the trained lists and codebooks: every code stays what it was
-            rebuilt = faiss.clone_index(index.faiss_index)  # type: ignore[attr-defined]
-            rebuilt.reset()
-        else:
-            rebuilt = faiss.index_factory(index.dim, info["build"]["factory"],  # type: ignore[attr-defined]
-                                          faiss.METRIC_INNER_PRODUCT)  # type: ignore[attr-defined]
-        for _, vectors in vector_chunks([compacted]):
-            rebuilt.add(vectors)
+        rebuilt = _refill(index.faiss_index, info["kind"], info["build"]["factory"], compacted, "img")
+        captions = None
+        if index.caption_index is not None:
+            captions = _refill(index.caption_index, info["captions"]["kind"], info["captions"]["build"]["factory"],
+                               compacted, "text")
         opts = BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                if k in BuildOptions.__dataclass_fields__})
         before = {"rows": int(index.faiss_index.ntotal), "removed": len(index.removed), "sources": len(index.sources)}
         info = {k: v for k, v in info.items() if k not in ("embeddings_dir", "removed")}
         info["compacted"] = {**before, "at": time.time(), "seconds": round(time.perf_counter() - started, 3)}
         previous = index.info
-        info = finish(index_dir, rebuilt, [compacted], info, opts)
+        info = finish(index_dir, rebuilt, [compacted], info, opts, captions=captions)
         prune_unused(index_dir, info, previous)
         return info

@@ -7,6 +7,9 @@
     INDEX/index-<sha256 prefix>.faiss  the faiss index (inner product on L2-normalised vectors = cosine);
                         named by its hash so that `index add` writes a new file and switches index.json to it
                         atomically, never leaving index.json pointing at a half-written index
+    INDEX/captions-<sha256 prefix>.faiss  the same over the caption vectors, for `modality="text"` (index.json's
+                        `captions`: kind, build, search parameters, measured recall, file), built beside an IVF-PQ
+                        or HNSW image index when every row has a caption; flat indices scan the captions exactly
 
 `VectorIndex` is read-only after opening, so any number of threads may search it at once (faiss releases the
 GIL and its search is const); metadata parts are read lazily under a lock.
@@ -160,8 +163,9 @@ def topk_scan(chunks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: 
 
 
 def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.ndarray, k: int,
-                 rerank: int = 0, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors.
+                 rerank: int = 0, skip: RowFilter | None = None, role: str = "img") -> tuple[np.ndarray, np.ndarray]:
+    """faiss top-k; with `rerank` > 1, the top k x rerank candidates rescored exactly with the stored vectors
+    (those of `role`: "img", or "text" for a caption index).
     Rows `skip` names (removed ids, rows outside a scope) are skipped by faiss itself (a search-time selector),
     so k of the other rows still come back.
 
@@ -179,7 +183,7 @@ def search_faiss(faiss_index: Any, sources: Sequence[EmbeddingSet], queries: np.
                      else faiss_index.search(queries, fetch))  # [n, fetch]
     flat = candidates.reshape(-1)
     vectors = np.zeros((flat.shape[0], queries.shape[1]), dtype=np.float32)
-    vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0])
+    vectors[flat >= 0] = stored_rows(sources, flat[flat >= 0], role)
     exact = np.einsum("nfd,nd->nf", vectors.reshape(n, fetch, -1), queries)  # [n, fetch]
     exact[candidates < 0] = -np.inf
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
@@ -202,7 +206,8 @@ class VectorIndex:
     """A built index opened for search. `info` is the parsed index.json (with `embeddings_dir` resolved).
     Ids count every row ever added; `removed` ones (index sync) are left out of every answer and `len()`."""
 
-    def __init__(self, index_dir: Path, info: dict[str, Any], faiss_index: Any, sources: list[EmbeddingSet]) -> None:
+    def __init__(self, index_dir: Path, info: dict[str, Any], faiss_index: Any, sources: list[EmbeddingSet],
+                 caption_index: Any = None) -> None:
         self.index_dir = index_dir
         self.info = info
         self.fingerprint: dict[str, Any] = info["fingerprint"]
@@ -210,6 +215,8 @@ class VectorIndex:
         self.faiss_index = faiss_index
         self.sources = sources
         self.rerank = int(info.get("search", {}).get("rerank", 0))
+        self.caption_index = caption_index  # faiss index of the caption vectors (same ids), or None: exact scans
+        self.caption_rerank = int(info.get("captions", {}).get("search", {}).get("rerank", 0))
         self._offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
         self.removed = Removed(info.get("removed", []), int(self._offsets[-1]), str(index_dir / INFO_FILE))
         self._tar_lock = threading.Lock()
@@ -255,14 +262,19 @@ class VectorIndex:
 
     def search_captions(self, queries: np.ndarray, k: int,
                         scope: Scope | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k stored caption vectors by inner product, by an exact scan of the embedding parts (one part
-        in memory at a time, as float32; of the scope's rows only, with one): scores [n, k], ids [n, k] (the
-        id of the caption's image)."""
+        """Top-k stored caption vectors by inner product: scores [n, k], ids [n, k] (the id of the caption's
+        image). Through the caption index when there is one (`captions-*.faiss`, tuned as the image index is),
+        else by an exact scan of the embedding parts (one part in memory at a time, as float32); a small scope
+        is scanned exactly either way, as `search` does."""
         if not self.has_captions:
             raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
                               "was embedded without captions), so there are no captions to search")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if scope is not None and len(scope) <= SCAN_ROWS:
-            return scan_rows(self.sources, scope.ids, np.asarray(queries, dtype=np.float32), k, "text")
+            return scan_rows(self.sources, scope.ids, queries, k, "text")
+        if self.caption_index is not None:
+            return search_faiss(self.caption_index, self.sources, queries, int(k), self.caption_rerank,
+                                scope or self.removed, role="text")
         return topk_scan(vector_chunks(self.sources, "text"), queries, k, scope or self.removed)
 
     def _locate(self, id_: int) -> tuple[EmbeddingSet, int]:
@@ -365,5 +377,21 @@ def open_index(index_dir: str | Path, mmap: bool = False) -> VectorIndex:
         raise SearchError(f"{path}: {faiss_index.ntotal} x {faiss_index.d} vectors, "
                           f"index.json says {info['rows']} x {info['dim']}")
     apply_search_params(faiss_index, info.get("search", {}))
-    return VectorIndex(index_dir, info, faiss_index, sources)
+    return VectorIndex(index_dir, info, faiss_index, sources, open_caption_index(index_dir, info, mmap))
+
+
+def open_caption_index(index_dir: Path, info: dict[str, Any], mmap: bool = False) -> Any:
+    """The caption index index.json's `captions` names (read, checked, its search parameters set), or None."""
+    captions = info.get("captions")
+    if not captions:
+        return None
+    if not isinstance(captions, dict) or not isinstance(captions.get("index_file"), dict):
+        raise SearchError(f"{index_dir / INFO_FILE}: 'captions' must be an object with an 'index_file'")
+    path = index_dir / str(captions["index_file"]["name"])
+    index = read_faiss(path, int(captions["index_file"]["bytes"]), mmap)
+    if index.d != int(info["dim"]) or index.ntotal != int(info["rows"]):
+        raise SearchError(f"{path}: {index.ntotal} x {index.d} caption vectors, "
+                          f"index.json says {info['rows']} x {info['dim']}")
+    apply_search_params(index, captions.get("search", {}))
+    return index
 

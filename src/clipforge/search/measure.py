@@ -15,7 +15,8 @@ import numpy as np
 
 from .removed import Removed
 
-__all__ = ["UNSEPARATED", "drop_self", "exact_topk", "no_match_threshold", "recall_at_k", "tune"]
+__all__ = ["UNSEPARATED", "drop_self", "exact_topk", "no_match_threshold", "query_recalls", "recall_at_k",
+           "tune"]
 
 UNSEPARATED = ("no score separates matched from unmatched held-out captions: each caption scores another image "
                "as high as its own (near-duplicate captions or images?), so no query is judged 'no good match'")
@@ -79,11 +80,16 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def query_recalls(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per query [n]: the fraction of its true top-k that the search returned in its top-k."""
+    return np.array([len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+                     for f, t in zip(found, truth)], dtype=np.float64)
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """k-recall@k: the mean fraction of each query's true top-k that the search returned in its top-k."""
-    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
-            for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else float("nan")
+    hits = query_recalls(found, truth)
+    return float(hits.mean()) if hits.size else float("nan")
 
 
 SATURATED = 0.005  # recall within this of the best measured: a wider search would only cost time

@@ -37,8 +37,9 @@ _SPACED_OPERATOR = re.compile(r"\s+([+-])\s+")
 _INDEXED = re.compile(r"^#([0-9]{1,18})$")  # `#42`: image 42 of the index searched
 
 ImageInput = str | Path | bytes | Image.Image
-# What a query is compared with: the stored image embeddings (faiss), or the stored caption embeddings (an exact
-# scan of the embedding parts: clip-retrieval's text modality; a hit is the image whose caption matched).
+# What a query is compared with: the stored image embeddings (faiss), or the stored caption embeddings (the
+# index's caption index, or an exact scan of the embedding parts: clip-retrieval's text modality; a hit is the
+# image whose caption matched).
 MODALITIES = ("image", "text")
 
 

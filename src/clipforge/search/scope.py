@@ -69,7 +69,9 @@ class Scope:
         self.ids = np.flatnonzero(allowed).astype(np.int64)  # [len(self)] ascending
         self._bits: np.ndarray | None = None
         self._selector: Any = None
-        self._lists: ListCounts | None = None  # the scope's rows per inverted list, for IVF indices
+        # the scope's rows per inverted list, per IVF index searched (the images' and the captions' own lists),
+        # by the id() of the index object, which its VectorIndex holds as long as this cache lives
+        self._lists: dict[int, ListCounts] = {}
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -104,9 +106,10 @@ class Scope:
         ivf = ivf_of(index)
         if ivf is None:
             return index.search(queries, k, params=self.faiss_params(index))
-        if self._lists is None:
-            self._lists = ListCounts(ivf, self.allowed)
-        return probe_search(ivf, self._lists, self.selector(), queries, k)
+        lists = self._lists.get(id(index))
+        if lists is None:
+            lists = self._lists[id(index)] = ListCounts(ivf, self.allowed)
+        return probe_search(ivf, lists, self.selector(), queries, k)
 
 
 def _under_mask(column: Any, folders: Sequence[str]) -> np.ndarray:

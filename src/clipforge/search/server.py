@@ -3,7 +3,8 @@
     GET  /                      the search page (static/index.html, app.js, style.css; package data)
     GET  /healthz               {"status": "ok", "images": N} (N over all indices; with several, per index too)
     GET  /api/indices           the served indices by name, the default first, each with its /api/info
-    GET  /api/info              the index's model, size, kind, measured recall and no-good-match threshold
+    GET  /api/info              the index's model, size, kind, measured recall (of its caption index too, when it
+                                has one) and no-good-match threshold
     GET  /api/search?text=…&k=… text search (the query language of `clipforge search`, every term text)
     GET  /api/search?id=N&k=…   images like image N of the index
     POST /api/search            multipart: `image` file and/or `text`, `embedding` (a JSON list), `k`; or a JSON
@@ -351,7 +352,7 @@ def index_summary(searcher: Searcher, dedup: float = DEFAULT_DEDUP) -> dict[str,
     threshold = info.get("threshold") or {}
     return {"images": len(searcher), "dim": searcher.index.dim, "kind": info.get("kind"),
             "model": Path(str(info.get("model") or "")).name or None, "backend": searcher.backend,
-            "recall": info.get("recall"),
+            "recall": info.get("recall"), "caption_recall": (info.get("captions") or {}).get("recall"),
             "threshold": {k: threshold[k] for k in ("score", "precision", "recall") if k in threshold} or None,
             "max_k": MAX_K, "dedup": dedup, "version": index_version(searcher)}
 

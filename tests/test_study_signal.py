@@ -17,7 +17,7 @@ import pytest
 from clipforge.cli import main
 from clipforge.study import run_study
 from clipforge.study import cell as study_cell
-from clipforge.study.resume import CELL_MARKER
+from clipforge.study.resume import CELL_MARKER, TIME_FILE
 from clipforge.train import loop
 from test_study import TINY, write_study
 
@@ -83,6 +83,8 @@ def test_an_interrupted_cell_is_not_finished_and_resumes_exactly(tmp_path, monke
     assert not (out / "runs" / SECOND).exists()  # the next cell never started
     checkpoint = out / "runs" / FIRST / "checkpoints" / f"step-{after_step + 1:08d}"
     assert checkpoint.is_dir() and first.summary["cells_finished"] == 0
+    spent = json.loads((out / "runs" / FIRST / TIME_FILE).read_text())  # the interrupted session's cost
+    assert spent["sessions"] == 1 and spent["cpu_seconds"] > 0 and spent["wall_seconds"] > 0
 
     monkeypatch.undo()
     second = run_study(config, out, jobs=1, threads=1, log=quiet)
@@ -95,6 +97,10 @@ def test_an_interrupted_cell_is_not_finished_and_resumes_exactly(tmp_path, monke
     assert without_timing(record["metrics"]) == without_timing(reference["metrics"])
     assert without_timing(record["final_log"]) == without_timing(reference["final_log"])
     assert record["final_log"]["step"] == 4
+    # the record counts both sessions' time, not the last one's
+    assert record["resumed"] == {"sessions": 2, "time_complete": True}
+    assert record["cpu_seconds"] > spent["cpu_seconds"] and record["wall_seconds"] > spent["wall_seconds"]
+    assert second.summary["cpu_seconds"]["cells"] == 2
 
 
 def test_a_changed_cell_starts_over_instead_of_resuming(tmp_path, monkeypatch, uninterrupted):
@@ -231,3 +237,17 @@ def test_a_restore_best_cell_is_evaluated_at_its_best_check(tmp_path):
     assert not list((out / "runs" / FIRST).glob("*.safetensors"))
     header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| variant"))
     assert header.endswith("| steps | model step |")
+
+
+def test_a_cell_resumed_after_a_crash_says_its_time_is_incomplete(tmp_path, monkeypatch):
+    """An earlier session that left no time (killed before it could write it) leaves the cell out of the mean CPU
+    time per cell, rather than making the cell look cheap."""
+    config, out = write_study(tmp_path, SIGNAL_STUDY), tmp_path / "out"
+    signal_during_training(monkeypatch, FIRST, 1)
+    assert run_study(config, out, jobs=1, threads=1, log=quiet).interrupted == [FIRST]
+    (out / "runs" / FIRST / TIME_FILE).unlink()  # as a crash would leave it
+    monkeypatch.undo()
+    outcome = run_study(config, out, jobs=1, threads=1, log=quiet)
+    record = json.loads((out / "cells" / f"{FIRST}.json").read_text())
+    assert record["resumed"] == {"sessions": 1, "time_complete": False}
+    assert outcome.summary["cpu_seconds"]["cells"] == 1  # the other cell, trained in one session

@@ -31,7 +31,7 @@ from ..train.loop import BEST_MODEL, Hook, train
 from ..transforms import normalize, to_tensor
 from .config import Cell, CellEval
 from .real import flatten_results
-from .resume import CellInterrupted, cell_train_config, last_step_entry
+from .resume import CellInterrupted, cell_train_config, last_step_entry, record_spent, spent_before
 
 # Streams of the synthetic world that only the linear probe draws from (training uses 0, evaluation 1-3).
 STREAM_PROBE_TRAIN, STREAM_PROBE_TEST = 10, 11
@@ -132,7 +132,10 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None,
         torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()
     result = train(cell_train_config(cell), progress=False, hooks=hooks)
+    # what earlier sessions of a resumed cell spent (a cell trained afresh owes nothing to them)
+    earlier = spent_before(result.run_dir) if result.resumed_from is not None else {}
     if result.interrupted:
+        record_spent(result.run_dir, time.process_time() - cpu_start, time.perf_counter() - start, earlier)
         checkpoint = str(result.checkpoint) if result.checkpoint is not None else None
         raise CellInterrupted(cell.id, result.interrupted, result.steps, checkpoint)
     assert result.model is not None
@@ -164,11 +167,14 @@ def run_cell(cell: Cell, output_dir: str | Path, threads: int | None = None,
         "early_stop": result.early_stop,
         "margins": margins,
         "config": to_dict(cell.train),
-        "wall_seconds": time.perf_counter() - start,
-        # CPU time of this process: on a shared machine the honest measure of what a cell costs
-        "cpu_seconds": time.process_time() - cpu_start,
+        "wall_seconds": float(earlier.get("wall_seconds", 0.0)) + time.perf_counter() - start,
+        # CPU time of this process (and of the cell's interrupted sessions before it): on a shared machine the
+        # honest measure of what a cell costs
+        "cpu_seconds": float(earlier.get("cpu_seconds", 0.0)) + time.process_time() - cpu_start,
         # where it ran: CPUs round differently (their matmul kernels), so a cell rerun elsewhere differs
         "machine": {"cpu": cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
+    if result.resumed_from is not None:  # time_complete False: an earlier session left no time (a crash)
+        record["resumed"] = {"sessions": int(earlier.get("sessions", 0)) + 1, "time_complete": bool(earlier)}
     atomic_write_text(cell_path(output_dir, cell), json.dumps(record, indent=1))
     return record

@@ -88,7 +88,8 @@ def summarise(study: Study, records: dict[str, dict[str, Any]]) -> dict[str, Any
                                                  "ci95": [ci.low, ci.high] if ci.n > 1 else None}
         variants.append(entry)
     _baseline_on_fewer_seeds(variants, base, study.baseline, columns)
-    timed = [r for r in records.values() if "cpu_seconds" in r]
+    # a resumed cell whose earlier sessions left no time (a crash) counts only its last: left out of the mean
+    timed = [r for r in records.values() if "cpu_seconds" in r and r.get("resumed", {}).get("time_complete", True)]
     diff_keys = DIFF_KEYS if not study.eval.tasks else claim_metrics(study.eval)
     return {"columns": [list(c) for c in columns], "diff_keys": list(diff_keys),
             "claims": judge_claims(study, variants), "baseline": study.baseline, "seeds": list(study.seeds), "variants": variants,
@@ -174,7 +175,8 @@ def markdown_tables(summary: dict[str, Any], groups: Sequence[str]) -> str:
     cpu = summary.get("cpu_seconds", {})
     if cpu.get("cells"):
         lines[-1:] = [(f"CPU time per cell (train + evaluate, 1 thread): {cpu['sum'] / cpu['cells']:.0f} s on "
-                       f"average over the {cpu['cells']} cells that recorded it."), ""]
+                       f"average over the {cpu['cells']} cells that recorded all of it (a resumed cell counts every "
+                       "session)."), ""]
     columns: list[Column] = [tuple(c) for c in summary.get("columns", COLUMNS)]  # type: ignore[misc]
     header = "| variant | n | " + " | ".join(h for _, h, _, _ in columns) + " |"
     rule = "|---|---:|" + "---:|" * len(columns)

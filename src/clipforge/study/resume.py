@@ -24,6 +24,9 @@ from .config import Cell
 
 # In each cell's run directory: which cell configuration (fingerprint) its checkpoints belong to.
 CELL_MARKER = "study-cell.json"
+# ...and the CPU and wall seconds the cell's interrupted sessions spent, so that a resumed cell's record counts the
+# whole cost of the cell rather than the last session's
+TIME_FILE = "study-time.json"
 
 
 class CellInterrupted(Exception):
@@ -38,6 +41,24 @@ class CellInterrupted(Exception):
         if self.checkpoint is None:
             return f"{self.cell}: not started ({self.signal})"
         return f"{self.cell}: stopped by {self.signal} after step {self.steps}; checkpoint {self.checkpoint}"
+
+
+def spent_before(run_dir: Path) -> dict[str, float]:
+    """{"cpu_seconds", "wall_seconds", "sessions"} of the cell's earlier, interrupted training sessions ({} when
+    none was recorded: a fresh cell, or one whose earlier session crashed without saying)."""
+    try:
+        spent = json.loads((run_dir / TIME_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return spent if isinstance(spent, dict) else {}
+
+
+def record_spent(run_dir: Path, cpu_seconds: float, wall_seconds: float, earlier: dict[str, float]) -> None:
+    """Add this interrupted session's time to what `earlier` sessions spent, in the run directory (atomic)."""
+    spent = {"cpu_seconds": float(earlier.get("cpu_seconds", 0.0)) + cpu_seconds,
+             "wall_seconds": float(earlier.get("wall_seconds", 0.0)) + wall_seconds,
+             "sessions": int(earlier.get("sessions", 0)) + 1}
+    atomic_write_text(run_dir / TIME_FILE, json.dumps(spent))
 
 
 def _saved_state(checkpoint: Path) -> dict[str, Any] | None:

@@ -12,7 +12,9 @@ INDEX_HELP = """kinds:
   flat   exact inner-product search (float32 vectors in RAM: 4 x dim bytes per vector)
   ivfpq  inverted lists + product-quantised codes (about pq_m + 8 bytes per vector); nprobe tuned
   hnsw   graph search (float32 vectors + links); efSearch tuned
-  auto   flat while rows x dim <= 2.6e8 and the vectors fit --memory, else ivfpq within --memory"""
+  auto   flat while rows x dim <= 2.6e8 and the vectors fit --memory, else ivfpq within --memory
+ivfpq and hnsw over a captioned collection also build a caption index of the same kind (search --modality text;
+--no-caption-index: scan the stored captions instead, as flat indices do)"""
 
 
 def _print_json(payload: Any, output: str | None) -> None:

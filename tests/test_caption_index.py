@@ -122,13 +122,16 @@ def test_add_with_removals_and_compaction(collection, tmp_path):
     assert check_index(index_dir)["ok"]
 
 
-def test_a_folder_without_captions_ends_caption_search(collection, tmp_path):
+def test_a_folder_without_captions_ends_caption_search(collection, tmp_path, capsys):
     _, emb, _ = collection
     index_dir = tmp_path / "index"
     build_index([emb], index_dir, BuildOptions(kind="hnsw", queries=100))
     img2, _ = clustered(np.random.default_rng(2), 300, DIM)
     bare = embedding_folder(tmp_path / "bare", img2.astype(np.float32), None, part_rows=300, key_prefix="bare")
-    info = add_to_index(index_dir, [bare])
+    capsys.readouterr()
+    assert main(["index", "add", str(index_dir), str(bare)]) == 0
+    assert "caption search (--modality text) ended" in capsys.readouterr().out
+    info = json.loads((index_dir / "index.json").read_text())
     assert "captions" not in info and not list(index_dir.glob("captions-*.faiss"))
     index = open_index(index_dir)
     assert not index.has_captions

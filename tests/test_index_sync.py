@@ -411,3 +411,13 @@ def test_small_changes_keep_the_measurement_until_they_add_up(tmp_path, capsys):
     assert main(["index", "sync", str(small.index_dir), str(tmp_path / "s" / "images"), "--measure"]) == 0
     assert "kept from the last measurement" not in capsys.readouterr().out
     assert json.loads((small.index_dir / "index.json").read_text())["recall"]["rows"] == 58
+
+
+def test_a_new_image_without_a_caption_ends_caption_search_and_says_so(small, tmp_path, capsys):
+    images = tmp_path / "images"
+    make_image(21, size=40).save(images / "no_caption.png")  # no .txt beside it
+    assert open_index(small.index_dir).has_captions
+    assert main(["index", "sync", str(small.index_dir), str(images), "--workers", "0", "--no-progress"]) == 0
+    assert "caption search (--modality text) ended: some new images have no caption" in capsys.readouterr().out
+    index = open_index(small.index_dir)
+    assert not index.has_captions and len(index) == 41

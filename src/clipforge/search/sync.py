@@ -190,4 +190,6 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         lap("index")
         report.update(images_after=int(info["live_rows"]), measured=info.get("unmeasured_changes") == 0,
                       unmeasured_changes=int(info.get("unmeasured_changes", 0)))
+        if index.has_captions and not all(open_embeddings(d).has_text for d in added):
+            report["captions_ended"] = True  # a new image without a caption: no caption search from now on
         return report

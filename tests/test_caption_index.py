@@ -1,6 +1,7 @@
-"""The caption index (`captions-*.faiss`): IVF-PQ and HNSW indices over a captioned collection index the caption
-vectors too, so `modality="text"` search no longer scans every caption. Answers are checked against float64 numpy
-rankings of the stored caption vectors, through build, add (with removals), compaction, folder scopes and check."""
+"""The caption index (`captions-*.faiss`): an index over a captioned collection indexes the caption vectors too
+(the same kind: flat, IVF-PQ or HNSW), so `modality="text"` search no longer scans every stored caption. Answers
+are checked against float64 numpy rankings of the stored caption vectors, through build, add (with removals),
+compaction, folder scopes and check."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def collection(tmp_path_factory):
     return root, emb, later
 
 
-@pytest.fixture(scope="module", params=["ivfpq", "hnsw"])
+@pytest.fixture(scope="module", params=["ivfpq", "hnsw", "flat"])
 def built(request, collection):
     root, emb, _ = collection
     index_dir = root / request.param
@@ -82,16 +83,21 @@ def test_built_beside_the_image_index_and_searched(built):
     assert recall(ids, scan.search_captions(queries, K)[1]) >= 0.93
 
 
-def test_flat_and_opt_out_keep_the_exact_scan(collection):
+def test_flat_is_exact_and_opting_out_or_a_tight_memory_budget_keeps_the_scan(collection):
     root, emb, _ = collection
+    text = stored([emb], "text")
+    queries = text[:20].astype(np.float32)
     flat = build_index([emb], root / "flat", BuildOptions(kind="flat", queries=100))
+    assert flat["captions"]["kind"] == "flat" and flat["captions"]["recall"]["text"] == 1.0
+    index = open_index(root / "flat")
+    assert index.caption_index.ntotal == ROWS
+    assert (index.search_captions(queries, K)[1] == exact(text, queries, K)).mean() >= 0.99
     plain = build_index([emb], root / "no-captions", BuildOptions(kind="hnsw", queries=100, caption_index=False))
-    for info, index_dir in ((flat, root / "flat"), (plain, root / "no-captions")):
+    tight = build_index([emb], root / "tight", BuildOptions(kind="flat", queries=100, memory=ROWS * DIM * 4 + 1))
+    for info, index_dir in ((plain, root / "no-captions"), (tight, root / "tight")):
         assert "captions" not in info and not list(index_dir.glob("captions-*.faiss"))
         index = open_index(index_dir)
         assert index.caption_index is None and index.has_captions
-        text = stored([emb], "text")
-        queries = text[:20].astype(np.float32)
         assert (index.search_captions(queries, K)[1] == exact(text, queries, K)).mean() >= 0.99
 
 

@@ -58,7 +58,7 @@ class BuildOptions:
     train_on: str = "image"  # ivfpq: "image" or "mixed" (image + caption vectors); see training_sample
     rerank: int = 4  # ivfpq: rescore k x rerank candidates with the stored vectors (0: PQ scores as they are)
     rerank_max: int = MAX_RERANK  # ivfpq: the deepest rescoring tuning may double `rerank` to (= rerank: pinned)
-    caption_index: bool = True  # ivfpq/hnsw over captioned rows: a second index of the caption vectors
+    caption_index: bool = True  # over captioned rows: a second index, of the caption vectors
 
 
 def parse_memory(text: str) -> int:
@@ -352,8 +352,10 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
             "backend": backend_of(sources[0].fingerprint)}
     build["seconds"] = round(time.perf_counter() - started, 3)
     captions = None
-    # a flat index's caption search is the exact scan of the stored vectors, as fast as a second flat index
-    if opts.caption_index and kind != "flat" and all(s.has_text for s in sources):
+    # a flat caption index holds a float32 copy of the captions in RAM: 12x faster than scanning the stored
+    # float16 parts (bench_search.py, 100k x 512), within --memory if one was given
+    fits = kind != "flat" or opts.memory is None or 2 * rows * dim * 4 <= opts.memory
+    if opts.caption_index and fits and all(s.has_text for s in sources):
         started = time.perf_counter()
         captions, trained_on = _new_faiss(sources, dim, factory, params, opts, "text")
         info["captions"] = {"kind": kind, "build": {**params, "factory": factory, "trained_on": trained_on,

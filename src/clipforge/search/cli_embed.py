@@ -14,8 +14,8 @@ INDEX_HELP = """kinds:
   ivfpq  inverted lists + product-quantised codes (about pq_m + 8 bytes per vector); nprobe tuned
   hnsw   graph search (float32 vectors + links); efSearch tuned
   auto   flat while rows x dim <= 2.6e8 and the vectors fit --memory, else ivfpq within --memory
-ivfpq and hnsw over a captioned collection also build a caption index of the same kind (search --modality text;
---no-caption-index: scan the stored captions instead, as flat indices do)"""
+a captioned collection also gets a caption index of the same kind (search --modality text; flat: a float32 copy
+of the captions in RAM, within --memory; --no-caption-index: scan the stored float16 captions instead)"""
 
 
 def _print_json(payload: Any, output: str | None) -> None:
@@ -179,8 +179,8 @@ def _add_build_arguments(q: argparse.ArgumentParser) -> None:
                    help="ivfpq: the deepest rescoring tuning may choose (default 64; equal to --rerank pins it, "
                         "bounding the rows read per query)")
     q.add_argument("--no-caption-index", action="store_true",
-                   help="ivfpq/hnsw over a captioned collection: do not build the caption index (text-modality "
-                   "search then scans every stored caption vector exactly)")
+                   help="over a captioned collection, do not build the caption index (text-modality search then "
+                   "scans every stored caption vector exactly: no RAM for it, ~12x slower than a flat one)")
 
 def _add_maintenance_parsers(index_sub: argparse._SubParsersAction) -> None:
     q = index_sub.add_parser("sync", help="bring an index in step with a folder: embed new and changed files, "

@@ -7,9 +7,9 @@
     INDEX/index-<sha256 prefix>.faiss  the faiss index (inner product on L2-normalised vectors = cosine);
                         named by its hash so that `index add` writes a new file and switches index.json to it
                         atomically, never leaving index.json pointing at a half-written index
-    INDEX/captions-<sha256 prefix>.faiss  the same over the caption vectors, for `modality="text"` (index.json's
-                        `captions`: kind, build, search parameters, measured recall, file), built beside an IVF-PQ
-                        or HNSW image index when every row has a caption; flat indices scan the captions exactly
+    INDEX/captions-<sha256 prefix>.faiss  the same kind of index over the caption vectors, for `modality="text"`
+                        (index.json's `captions`: kind, build, search parameters, measured recall, file), built
+                        when every row has a caption (without one, caption search scans the stored vectors)
 
 `VectorIndex` is read-only after opening, so any number of threads may search it at once (faiss releases the
 GIL and its search is const); metadata parts are read lazily under a lock.
@@ -265,12 +265,13 @@ class VectorIndex:
         """Top-k stored caption vectors by inner product: scores [n, k], ids [n, k] (the id of the caption's
         image). Through the caption index when there is one (`captions-*.faiss`, tuned as the image index is),
         else by an exact scan of the embedding parts (one part in memory at a time, as float32); a small scope
-        is scanned exactly either way, as `search` does."""
+        is scanned exactly unless the caption index is flat, as `search` does."""
         if not self.has_captions:
             raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
                               "was embedded without captions), so there are no captions to search")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if scope is not None and len(scope) <= SCAN_ROWS:
+        flat = self.caption_index is not None and flat_vectors(self.caption_index) is not None
+        if scope is not None and len(scope) <= SCAN_ROWS and not flat:  # a flat index skips rows by bitmap
             return scan_rows(self.sources, scope.ids, queries, k, "text")
         if self.caption_index is not None:
             return search_faiss(self.caption_index, self.sources, queries, int(k), self.caption_rerank,

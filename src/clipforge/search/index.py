@@ -372,13 +372,19 @@ def open_index(index_dir: str | Path, mmap: bool = False) -> VectorIndex:
             raise SearchError(f"{embeddings.root}: {len(embeddings)} rows, index.json expects {entry['rows']}")
         sources.append(embeddings)
     info["embeddings_dir"] = str(sources[0].root) if sources else None
-    path = index_dir / str(info["index_file"]["name"])
-    faiss_index = read_faiss(path, int(info["index_file"]["bytes"]), mmap)
-    if faiss_index.d != int(info["dim"]) or faiss_index.ntotal != int(info["rows"]):
-        raise SearchError(f"{path}: {faiss_index.ntotal} x {faiss_index.d} vectors, "
-                          f"index.json says {info['rows']} x {info['dim']}")
-    apply_search_params(faiss_index, info.get("search", {}))
+    faiss_index = _load_faiss(index_dir, info, info["index_file"], info.get("search", {}), "vectors", mmap)
     return VectorIndex(index_dir, info, faiss_index, sources, open_caption_index(index_dir, info, mmap))
+
+
+def _load_faiss(index_dir: Path, info: dict[str, Any], entry: dict[str, Any], search: dict[str, Any], what: str,
+                mmap: bool) -> Any:
+    """The faiss file index.json's `entry` names, checked against its rows x dim, its search parameters set."""
+    path = index_dir / str(entry["name"])
+    index = read_faiss(path, int(entry["bytes"]), mmap)
+    if index.d != int(info["dim"]) or index.ntotal != int(info["rows"]):
+        raise SearchError(f"{path}: {index.ntotal} x {index.d} {what}, index.json says {info['rows']} x {info['dim']}")
+    apply_search_params(index, search)
+    return index
 
 
 def open_caption_index(index_dir: Path, info: dict[str, Any], mmap: bool = False) -> Any:
@@ -388,11 +394,5 @@ def open_caption_index(index_dir: Path, info: dict[str, Any], mmap: bool = False
         return None
     if not isinstance(captions, dict) or not isinstance(captions.get("index_file"), dict):
         raise SearchError(f"{index_dir / INFO_FILE}: 'captions' must be an object with an 'index_file'")
-    path = index_dir / str(captions["index_file"]["name"])
-    index = read_faiss(path, int(captions["index_file"]["bytes"]), mmap)
-    if index.d != int(info["dim"]) or index.ntotal != int(info["rows"]):
-        raise SearchError(f"{path}: {index.ntotal} x {index.d} caption vectors, "
-                          f"index.json says {info['rows']} x {info['dim']}")
-    apply_search_params(index, captions.get("search", {}))
-    return index
+    return _load_faiss(index_dir, info, captions["index_file"], captions.get("search", {}), "caption vectors", mmap)
 

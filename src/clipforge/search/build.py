@@ -122,7 +122,7 @@ def open_sources(paths: list[Path], fingerprint: dict[str, Any] | None = None,
 def training_sample(sources: list[EmbeddingSet], count: int, rng: np.random.Generator,
                     train_on: str = "image") -> tuple[np.ndarray, str]:
     """Training vectors for IVF/PQ: image rows, or (`train_on="mixed"`, when captions exist) half image and
-    half caption rows.
+    half caption rows, or (`train_on="text"`, for a caption index) caption rows.
 
     Images are the default, from measurement (tests/test_index.py, bench_search.py): text queries lie away
     from the images (the modality gap), and quantisers trained on a mix spend lists and codewords on a region
@@ -130,6 +130,8 @@ def training_sample(sources: list[EmbeddingSet], count: int, rng: np.random.Gene
     recovers text recall is tuning nprobe on text queries too and rescoring candidates exactly (rerank).
     """
     total = sum(len(s) for s in sources)
+    if train_on == "text":
+        return stored_rows(sources, np.sort(rng.choice(total, min(total, count), replace=False)), "text"), "text"
     mixed = train_on == "mixed" and all(s.has_text for s in sources)
     n_img = min(total, count - count // 2 if mixed else count)
     img = stored_rows(sources, np.sort(rng.choice(total, n_img, replace=False)), "img")
@@ -311,12 +313,8 @@ def _new_faiss(sources: list[EmbeddingSet], dim: int, factory: str, params: dict
         rows = sum(len(s) for s in sources)
         # 40 points per list (faiss warns below 39) and at least 39 x 256 for the PQ codebooks
         count = min(rows, max(39 * 256, 40 * params.get("nlist", 1)))
-        rng = np.random.default_rng(opts.seed)
-        if role == "text":
-            sample = stored_rows(sources, np.sort(rng.choice(rows, count, replace=False)), "text")
-            trained_on = "text"
-        else:
-            sample, trained_on = training_sample(sources, count, rng, opts.train_on)
+        sample, trained_on = training_sample(sources, count, np.random.default_rng(opts.seed),
+                                             "text" if role == "text" else opts.train_on)
         # polysemous codes (on by default in IndexIVFPQ) only speed up Hamming-filtered search, which we do
         # not use, and their annealing dominates training time
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
@@ -385,12 +383,10 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
         index.add(vectors)
     # the caption index takes the new rows' captions; a folder without any ends caption search (has_captions)
     # and so the caption index with it
-    captions = open_caption_index(index_dir, info)
-    if captions is not None and all(s.has_text for s in new):
+    captions = open_caption_index(index_dir, info) if all(s.has_text for s in new) else None
+    if captions is not None:
         for _, vectors in vector_chunks(new, "text"):
             captions.add(vectors)
-    else:
-        captions = None
     base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                    if k in BuildOptions.__dataclass_fields__})
     info["added"] = info.get("added", 0) + sum(len(s) for s in new)

@@ -216,6 +216,7 @@ class VectorIndex:
         self.sources = sources
         self.rerank = int(info.get("search", {}).get("rerank", 0))
         self.caption_index = caption_index  # faiss index of the caption vectors (same ids), or None: exact scans
+        self._caption_flat = caption_index is not None and flat_vectors(caption_index) is not None
         self.caption_rerank = int(info.get("captions", {}).get("search", {}).get("rerank", 0))
         self._offsets = np.cumsum([0] + [len(s) for s in sources]).astype(np.int64)  # [sources + 1]
         self.removed = Removed(info.get("removed", []), int(self._offsets[-1]), str(index_dir / INFO_FILE))
@@ -270,8 +271,7 @@ class VectorIndex:
             raise SearchError(f"index {self.index_dir}: its embeddings hold no caption vectors (the collection "
                               "was embedded without captions), so there are no captions to search")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        flat = self.caption_index is not None and flat_vectors(self.caption_index) is not None
-        if scope is not None and len(scope) <= SCAN_ROWS and not flat:  # a flat index skips rows by bitmap
+        if scope is not None and len(scope) <= SCAN_ROWS and not self._caption_flat:  # flat: a bitmap skips rows
             return scan_rows(self.sources, scope.ids, queries, k, "text")
         if self.caption_index is not None:
             return search_faiss(self.caption_index, self.sources, queries, int(k), self.caption_rerank,

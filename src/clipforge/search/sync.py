@@ -175,9 +175,9 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
                           unreadable=0)
             return report
         new_dirs = [_embed_new(index, plan, model, device, workers, progress)] if plan.embed else []
-        rows = {d: len(open_embeddings(d)) for d in new_dirs}
-        added = [d for d in new_dirs if rows[d] > 0]  # only unreadable files: nothing to add
-        embedded = sum(rows[d] for d in added)
+        opened = {d: open_embeddings(d) for d in new_dirs}
+        added = [d for d in new_dirs if len(opened[d]) > 0]  # only unreadable files: nothing to add
+        embedded = sum(len(opened[d]) for d in added)
         lap("embed")
         report.update(embedded=embedded, unreadable=len(plan.embed) - embedded)
         if not added and not plan.remove.size:  # nothing but files that cannot be read (tried again next time)
@@ -190,6 +190,6 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         lap("index")
         report.update(images_after=int(info["live_rows"]), measured=info.get("unmeasured_changes") == 0,
                       unmeasured_changes=int(info.get("unmeasured_changes", 0)))
-        if index.has_captions and not all(open_embeddings(d).has_text for d in added):
+        if index.has_captions and not all(opened[d].has_text for d in added):
             report["captions_ended"] = True  # a new image without a caption: no caption search from now on
         return report

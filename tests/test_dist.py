@@ -125,14 +125,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(world: int, out_dir: Path, timeout_s: float = 240.0) -> None:
-    context = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False)
+def join_workers(context: mp.ProcessContext, timeout_s: float = 240.0) -> None:
+    """Wait for spawned workers; a worker that raised fails the test at once, and ones that hang (a gloo peer
+    lost, a port taken between _free_port and the bind) are killed and fail it after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers did not finish within {timeout_s} s")
+
+
+def _spawn(world: int, out_dir: Path, timeout_s: float = 240.0) -> None:
+    join_workers(mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False),
+                 timeout_s)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -28,7 +28,7 @@ from clipforge.train.setup import prepare_model
 from clipforge.train.state import load_training_checkpoint
 from run_helpers import (assert_bitwise_equal, distance, events, fork_cli, step_log, tiny_args, tiny_config, wait_exit,
                          wait_for_step, weights)
-from test_dist import _free_port, make_batch
+from test_dist import _free_port, join_workers, make_batch
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:
@@ -189,9 +189,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_queue_equals_one_process_on_the_gathered_batch(tmp_path):
-    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    while not context.join(timeout=240):
-        pass
+    join_workers(mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False))
     for name, momentum in CASES.items():
         model, queue = _model_and_queue(momentum)
         reference = _steps(model, model, queue, _two_batches(), LossConfig(queue_size=16))

@@ -13,6 +13,7 @@ ranks), so every rank logs the same number the single process would.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -100,8 +101,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (a no-op for a single process)."""
+    """Leave the process group (a no-op for a single process).
+
+    DDP wrappers that are no longer referenced go first: a reducer torn down after its group (at garbage
+    collection or interpreter exit, once a peer has exited) can deadlock, and dropping the last reference is not
+    enough when a reference cycle holds the wrapper."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ unwrapped model, while the other ranks wait at their next collective.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import random
@@ -275,12 +274,9 @@ def close(ctx: RunContext) -> None:
     ctx.log.close()
     if ctx.lock is not None:
         ctx.lock.release()
-    # The DDP wrapper goes before the process group it uses: its reducer torn down after the group (at
-    # garbage collection, once a peer has exited) can deadlock. Dropping our reference is not enough when a
-    # reference cycle holds the wrapper, so collect before the group goes.
+    # The DDP wrapper goes before the process group it uses (see dist.cleanup).
     ctx.stepper.release()
     if ctx.place.owns_group:
-        gc.collect()
         from ..dist import cleanup  # noqa: PLC0415
 
         cleanup()

@@ -25,16 +25,18 @@ class BuiltIndex:
     model_path: Path
     model: torch.nn.Module
     vectors: np.ndarray  # [n, d] float32: the stored image embeddings (float16 values) as the index holds them
-    captions: list[str]
+    captions: list[str | None]
     paths: list[Path]
 
 
 @torch.no_grad()
 def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", seed: int = 0,
-                      copies: dict[int, int] | None = None, subfolders: int = 0) -> BuiltIndex:
+                      copies: dict[int, int] | None = None, subfolders: int = 0,
+                      captionless: set[int] | frozenset[int] = frozenset()) -> BuiltIndex:
     """Images with caption sidecars -> `clipforge embed` -> `clipforge index build --kind flat`, as a user would.
     `copies` {i: n} adds n byte-identical copies of image i (`img_0000i_copyJ.png`, ids in file-name order);
-    `subfolders` > 0 puts image i in `images/g{i % subfolders}/` (ids then run folder by folder)."""
+    `subfolders` > 0 puts image i in `images/g{i % subfolders}/` (ids then run folder by folder); the images
+    `captionless` names get no sidecar (their caption is None)."""
     torch.manual_seed(seed)
     model = create_model(arch).eval()
     model_path = save_model(model, root / "model.safetensors")
@@ -48,7 +50,10 @@ def build_small_index(root: Path, count: int = 120, arch: str = "RN-Tiny-64", se
         folder.mkdir(exist_ok=True)
         path = folder / f"img_{i:05d}.png"
         image.save(path)
-        path.with_suffix(".txt").write_text(caption)
+        if i in captionless:
+            caption = None
+        else:
+            path.with_suffix(".txt").write_text(caption)
         paths.append(path)
         captions.append(caption)
         for j in range((copies or {}).get(i, 0)):

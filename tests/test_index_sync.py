@@ -413,11 +413,16 @@ def test_small_changes_keep_the_measurement_until_they_add_up(tmp_path, capsys):
     assert json.loads((small.index_dir / "index.json").read_text())["recall"]["rows"] == 58
 
 
-def test_a_new_image_without_a_caption_ends_caption_search_and_says_so(small, tmp_path, capsys):
+def test_a_new_image_without_a_caption_keeps_caption_search(small, tmp_path, capsys):
     images = tmp_path / "images"
     make_image(21, size=40).save(images / "no_caption.png")  # no .txt beside it
-    assert open_index(small.index_dir).has_captions
     assert main(["index", "sync", str(small.index_dir), str(images), "--workers", "0", "--no-progress"]) == 0
-    assert "caption search (--modality text) ended: some new images have no caption" in capsys.readouterr().out
+    assert "caption search" not in capsys.readouterr().out
     index = open_index(small.index_dir)
-    assert not index.has_captions and len(index) == 41
+    assert index.has_captions and len(index) == 41
+    new = next(i for i in range(index.id_end) if index.metadata([i])[0]["key"] == "no_caption")
+    assert index.metadata([new])[0]["caption"] is None
+    query = index.image_vector(new)[None, :]
+    assert index.search(query, 1)[1][0, 0] == new  # found by its image
+    _, ids = index.search_captions(query, 41)  # but never as a caption: the 40 captioned images answer
+    assert new not in ids[0].tolist() and (ids[0] >= 0).sum() == 40

@@ -20,12 +20,15 @@ from .index import (
     INDEX_FORMAT,
     INFO_FILE,
     apply_search_params,
+    caption_skip,
+    index_chunks,
     load_index_info,
     open_caption_index,
     read_faiss,
     resolve_source,
     search_faiss,
     stored_rows,
+    uncaptioned_ids,
     vector_chunks,
 )
 from .measure import drop_self, exact_topk, no_match_threshold, query_recalls, tune
@@ -131,14 +134,21 @@ def training_sample(sources: list[EmbeddingSet], count: int, rng: np.random.Gene
     """
     total = sum(len(s) for s in sources)
     if train_on == "text":
-        return stored_rows(sources, np.sort(rng.choice(total, min(total, count), replace=False)), "text"), "text"
+        return _caption_rows(sources, total, count, rng), "text"
     mixed = train_on == "mixed" and all(s.has_text for s in sources)
     n_img = min(total, count - count // 2 if mixed else count)
     img = stored_rows(sources, np.sort(rng.choice(total, n_img, replace=False)), "img")
     if not mixed:
         return img, "image"
-    text = stored_rows(sources, np.sort(rng.choice(total, min(total, count // 2), replace=False)), "text")
-    return np.concatenate([img, text]), "image+text"
+    return np.concatenate([img, _caption_rows(sources, total, count // 2, rng)]), "image+text"
+
+
+def _caption_rows(sources: list[EmbeddingSet], total: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Caption vectors [<= count, dim] of rows drawn at random among those whose image has a caption."""
+    missing = uncaptioned_ids(sources)
+    pool: int | np.ndarray = np.setdiff1d(np.arange(total), missing) if missing.size else total
+    size = total - missing.size
+    return stored_rows(sources, np.sort(rng.choice(pool, min(size, count), replace=False)), "text")
 
 
 def query_sets(sources: list[EmbeddingSet], opts: BuildOptions,
@@ -151,7 +161,9 @@ def query_sets(sources: list[EmbeddingSet], opts: BuildOptions,
     ids = np.sort(rng.choice(pool, min(opts.queries, total - len(removed or ())), replace=False))
     sets = {"image": (ids, stored_rows(sources, ids, "img"))}
     if all(s.has_text for s in sources):
-        sets["text"] = (ids, stored_rows(sources, ids, "text"))
+        captioned = np.setdiff1d(ids, uncaptioned_ids(sources))  # an image without a caption has no text query
+        if captioned.size:
+            sets["text"] = (captioned, stored_rows(sources, captioned, "text"))
     return sets
 
 
@@ -178,10 +190,12 @@ def pair_scores(sources: list[EmbeddingSet], ids: np.ndarray, text: np.ndarray, 
 def caption_truth(sources: list[EmbeddingSet], sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int,
                   removed: Removed | None = None) -> dict[str, np.ndarray]:
     """Exact top-k caption ids per query modality (`query_sets`' held-out rows): a caption query's own row is
-    dropped, as an image query's is from the image index; an image query keeps its own caption."""
+    dropped, as an image query's is from the image index; an image query keeps its own caption. Images without
+    a caption are never an answer."""
     truth = {}
+    skip = caption_skip(sources, removed, sum(len(s) for s in sources))
     for modality, (ids, vectors) in sets.items():
-        _, found = exact_topk(vector_chunks(sources, "text"), vectors, k + 1, removed)
+        _, found = exact_topk(vector_chunks(sources, "text"), vectors, k + 1, skip)
         truth[modality] = drop_self(found, ids, k) if modality == "text" else found[:, :k]
     return truth
 
@@ -289,8 +303,9 @@ def finish(index_dir: Path, index: Any, sources: list[EmbeddingSet], info: dict,
         info["threshold"] = no_match_threshold(*truth["pairs"]) if "pairs" in truth else None
         if captions is not None:
             record = info["captions"]
+            skip = caption_skip(sources, removed, int(index.ntotal))
             search, recall, met = tune_search(captions, sources, record["kind"], record["build"], sets,
-                                              caption_truth(sources, sets, opts.k, removed), opts, removed, "text")
+                                              caption_truth(sources, sets, opts.k, removed), opts, skip, "text")
             record.update(search=search, recall=_recall_record(opts, sets, live, recall, met))
     info["rows"] = int(index.ntotal)
     info["sources"] = [{"path": os.path.relpath(s.root.resolve(), index_dir.resolve()), "rows": len(s),
@@ -319,7 +334,7 @@ def _new_faiss(sources: list[EmbeddingSet], dim: int, factory: str, params: dict
         # not use, and their annealing dominates training time
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore
         index.train(sample)
-    for _, vectors in vector_chunks(sources, role):
+    for _, vectors in index_chunks(sources, role):
         index.add(vectors)
     return index, trained_on
 
@@ -385,7 +400,7 @@ def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts:
     # and so the caption index with it
     captions = open_caption_index(index_dir, info) if all(s.has_text for s in new) else None
     if captions is not None:
-        for _, vectors in vector_chunks(new, "text"):
+        for _, vectors in index_chunks(new, "text"):
             captions.add(vectors)
     base = opts or BuildOptions(**{k: v for k, v in info["build"].get("options", {}).items()
                                    if k in BuildOptions.__dataclass_fields__})

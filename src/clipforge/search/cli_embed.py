@@ -90,8 +90,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         info = build.add_to_index(args.index, args.embeddings)
         print(_summary(info))
         if had_captions and "text" not in info["recall"]:
-            print("caption search (--modality text) ended: an added folder was embedded without captions, and it "
-                  "needs one for every image")
+            print("caption search (--modality text) ended: an added folder was embedded without any caption, and it "
+                  "needs caption vectors in every folder of the index")
     elif args.index_command == "sync":
         return _sync(args)
     elif args.index_command == "compact":
@@ -150,9 +150,6 @@ def _sync(args: argparse.Namespace) -> int:
         stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in report["seconds"].items())
         print(f"{files}; index {args.index} {verb} from {report['images_before']} to {report['images_after']} "
               f"images{unreadable} ({stages})")
-        if report.get("captions_ended"):
-            print("caption search (--modality text) ended: some new images have no caption (.txt sidecar) and it needs "
-                  "one for every image; to restore it, caption them, embed the folder again and build a new index")
         if report.get("measured") is False:
             print(f"recall and threshold kept from the last measurement ({report['unmeasured_changes']} rows added "
                   "or removed since, under 5% of the index; --measure re-measures now)")

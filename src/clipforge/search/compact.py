@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SearchError, require
-from .index import VectorIndex, open_index, vector_chunks
+from .index import VectorIndex, index_chunks, open_index
 from .parts import EmbeddingSet, open_embeddings, write_manifest, write_part
 
 __all__ = ["compact_index", "index_lock", "prune_unused"]
@@ -126,7 +126,7 @@ def _refill(old: Any, kind: str, factory: str, compacted: EmbeddingSet, role: st
         rebuilt.reset()
     else:
         rebuilt = faiss.index_factory(compacted.dim, factory, faiss.METRIC_INNER_PRODUCT)  # type: ignore
-    for _, vectors in vector_chunks([compacted], role):
+    for _, vectors in index_chunks([compacted], role):
         rebuilt.add(vectors)
     return rebuilt
 

@@ -57,15 +57,15 @@ def rank_and_world() -> tuple[int, int, int]:
 class _Images(torch.utils.data.Dataset):
     """Item index -> (index, pixels or None, caption, skipped kind or None); runs in loader workers."""
 
-    def __init__(self, items: list[Item], encoder: Encoder, with_text: bool) -> None:
-        self.items, self.preprocess, self.with_text = items, encoder.preprocess, with_text
+    def __init__(self, items: list[Item], encoder: Encoder) -> None:
+        self.items, self.preprocess = items, encoder.preprocess
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
         try:
-            image, caption = read_item(self.items[index], self.with_text)
+            image, caption = read_item(self.items[index])
         except BadSample as bad:
             return index, None, None, bad.kind
         return index, self.preprocess(image), caption, None
@@ -116,9 +116,14 @@ def _embed_batch(encoder: Encoder, batch: list, listing: Listing, buffer: _PartB
     buffer.skipped.update(entry[3] for entry in batch if entry[3] is not None)
     if not good:
         return len(batch)
-    buffer.img.append(encoder.encode_image(torch.stack([entry[1] for entry in good])))  # [b, 3, H, W] -> [b, D]
-    if listing.has_text:
-        buffer.text.append(encoder.encode_text([entry[2] for entry in good]))
+    images = encoder.encode_image(torch.stack([entry[1] for entry in good]))  # [b, 3, H, W] -> [b, D]
+    buffer.img.append(images)
+    if listing.has_text:  # an image without a caption keeps a zero caption vector: caption search skips it
+        text = np.zeros_like(images)
+        captioned = [i for i, entry in enumerate(good) if entry[2] is not None]
+        if captioned:
+            text[captioned] = encoder.encode_text([good[i][2] for i in captioned])
+        buffer.text.append(text)
     buffer.rows.extend(listing.items[entry[0]] for entry in good)
     buffer.captions.extend(entry[2] for entry in good)
     return len(batch)
@@ -133,7 +138,7 @@ def _publish(root: Path, number: int, buffer: _PartBuffer, listing: Listing, dim
 
 
 def _stream(encoder: Encoder, listing: Listing, batches: list[list[int]], workers: int) -> Iterator[list]:
-    dataset = _Images(listing.items, encoder, listing.has_text)
+    dataset = _Images(listing.items, encoder)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=_collate, persistent_workers=False)
     yield from loader

@@ -3,7 +3,8 @@
     EMB/manifest.json               written last: model fingerprint, dim, source, and per part its rows and
                                     the sha256 of each of its files
     EMB/img_emb/img_emb_N.npy       float16 [rows, dim], L2-normalised image embeddings of part N
-    EMB/text_emb/text_emb_N.npy     float16 [rows, dim], caption embeddings (only when the source has captions)
+    EMB/text_emb/text_emb_N.npy     float16 [rows, dim], caption embeddings (only when some item has a caption);
+                                    a row of zeros for an image without one (its part record counts them)
     EMB/metadata/metadata_N.parquet key, path | shard + member, caption, extra columns; row i = vector row i
     EMB/done/part_N.json            a finished part's record (what the manifest collects); written after its
                                     files, so its presence with matching checksums means the part is complete
@@ -47,16 +48,20 @@ class Part:
     files: dict[str, str]  # role -> relative path
     sha256: dict[str, str]  # relative path -> sha256
     skipped: dict[str, int] = field(default_factory=dict)  # unusable images of this part's slice, by kind
+    uncaptioned: int = 0  # rows whose caption vector is zeros (an image without a caption)
 
     def record(self) -> dict[str, Any]:
-        return {"part": self.number, "rows": self.rows, "files": self.files, "sha256": self.sha256,
-                "skipped": self.skipped}
+        record = {"part": self.number, "rows": self.rows, "files": self.files, "sha256": self.sha256,
+                  "skipped": self.skipped}
+        if self.uncaptioned:  # absent when every row has one: the records of earlier versions stay valid
+            record["uncaptioned"] = self.uncaptioned
+        return record
 
 
 def part_from_record(record: dict[str, Any], where: str) -> Part:
     try:
         return Part(int(record["part"]), int(record["rows"]), dict(record["files"]), dict(record["sha256"]),
-                    {str(k): int(v) for k, v in record.get("skipped", {}).items()})
+                    {str(k): int(v) for k, v in record.get("skipped", {}).items()}, int(record.get("uncaptioned", 0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SearchError(f"{where}: malformed part record ({exc!r})") from None
 
@@ -92,6 +97,7 @@ class EmbeddingSet:
         self._tables: dict[int, Any] = {}
         self._narrow: dict[tuple[int, tuple[str, ...]], Any] = {}  # some columns of parts not read whole
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._uncaptioned: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -125,6 +131,17 @@ class EmbeddingSet:
             mask = which == index
             out[mask] = self.vectors(self.parts[index], role)[rows[mask] - self.offsets[index]]
         return out
+
+    def uncaptioned_rows(self) -> np.ndarray:
+        """Ascending rows (of this set) whose image has no caption: zero caption vectors, found in the parts whose
+        record counts some (read once); empty when the set has no caption vectors at all."""
+        if self._uncaptioned is None:
+            found = [np.flatnonzero(~np.asarray(self.vectors(part, "text")).any(axis=1)) + self.offsets[index]
+                     for index, part in enumerate(self.parts) if part.uncaptioned and self.has_text]
+            rows = np.concatenate(found).astype(np.int64) if found else np.empty(0, dtype=np.int64)
+            with self._lock:
+                self._uncaptioned = rows
+        return self._uncaptioned
 
     def locate(self, row: int) -> tuple[Part, int]:
         """The part holding global row `row` and the row's index inside it."""
@@ -225,8 +242,9 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
                columns: dict[str, list[str | None]], skipped: dict[str, int] | None = None) -> Part:
     """Publish part `number`: each file atomically, then its record `done/part_N.json` (the commit mark).
 
-    `img`/`text` are [rows, dim] float arrays (stored as float16); `columns` the metadata columns (strings or
-    None), each of length rows. Identical inputs give byte-identical files (no timestamps are written).
+    `img`/`text` are [rows, dim] float arrays (stored as float16; a text row of zeros: no caption); `columns` the
+    metadata columns (strings or None), each of length rows. Identical inputs give byte-identical files (no
+    timestamps are written).
     """
     pa, pq = require("pyarrow"), require("pyarrow.parquet")
     files = part_files(number, text is not None)
@@ -238,7 +256,8 @@ def write_part(root: Path, number: int, img: np.ndarray, text: np.ndarray | None
                       for name, values in columns.items()})
     atomic_write(root / files["metadata"], lambda tmp: pq.write_table(table, tmp))  # type: ignore
     digests = {rel: sha256_file(root / rel) for rel in files.values()}
-    part = Part(number, int(img.shape[0]), files, digests, dict(sorted((skipped or {}).items())))
+    uncaptioned = int((~np.asarray(text).any(axis=1)).sum()) if text is not None else 0
+    part = Part(number, int(img.shape[0]), files, digests, dict(sorted((skipped or {}).items())), uncaptioned)
     atomic_write_text(root / "done" / f"part_{number}.json", json.dumps(part.record(), indent=1, sort_keys=True))
     return part
 

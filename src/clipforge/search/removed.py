@@ -70,7 +70,8 @@ def selector_params(index: Any, selector: Any, kept: float = 1.0) -> Any:
 class Removed:
     """A set of removed ids over an index of `total` rows: membership, per-chunk masks, faiss parameters."""
 
-    def __init__(self, ids: Iterable[int] | np.ndarray, total: int, where: str = "index.json") -> None:
+    def __init__(self, ids: Iterable[int] | np.ndarray, total: int, where: str = "index.json",
+                 widen: bool = False) -> None:
         array = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if array.size and (array.dtype.kind not in "iu" or array.ndim != 1):
             raise SearchError(f"{where}: 'removed' must be a list of integer ids")
@@ -78,6 +79,7 @@ class Removed:
         if self.ids.size and (self.ids[0] < 0 or self.ids[-1] >= total):
             raise SearchError(f"{where}: 'removed' holds ids outside 0..{total - 1}")
         self.total = int(total)
+        self.widen = widen  # a large share skipped (images without captions): search wider, as a scope does
         self._selector: Any = None
         self._batch: Any = None  # the IDSelectorNot only points at it: kept alive here
 
@@ -118,7 +120,8 @@ class Removed:
             self._selector = faiss.IDSelectorNot(self._batch)  # type: ignore[attr-defined]
         # not widened: removals are a small share whose effect the measured recall already includes (index sync
         # re-measures past 5% of changes), and compaction must then answer exactly as before it
-        return selector_params(index, self._selector)
+        kept = 1.0 - self.ids.size / max(self.total, 1) if self.widen else 1.0
+        return selector_params(index, self._selector, kept)
 
     def faiss_search(self, index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss's (scores [n, k], ids [n, k]) for float32 `queries` [n, d], the removed rows skipped."""

@@ -72,12 +72,25 @@ class Scope:
         # the scope's rows per inverted list, per IVF index searched (the images' and the captions' own lists),
         # by the id() of the index object, which its VectorIndex holds as long as this cache lives
         self._lists: dict[int, ListCounts] = {}
+        self._without: tuple[np.ndarray, Scope] | None = None
+
+    def without(self, ids: np.ndarray) -> Scope:
+        """This scope less the rows `ids` (caption search: less the images without a caption); the last one made
+        is kept, as caption searches of one index always pass the same ids."""
+        cached = self._without
+        if cached is not None and cached[0] is ids:
+            return cached[1]
+        allowed = self.allowed.copy()
+        allowed[ids[ids < allowed.size]] = False
+        scope = Scope(allowed, self.folders)
+        self._without = (ids, scope)
+        return scope
 
     def __len__(self) -> int:
         return int(self.ids.size)
 
     def __bool__(self) -> bool:
-        return True  # a scope always filters (an empty one was refused when it was made)
+        return True  # a scope always filters (an empty one was refused when it was made; `without` may be empty)
 
     def __contains__(self, id_: object) -> bool:
         return isinstance(id_, (int, np.integer)) and 0 <= int(id_) < self.allowed.size and bool(self.allowed[id_])

@@ -47,7 +47,7 @@ class Item:
 class Listing:
     items: list[Item]
     description: dict[str, Any]  # kind, path, split: what the manifest records as the source
-    has_text: bool
+    has_text: bool  # some item has a caption: caption vectors are written for every row (zeros where none is)
 
     def digest(self) -> str:
         """sha256 over every item's key and location: a restart must see the same listing."""
@@ -77,7 +77,7 @@ def _folder(root: Path) -> Listing:
         info = os.stat(image.path)
         items.append(Item(key=key, path=real, caption=captions[0] if captions else None,
                           stat=(info.st_size, info.st_mtime_ns)))
-    has_text = bool(items) and all(item.caption is not None for item in items)
+    has_text = any(item.caption is not None for item in items)
     return Listing(items, {"kind": "folder", "path": str(root.resolve())}, has_text)
 
 
@@ -113,7 +113,7 @@ def _shards(spec: str) -> Listing:
                                   offset=offset, size=size, caption_member=members.get("txt")))
     except ShardError as exc:
         raise SearchError(str(exc)) from None
-    has_text = bool(items) and all(item.caption_member is not None for item in items)
+    has_text = any(item.caption_member is not None for item in items)
     return Listing(items, {"kind": "shards", "path": spec, "shards": len(paths)}, has_text)
 
 
@@ -181,8 +181,10 @@ def _decode(data: bytes, where: str) -> Image.Image:
         raise BadSample("truncated" if "truncat" in text.lower() else "unreadable", where, text) from None
 
 
-def read_item(item: Item, with_text: bool) -> tuple[Image.Image, str | None]:
-    """(RGB image, caption or None) of `item`; BadSample (kind, where) if it cannot be used."""
+def read_item(item: Item) -> tuple[Image.Image, str | None]:
+    """(RGB image, caption or None) of `item`; BadSample (kind, where) if it cannot be used. A missing or empty
+    caption is None (the image is still embedded, without a caption vector); undecodable caption bytes are a
+    BadSample."""
     if item.path is not None:
         image = load_image(item.path, MAX_PIXELS)
         where = item.path
@@ -193,12 +195,16 @@ def read_item(item: Item, with_text: bool) -> tuple[Image.Image, str | None]:
         if item.size < 0:  # scan_shard marks a member that runs past the end of the file
             raise BadSample("truncated", where, "image member cut short")
         image = _decode(_read_member(str(item.shard), item.offset, item.size), where)
-    caption = item.caption
+    raw: str | bytes | None = item.caption
     if item.caption_member is not None:  # KEY.txt: captions one per line, the first one is kept
-        text = clean_caption(_read_member(str(item.shard), *item.caption_member), where)
-        caption = text.splitlines()[0].strip()
-    elif with_text:
-        caption = clean_caption(caption, where)
+        raw = _read_member(str(item.shard), *item.caption_member)
+    caption = None
+    if raw is not None:
+        try:
+            caption = clean_caption(raw, where).splitlines()[0].strip()
+        except BadSample as bad:
+            if bad.kind != "empty_caption":
+                raise
     rgb, _ = convert_to_rgb(image)
     return rgb, caption
 

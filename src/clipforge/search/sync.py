@@ -128,8 +128,9 @@ def _embed_new(index: VectorIndex, plan: SyncPlan, model: str | None, device: st
     spec = resolve_model_path(str(spec), index.index_dir, index.info.get("embeddings_dir"))
     encoder = load_encoder(spec, backend_of(index.fingerprint), device, str(first.get("precision", "fp32")))
     check_fingerprint(index.fingerprint, encoder.fingerprint, where=f"index {index.index_dir}")
-    listing = Listing(plan.embed, {"kind": "folder", "path": plan.folder, "by": "index sync"},
-                      all(item.caption is not None for item in plan.embed))
+    # caption vectors whenever the index searches captions: a new image without one gets a zero vector, which
+    # caption search skips, so one uncaptioned file does not end caption search for the whole index
+    listing = Listing(plan.embed, {"kind": "folder", "path": plan.folder, "by": "index sync"}, index.has_captions)
     digest = hashlib.sha256(f"{listing.digest()}\0{encoder.spec}".encode()).hexdigest()[:16]
     out = index.index_dir / SYNCED_DIR / digest
     opts = EmbedOptions(part_size=int(first.get("part_size", EmbedOptions.part_size)),
@@ -190,6 +191,4 @@ def sync_index(index_dir: str | Path, folder: str | Path, *, model: str | None =
         lap("index")
         report.update(images_after=int(info["live_rows"]), measured=info.get("unmeasured_changes") == 0,
                       unmeasured_changes=int(info.get("unmeasured_changes", 0)))
-        if index.has_captions and not all(opened[d].has_text for d in added):
-            report["captions_ended"] = True  # a new image without a caption: no caption search from now on
         return report

@@ -116,3 +116,23 @@ def test_compaction_keeps_them_out_of_caption_search(tmp_path):
     after = open_index(built.index_dir)
     assert keys(after) == want
     assert sum(p.uncaptioned for s in after.sources for p in s.parts) == 2
+
+
+def test_index_add_of_a_folder_without_any_caption_ends_caption_search_and_says_so(tmp_path, capsys):
+    from search_helpers import make_image
+
+    from clipforge.cli import main
+
+    built = build_small_index(tmp_path, count=30)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i in range(3):
+        make_image(i, size=40).save(bare / f"b{i}.png")  # no sidecars at all
+    assert main(["embed", str(bare), "--model", str(built.model_path), "--output", str(tmp_path / "emb2"),
+                 "--workers", "0", "--no-progress"]) == 0
+    assert not json.loads((tmp_path / "emb2" / "manifest.json").read_text())["has_text"]
+    capsys.readouterr()
+    assert main(["index", "add", str(built.index_dir), str(tmp_path / "emb2")]) == 0
+    assert "caption search (--modality text) ended: an added folder was embedded without any caption" in \
+        capsys.readouterr().out
+    assert not open_index(built.index_dir).has_captions

@@ -377,6 +377,13 @@ def build_index(embeddings_dirs: list[str | Path], index_dir: str | Path, opts: 
     return finish(Path(index_dir), index, sources, info, opts, captions=captions)
 
 
+def index_has_captions(index_dir: str | Path) -> bool:
+    """Whether every embedding folder of a built index holds caption vectors (what caption search needs), from the
+    folders' manifests alone (`VectorIndex.has_captions` without opening the faiss files)."""
+    info = load_index_info(Path(index_dir))
+    return all(open_embeddings(resolve_source(Path(index_dir), s["path"])).has_text for s in info["sources"])
+
+
 def add_to_index(index_dir: str | Path, embeddings_dirs: list[str | Path], opts: BuildOptions | None = None,
                  remove: np.ndarray | list[int] | None = None, extra_info: dict[str, Any] | None = None,
                  measure: bool | None = True) -> dict:

@@ -86,10 +86,10 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         info = build.build_index(args.embeddings, args.index, _build_options(args))
         print(_summary(info))
     elif args.index_command == "add":
-        had_captions = "text" in build.load_index_info(Path(args.index)).get("recall", {})
+        had_captions = build.index_has_captions(args.index)
         info = build.add_to_index(args.index, args.embeddings)
         print(_summary(info))
-        if had_captions and "text" not in info["recall"]:
+        if had_captions and not build.index_has_captions(args.index):
             print("caption search (--modality text) ended: an added folder was embedded without any caption, and it "
                   "needs caption vectors in every folder of the index")
     elif args.index_command == "sync":

@@ -102,6 +102,8 @@ def test_a_neutral_new_option_keeps_finished_cells_and_a_set_one_reruns_them():
                                              ("study-real-budget.yaml", "study-real-budget"),
                                              ("study-real-fixedt.yaml", "study-real-fixedt"),
                                              ("study-real-recall.yaml", "study-real-recall"),
+                                             ("study-real-fixedt-p10.yaml", "study-real-fixedt-p10"),
+                                             ("study-real-recall-p6.yaml", "study-real-recall-p6"),
                                              ("study-converged-wd3.yaml", "study-converged-wd3"),
                                              ("study-heldout24.yaml", "study-heldout24"),
                                              ("study-real-budget-cpu-check.yaml", "study-real-budget-cpu-check")])

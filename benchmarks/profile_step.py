@@ -175,9 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--output", metavar="FILE.md", help="the Markdown tables (and FILE.json beside it)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="clipforge.allocator.reuse_freed_memory() first, as `clipforge train`, `eval` and "
+                             "`embed` do; without it glibc maps every large buffer afresh and the page faults "
+                             "land in whichever operator first writes the buffer (copy_, fill_)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     note = hardware_note(args.threads, args.device)
+    if args.keep_freed_memory:
+        from clipforge.allocator import reuse_freed_memory  # noqa: PLC0415
+
+        threshold = reuse_freed_memory()
+        note += "; freed memory kept" if threshold else "; freed memory NOT kept (not glibc?)"
     print(note, flush=True)
     trained = resolve_precision(args.precision, args.device)  # what build_stepper runs on this device
     train_title = {"bf16": "bf16 autocast", "fp32": "fp32"}[trained]

@@ -1,5 +1,9 @@
-"""QuickGELU where no gradient is recorded: the formula as written (three new buffers) against an in-place form
-(one buffer), in one run. A lever tried on 2026-12-04 and not adopted: no resolved gain (README, Benchmarks).
+"""Two QuickGELU levers tried on 2026-12-04 and not adopted (README, Benchmarks), each against the formula as written.
+
+1. Where no gradient is recorded: an in-place form (one new buffer instead of three) against the formula.
+2. In training: the activation alone, forward + backward in bf16 on a ViT-B-32 block's MLP hidden state (image
+   tower [16, 50, 3072], text tower [16, 77, 2048]), eager against `torch.compile` (Inductor fuses each direction
+   into one C++ kernel; the first call's compile time is reported too).
 
 Both are timed inside the same bf16 image embedding (`profile_step.inference_call`: ViT-B-32, batch 32, bf16
 weights, freed memory kept as `clipforge embed` keeps it), the activation swapped between turns (A B A B …), so
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -27,6 +32,35 @@ from clipforge.models import layers
 def in_place(self: layers.QuickGELU, x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x) with the sigmoid and the product taken in place on one new buffer (no autograd)."""
     return (x * 1.702).sigmoid_().mul_(x)
+
+
+def kernel_alone(repeats: int) -> dict[str, dict]:
+    """Forward + backward of the activation alone, eager against compiled, per shape."""
+    compiled = torch.compile(layers.QuickGELU())
+    eager = layers.QuickGELU()
+    results = {}
+    for shape in ((16, 50, 3072), (16, 77, 2048)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+        def step(act: torch.nn.Module) -> Callable[[], None]:
+            def run() -> None:
+                x.grad = None
+                act(x).backward(grad)
+            return run
+
+        start = time.perf_counter()
+        step(compiled)()
+        first_call = time.perf_counter() - start
+        times = time_interleaved({"compiled": step(compiled), "eager": step(eager)}, repeats, warmup=2)
+        rounds = round_ratios(times["compiled"], times["eager"])
+        ratio = median(times["eager"]) / median(times["compiled"])
+        name = "x".join(map(str, shape))
+        print(f"QuickGELU forward + backward, bf16 {name}: eager {median(times['eager']) * 1e3:.2f} ms, compiled "
+              f"{median(times['compiled']) * 1e3:.2f} ms, {format_ratio(ratio, rounds)}; first compiled call "
+              f"(compiles) {first_call:.1f} s")
+        results[name] = {"seconds": times, "speed_up": ratio, "ratio_rounds": rounds, "first_call_s": first_call}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} bf16 image embedding, batch {args.batch}: in place {median(ours) * 1e3:.1f} ms, "
           f"as written {median(theirs) * 1e3:.1f} ms, {format_ratio(ratio, rounds)}; features identical: {same}")
     report = {"machine": hardware_note(args.threads), "model": args.model, "batch": args.batch,
-              "features_identical": same, "seconds": times, "speed_up": ratio, "ratio_rounds": rounds}
+              "features_identical": same, "seconds": times, "speed_up": ratio, "ratio_rounds": rounds,
+              "training_kernel": kernel_alone(args.repeats)}
     finish_report(report, args.threads, args.output)
     return 0 if same else 1
 

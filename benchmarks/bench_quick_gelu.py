@@ -34,6 +34,14 @@ def in_place(self: layers.QuickGELU, x: torch.Tensor) -> torch.Tensor:
     return (x * 1.702).sigmoid_().mul_(x)
 
 
+def _step(act: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of `act` at `x`."""
+    def run() -> None:
+        x.grad = None
+        act(x).backward(grad)
+    return run
+
+
 def kernel_alone(repeats: int) -> dict[str, dict]:
     """Forward + backward of the activation alone, eager against compiled, per shape."""
     compiled = torch.compile(layers.QuickGELU())
@@ -43,16 +51,11 @@ def kernel_alone(repeats: int) -> dict[str, dict]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
-        def step(act: torch.nn.Module) -> Callable[[], None]:
-            def run() -> None:
-                x.grad = None
-                act(x).backward(grad)
-            return run
-
         start = time.perf_counter()
-        step(compiled)()
+        _step(compiled, x, grad)()
         first_call = time.perf_counter() - start
-        times = time_interleaved({"compiled": step(compiled), "eager": step(eager)}, repeats, warmup=2)
+        times = time_interleaved({"compiled": _step(compiled, x, grad), "eager": _step(eager, x, grad)}, repeats,
+                                 warmup=2)
         rounds = round_ratios(times["compiled"], times["eager"])
         ratio = median(times["eager"]) / median(times["compiled"])
         name = "x".join(map(str, shape))

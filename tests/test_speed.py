@@ -16,9 +16,19 @@ import clipforge
 from clipforge.losses import clip_loss
 from clipforge.models.attention import attention, explicit_attention
 from clipforge.models.layers import LayerNorm
-from clipforge.speed import (MasterWeights, autocast, bf16_inference, channels_last, channels_last_input,
-                             compile_model, cpu_description, cpu_supports_bf16, int8_pair_sums_saturate,
-                             resolve_precision)
+from clipforge.speed import (
+    MasterWeights,
+    autocast,
+    bf16_inference,
+    cast_matmul_weights,
+    channels_last,
+    channels_last_input,
+    compile_model,
+    cpu_description,
+    cpu_supports_bf16,
+    int8_pair_sums_saturate,
+    resolve_precision,
+)
 
 CAPTIONS = ["a red circle on the left", "two small green hearts and a blue star at the top", "x"]
 
@@ -266,3 +276,55 @@ def test_patch_embedding_matmul_equals_the_strided_convolution(micro_model, size
     want = F.conv2d(images.double(), visual.conv1.weight.double(), stride=visual.patch_size)  # [B, W, G, G]
     got = visual.embed_patches(images)
     torch.testing.assert_close(got.double(), want.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_weights_compute_the_linear_layer_and_step_aside_when_they_cannot(micro_model, batch):
+    """Packed weights (`layers.pack_linear_weights`, what bf16_inference does on an AMX CPU) give each linear
+    layer's output as F.linear does, to bf16 rounding; a weight changed after packing, a deep copy and a forward
+    that records gradients all compute with F.linear again, exactly."""
+    from clipforge.models import layers
+
+    model = cast_matmul_weights(copy.deepcopy(micro_model)).eval()
+    block = model.transformer.resblocks[0]
+    fc = block.mlp.c_fc
+    x = torch.randn(5, 9, fc.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        want_fc = F.linear(x, fc.weight, fc.bias)
+        want_qkv = F.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias)
+        want = features(model, *batch)
+    count = layers.pack_linear_weights(model)
+    oneDNN_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    n_layers = len(model.transformer.resblocks) + len(model.visual.transformer.resblocks)
+    assert count == (4 * n_layers if oneDNN_bf16 else 0)  # c_fc, c_proj, out_proj, in_proj per block
+    with torch.no_grad():
+        got_fc = fc(x)
+        got_qkv = layers.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias)
+        got = features(model, *batch)
+    for g, w in ((got_fc, want_fc), (got_qkv, want_qkv)):
+        assert g.shape == w.shape and g.dtype == torch.bfloat16
+        assert (g.float() - w.float()).abs().max().item() <= 0.02 * w.float().abs().max().item()
+    for g, w in zip(got, want):
+        assert F.cosine_similarity(g, w, dim=-1).min().item() > 0.9999
+    copied = copy.deepcopy(model)  # new parameters: not packed, and the copy must not fail on the packed tensors
+    with torch.no_grad():
+        assert torch.equal(copied.transformer.resblocks[0].mlp.c_fc(x), want_fc)
+        fc.weight.mul_(2.0)  # changed after packing: the packed copy is stale and must not be used
+        assert torch.equal(fc(x), F.linear(x, fc.weight, fc.bias))
+    xg = x.clone().requires_grad_()  # a forward that records gradients: F.linear itself, and a gradient
+    qkv = layers.linear(xg, block.attn.in_proj_weight, block.attn.in_proj_bias)
+    assert torch.equal(qkv.detach(), want_qkv)
+    qkv.float().sum().backward()
+    assert xg.grad is not None and block.attn.in_proj_weight.grad is not None
+
+
+def test_bf16_inference_packs_only_where_it_was_measured_to_win(monkeypatch, micro_model):
+    from clipforge import speed
+    from clipforge.models import layers
+
+    oneDNN_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for flags, expect in (("avx512f avx512_bf16 amx_tile amx_bf16", True), ("avx512f avx512_bf16", False)):
+        monkeypatch.setattr(speed, "cpu_flags", lambda cpuinfo="/proc/cpuinfo", flags=flags: set(flags.split()))
+        assert speed.packed_weights_win() == (expect and oneDNN_bf16)
+        model = bf16_inference(copy.deepcopy(micro_model))
+        weight = model.transformer.resblocks[0].mlp.c_fc.weight
+        assert (id(weight) in layers._PACKED) == (expect and oneDNN_bf16)

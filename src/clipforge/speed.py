@@ -128,10 +128,25 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     return model
 
 
+def packed_weights_win(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 linear layers gain from weights packed once for oneDNN (`models.layers.pack_linear_weights`):
+    on a CPU with AMX each call's re-layout of the weight is a tenth of the GEMM (1.08-1.23x per ViT-B-32 layer,
+    README "Benchmarks"); measured nowhere else, so nowhere else."""
+    return "amx_bf16" in cpu_flags(cpuinfo) and torch.backends.mkldnn.is_available() \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def bf16_inference(model: nn.Module) -> nn.Module:
     """`model`, converted in place to bf16 matmul weights and put in eval mode, for embedding images and texts
-    (see cast_matmul_weights); deep-copy it first to keep the fp32 model."""
-    return cast_matmul_weights(model, torch.bfloat16).eval()
+    (see cast_matmul_weights); deep-copy it first to keep the fp32 model. On a CPU with AMX the transformer
+    blocks' linear weights are also packed for oneDNN (`packed_weights_win`): the same kernels without a
+    re-layout of each weight per call; features equal up to bf16 rounding."""
+    model = cast_matmul_weights(model, torch.bfloat16).eval()
+    if packed_weights_win() and all(p.device.type == "cpu" for p in model.parameters()):
+        from .models.layers import pack_linear_weights  # noqa: PLC0415 - speed stays importable without models
+
+        pack_linear_weights(model)
+    return model
 
 
 class MasterWeights:

@@ -6,6 +6,7 @@ OpenAI's checkpoints so that their state dicts load one-to-one.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from functools import partial
 
@@ -15,6 +16,56 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, attention_at
+
+# Weights packed once into oneDNN's blocked layout (`pack_linear_weights`), by id of the parameter: (the parameter,
+# weakly; the packed tensor; its data pointer and version when packed). A parameter changed since (copy_, a new
+# .data) no longer matches and computes with F.linear, as does a deep copy of the model (new parameters).
+_PACKED: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or, for a packed bf16 weight where no gradient is recorded, oneDNN's linear on the packed copy,
+    which skips re-laying out the weight on every call. The result can differ from F.linear's by bf16 rounding
+    where the two pick different kernels (it did for 64 rows of the pooled last block; the full-sequence layers of
+    ViT-B-32 gave identical bits on an AMX Xeon)."""
+    entry = _PACKED.get(id(weight)) if _PACKED else None
+    if (entry is not None and entry[0]() is weight and weight.data_ptr() == entry[2] and weight._version == entry[3]
+            and x.dtype == torch.bfloat16 and x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) computed by `linear`, so `pack_linear_weights` applies to it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack the bf16 CPU weights of the transformer blocks' linear layers (Linear, the attention's q/k/v
+    projection) for `linear`; returns how many (0 where oneDNN has no bf16 kernels here). Costs one more copy of
+    those weights in memory."""
+    packed = 0
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            weights = [module.weight]
+        elif isinstance(module, MultiheadAttention):
+            weights = [module.in_proj_weight]
+        else:
+            continue
+        for weight in weights:
+            if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+                continue
+            key = id(weight)
+            _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)),
+                            torch.ops.mkldnn._reorder_linear_weight(weight.detach()), weight.data_ptr(),
+                            weight._version)
+            packed += 1
+    return packed
 
 
 class QuickGELU(nn.Module):
@@ -58,13 +109,13 @@ class MultiheadAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
         # [B, L, 3, H, W/H] -> 3 x [B, H, L, W/H]
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, causal)  # [B, H, L, W/H]
@@ -95,9 +146,9 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, hidden)),
+                    ("c_fc", Linear(width, hidden)),
                     ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-                    ("c_proj", nn.Linear(hidden, width)),
+                    ("c_proj", Linear(hidden, width)),
                 ]
             )
         )

@@ -5,10 +5,10 @@
    tower [16, 50, 3072], text tower [16, 77, 2048]), eager against `torch.compile` (Inductor fuses each direction
    into one C++ kernel; the first call's compile time is reported too).
 
-Both are timed inside the same bf16 image embedding (`profile_step.inference_call`: ViT-B-32, batch 32, bf16
-weights, freed memory kept as `clipforge embed` keeps it), the activation swapped between turns (A B A B …), so
-only the ratio means anything. The two forms give bit-identical features (checked
-here): the same operations in the same order.
+The first is timed inside bf16 image embedding (`profile_step.inference_call`: ViT-B-32, batch 32, bf16 weights,
+freed memory kept as `clipforge embed` keeps it), the activation swapped between turns (A B A B …), so only the
+ratio means anything; its two forms give bit-identical features (checked here: the same operations in the same
+order). The second takes turns the same way, eager and compiled.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src:benchmarks python benchmarks/bench_quick_gelu.py --threads 2 \
         --output docs/benchmarks/quick-gelu-amx-2thread.json

@@ -142,7 +142,7 @@ def bf16_inference(model: nn.Module) -> nn.Module:
     blocks' linear weights are also packed for oneDNN (`packed_weights_win`): the same kernels without a
     re-layout of each weight per call; features equal up to bf16 rounding."""
     model = cast_matmul_weights(model, torch.bfloat16).eval()
-    if packed_weights_win() and all(p.device.type == "cpu" for p in model.parameters()):
+    if packed_weights_win():  # pack_linear_weights leaves weights elsewhere than the CPU as they are
         from .models.layers import pack_linear_weights  # noqa: PLC0415 - speed stays importable without models
 
         pack_linear_weights(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,19 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, attention_at
 
-# Weights packed once into oneDNN's blocked layout (`pack_linear_weights`), by id of the parameter: (the parameter,
-# weakly; the packed tensor; its data pointer and version when packed). A parameter changed since (copy_, a new
-# .data) no longer matches and computes with F.linear, as does a deep copy of the model (new parameters).
-_PACKED: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
+
+class _Packed(NamedTuple):
+    """A weight packed into oneDNN's blocked layout, and the parameter as it was when packed."""
+
+    param: weakref.ref  # the parameter, weakly
+    blocked: torch.Tensor
+    data_ptr: int
+    version: int
+
+
+# By id of the parameter (`pack_linear_weights`). A parameter changed since (copy_, a new .data) no longer
+# matches and computes with F.linear, as does a deep copy of the model (new parameters).
+_PACKED: dict[int, _Packed] = {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,10 +39,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     where the two pick different kernels (it did for 64 rows of the pooled last block; the full-sequence layers of
     ViT-B-32 gave identical bits on an AMX Xeon)."""
     entry = _PACKED.get(id(weight)) if _PACKED else None
-    if (entry is not None and entry[0]() is weight and weight.data_ptr() == entry[2] and weight._version == entry[3]
-            and x.dtype == torch.bfloat16 and x.is_contiguous()
+    if (entry is not None and entry.param() is weight and weight.data_ptr() == entry.data_ptr
+            and weight._version == entry.version and x.dtype == torch.bfloat16 and x.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, entry.blocked, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -47,24 +57,23 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Pack the bf16 CPU weights of the transformer blocks' linear layers (Linear, the attention's q/k/v
     projection) for `linear`; returns how many (0 where oneDNN has no bf16 kernels here). Costs one more copy of
     those weights in memory."""
-    packed = 0
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
+    packed = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            weights = [module.weight]
+            weight = module.weight
         elif isinstance(module, MultiheadAttention):
-            weights = [module.in_proj_weight]
+            weight = module.in_proj_weight
         else:
             continue
-        for weight in weights:
-            if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
-                continue
-            key = id(weight)
-            _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)),
-                            torch.ops.mkldnn._reorder_linear_weight(weight.detach()), weight.data_ptr(),
-                            weight._version)
-            packed += 1
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            continue
+        key = id(weight)
+        _PACKED[key] = _Packed(weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)),
+                               torch.ops.mkldnn._reorder_linear_weight(weight.detach()), weight.data_ptr(),
+                               weight._version)
+        packed += 1
     return packed
 
 

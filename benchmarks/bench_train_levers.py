@@ -32,8 +32,7 @@ from clipforge.train.step import Stepper, build_stepper, train_step
 def with_foreach_adamw(stepper: Stepper) -> Stepper:
     """The same stepper with a for-each (multi-tensor, unfused) AdamW over the same parameter groups."""
     groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in stepper.optimizer.param_groups]
-    # streamed=None: the streamed update drives the fused AdamW it was built with
-    return dataclasses.replace(stepper, optimizer=torch.optim.AdamW(groups, foreach=True), streamed=None)
+    return dataclasses.replace(stepper, optimizer=torch.optim.AdamW(groups, foreach=True))
 
 
 def step_calls(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, Callable[[], None]]:

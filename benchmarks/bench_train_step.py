@@ -2,10 +2,8 @@
 open_clip's CLIP, and CPU MFU.
 
 clipforge's step is `clipforge.train.step.train_step`, the function `clipforge train` runs, built by
-`build_stepper` in each mode: fp32, bf16 (autocast; on CPU over bf16 weight copies with the streamed master
-update, `speed.autocast_weights`), bf16-plain (autocast over the fp32 model with clip_gradients and the optimizer's
-own step: the bf16 step before 2026-12-04, the same numbers bit for bit), bf16-master (bf16 weights, fp32 master
-weights) and compiled-<mode> (`compile: true`, torch.compile). One step = forward of both towers, the symmetric CLIP loss on the normalised features, backward, and a fused
+`build_stepper` in each mode: fp32, bf16 (autocast), bf16-master (bf16 weights, fp32 master weights) and
+compiled-<mode> (`compile: true`, torch.compile). One step = forward of both towers, the symmetric CLIP loss on the normalised features, backward, and a fused
 AdamW step (the same optimizer for both; it is several times faster than the default for-each AdamW on
 CPU). The transformers model is built with the same architecture (widths, layers, heads, patch, context,
 vocabulary, activation) and loaded with the same weights; the script checks that both compute the same
@@ -44,8 +42,7 @@ from common import (PeakMeter, format_ratio, hardware_note, median, pair_forward
 from clipforge.losses import clip_loss
 from clipforge.speed import autocast, cpu_flags, cpu_supports_bf16, resolve_precision
 from clipforge.train.config import OptimConfig, TrainConfig
-from clipforge.train.optim import build_optimizer
-from clipforge.train.step import Stepper, build_loss, build_stepper, train_step
+from clipforge.train.step import build_stepper, train_step
 
 # issue 15's targets per kind of hardware: bf16 speed ratio against open_clip, fp32 ratio, bf16 training MFU
 TARGETS = {
@@ -68,16 +65,11 @@ def targets_for(flags: set[str]) -> tuple[str, dict[str, float]]:
 
 def clipforge_step(model, images, tokens, precision: str, device: str = "cpu") -> Callable[[], None]:
     """A closure running the trainer's own step (`clipforge.train.step.train_step`, as `clipforge train` runs
-    it) on a clipforge CLIP; `precision` is fp32, bf16, bf16-plain, bf16-master or compiled-<one of those>."""
+    it) on a clipforge CLIP; `precision` is fp32, bf16, bf16-master or compiled-<one of those>."""
     compiled = precision.startswith("compiled-")
-    plain = precision.endswith("-plain")
-    cfg = TrainConfig(precision=precision.removeprefix("compiled-").removesuffix("-plain"), compile=compiled,
+    cfg = TrainConfig(precision=precision.removeprefix("compiled-"), compile=compiled,
                       optim=OptimConfig(lr=1e-5, weight_decay=0.1, grad_clip=None))
-    if plain:  # autocast over the fp32 model, the optimizer's own step (what build_stepper gave before)
-        stepper = Stepper(model, model, build_optimizer(model, cfg.optim), build_loss(cfg.loss),
-                          resolve_precision("bf16", "cpu"), None, None)
-    else:
-        stepper = build_stepper(cfg, model)
+    stepper = build_stepper(cfg, model)
 
     def step() -> None:
         train_step(stepper, images, tokens, lr=1e-5)
@@ -193,8 +185,7 @@ def report(result: dict, peaks: dict[str, float]) -> dict:
     for run, seconds in secs.items():
         precision = run.split()[1].removeprefix("compiled-")
         if run.startswith("clipforge"):
-            # what the trainer ran (fp32 without native bf16)
-            precision = resolve_precision(precision.removesuffix("-plain"), "cpu")
+            precision = resolve_precision(precision, "cpu")  # what the trainer ran (fp32 without native bf16)
         peak = peaks["fp32"] if precision == "fp32" else peaks["bf16"]
         rate = result["flops_per_step"] / seconds
         rows[run] = {"samples_per_s": batch / seconds, "step_s": seconds, "gflops": rate / 1e9,
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="ViT-B-32:16", help="NAME:BATCH,... (default %(default)s)")
     parser.add_argument("--precisions",
                         default="fp32,bf16,bf16-master,compiled-fp32,compiled-bf16,compiled-bf16-master",
-                        help="trainer modes: fp32, bf16, bf16-plain, bf16-master, compiled-<mode> (torch.compile)")
+                        help="trainer modes: fp32, bf16, bf16-master, compiled-<mode> (torch.compile)")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per variant (default %(default)s: a ratio's per-round range then covers its "
                              "median with 94%% probability)")

@@ -160,13 +160,9 @@ class MasterWeights:
         mw.zero_grad(); loss_of(mw.model(...)).backward(); mw.grads_to_master()
         clip_grad_norm_(mw.master.parameters(), ...); optimizer.step()   # optimizer over mw.master
         mw.master.clamp_logit_scale(); mw.master_to_model()
-
-    `keep` names matmul parameters that stay fp32 (shared, like the norms). `autocast_weights` uses it for a
-    model that runs under autocast. On CPU the trainer replaces the last two lines' clip, step and rounding by
-    `train.master_update.MasterUpdate`, which reads the bf16 gradients directly (the same bits, less traffic).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         self.model = model
         self.master = copy.deepcopy(model)
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
@@ -174,7 +170,7 @@ class MasterWeights:
         for module_name, module in model.named_modules():
             twin = master_modules[module_name]
             for name, param in list(module.named_parameters(recurse=False)):
-                if _is_matmul_parameter(module, name) and name not in keep:
+                if _is_matmul_parameter(module, name):
                     param.data = param.data.to(dtype)
                     self.pairs.append((param, getattr(twin, name)))
                 else:
@@ -209,20 +205,6 @@ class MasterWeights:
         """Round the updated fp32 master weights into the bf16 compute weights."""
         for param, master in self.pairs:
             param.copy_(master)
-
-
-# CLIP.dtype is text_projection's: kept in fp32, the model takes its fp32 code path (inputs and the text
-# tower's residual stream in fp32) and autocast decides each op's precision as for the fp32 model.
-AUTOCAST_KEEP_FP32 = ("text_projection",)
-
-
-def autocast_weights(model: nn.Module) -> MasterWeights:
-    """Master weights for training `model` under bf16 autocast with the same numbers as autocast over the fp32
-    model: the compute model holds, in bf16, the weights autocast would cast on every forward (all matmul weights
-    but `AUTOCAST_KEEP_FP32`, which autocast casts per use), so no step casts a weight forward or its gradient
-    back. Their values are autocast's casts (round to nearest of the fp32 master), and their bf16 gradients are
-    what autocast's cast-back widens, so the masters follow the plain autocast step bit for bit."""
-    return MasterWeights(model, torch.bfloat16, keep=AUTOCAST_KEEP_FP32)
 
 
 def uses_convolutions(model: nn.Module) -> bool:

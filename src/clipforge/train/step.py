@@ -4,11 +4,7 @@
 is fixed once, in `build_stepper`, from the config:
 
 - precision: `fp32`; `bf16` (autocast); `bf16-master` (the model computes with bf16 matmul weights and no
-  autocast, the optimizer updates fp32 master copies, which checkpoints save and evaluators read). On a CPU,
-  `bf16` in one process without `accum_chunk` or `compile` keeps bf16 copies of the weights autocast would cast
-  (`speed.autocast_weights`), and both bf16 modes clip and update from the bf16 gradients in cache-sized slices
-  (`master_update.MasterUpdate`): the plain autocast step's numbers bit for bit, without casting ~125M weights
-  forward and their gradients back every step (ViT-B-32; README, Benchmarks); both bf16
+  autocast, the optimizer updates fp32 master copies, which checkpoints save and evaluators read); both bf16
   modes fall back to fp32 on a device without fast bf16 (`speed.resolve_precision`: a CPU without AVX-512 BF16
   or AMX emulates bf16: on an AVX2-only AMD EPYC the demo's step took 25 s in bf16, 3 s in fp32, one thread);
 - `accum_chunk`: exact contrastive accumulation (`gradcache`): each rank's batch is embedded in chunks
@@ -28,10 +24,9 @@ from torch import nn
 
 from ..losses import LossConfig, compute_loss
 from ..models.clip import CLIP
-from ..speed import MasterWeights, autocast, autocast_weights, resolve_precision
+from ..speed import MasterWeights, autocast, resolve_precision
 from .config import TrainConfig
 from .gradcache import gradcache_backward
-from .master_update import MasterUpdate, supports
 from .optim import build_optimizer
 
 
@@ -84,7 +79,6 @@ class Stepper:
     master: MasterWeights | None = None
     no_sync: Callable | None = None  # DDP's no_sync: chunks before the last do not all-reduce
     queue: Any = None  # train.queue.NegativeQueue: its momentum encoder embeds each batch first
-    streamed: MasterUpdate | None = None  # clip + AdamW + rounding straight from the bf16 gradients (CPU)
 
     def zero_grad(self) -> None:
         if self.master is not None:
@@ -97,12 +91,7 @@ class Stepper:
         object.__setattr__(self, "model", self.master.model if self.master is not None else self.core)
         object.__setattr__(self, "no_sync", None)
 
-    def update(self, factor: torch.Tensor | None = None) -> None:
-        """The optimizer step; `factor` is the streamed update's clipping factor (the plain path has clipped)."""
-        if self.streamed is not None:
-            self.streamed.step(factor)  # rounds the compute weights too
-            self.core.clamp_logit_scale()
-            return
+    def update(self) -> None:
         self.optimizer.step()
         self.core.clamp_logit_scale()
         if self.master is not None:
@@ -188,17 +177,13 @@ def train_step(s: Stepper, images: torch.Tensor, tokens: torch.Tensor, lr: float
         group["lr"] = lr
     s.zero_grad()
     parts = forward_backward(s, images, tokens, poison)
-    factor = None
-    if s.streamed is not None:
-        grad_norm, factor = s.streamed.grad_norm(s.grad_clip)
-    else:
-        if s.master is not None:
-            s.master.grads_to_master()
-        params = [p for p in s.core.parameters() if p.grad is not None]
-        grad_norm = clip_gradients(params, s.grad_clip)
+    if s.master is not None:
+        s.master.grads_to_master()
+    params = [p for p in s.core.parameters() if p.grad is not None]
+    grad_norm = clip_gradients(params, s.grad_clip)
     skipped = skip(parts["loss"], grad_norm) if skip is not None else False
     if not skipped:
-        s.update(factor)
+        s.update()
     return StepOutput(parts, grad_norm, skipped)
 
 
@@ -208,16 +193,10 @@ def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False, queue
     master = None
     compute: nn.Module = core
     precision = resolve_precision(cfg.precision, next(core.parameters()).device)
-    cpu = next(core.parameters()).device.type == "cpu"
     if precision == "bf16-master":
         master = MasterWeights(core)  # casts `core` in place to the bf16 compute model
-    elif precision == "bf16" and cpu and not distributed and not cfg.compile and cfg.accum_chunk is None:
-        # DDP would all-reduce, and chunked accumulation sum, bf16 gradients where autocast sums fp32 ones.
-        master = autocast_weights(core)
-    if master is not None:
         compute, core = master.model, master.master  # type: ignore[assignment]
     optimizer = build_optimizer(core, cfg.optim)
-    streamed = MasterUpdate(master, optimizer) if master is not None and supports(optimizer, master) else None
     no_sync = None
     if distributed:
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
@@ -228,4 +207,4 @@ def build_stepper(cfg: TrainConfig, core: CLIP, distributed: bool = False, queue
     if cfg.compile:
         compute = torch.compile(compute)  # type: ignore[assignment]
     return Stepper(compute, core, optimizer, build_loss(cfg.loss, distributed, queue, teacher), precision,
-                   cfg.accum_chunk, cfg.optim.grad_clip, master, no_sync, queue, streamed)
+                   cfg.accum_chunk, cfg.optim.grad_clip, master, no_sync, queue)

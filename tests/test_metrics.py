@@ -63,6 +63,20 @@ def test_classification_metrics_names_and_values() -> None:
     assert metrics["mean_per_class_recall"] == pytest.approx(1 / 6)
 
 
+def test_mean_margin_by_hand() -> None:
+    from clipforge.eval.metrics import mean_margin
+
+    logits = torch.tensor([[0.9, 0.2, 0.5],    # label 0: 0.9 - 0.5 = +0.4
+                           [0.1, 0.3, 0.7],    # label 1: 0.3 - 0.7 = -0.4
+                           [0.2, 0.6, 0.6]])   # label 2: 0.6 - 0.6 = 0 (a tie: wrong for acc1, margin 0)
+    labels = torch.tensor([0, 1, 2])
+    assert mean_margin(logits, labels) == pytest.approx((0.4 - 0.4 + 0.0) / 3, abs=1e-7)
+    assert mean_margin(logits[:1], labels[:1]) == pytest.approx(0.4)
+    assert classification_metrics(logits, labels)["acc1"] == pytest.approx(1 / 3)  # exactly the rows with margin > 0
+    assert math.isnan(mean_margin(logits[:0], labels[:0]))
+    assert math.isnan(mean_margin(torch.ones(2, 1), torch.zeros(2, dtype=torch.long)))  # one class: no rival
+
+
 def test_retrieval_perfect_ranking() -> None:
     features = torch.eye(4)
     metrics = retrieval_metrics(features, features, torch.arange(4), ks=(1, 2))

@@ -22,7 +22,12 @@ from . import TASKS, plots
 from .features import cached_image_features, encode_texts
 from .linear_probe import carve_validation, kshot_probe, linear_probe
 from .margins import describe, margins_in_batches
-from .metrics import classification_metrics, per_class_recall, retrieval_metrics
+from .metrics import (
+    classification_metrics,
+    mean_margin,
+    per_class_recall,
+    retrieval_metrics,
+)
 from .resolve import eval_device, model_tokenizer, resolve_model
 from .robustness import RobustnessPoint, load_point, point_from_results, summarize
 from .spec import EvalTask
@@ -82,12 +87,14 @@ class Session:
 
 
 def scores_with_subsets(logits: torch.Tensor, labels: torch.Tensor, subsets: dict[str, list[int]]) -> dict:
-    """classification_metrics over all rows, and over the rows of each subset of classes."""
-    out: dict[str, Any] = classification_metrics(logits, labels)
+    """classification_metrics and the mean margin of the label over the best other class (`mean_margin`), over
+    all rows and over the rows of each subset of classes (ranked against all classes)."""
+    out: dict[str, Any] = {**classification_metrics(logits, labels), "mean_margin": mean_margin(logits, labels)}
     for name, classes in subsets.items():
         rows = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
         if bool(rows.any()):
-            out.setdefault("subsets", {})[name] = classification_metrics(logits[rows], labels[rows])
+            out.setdefault("subsets", {})[name] = {**classification_metrics(logits[rows], labels[rows]),
+                                                   "mean_margin": mean_margin(logits[rows], labels[rows])}
     return out
 
 

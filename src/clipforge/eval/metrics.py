@@ -53,6 +53,17 @@ def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return per_class.mean().item()
 
 
+def mean_margin(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of (label's score − the best other class's score), in the scores' units (cosines for
+    zero-shot). Top-1 accuracy is the fraction of rows where this is > 0; the mean also moves when no row changes
+    sides, so it can separate two models whose accuracies differ by less than their seed-to-seed spread."""
+    if len(labels) == 0 or logits.shape[1] < 2:
+        return float("nan")
+    true_score = logits.gather(1, labels.view(-1, 1)).squeeze(1)  # [N]
+    others = logits.scatter(1, labels.view(-1, 1), float("-inf"))  # [N, C], the label's column masked out
+    return (true_score - others.max(dim=1).values).mean().item()
+
+
 def per_class_recall(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> list[float]:
     """Top-1 recall of every class 0..C-1 (NaN for a class with no example)."""
     num_classes = logits.shape[1] if num_classes is None else num_classes

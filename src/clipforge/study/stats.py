@@ -22,7 +22,8 @@ Verdict = Literal["agrees", "disagrees", "inconclusive"]
 MIN_SEEDS = 3  # no verdict from fewer paired seeds, however narrow their interval
 # The metrics whose paired differences the report computes (and a claim may name).
 CLAIM_METRICS: tuple[str, ...] = ("zeroshot_seen_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1",
-                                  "probe_top1", "margin_i2t", "margin_t2i", "positive_similarity")
+                                  "probe_top1", "margin_i2t", "margin_t2i", "positive_similarity",
+                                  "zeroshot_seen_margin", "zeroshot_heldout_margin")
 
 
 @dataclass(frozen=True)

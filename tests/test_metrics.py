@@ -174,3 +174,16 @@ def test_robustness_drop_and_effective_robustness() -> None:
     assert effective_robustness(0.7, 0.6, (1.0, 0.0)) == pytest.approx(-robustness_drop(0.7, 0.6))
     with pytest.raises(ValueError):
         fit_baseline([0.5], [0.4])
+
+
+def test_zeroshot_scores_carry_the_mean_margin_per_subset() -> None:
+    from clipforge.eval.evaluators import scores_with_subsets
+
+    logits = torch.tensor([[0.9, 0.2, 0.5],   # label 0: +0.4
+                           [0.1, 0.3, 0.7],   # label 1: -0.4
+                           [0.2, 0.1, 0.6]])  # label 2: +0.4
+    out = scores_with_subsets(logits, torch.tensor([0, 1, 2]), {"first two": [0, 1], "last": [2]})
+    assert out["mean_margin"] == pytest.approx(0.4 / 3)
+    assert out["subsets"]["first two"]["mean_margin"] == pytest.approx(0.0, abs=1e-7)  # ranked against all 3
+    assert out["subsets"]["last"]["mean_margin"] == pytest.approx(0.4)
+    assert out["subsets"]["first two"]["acc1"] == pytest.approx(0.5)

@@ -106,6 +106,7 @@ def test_a_neutral_new_option_keeps_finished_cells_and_a_set_one_reruns_them():
                                              ("study-real-recall-p6.yaml", "study-real-recall-p6"),
                                              ("study-converged-wd3.yaml", "study-converged-wd3"),
                                              ("study-heldout24.yaml", "study-heldout24"),
+                                             ("study-heldout24-margin.yaml", "study-heldout24-margin"),
                                              ("study-real-budget-cpu-check.yaml", "study-real-budget-cpu-check")])
 def test_the_committed_study_results_still_describe_the_shipped_configs(config, results):
     """docs/ holds finished cells; a code change that silently alters their fingerprints (a new option hashed at

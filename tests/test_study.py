@@ -333,6 +333,7 @@ def test_ci_study_shows_the_robust_effects(tmp_path):
     regularizer raises the mean positive similarity. Compared per seed (same data and initialisation)."""
     outcome = run_study(ROOT / "configs" / "study-ci.yaml", tmp_path / "ci", jobs=2, log=print)
     assert not outcome.failed
+    assert outcome.stopped is None, f"a {outcome.stopped} stopped the study; cells left: {outcome.interrupted}"
     cells = {}
     for path in (tmp_path / "ci" / "cells").glob("*.json"):
         record = json.loads(path.read_text())

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reuse_freed_memory()
     torch.set_num_threads(args.threads)
-    print(hardware_note(args.threads), flush=True)
+    note = hardware_note(args.threads)
+    print(note, flush=True)
     from profile_step import inference_call  # noqa: PLC0415 - after the allocator is set
 
     call = inference_call(args.model, args.batch, "cpu")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = median(theirs) / median(ours)
     print(f"{args.model} bf16 image embedding, batch {args.batch}: in place {median(ours) * 1e3:.1f} ms, "
           f"as written {median(theirs) * 1e3:.1f} ms, {format_ratio(ratio, rounds)}; features identical: {same}")
-    report = {"machine": hardware_note(args.threads), "model": args.model, "batch": args.batch,
+    report = {"machine": note, "model": args.model, "batch": args.batch,
               "features_identical": same, "seconds": times, "speed_up": ratio, "ratio_rounds": rounds,
               "training_kernel": kernel_alone(args.repeats)}
     finish_report(report, args.threads, args.output)

@@ -89,12 +89,14 @@ class Session:
 def scores_with_subsets(logits: torch.Tensor, labels: torch.Tensor, subsets: dict[str, list[int]]) -> dict:
     """classification_metrics and the mean margin of the label over the best other class (`mean_margin`), over
     all rows and over the rows of each subset of classes (ranked against all classes)."""
-    out: dict[str, Any] = {**classification_metrics(logits, labels), "mean_margin": mean_margin(logits, labels)}
+    def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        return {**classification_metrics(logits, labels), "mean_margin": mean_margin(logits, labels)}
+
+    out = scores(logits, labels)
     for name, classes in subsets.items():
         rows = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
         if bool(rows.any()):
-            out.setdefault("subsets", {})[name] = {**classification_metrics(logits[rows], labels[rows]),
-                                                   "mean_margin": mean_margin(logits[rows], labels[rows])}
+            out.setdefault("subsets", {})[name] = scores(logits[rows], labels[rows])
     return out
 
 

@@ -32,8 +32,7 @@ def headline(zeroshot: dict[str, Any], retrieval: dict[str, Any]) -> dict[str, f
         out[f"zeroshot_{split}_top1"] = ens["acc1"]
         out[f"zeroshot_{split}_top5"] = ens["acc5"]
         out[f"zeroshot_{split}_mean_per_class_recall"] = ens["mean_per_class_recall"]
-        if "mean_margin" in ens:  # cosine of the right class minus the best wrong one, averaged over images
-            out[f"zeroshot_{split}_margin"] = ens["mean_margin"]
+        out[f"zeroshot_{split}_margin"] = ens["mean_margin"]  # right class's cosine minus the best wrong one
         out[f"zeroshot_{split}_top1_single_template"] = one["acc1"]
         out[f"zeroshot_{split}_top5_single_template"] = one["acc5"]
         if "synonyms" in zeroshot:

@@ -42,11 +42,17 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     return weights @ v
 
 
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """PyTorch's fused kernel, with the backend it picks for the device (the one name `benchmarks/bench_gpu.py`
+    swaps to compare backends under torch.compile)."""
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)  # type: ignore[arg-type]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Self-attention over q, k, v [B, H, L, d] -> [B, H, L, d] with the faster kernel (module docstring)."""
     if _explicit_is_faster(q, q.shape[-2]):
         return explicit_attention(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return _fused(q, k, v, is_causal=causal)
 
 
 def attention_at(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -59,4 +65,4 @@ def attention_at(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
         allowed = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
     if _explicit_is_faster(q, k.shape[-2]):
         return explicit_attention(q, k, v, allowed=allowed)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return _fused(q, k, v, attn_mask=allowed)

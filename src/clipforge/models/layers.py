@@ -37,8 +37,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, or, for a packed bf16 weight where no gradient is recorded, oneDNN's linear on the packed copy,
     which skips re-laying out the weight on every call. The result can differ from F.linear's by bf16 rounding
     where the two pick different kernels (it did for 64 rows of the pooled last block; the full-sequence layers of
-    ViT-B-32 gave identical bits on an AMX Xeon)."""
-    entry = _PACKED.get(id(weight)) if _PACKED else None
+    ViT-B-32 gave identical bits on an AMX Xeon). Under torch.compile always F.linear."""
+    # Under torch.compile the packed call is left out: Inductor cannot lower it with a blocked weight, and it lays
+    # out (with freezing, prepacks) the weights of its own linear kernels.
+    entry = _PACKED.get(id(weight)) if _PACKED and not torch.compiler.is_compiling() else None
     if (entry is not None and entry.param() is weight and weight.data_ptr() == entry.data_ptr
             and weight._version == entry.version and x.dtype == torch.bfloat16 and x.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):

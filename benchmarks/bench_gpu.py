@@ -240,8 +240,8 @@ def kernel_kind(name: str) -> str:
 
 
 def inference_phase(args: argparse.Namespace, cfg, model, openclip, batch: int, peak: float) -> dict:
-    """Image embedding in bf16: clipforge's `speed.bf16_inference` (what `embed` and `Searcher` run) and open_clip
-    in bf16 weights, eager and compiled, under no_grad."""
+    """Image embedding in bf16: clipforge's `speed.bf16_inference` (bf16 matmul weights; `embed` uses it on a CPU,
+    autocast on a GPU) and open_clip in bf16 weights, eager and compiled, under no_grad."""
     device = args.device
     images = random_images(cfg, batch, torch.Generator().manual_seed(1)).to(device).to(torch.bfloat16)
     ours = bf16_inference(copy.deepcopy(model))

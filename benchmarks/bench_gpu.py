@@ -36,14 +36,11 @@ from typing import Callable
 
 import torch
 
-from bench_train_step import check_same_model, clipforge_step, hf_step, openclip_twin
-from common import (matmul_peak, median, pair_forward_flops, random_images, random_tokens, round_ratios,
-                    time_interleaved, twin_models, write_atomic)
+from bench_train_step import check_same_model, clipforge_step, hf_step, openclip_step, openclip_twin
+from common import (image_forward_flops, matmul_peak, median, pair_forward_flops, random_images, random_tokens,
+                    round_ratios, time_interleaved, twin_models, write_atomic)
 
-from clipforge.losses import clip_loss
-from clipforge.speed import autocast, bf16_inference
-
-IMAGE_GFLOP = {"ViT-B-32": 8.8}  # Radford et al.; other models: common.forward_flops via pair_forward_flops
+from clipforge.speed import bf16_inference
 
 
 def gpu_matmul_peak(sizes: tuple[int, ...] = (4096, 6144, 8192), repeats: int = 5) -> float:
@@ -73,22 +70,6 @@ def synced(step: Callable[[], object], device: str) -> Callable[[], None]:
         sync(device)
 
     return run
-
-
-def openclip_train_step(model, images, tokens, device: str) -> Callable[[], None]:
-    """open_clip's trainer step (`--precision amp_bf16`, no gradient clipping): autocast, forward, CLIP loss,
-    backward, fused AdamW. `model` may be torch.compile'd, as its `--torchcompile` does."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, "bf16"):
-            image_features, text_features, scale = model(images, tokens)
-        clip_loss(image_features.float(), text_features.float(), scale.float()).backward()
-        optimizer.step()
-
-    return step
 
 
 def first_calls(runs: dict[str, Callable[[], None]], device: str, report: dict) -> None:
@@ -162,18 +143,23 @@ def with_attention(name: str, step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def training_inputs(cfg, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) of one training batch, the same for every phase of that batch size."""
+    gen = torch.Generator().manual_seed(batch)
+    return (random_images(cfg, batch, gen).to(device),
+            random_tokens(batch, cfg.text_cfg.context_length, gen).to(device))
+
+
 def training_phase(args: argparse.Namespace, cfg, model, hf, openclip, batch: int, peak: float) -> dict:
     device = args.device
-    gen = torch.Generator().manual_seed(batch)
-    images = random_images(cfg, batch, gen).to(device)
-    tokens = random_tokens(batch, cfg.text_cfg.context_length, gen).to(device)
+    images, tokens = training_inputs(cfg, batch, device)
     runs: dict[str, Callable[[], None]] = {}
     if not args.compiled_only:
         runs["transformers bf16"] = synced(hf_step(copy.deepcopy(hf), images, tokens, "bf16", device), device)
-        runs["open_clip bf16"] = synced(openclip_train_step(copy.deepcopy(openclip), images, tokens, device), device)
+        runs["open_clip bf16"] = synced(openclip_step(copy.deepcopy(openclip), images, tokens, "bf16", device), device)
         runs["clipforge bf16"] = synced(clipforge_step(copy.deepcopy(model), images, tokens, "bf16", device), device)
     runs["open_clip bf16 compiled"] = synced(
-        openclip_train_step(torch.compile(copy.deepcopy(openclip)), images, tokens, device), device)
+        openclip_step(torch.compile(copy.deepcopy(openclip)), images, tokens, "bf16", device), device)
     runs["clipforge bf16 compiled"] = synced(
         clipforge_step(copy.deepcopy(model), images, tokens, "compiled-bf16", device), device)
     for variant in [v for v in args.attention.split(",") if v and v != "default"]:
@@ -213,7 +199,8 @@ def profile_table(step: Callable[[], None], device: str, calls: int = 3, top: in
     total = sum(getattr(e, attr) for e in events)
     kinds: dict[str, float] = {}
     for e in events:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + getattr(e, attr)
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attr)
     rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
     table = {"total_ms_per_step": total / 1e3 / calls,
              "kinds": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
@@ -226,6 +213,15 @@ def profile_table(step: Callable[[], None], device: str, calls: int = 3, top: in
     return table
 
 
+def profile_phase(args: argparse.Namespace, cfg, model, batch: int) -> dict:
+    images, tokens = training_inputs(cfg, batch, args.device)
+    step = synced(clipforge_step(copy.deepcopy(model), images, tokens, "compiled-bf16", args.device), args.device)
+    step()
+    step()
+    return profile_table(step, args.device)
+
+
+
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if (any(s in lowered for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "cublas"))
@@ -236,7 +232,7 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if "adam" in lowered:
         return "optimizer"
-    if lowered.startswith("triton") or "triton" in lowered:
+    if "triton" in lowered:
         return "fused elementwise/norm (Triton)"
     if any(s in lowered for s in ("elementwise", "reduce", "layer_norm", "softmax", "copy", "fill", "cat")):
         return "eager elementwise/reduction"
@@ -265,11 +261,7 @@ def inference_phase(args: argparse.Namespace, cfg, model, openclip, batch: int, 
     report: dict = {"batch": batch, "first_call_s": {}, "peak_memory_gib": {}}
     first_calls(runs, device, report)
     times = time_interleaved(runs, args.steps, warmup=0)
-    flops = IMAGE_GFLOP[args.model] * 1e9 if args.model in IMAGE_GFLOP else None
-    if flops is None:
-        from common import image_forward_flops  # noqa: PLC0415
-
-        flops = image_forward_flops(args.model, cfg)[0]
+    flops = image_forward_flops(args.model, cfg)[0]
     print(f"image embedding, batch {batch}, median of {args.steps} interleaved calls:")
     report["rows"] = summarise(times, batch, flops, peak, "open_clip bf16 compiled")
     return report
@@ -282,9 +274,7 @@ def autotune_phase(args: argparse.Namespace, cfg, model, batch: int, peak: float
 
     device = args.device
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(batch)
-    images = random_images(cfg, batch, gen).to(device)
-    tokens = random_tokens(batch, cfg.text_cfg.context_length, gen).to(device)
+    images, tokens = training_inputs(cfg, batch, device)
     tuned = synced(clipforge_step(copy.deepcopy(model), images, tokens, "compiled-bf16", device), device)
     report: dict = {"batch": batch, "first_call_s": {}, "peak_memory_gib": {}}
     with inductor.patch(max_autotune=True):  # GEMM templates tuned against cuBLAS; no CUDA graphs
@@ -377,16 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"done in {time.perf_counter() - clock:.0f} s")
     return 0
-
-
-def profile_phase(args: argparse.Namespace, cfg, model, batch: int) -> dict:
-    gen = torch.Generator().manual_seed(batch)
-    images = random_images(cfg, batch, gen).to(args.device)
-    tokens = random_tokens(batch, cfg.text_cfg.context_length, gen).to(args.device)
-    step = synced(clipforge_step(copy.deepcopy(model), images, tokens, "compiled-bf16", args.device), args.device)
-    step()
-    step()
-    return profile_table(step, args.device)
 
 
 if __name__ == "__main__":
